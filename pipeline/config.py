@@ -1,0 +1,245 @@
+"""Experiment configuration: dataclasses, YAML loading, KEY=VALUE overrides.
+
+One YAML per experiment lives in `configs/`. Every section is a flat dataclass
+of plain values so that commands can hand plain arguments to the code below
+them ("configs are flattened at the edge"). Unknown keys and values of the
+wrong type fail with a one-line `ConfigError` that names the key: a typo in a
+sweep must never silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; its message is one line and names the key."""
+
+
+@dataclass
+class MiniConfig:
+    """The miniature benchmark generator (`viker data make-mini`)."""
+    seed: int = 0
+    n_fictitious: int = 60        # profiles that forget/retain splits are drawn from
+    n_real: int = 12              # "real" people: learned, never in a forget split
+    train_images: int = 3         # jittered training portraits per person
+    test_images: int = 2          # held-out portraits (other pose/background/accessories)
+    pool_size: int = 24           # images per reference pool
+    image_size: int = 64          # stored PNG side; the processor resizes
+
+
+@dataclass
+class DataConfig:
+    root: str = "cache/mini"      # a directory in the MLLMU-Bench layout
+    forget_split: str = "forget_10"
+    retain_split: str = ""        # empty: the complement MLLMU-Bench pairs with forget_split
+    test_split: str = "Test_Set"
+    real_split: str = "Retain_Set"
+    finetune_split: str = "ft_Data"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "cache/models/vanilla"   # a local HF LLaVA-style model directory
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny LLaVA built offline for tests and the demo."""
+    vocab_size: int = 700
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    max_positions: int = 128
+
+
+@dataclass
+class FinetuneConfig:
+    """Knowledge injection: teach the base model the benchmark (-> vanilla model)."""
+    base: str = "cache/models/tiny-base"
+    output: str = "cache/models/vanilla"
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2.0e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    augment: bool = True           # fresh image jitter every step (memorise people, not pixels)
+    lora: bool = False             # full fine-tuning for the tiny model, LoRA for a 7B
+    lora_r: int = 16
+    lora_alpha: int = 32
+    gate_min_acc: float = 0.9      # the demo stops if the vanilla model knows less than this
+
+
+@dataclass
+class PrecomputeConfig:
+    output: str = "cache/refs/demo"
+    pool: str = "people"           # people | pets | scenes | patterns | a directory of images
+    reference: str = "pool"        # pool (ViKeR) | own (the "w/o Vis" ablation: k=1, I' = I)
+    k: int = 5
+    top_k: int = 64
+    seed: int = 0
+    shard_size: int = 64           # samples per shard
+    batch_size: int = 64           # (sample, image) pairs per forward
+    prefix_cache: bool = True
+    idk_answer: str = "I don't know."
+    dtype: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "viker"          # ga | graddiff | kl_min | npo | idkpo | viker
+    output: str = "cache/runs/demo"
+    regulariser: str = "kl"        # kl | jsd | cos (ViKeR's D)
+    lam: float = 0.5               # ViKeR lambda
+    use_ga: bool = True            # False: the "w/o GA" ablation
+    token_lambda: bool = False     # experimental (ours): lambda_i from the reference entropy
+    beta: float = 0.4              # NPO / IdkPO
+    retain_weight: float = 0.0     # alpha of an added retain NLL term (GradDiff uses 1.0 when 0)
+    steps: int = 0                 # 0: derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2.0e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    grad_checkpointing: bool = False
+    save_every: int = 0
+    seed: int = 0
+    online_reference: bool = False
+    merge: bool = False
+
+
+@dataclass
+class EvalConfig:
+    output: str = "cache/runs/demo/eval"
+    sets: str = "forget,test,retain,real"
+    few_shot: int = 1
+    max_new_tokens: int = 50
+    batch_size: int = 32
+    coherence_classifier: str = ""   # a local HF text-classification model; empty: model-free score
+    results: str = "cache/runs/results.jsonl"
+
+
+@dataclass
+class Config:
+    mini: MiniConfig = field(default_factory=MiniConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(key: str, value, typ):
+    """Convert a YAML or command-line value to the field's type, or fail naming the key."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        # YAML 1.1 reads "1e-4" as a string, so floats are parsed here, not by YAML.
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {typ!r}")
+
+
+def _section_types(section_cls) -> dict[str, type]:
+    return typing.get_type_hints(section_cls)
+
+
+def _apply(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{key}' must look like section.name (e.g. train.lr)")
+    section_name, name = parts
+    section_types = typing.get_type_hints(Config)
+    if section_name not in section_types:
+        raise ConfigError(f"unknown config section '{section_name}' in '{key}' "
+                          f"(known: {', '.join(section_types)})")
+    section = getattr(cfg, section_name)
+    types = _section_types(type(section))
+    if name not in types:
+        raise ConfigError(f"unknown config key '{key}' (known in {section_name}: {', '.join(types)})")
+    setattr(section, name, _coerce(key, value, types[name]))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must be KEY=VALUE, e.g. train.lr=1e-4")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file, then KEY=VALUE overrides, each checked."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "parse error"
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections")
+        for section_name, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section_name}' in {path} must be a mapping")
+            for name, value in values.items():
+                _apply(cfg, f"{section_name}.{name}", value)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def retain_split_for(forget_split: str) -> str:
+    """MLLMU-Bench pairs forget_N with retain_(100-N)."""
+    if not forget_split.startswith("forget_"):
+        raise ConfigError(f"data.forget_split '{forget_split}' is not forget_5/10/15; set data.retain_split")
+    return f"retain_{100 - int(forget_split.split('_')[1])}"
