@@ -1,0 +1,1 @@
+"""Benchmarks: records, the MLLMU-Bench parquet reader/writer, the miniature benchmark, image pools."""
