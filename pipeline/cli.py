@@ -1,0 +1,227 @@
+"""The `viker` command line. Each command parses options and calls one function.
+
+Every command takes `--config FILE` plus `KEY=VALUE` overrides, e.g.
+`viker train --config configs/demo.yaml train.lr=1e-4`. Expected failures
+(bad config, bad input, a cache for another model) print one line and exit 1.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .config import ConfigError, load_config
+
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def _known_errors() -> tuple:
+    from .data.mllmu import DataError
+    from .demo import GateError
+    from .encoding import InputError
+    from .modeling import ModelError
+    from .refcache import CacheError
+    return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError)
+
+
+def one_line_errors(fn):
+    """Turn expected failures into a one-line message instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return wrapper
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             default=None, help="Experiment YAML (see configs/). Default: configs/demo.yaml if present.")
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
+def _load(config_path, overrides):
+    """The given config; without one, configs/demo.yaml when run from the repository (the demo's settings)."""
+    from pathlib import Path
+    if config_path is None and Path(DEMO_CONFIG).is_file():
+        config_path = DEMO_CONFIG
+    return load_config(config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """viker: ViKeR unlearning for LLaVA-style models, as a cached two-stage pipeline.
+
+    \b
+    viker demo                      everything, on the built-in miniature benchmark
+    viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
+    viker finetune                  knowledge injection: base model -> vanilla model
+    viker precompute                stage one: reference distributions -> HDF5 shards
+    viker cache inspect|verify|merge DIR
+    """
+    from .modeling import set_threads
+    set_threads()
+
+
+@main.command()
+@config_option
+@overrides_arg
+@one_line_errors
+def demo(config_path, overrides):
+    """Run the pipeline on the miniature benchmark (no download; CPU is enough).
+
+    Generates the benchmark, builds a tiny LLaVA, teaches it the benchmark and
+    checks that it learned it. Outputs land under cache/ and are reused when
+    their inputs did not change.
+    """
+    from .demo import run_demo
+    run_demo(_load(config_path, overrides))
+
+
+@main.group()
+def data():
+    """Benchmark data."""
+
+
+@data.command("make-mini")
+@config_option
+@click.option("--out", default=None, help="Output directory (default: data.root).")
+@overrides_arg
+@one_line_errors
+def make_mini_cmd(config_path, out, overrides):
+    """Generate the miniature benchmark: parquet splits + reference image pools."""
+    from .data.mini import make_mini
+    cfg = _load(config_path, overrides)
+    path = make_mini(out or cfg.data.root, cfg.mini)
+    click.echo(f"miniature benchmark written to {path}")
+
+
+@main.command()
+@config_option
+@overrides_arg
+@one_line_errors
+def finetune(config_path, overrides):
+    """Knowledge injection: fine-tune finetune.base on ft_Data + the real set, save finetune.output.
+
+    Afterwards the vanilla model's attribute accuracy is measured and saved.
+    """
+    from .data.mllmu import read_split
+    from .demo import vanilla_gate
+    from .finetune import finetune as run
+    cfg = _load(config_path, overrides)
+    f, d = cfg.finetune, cfg.data
+    profiles = read_split(d.root, d.finetune_split) + read_split(d.root, d.real_split)
+    info = run(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
+               warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
+               seed=f.seed, augment=f.augment, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
+               dtype=cfg.model.dtype, device=cfg.model.device)
+    click.echo(f"vanilla model saved to {f.output} ({info['train_seconds']}s)")
+    vanilla_gate(cfg, f.output, log=click.echo)
+
+
+def resolve_pool(pool: str, data_root: str) -> str:
+    """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
+    from pathlib import Path
+    from .data.mini import POOLS
+    return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
+
+
+@main.command()
+@config_option
+@click.option("--no-prefix-cache", is_flag=True, help="Naive path: a full forward per (sample, image) pair.")
+@click.option("--shard-index", type=int, default=None, help="This job's index, for independent batch jobs.")
+@click.option("--num-shards", type=int, default=None, help="How many independent jobs share the work.")
+@overrides_arg
+@one_line_errors
+def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides):
+    """Stage one: the frozen model's averaged distributions over k reference images -> HDF5 shards.
+
+    \b
+    Resumable: rerun the same command after a crash; finished shards are kept.
+    Several GPUs:  torchrun --nproc_per_node 4 -m pipeline.cli precompute --config X
+                   (or accelerate launch -m pipeline.cli precompute ...)
+    Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
+    """
+    from .data.mllmu import read_split
+    from .data.records import forget_samples
+    from .precompute import dist_env, precompute as run
+    cfg = _load(config_path, overrides)
+    p, d = cfg.precompute, cfg.data
+    rank, world, local_rank = dist_env()
+    device = cfg.model.device
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    if (shard_index is None) != (num_shards is None):
+        raise click.UsageError("--shard-index and --num-shards go together")
+    if shard_index is not None:
+        if world > 1:
+            raise click.UsageError("use either torchrun/accelerate or --shard-index, not both")
+        if not 0 <= shard_index < num_shards:
+            raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
+        rank, world = shard_index, num_shards
+    samples = forget_samples(read_split(d.root, d.forget_split))
+    manifest = run(cfg.model.path, samples, p.output, pool_dir=resolve_pool(p.pool, d.root), reference=p.reference,
+                   k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
+                   prefix_cache=p.prefix_cache and not no_prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype,
+                   device=device, rank=rank, world=world, log=click.echo)
+    if manifest is not None:
+        click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "
+                   f"{manifest['totals']['n_tokens']} answer tokens, {manifest['totals']['bytes']} bytes)")
+
+
+@main.group()
+def cache():
+    """Inspect, verify and merge reference caches."""
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@one_line_errors
+def verify(cache_dir):
+    """Check checksums and structure of every shard; exit code 1 on any problem."""
+    from .refcache import verify_cache
+    problems = verify_cache(cache_dir)
+    errors = [p for p in problems if not p.startswith("warning:")]
+    for p in problems:
+        click.echo(p)
+    if errors:
+        click.echo(f"{cache_dir}: {len(errors)} problem(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{cache_dir}: OK")
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_dir", default=None, help="Model directory whose tokenizer decodes the key tokens.")
+@click.option("--top", default=10, show_default=True, help="How many highest-entropy tokens to list.")
+@one_line_errors
+def inspect(cache_dir, model_dir, top):
+    """Settings, sizes, top-K mass kept, and the entropy histogram with the key tokens decoded."""
+    from .refcache import format_inspect, inspect_cache
+    decode = None
+    if model_dir:
+        from .modeling import load_processor
+        tok = load_processor(model_dir).tokenizer
+        decode = lambda i: tok.decode([int(i)])  # noqa: E731
+    click.echo(format_inspect(inspect_cache(cache_dir, decode=decode, top_n=top)))
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@one_line_errors
+def merge(cache_dir):
+    """Write manifest.json once every shard (from any rank or machine) is finished."""
+    from .refcache import merge as run
+    manifest = run(cache_dir)
+    click.echo(f"{cache_dir}: merged {len(manifest['shards'])} shards, {manifest['totals']['n_samples']} samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""`viker demo`: the whole pipeline on the miniature benchmark, from nothing.
+
+Each step is skipped when its output exists and was made from the same inputs
+(a stamp of the settings that produced it), so a second run is fast.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import prompts
+from .config import Config, retain_split_for
+from .data.mini import is_complete, make_mini
+from .data.mllmu import read_split
+from .factcheck import fact_accuracy
+from .modeling import build_tiny_llava, load_model
+
+
+class GateError(RuntimeError):
+    """The vanilla model does not know the benchmark: unlearning it would prove nothing."""
+
+
+def stamp_of(*parts) -> str:
+    return json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+
+
+def _stamp_matches(folder: Path, stamp: str) -> bool:
+    f = folder / "viker-stamp.json"
+    return f.is_file() and f.read_text() == stamp
+
+
+def tokenizer_texts(root: str) -> list[str]:
+    """Every string the tiny model will read or write: prompts, answers, options."""
+    texts = [prompts.PREFIX, "I don't know.", "ASSISTANT:", "Answer: A B C D"]
+    for split in ("ft_Data", "Retain_Set", "Test_Set"):
+        for p in read_split(root, split, check_images=False):
+            texts.append(p.biography)
+            texts += [prompts.train_prompt(q.question) + " " + q.answer for q in p.qa]
+            texts += [prompts.multiple_choice_prompt(c.question, c.options) + " " + c.correct for c in p.choices]
+            texts += [prompts.generation_prompt(g.question) + " " + g.ground_truth for g in p.generation]
+            texts += [prompts.cloze_prompt(g.question) + " " + g.ground_truth for g in p.cloze]
+    return texts
+
+
+def ensure_benchmark(cfg: Config, log=print) -> str:
+    root = cfg.data.root
+    if is_complete(root, cfg.mini):
+        log(f"[data] miniature benchmark at {root} (reused)")
+    else:
+        t = time.time()
+        make_mini(root, cfg.mini)
+        log(f"[data] miniature benchmark written to {root} in {time.time() - t:.1f}s")
+    return root
+
+
+def ensure_base_model(cfg: Config, log=print) -> Path:
+    out = Path(cfg.finetune.base)
+    stamp = stamp_of(cfg.mini, cfg.tiny)
+    if _stamp_matches(out, stamp):
+        log(f"[model] tiny base LLaVA at {out} (reused)")
+        return out
+    t = time.time()
+    build_tiny_llava(out, tokenizer_texts(cfg.data.root), cfg.tiny, seed=cfg.finetune.seed)
+    (out / "viker-stamp.json").write_text(stamp)
+    log(f"[model] tiny base LLaVA built at {out} in {time.time() - t:.1f}s")
+    return out
+
+
+def ensure_vanilla(cfg: Config, log=print) -> Path:
+    from .finetune import finetune
+    out = Path(cfg.finetune.output)
+    stamp = stamp_of(cfg.mini, cfg.tiny, cfg.finetune)
+    if _stamp_matches(out, stamp):
+        log(f"[finetune] vanilla model at {out} (reused)")
+        return out
+    f = cfg.finetune
+    profiles = read_split(cfg.data.root, cfg.data.finetune_split) + read_split(cfg.data.root, cfg.data.real_split)
+    t = time.time()
+    info = finetune(f.base, str(out), profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
+                    warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
+                    seed=f.seed, augment=f.augment, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
+                    dtype=cfg.model.dtype, device=cfg.model.device,
+                    extra_info={"data": cfg.data.root, "splits": [cfg.data.finetune_split, cfg.data.real_split]})
+    (out / "viker-stamp.json").write_text(stamp)
+    log(f"[finetune] vanilla model saved to {out} in {time.time() - t:.1f}s (final loss {info['final_loss']:.3f})")
+    return out
+
+
+def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
+    """Attribute accuracy of the vanilla model on the four sets; saved beside the model."""
+    model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+    d = cfg.data
+    retain = d.retain_split or retain_split_for(d.forget_split)
+    forget_ids = {p.id for p in read_split(d.root, d.forget_split, check_images=False)}
+    sets = {
+        "forget": (read_split(d.root, d.forget_split), False),
+        "retain": (read_split(d.root, retain), False),
+        "real": (read_split(d.root, d.real_split), False),
+        "test (held-out images, forget people)": (
+            [p for p in read_split(d.root, d.test_split) if p.id in forget_ids], True),
+        "test (held-out images, all people)": (read_split(d.root, d.test_split), True),
+    }
+    results = {}
+    for name, (profiles, held_out) in sets.items():
+        results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
+    Path(model_dir, "gate.json").write_text(json.dumps(results, indent=1) + "\n")
+    log(format_gate(results))
+    return results
+
+
+def format_gate(results: dict) -> str:
+    lines = ["", "Vanilla model: attribute accuracy (greedy answer contains the fact)",
+             f"{'set':40s} {'n':>5s} {'all':>7s} {'image Q':>8s} {'name Q':>8s}"]
+    for name, r in results.items():
+        lines.append(f"{name:40s} {r['n']:5d} {100 * r['acc']:6.1f}% {100 * r.get('acc_image', float('nan')):7.1f}% "
+                     f"{100 * r.get('acc_text', float('nan')):7.1f}%")
+    lines.append("(image Q: 'this person' questions, identity from the picture; name Q: the name is in the question)")
+    return "\n".join(lines)
+
+
+def check_gate(results: dict, min_acc: float) -> None:
+    weak = {k: results[k]["acc"] for k in ("forget", "retain") if results[k]["acc"] < min_acc}
+    if weak:
+        shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in weak.items())
+        raise GateError(f"the vanilla model has not learned the benchmark ({shown} < {100 * min_acc:.0f}%): "
+                        f"raise finetune.steps or finetune.lr, then rerun")
+
+
+def run_demo(cfg: Config, log=print) -> dict:
+    t0 = time.time()
+    ensure_benchmark(cfg, log)
+    ensure_base_model(cfg, log)
+    vanilla = ensure_vanilla(cfg, log)
+    gate = vanilla_gate(cfg, vanilla, log)
+    check_gate(gate, cfg.finetune.gate_min_acc)
+    log(f"\n[demo] done in {time.time() - t0:.1f}s")
+    return {"gate": gate}

@@ -1,0 +1,43 @@
+"""Does the model know the facts? Greedy answers to the training questions, checked for the fact.
+
+This is the vanilla gate (unlearning a model that never knew the facts proves
+nothing) and the `fact_acc` metric of evaluation. A fact counts as known when
+the greedy answer contains it (case-insensitive); benchmarks without a `Fact`
+field fall back to the whole reference answer.
+"""
+from __future__ import annotations
+
+from .data.records import Profile
+from .encoding import load_image
+from .generation import generate
+from .prompts import fact_prompt
+
+
+def fact_items(profiles: list[Profile], held_out: bool = False):
+    """(image, question, fact, kind) for every training QA; held_out uses each person's other images."""
+    items = []
+    for p in profiles:
+        pictures = p.images if held_out else [p.image]
+        for b in pictures:
+            image = load_image(b, f"profile {p.id}")
+            for qa in p.qa:
+                kind = "image" if "this person" in qa.question.lower() else "text"
+                items.append((image, qa.question, qa.fact or qa.answer, kind))
+    return items
+
+
+def fact_accuracy(model, processor, profiles: list[Profile], held_out: bool = False,
+                  batch_size: int = 64, max_new_tokens: int = 16, desc: str | None = None) -> dict:
+    items = fact_items(profiles, held_out)
+    if not items:
+        return {"n": 0, "acc": float("nan")}
+    answers = generate(model, processor, [i[0] for i in items], [fact_prompt(i[1]) for i in items],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    hits = [fact.lower() in ans.lower() for (_, _, fact, _), ans in zip(items, answers)]
+    by_kind = {}
+    for kind in ("image", "text"):
+        sel = [h for h, it in zip(hits, items) if it[3] == kind]
+        if sel:
+            by_kind[f"acc_{kind}"] = sum(sel) / len(sel)
+    return {"n": len(hits), "acc": sum(hits) / len(hits), **by_kind,
+            "examples": [{"question": it[1], "fact": it[2], "answer": a} for it, a in list(zip(items, answers))[:3]]}

@@ -1,0 +1,150 @@
+"""Knowledge injection (`viker finetune`): teach a base model the benchmark -> the *vanilla* model.
+
+MLLMU-Bench fine-tunes LLaVA on its `ft_Data` before any unlearning; we do the
+same with the training prompt of DESIGN.md 3.3. For the tiny model: full
+fine-tuning on CPU, with a fresh image jitter every step so the model learns
+people rather than pixels. For a real LLaVA: bf16 on a GPU, optionally LoRA
+(merged into the saved weights, so the vanilla model is a plain checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data.records import Profile
+from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
+from .modeling import load_model, wrap_lora
+from .prompts import train_text
+
+
+@dataclass
+class Example:
+    images: list[int]      # indices into the image bank: any of the person's training pictures
+    ids: list[int]
+    answer_start: int
+
+
+def build_examples(processor, profiles: list[Profile], max_length: int | None):
+    """Every training QA of every profile, paired with all of that profile's training pictures."""
+    eos = processor.tokenizer.eos_token_id
+    bank, examples = [], []
+    for p in profiles:
+        first = len(bank)
+        for k, b in enumerate(p.all_images):
+            bank.append(load_image(b, f"profile {p.id} image {k}"))
+        image_idx = list(range(first, len(bank)))
+        for j, qa in enumerate(p.qa):
+            prompt, answer = train_text(qa.question, qa.answer)
+            ids, start = encode_pair(processor, prompt, answer, f"profile {p.id} QA {j}", max_length)
+            examples.append(Example(image_idx, ids + [eos], start))
+    return bank, examples
+
+
+def jitter(pixels: torch.Tensor, gen: torch.Generator, shift: int = 2, flip: bool = False) -> torch.Tensor:
+    """Random shift (optionally flip) and brightness/contrast change, on normalised pixels.
+
+    No flip by default: in a probe (60 people, 1500 steps) the unflipped run
+    memorised every training picture while the flipped one lagged.
+    """
+    n, _, h, w = pixels.shape
+    padded = F.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    out = torch.empty_like(pixels)
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=gen)
+    flips = (torch.rand(n, generator=gen) < 0.5) & flip
+    for i in range(n):
+        dy, dx = offsets[i].tolist()
+        crop = padded[i, :, dy: dy + h, dx: dx + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    # Mild: skin and hair colours are identity traits, a strong colour jitter would erase them.
+    gain = 1 + 0.1 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    bias = 0.1 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    return out * gain + bias
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, batch_size: int, lr: float,
+             warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
+             augment: bool = True, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
+             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None) -> dict:
+    """Fine-tune `base` on the profiles' training QA and save the result to `output`."""
+    torch.manual_seed(seed)
+    model, processor = load_model(base, dtype=dtype, device=device)
+    dev = next(model.parameters()).device
+    bank, examples = build_examples(processor, profiles, max_positions(model))
+    bank_pixels = pixel_values(processor, bank)
+    if lora:
+        model = wrap_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, steps))
+    gen = torch.Generator().manual_seed(seed)
+    pad_id = processor.tokenizer.pad_token_id
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    order: list[int] = []
+    t0, losses = time.time(), []
+    bar = tqdm(range(steps), desc="finetune", leave=False)
+    for step in bar:
+        while len(order) < batch_size:   # epochs of shuffled examples, so every fact is seen evenly
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch = [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        picks = [ex.images[int(torch.randint(len(ex.images), (1,), generator=gen))] for ex in batch]
+        pixels = bank_pixels[picks]
+        if augment:
+            pixels = jitter(pixels, gen)
+        ids, mask, labels = pad_right([ex.ids for ex in batch], pad_id, [ex.answer_start for ex in batch])
+        with autocast:
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev),
+                        pixel_values=pixels.to(dev, next(model.parameters()).dtype))
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"fine-tuning loss became {out.loss.item()} at step {step}; lower finetune.lr")
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    elapsed = time.time() - t0
+
+    if lora:
+        model = model.merge_and_unload()
+    model.eval()
+    info = {"base": str(base), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "augment": augment, "lora": lora, "n_examples": len(examples), "n_profiles": len(profiles),
+            "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "train_seconds": round(elapsed, 1),
+            **(extra_info or {})}
+    save_model(model, processor, output, info)
+    return info
+
+
+def save_model(model, processor, output: str | Path, info: dict) -> Path:
+    """Save to a temporary folder and rename, so a killed run never leaves a half-saved model."""
+    output = Path(output)
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "vanilla.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    return output

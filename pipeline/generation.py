@@ -1,0 +1,28 @@
+"""Batched greedy generation with left padding (evaluation and the vanilla gate)."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .encoding import encode_prompt, pad_left, pixel_values
+
+
+@torch.no_grad()
+def generate(model, processor, images, prompts: list[str], max_new_tokens: int = 50,
+             batch_size: int = 32, desc: str | None = None) -> list[str]:
+    """Greedy answers for (image, prompt) pairs, in input order."""
+    tok = processor.tokenizer
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    answers: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        chunk = prompts[start: start + batch_size]
+        ids, mask = pad_left([encode_prompt(processor, p) for p in chunk], tok.pad_token_id)
+        pixels = pixel_values(processor, images[start: start + batch_size]).to(device, dtype)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[:, ids.shape[1]:]
+        answers.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    return answers
