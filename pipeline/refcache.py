@@ -1,0 +1,893 @@
+"""The reference-distribution cache: the one module that knows its on-disk format.
+
+Stage one (``viker precompute``) writes, per forget sample, the frozen model's
+reference distribution averaged over k irrelevant images, truncated to its top
+K entries; stage two streams it back. Only numpy, h5py and the standard library
+are imported here, so both stages load this module cheaply.
+
+A cache directory (every name relative, so the directory can be copied anywhere
+and still verifies)::
+
+    refs-00000-of-00004.h5     one shard; ragged samples stored flat (see write_shard)
+    refs-00000-of-00004.json   its completion record, written after the shard is in place
+    manifest.json              written last, by finalize() / merge(); readers need it
+
+A shard is *finished* when its .h5 and .json both exist, the .h5's sha256 and
+size match the record and the record's fingerprint is the expected one. Resume
+recomputes only unfinished shards; ranks or machines each write their own
+shards and ``merge`` turns the directory into a cache. Every file is written as
+``X.tmp``, fsynced and renamed, so nothing half-written ever reads as valid.
+
+Fingerprint parts (values are strings; see make_fingerprint): ``model_config``,
+``model_weights`` (weights_identity), ``tokenizer``, ``prompt_template``,
+``reference_pool`` (hash_files), ``k``, ``K``, ``seed``, ``dtype`` (plain values,
+so a mismatch can show both), ``format_version`` (added when absent).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+_SHARD_RE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.h5$")
+_SIDECAR_RE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.json$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TOKEN_FIELDS = ("answer_ids", "topk_idx", "topk_prob", "tail_mass", "entropy")
+_SAMPLE_FIELDS = ("ref_logp_own", "ref_logp_idk")
+_CHUNK_ROWS = 1024
+_READ_CACHE_BYTES = 4 << 20  # a few decompressed chunks per dataset: sequential reads hit it
+_PART_LABELS = {
+    "model_config": "model config",
+    "model_weights": "model weights",
+    "tokenizer": "tokenizer",
+    "prompt_template": "prompt template",
+    "reference_pool": "reference pool",
+    "format_version": "cache format version",
+}
+_PLURAL_LABELS = {"model_weights"}  # "model weights differ", not "differs"
+
+
+class CacheError(Exception):
+    """A reference cache is missing, unfinished, corrupt or made for another setup."""
+
+
+class FingerprintMismatch(CacheError):
+    """The cache was computed for another model/data/settings; str() is one line."""
+
+    def __init__(self, cache_dir, differences: Iterable[str]):
+        differences = [" ".join(str(d).split()) for d in differences]
+        super().__init__(str(cache_dir), differences)  # args must rebuild us when unpickled
+        self.cache_dir = str(cache_dir)
+        self.differences = differences
+
+    def __str__(self) -> str:
+        what = "; ".join(self.differences) or "fingerprint digest differs"
+        return f"reference cache {self.cache_dir} was made for a different setup: {what}"
+
+
+@dataclass(eq=False)
+class RefSample:
+    """One forget sample's reference targets, one row per answer token.
+
+    Read back, ``topk_idx`` is int64 and ``topk_prob`` float32 (stored uint16/int32
+    and float16) because that is what a gather over logits wants.
+    """
+
+    sample_id: str
+    answer_ids: np.ndarray  # int32 [T]
+    topk_idx: np.ndarray  # [T, K] vocabulary indices, most probable first
+    topk_prob: np.ndarray  # [T, K]
+    tail_mass: np.ndarray  # float32 [T]: 1 - sum(top-K) of the full averaged distribution
+    entropy: np.ndarray  # float32 [T]: exact entropy (nats) of the full averaged distribution
+    ref_logp_own: float | None = None
+    ref_logp_idk: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.asarray(self.answer_ids).shape[0])
+
+
+# ---------------------------------------------------------------- names, dtypes
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    _check_shard_args(index, num_shards)
+    return f"refs-{index:05d}-of-{num_shards:05d}.h5"
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+
+
+def _check_shard_args(index: int, num_shards: int) -> None:
+    if not 1 <= num_shards <= 99999 or not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} of {num_shards} is out of range")
+
+
+def _sidecar_path(shard_path: Path) -> Path:
+    return shard_path.with_suffix(".json")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+# ---------------------------------------------------------------- hashing & fingerprints
+
+
+def hash_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def hash_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_json(obj) -> str:
+    """sha256 of canonical JSON, so dict order and whitespace never change a hash."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hash_bytes(text.encode("utf-8"))
+
+
+def hash_files(paths: Iterable, root=None) -> str:
+    """Order-independent hash of a set of files.
+
+    sha256 over the sorted (name, content sha256) pairs, where name is the path
+    relative to ``root`` (posix separators) or, without ``root``, the basename.
+    Names count (a renamed pool image can change which images a seed draws);
+    where the tree lives does not, so a copied pool hashes the same.
+    """
+    entries = sorted((_relative_name(p, root), hash_file(p)) for p in paths)
+    return hash_json(entries)
+
+
+def _relative_name(path, root) -> str:
+    path = Path(path)
+    return path.relative_to(root).as_posix() if root is not None else path.name
+
+
+def weights_identity(model_dir, *, samples: int = 64, block: int = 4096,
+                     full_hash_below: int = 64 << 20) -> str:
+    """Cheap identity of the weight files (*.safetensors, *.bin) directly in model_dir.
+
+    Per file: its name and size, and then either its full content (files under
+    ``full_hash_below`` bytes, which costs well under a second) or, for larger
+    files, the safetensors JSON header (names, dtypes, shapes, offsets of every
+    tensor) plus ``samples`` reads of ``block`` bytes at evenly spaced offsets.
+    A 14 GB model costs ~128 small reads: seconds, not minutes.
+
+    Limitation, by design: for a large file a change confined to bytes between
+    the sampled blocks (same size, same header) is NOT seen. Real retraining or
+    a different checkpoint touches nearly every block, so this is a guard
+    against the wrong model, not a tamper check.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise CacheError(f"no *.safetensors or *.bin weight files in {model_dir}")
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size < full_hash_below:
+                h.update(b"full\0" + hash_file(path).encode())
+                continue
+            if path.suffix == ".safetensors":
+                h.update(_safetensors_header(f, size))
+            for offset in _sample_offsets(size, samples, block):
+                f.seek(offset)
+                h.update(f.read(block))
+    return h.hexdigest()
+
+
+def _safetensors_header(f, size: int) -> bytes:
+    f.seek(0)
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < n <= min(size - 8, 100 << 20):  # malformed: fall back to the first MiB
+        f.seek(0)
+        return f.read(1 << 20)
+    return head + f.read(n)
+
+
+def _sample_offsets(size: int, samples: int, block: int) -> list[int]:
+    last = max(size - block, 0)
+    if samples <= 1:
+        return [0]
+    return sorted({last * i // (samples - 1) for i in range(samples)})
+
+
+def make_fingerprint(parts: Mapping[str, object]) -> dict:
+    """{"digest": sha256 over the sorted parts, "parts": parts as strings}.
+
+    Hashes of files go in as hex strings; short settings (k, K, seed, dtype) as
+    their plain value (``str(5)``), so a mismatch message can show both values.
+    ``format_version`` is added when absent, since it changes what is on disk.
+    """
+    parts = {str(k): str(v) for k, v in parts.items()}
+    parts.setdefault("format_version", str(FORMAT_VERSION))
+    return {"digest": hash_json(parts), "parts": parts}
+
+
+def diff_fingerprints(expected: Mapping, actual: Mapping) -> list[str]:
+    """Human messages naming each part where ``actual`` (the cache) differs."""
+    exp, act = expected.get("parts", {}), actual.get("parts", {})
+    messages = [_part_message(name, exp.get(name), act.get(name))
+                for name in sorted(set(exp) | set(act)) if exp.get(name) != act.get(name)]
+    if not messages and expected.get("digest") != actual.get("digest"):
+        messages.append("fingerprint digest differs")
+    return messages
+
+
+def _part_message(name: str, expected: str | None, cached: str | None) -> str:
+    label = _PART_LABELS.get(name, name)
+    verb = "differ" if name in _PLURAL_LABELS else "differs"
+    if cached is None:
+        return f"{label} {verb} (not recorded in the cache)"
+    if expected is None:
+        return f"{label} {verb} (the cache records it, the expected setup does not)"
+    if _is_plain(expected) and _is_plain(cached):
+        return f"{label} {verb} (cache {cached}, expected {expected})"
+    return f"{label} {verb}"
+
+
+def _is_plain(value: str) -> bool:
+    return len(value) <= 40 and not _HEX64.match(value) and value.split() == [value]
+
+
+def check_fingerprint(cache_dir, expected: Mapping, actual: Mapping) -> None:
+    if expected.get("digest") != actual.get("digest"):
+        raise FingerprintMismatch(cache_dir, diff_fingerprints(expected, actual))
+
+
+# ---------------------------------------------------------------- durable writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds: rename is the best we get
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = _tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_durably(paths: Iterable[Path]) -> None:
+    removed = [p for p in paths if p.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        _fsync_dir(removed[0].parent)
+
+
+def _read_json(path: Path):
+    """Parsed JSON, or None for a file that is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- writing shards
+
+
+def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample], *,
+                vocab_size: int, fingerprint: Mapping, settings: Mapping) -> dict:
+    """Write one shard and then its completion record, both atomically.
+
+    Returns the record {name, n_samples, n_tokens, bytes, sha256, fingerprint}.
+    Any manifest.json in the directory is removed first; ``settings`` is stored
+    with ``K`` and ``vocab_size`` filled in when absent.
+    """
+    cache_dir = Path(cache_dir)
+    path = cache_dir / shard_name(index, num_shards)
+    K = _validate_samples(samples, vocab_size, settings)
+    settings = _complete_settings(settings, vocab_size, K)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sidecar = _sidecar_path(path)
+    # The manifest goes first: it no longer describes the shards. A leftover
+    # *.tmp of this shard needs no removal, writing the new one truncates it.
+    _remove_durably([cache_dir / MANIFEST, sidecar])
+    attrs = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint["digest"],
+             "fingerprint_parts": json.dumps(fingerprint.get("parts", {}), sort_keys=True),
+             "settings": json.dumps(settings, sort_keys=True), "shard_index": index,
+             "num_shards": num_shards, "vocab_size": int(vocab_size), "K": K}
+    tmp = _tmp_path(path)
+    _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs)
+    _fsync_file(tmp)
+    record = {"name": path.name, "n_samples": len(samples),
+              "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
+              "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
+    os.replace(tmp, path)
+    _fsync_dir(cache_dir)
+    _atomic_write_json(sidecar, record)
+    return record
+
+
+def _complete_settings(settings: Mapping, vocab_size: int, K: int) -> dict:
+    settings = json.loads(json.dumps(dict(settings)))  # what a reader will see
+    settings.setdefault("vocab_size", int(vocab_size))
+    settings.setdefault("K", K)
+    return settings
+
+
+def _validate_samples(samples: list[RefSample], vocab_size: int, settings: Mapping) -> int:
+    """Check every sample; return the shared K."""
+    if not 0 < vocab_size <= np.iinfo(np.int32).max:
+        raise ValueError(f"vocab_size {vocab_size} is out of range")
+    if not samples:  # a rank can own no samples; K must still be known for the attributes
+        if "K" not in settings:
+            raise ValueError("an empty shard needs settings['K']")
+        return int(settings["K"])
+    widths = {s.sample_id: _validate_sample(s, vocab_size) for s in samples}
+    if len(widths) != len(samples):
+        ids = [s.sample_id for s in samples]
+        raise ValueError(f"duplicate sample_id in shard: {sorted({i for i in ids if ids.count(i) > 1})}")
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"K differs between samples in one shard: {sorted(set(widths.values()))}")
+    return next(iter(widths.values()))
+
+
+def _validate_sample(s: RefSample, vocab_size: int) -> int:
+    sid = s.sample_id
+    if not isinstance(sid, str) or not sid:
+        raise ValueError(f"sample_id must be a non-empty string, got {sid!r}")
+    ids, idx = np.asarray(s.answer_ids), np.asarray(s.topk_idx)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"sample {sid!r} has an empty answer (answer_ids shape {ids.shape})")
+    T, K = ids.shape[0], (idx.shape[1] if idx.ndim == 2 else 0)
+    shapes = {"topk_idx": (T, K), "topk_prob": (T, K), "tail_mass": (T,), "entropy": (T,)}
+    for name, shape in shapes.items():
+        if np.shape(getattr(s, name)) != shape or K == 0:
+            raise ValueError(f"sample {sid!r}: {name} has shape {np.shape(getattr(s, name))}, "
+                             f"expected {shape} for {T} answer tokens and K >= 1")
+    for name, arr in (("answer_ids", ids), ("topk_idx", idx)):
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"sample {sid!r}: {name} must be integers, got {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= vocab_size:
+            raise ValueError(f"sample {sid!r}: {name} has ids outside [0, {vocab_size})")
+    for name in ("topk_prob", "tail_mass", "entropy"):
+        if not np.all(np.isfinite(getattr(s, name))):
+            raise ValueError(f"sample {sid!r}: {name} has NaN or infinite values")
+    return idx.shape[1]
+
+
+def _token_columns(samples: list[RefSample], K: int, idx_dtype: np.dtype) -> dict:
+    def cat(name, dtype, width=None):
+        shape = (0,) if width is None else (0, width)
+        parts = [np.asarray(getattr(s, name)) for s in samples]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype)
+    return {"answer_ids": cat("answer_ids", np.int32), "topk_idx": cat("topk_idx", idx_dtype, K),
+            "topk_prob": cat("topk_prob", np.float16, K), "tail_mass": cat("tail_mass", np.float32),
+            "entropy": cat("entropy", np.float32)}
+
+
+def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype, attrs: dict) -> None:
+    offsets = np.zeros(len(samples) + 1, np.int64)
+    offsets[1:] = np.cumsum([s.num_tokens for s in samples])
+    with h5py.File(path, "w") as f:
+        f.attrs.update(attrs)
+        f.create_dataset("sample_id", data=np.array([s.sample_id for s in samples], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("offsets", data=offsets)
+        for name, column in _token_columns(samples, K, idx_dtype).items():
+            _create_token_dataset(f, name, column)
+        for name in _SAMPLE_FIELDS:
+            values = [getattr(s, name) for s in samples]
+            if any(v is not None for v in values):
+                f.create_dataset(name, data=np.array(
+                    [np.nan if v is None else v for v in values], np.float32))
+
+
+def _create_token_dataset(f: h5py.File, name: str, data: np.ndarray) -> None:
+    if data.shape[0] == 0:  # HDF5 cannot chunk an empty extent
+        f.create_dataset(name, data=data)
+        return
+    chunks = (min(data.shape[0], _CHUNK_ROWS),) + data.shape[1:]
+    f.create_dataset(name, data=data, chunks=chunks, compression="gzip",
+                     compression_opts=4, shuffle=True)
+
+
+# ---------------------------------------------------------------- resume & merge
+
+
+def finished_shards(cache_dir, num_shards: int, fingerprint_digest: str) -> set[int]:
+    """Indices of shards that are completely written for this fingerprint."""
+    cache_dir = Path(cache_dir)
+    return {i for i in range(num_shards)
+            if _unfinished_reason(cache_dir, i, num_shards, fingerprint_digest) is None}
+
+
+def _unfinished_reason(cache_dir: Path, index: int, num_shards: int, digest: str) -> str | None:
+    path = cache_dir / shard_name(index, num_shards)
+    if not path.is_file():
+        return "missing"
+    record = _read_json(_sidecar_path(path))
+    if not isinstance(record, dict):
+        return "no completion record"
+    if (record.get("fingerprint") or {}).get("digest") != digest:
+        return "made for a different fingerprint"
+    if record.get("bytes") != path.stat().st_size or record.get("sha256") != hash_file(path):
+        return "checksum differs from its completion record"
+    return None
+
+
+def finalize(cache_dir, num_shards: int, fingerprint: Mapping, settings: Mapping) -> dict:
+    """Check that all shards are finished and agree, then write manifest.json last."""
+    cache_dir = Path(cache_dir)
+    reasons = {i: _unfinished_reason(cache_dir, i, num_shards, fingerprint["digest"])
+               for i in range(num_shards)}
+    missing = {i: r for i, r in reasons.items() if r is not None}
+    if missing:
+        listed = ", ".join(f"{i} ({shard_name(i, num_shards)}: {r})" for i, r in missing.items())
+        raise CacheError(f"cannot finalize {cache_dir}: {len(missing)} of {num_shards} shards "
+                         f"unfinished: {listed}")
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    stored = _shards_settings(cache_dir, names, settings)
+    records = [_read_json(_sidecar_path(cache_dir / n)) for n in names]
+    shards = [{k: r[k] for k in ("name", "n_samples", "n_tokens", "bytes", "sha256")} for r in records]
+    manifest = {"format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
+                "settings": stored, "shards": shards,
+                "totals": {k: sum(s[k] for s in shards) for k in ("n_samples", "n_tokens", "bytes")}}
+    _atomic_write_json(cache_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _shards_settings(cache_dir: Path, names: list[str], settings: Mapping) -> dict:
+    """The settings all shards share; refuse shards that disagree or duplicate ids."""
+    stored, seen = [], {}
+    for name in names:
+        with _open_h5(cache_dir / name) as f:
+            stored.append(json.loads(f.attrs["settings"]))
+            for sid in f["sample_id"].asstr()[()]:
+                if seen.setdefault(sid, name) != name:
+                    raise CacheError(f"sample {sid!r} is in both {seen[sid]} and {name}")
+    if any(s != stored[0] for s in stored):
+        raise CacheError(f"shards in {cache_dir} were written with different settings")
+    given = json.loads(json.dumps(dict(settings)))
+    differing = sorted(k for k in given if given[k] != stored[0].get(k))
+    if differing:
+        raise CacheError(f"settings given to finalize differ from the shards' on: {', '.join(differing)}")
+    return stored[0]
+
+
+def merge(cache_dir) -> dict:
+    """finalize() with num_shards, fingerprint and settings read from the shards themselves."""
+    cache_dir = Path(cache_dir)
+    records = {}
+    for path in sorted(cache_dir.glob("refs-*-of-*.json")):
+        m, record = _SIDECAR_RE.match(path.name), _read_json(path)
+        if m and isinstance(record, dict):
+            records[(int(m[1]), int(m[2]))] = record
+    if not records:
+        raise CacheError(f"no completed shards in {cache_dir}: nothing to merge")
+    counts = sorted({n for _, n in records})
+    if len(counts) > 1:
+        raise CacheError(f"{cache_dir} mixes runs with {counts} shards: remove the stale ones")
+    digests = sorted({(r.get("fingerprint") or {}).get("digest") or "?" for r in records.values()})
+    if len(digests) > 1:
+        short = ", ".join(d[:12] for d in digests)
+        raise CacheError(f"shards in {cache_dir} were made for different setups "
+                         f"(fingerprints {short}): remove the stale ones")
+    (index, num_shards), record = next(iter(records.items()))
+    with _open_h5(cache_dir / record["name"]) as f:
+        settings = json.loads(f.attrs["settings"])
+    return finalize(cache_dir, num_shards, record["fingerprint"], settings)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _open_h5(path: Path) -> h5py.File:
+    # No file locking: readers never see files being written (those are *.tmp),
+    # and locks fail on many shared filesystems.
+    return h5py.File(path, "r", locking=False, rdcc_nbytes=_READ_CACHE_BYTES)
+
+
+def _load_manifest(cache_dir: Path) -> dict:
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"no manifest.json in {cache_dir}: run viker precompute "
+                         f"(or viker cache merge) first")
+    manifest = _read_json(path)
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("fingerprint"), dict)
+            and isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("shards"), list)
+            and all(isinstance(e, dict) for e in manifest["shards"])):
+        raise CacheError(f"manifest.json in {cache_dir} is not a valid cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"reference cache {cache_dir} has format version "
+                         f"{manifest.get('format_version')}; this viker reads version "
+                         f"{FORMAT_VERSION}: run viker precompute again")
+    return manifest
+
+
+def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool) -> Path:
+    name = str(entry.get("name"))
+    if not _SHARD_RE.match(name):
+        raise CacheError(f"manifest of {cache_dir} lists {name!r}, not a shard file name")
+    path = cache_dir / name
+    if not path.is_file():
+        raise CacheError(f"shard {name} listed in the manifest of {cache_dir} is missing")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise CacheError(f"shard {name} in {cache_dir} is {size} bytes, the manifest says "
+                         f"{entry.get('bytes')}: truncated or modified; run viker cache verify")
+    if verify and hash_file(path) != entry.get("sha256"):
+        raise CacheError(f"shard {name} in {cache_dir} does not match its sha256 in the manifest")
+    return path
+
+
+def _structure_problems(f: h5py.File, entry: Mapping, digest: str) -> list[str]:
+    """Inconsistencies inside one open shard, relative to its manifest entry."""
+    missing = [n for n in ("sample_id", "offsets", *_TOKEN_FIELDS) if n not in f]
+    if missing:
+        return [f"missing datasets: {', '.join(missing)}"]
+    n, rows, K = f["sample_id"].shape[0], f["answer_ids"].shape[0], f.attrs.get("K")
+    offsets = f["offsets"][()]
+    problems = []
+    if offsets.shape != (n + 1,):
+        problems.append(f"offsets has {offsets.shape[0]} entries for {n} samples")
+    elif offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != rows:
+        problems.append(f"offsets do not rise from 0 to the {rows} token rows")
+    problems += [f"{name} has {f[name].shape[0]} rows, answer_ids {rows}"
+                 for name in _TOKEN_FIELDS if f[name].shape[0] != rows]
+    problems += [f"{name} has shape {f[name].shape}, K is {K}"
+                 for name in ("topk_idx", "topk_prob") if f[name].shape[1:] != (K,)]
+    problems += [f"{name} has {f[name].shape[0]} values for {n} samples"
+                 for name in _SAMPLE_FIELDS if name in f and f[name].shape != (n,)]
+    if f.attrs.get("fingerprint") != digest:
+        problems.append("its fingerprint attribute differs from the manifest's")
+    if (n, rows) != (entry.get("n_samples"), entry.get("n_tokens")):
+        problems.append(f"holds {n} samples / {rows} tokens, the manifest says "
+                        f"{entry.get('n_samples')} / {entry.get('n_tokens')}")
+    return problems
+
+
+class RefCacheReader:
+    """Random access to a finished cache by sample id.
+
+    Opening reads only the manifest and each shard's small ``sample_id`` and
+    ``offsets`` datasets; ``get`` reads just that sample's rows. HDF5 handles
+    open lazily and are reopened in a new process (DataLoader workers after
+    fork), and the reader pickles without them. Shard sizes are always checked
+    against the manifest; ``verify=True`` also checks every sha256 (reads it all).
+    """
+
+    def __init__(self, cache_dir, expected_fingerprint: Mapping | None = None, *,
+                 verify: bool = False):
+        self.cache_dir = Path(cache_dir)
+        self._manifest = _load_manifest(self.cache_dir)
+        if expected_fingerprint is not None:
+            check_fingerprint(self.cache_dir, expected_fingerprint, self._manifest["fingerprint"])
+        self._paths = [_check_shard_file(self.cache_dir, e, verify) for e in self._manifest["shards"]]
+        self._index: dict[str, tuple[int, int, int, int]] = {}
+        self._ids: list[str] = []
+        for pos, entry in enumerate(self._manifest["shards"]):
+            self._index_shard(pos, entry)
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def _index_shard(self, pos: int, entry: Mapping) -> None:
+        path = self._paths[pos]
+        try:
+            with _open_h5(path) as f:
+                problems = _structure_problems(f, entry, self._manifest["fingerprint"]["digest"])
+                if problems:
+                    raise CacheError(f"shard {path.name} in {self.cache_dir} is corrupt: "
+                                     + "; ".join(problems))
+                ids, offsets = f["sample_id"].asstr()[()], f["offsets"][()]
+        except (OSError, KeyError, ValueError) as err:
+            raise CacheError(f"shard {path.name} in {self.cache_dir} cannot be read: {err}") from err
+        for row, sid in enumerate(ids):
+            if sid in self._index:
+                raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
+            self._index[sid] = (pos, row, int(offsets[row]), int(offsets[row + 1]))
+            self._ids.append(sid)
+
+    # -- mapping-like access
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, sample_id) -> bool:
+        return sample_id in self._index
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def settings(self) -> dict:
+        return self._manifest["settings"]
+
+    @property
+    def fingerprint(self) -> dict:
+        return self._manifest["fingerprint"]
+
+    def get(self, sample_id: str) -> RefSample:
+        try:
+            pos, row, a, b = self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}") from None
+        f = self._file(pos)
+        try:
+            cols = {name: f[name][a:b] for name in _TOKEN_FIELDS}
+            logps = {name: _optional_float(f, name, row) for name in _SAMPLE_FIELDS}
+        except (OSError, ValueError) as err:  # a damaged compressed chunk surfaces here
+            raise CacheError(f"shard {self._paths[pos].name} in {self.cache_dir} "
+                             f"cannot be read: {err}") from err
+        return RefSample(sample_id, cols["answer_ids"], cols["topk_idx"].astype(np.int64),
+                         cols["topk_prob"].astype(np.float32), cols["tail_mass"],
+                         cols["entropy"], **logps)
+
+    # -- handles
+    def _file(self, pos: int) -> h5py.File:
+        if self._pid != os.getpid():  # inherited handles belong to the parent: never share them
+            self._close_handles()
+            self._pid = os.getpid()
+        if pos not in self._files:
+            self._files[pos] = _open_h5(self._paths[pos])
+        return self._files[pos]
+
+    def _close_handles(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # a handle from another process may already be invalid
+                pass
+        self._files = {}
+
+    def close(self) -> None:
+        self._close_handles()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+
+def _optional_float(f: h5py.File, name: str, row: int) -> float | None:
+    if name not in f:
+        return None
+    value = float(f[name][row])
+    return None if np.isnan(value) else value
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify_cache(cache_dir) -> list[str]:
+    """Every problem found in a cache directory; an empty list means it is sound."""
+    cache_dir = Path(cache_dir)
+    try:
+        manifest = _load_manifest(cache_dir)
+    except CacheError as err:
+        return [str(err)]
+    problems = _manifest_problems(manifest)
+    for entry in manifest["shards"]:
+        problems += [f"{entry.get('name')}: {p}" for p in _shard_problems(cache_dir, entry, manifest)]
+    problems += _duplicate_id_problems(cache_dir, manifest)
+    problems += _directory_problems(cache_dir, manifest)
+    return problems
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    problems = []
+    fp = manifest["fingerprint"]
+    if hash_json(fp.get("parts")) != fp.get("digest"):
+        problems.append("manifest: fingerprint digest does not match its parts")
+    shards = manifest["shards"]
+    keys = ("n_samples", "n_tokens", "bytes")
+    try:
+        totals = {k: sum(s[k] for s in shards) for k in keys}
+    except (KeyError, TypeError):
+        return problems + ["manifest: shard entries lack counts"]
+    if totals != {k: (manifest.get("totals") or {}).get(k) for k in keys}:
+        problems.append(f"manifest: totals {manifest.get('totals')} != sum over shards {totals}")
+    return problems
+
+
+def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict) -> list[str]:
+    try:
+        path = _check_shard_file(cache_dir, entry, verify=False)
+    except CacheError as err:
+        return [str(err)]
+    if hash_file(path) != entry.get("sha256"):
+        return ["sha256 differs from the manifest (corrupted or modified)"]
+    try:
+        with _open_h5(path) as f:
+            problems = _structure_problems(f, entry, manifest["fingerprint"].get("digest"))
+            if json.loads(f.attrs.get("settings", "null")) != manifest["settings"]:
+                problems.append("its settings attribute differs from the manifest's")
+            return problems
+    except (OSError, KeyError, ValueError) as err:
+        return [f"unreadable HDF5: {err}"]
+
+
+def _duplicate_id_problems(cache_dir: Path, manifest: dict) -> list[str]:
+    seen, problems = {}, []
+    for entry in manifest["shards"]:
+        try:
+            with _open_h5(cache_dir / entry["name"]) as f:
+                ids = f["sample_id"].asstr()[()]
+        except (OSError, KeyError, ValueError):
+            continue  # already reported by _shard_problems
+        for sid in ids:
+            if seen.setdefault(sid, entry["name"]) != entry["name"]:
+                problems.append(f"sample {sid!r} is in both {seen[sid]} and {entry['name']}")
+    return problems
+
+
+def _directory_problems(cache_dir: Path, manifest: dict) -> list[str]:
+    listed = {str(e.get("name")) for e in manifest["shards"]}
+    problems = [f"extra shard file {p.name} is not listed in the manifest"
+                for p in sorted(cache_dir.glob("refs-*.h5")) if p.name not in listed]
+    problems += [f"warning: stray temporary file {p.name} (left by an interrupted run; safe to delete)"
+                 for p in sorted(cache_dir.glob("*.tmp"))]
+    return problems
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def inspect_cache(cache_dir, decode: Callable[[int], str] | None = None, top_n: int = 10,
+                  bins: int = 10) -> dict:
+    """Size and content statistics; the highest-entropy answer tokens are the key tokens.
+
+    Entropies are in nats. ``decode`` (token id -> text) labels the key tokens.
+    """
+    with RefCacheReader(cache_dir) as reader:
+        columns = _gather_columns(reader)
+        manifest = reader.manifest
+    K, vocab = columns["K"], manifest["settings"].get("vocab_size")
+    n_tokens = manifest["totals"]["n_tokens"]
+    nbytes = manifest["totals"]["bytes"]
+    raw = K * columns["idx_itemsize"] + K * 2 + 4 + 4 + 4  # idx + float16 prob + tail, entropy, answer id
+    return {"cache_dir": str(cache_dir), "settings": manifest["settings"],
+            "n_shards": len(manifest["shards"]), "n_samples": manifest["totals"]["n_samples"],
+            "n_tokens": n_tokens, "K": K, "vocab_size": vocab, "bytes": nbytes,
+            "bytes_per_token": nbytes / n_tokens if n_tokens else None,
+            "bytes_per_token_uncompressed": raw,
+            "bytes_per_token_dense_fp16": 2 * vocab if vocab else None,
+            "topk_mass": _mass_stats(1.0 - columns["tail_mass"]),
+            "entropy": _entropy_stats(columns["entropy"], bins),
+            "key_tokens": _key_tokens(columns, top_n, decode)}
+
+
+def _gather_columns(reader: RefCacheReader) -> dict:
+    """Per-token tail mass, entropy, answer id and owner, concatenated over shards."""
+    names = ("tail_mass", "entropy", "answer_ids", "sample_id", "position")
+    parts = {name: [] for name in names}
+    K = reader.settings.get("K", 0)
+    itemsize = index_dtype(reader.settings.get("vocab_size", 0)).itemsize
+    for pos in range(len(reader.manifest["shards"])):
+        f = reader._file(pos)
+        offsets = f["offsets"][()]
+        counts = np.diff(offsets)
+        for name in ("tail_mass", "entropy", "answer_ids"):
+            parts[name].append(f[name][()])
+        parts["sample_id"].append(np.repeat(f["sample_id"].asstr()[()].astype(object), counts))
+        parts["position"].append(np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts))
+        if counts.size:
+            K, itemsize = f["topk_idx"].shape[1], f["topk_idx"].dtype.itemsize
+    columns = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    return {**columns, "K": int(K), "idx_itemsize": int(itemsize)}
+
+
+def _mass_stats(mass: np.ndarray) -> dict:
+    if mass.size == 0:
+        return {"mean": None, "min": None}
+    return {"mean": float(mass.mean(dtype=np.float64)), "min": float(mass.min())}
+
+
+def _entropy_stats(entropy: np.ndarray, bins: int) -> dict:
+    if entropy.size == 0:
+        return {"mean": None, "max": None, "bins": [], "counts": []}
+    top = max(float(entropy.max()), 1e-6)
+    counts, edges = np.histogram(entropy, bins=bins, range=(0.0, top))
+    return {"mean": float(entropy.mean(dtype=np.float64)), "max": float(entropy.max()),
+            "bins": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _key_tokens(columns: dict, top_n: int, decode) -> list[dict]:
+    order = np.argsort(-columns["entropy"], kind="stable")[:top_n]
+    tokens = []
+    for i in order:
+        token = {"sample_id": str(columns["sample_id"][i]), "position": int(columns["position"][i]),
+                 "token_id": int(columns["answer_ids"][i]), "entropy": float(columns["entropy"][i])}
+        if decode is not None:
+            token["token"] = decode(token["token_id"])
+        tokens.append(token)
+    return tokens
+
+
+def format_inspect(stats: Mapping) -> str:
+    """Human-readable report of inspect_cache's stats."""
+    s = stats["settings"]
+    lines = [f"reference cache {stats['cache_dir']}",
+             "  settings: " + ", ".join(f"{k}={s[k]}" for k in sorted(s)),
+             f"  {stats['n_samples']} samples, {stats['n_tokens']} answer tokens, "
+             f"{stats['n_shards']} shards, {_human_bytes(stats['bytes'])} on disk"]
+    if stats["n_tokens"]:
+        dense = stats["bytes_per_token_dense_fp16"]
+        lines.append(f"  bytes per answer token: {stats['bytes_per_token']:.1f} on disk, "
+                     f"{stats['bytes_per_token_uncompressed']} uncompressed"
+                     + (f", {dense} as a dense float16 distribution" if dense else ""))
+        m = stats["topk_mass"]
+        lines.append(f"  top-{stats['K']} mass kept: mean {m['mean']:.4f}, min {m['min']:.4f}")
+        lines += _format_histogram(stats["entropy"])
+        lines += _format_key_tokens(stats["key_tokens"])
+    return "\n".join(lines)
+
+
+def _format_histogram(ent: Mapping, width: int = 40) -> list[str]:
+    lines = [f"  entropy (nats): mean {ent['mean']:.3f}, max {ent['max']:.3f}"]
+    peak = max(ent["counts"]) or 1
+    for lo, hi, c in zip(ent["bins"], ent["bins"][1:], ent["counts"]):
+        lines.append(f"    {lo:6.2f}-{hi:6.2f} {c:8d} {'#' * round(width * c / peak)}")
+    return lines
+
+
+def _format_key_tokens(tokens: list[dict]) -> list[str]:
+    lines = ["  key tokens (highest entropy):"]
+    for t in tokens:
+        label = f" {t['token']!r}" if "token" in t else ""
+        lines.append(f"    H={t['entropy']:.3f}  {t['sample_id']}[{t['position']}]  "
+                     f"id {t['token_id']}{label}")
+    return lines
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
