@@ -1,0 +1,309 @@
+"""Tables and plots from an evaluation results file (JSON lines, one row per run).
+
+matplotlib is imported inside the plotting functions so that reading results
+and building tables stays light.  Plots use a bare `Figure` rather than
+pyplot, so no global backend or figure state is touched.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from pipeline.metrics import BLEU_NOTE
+
+METHOD_ORDER = ("Vanilla", "GA", "GradDiff", "KL_Min", "NPO", "IdkPO", "ViKeR")
+ID_COLUMNS = ("method", "forget_split", "budget", "setting")
+# (table header, results column, what it measures) in the paper's column order.
+TABLE_COLUMNS = (
+    ("Forget ACC", "forget.mc_acc",
+     "multiple-choice accuracy on the forget set (lower = more forgetting)"),
+    ("Test ACC", "test.mc_acc",
+     "multiple-choice accuracy on forget identities with unseen images/paraphrases "
+     "(lower = forgetting generalises)"),
+    ("Retain ROUGE", "retain.rougeL", "ROUGE-L F on retain-set generation (higher = utility kept)"),
+    ("Retain BLEU", "retain.bleu", "BLEU on retain-set generation (higher = utility kept)"),
+    ("Real ROUGE", "real.rougeL",
+     "ROUGE-L F on real-celebrity generation (higher = world knowledge kept)"),
+    ("Real BLEU", "real.bleu", "BLEU on real-celebrity generation (higher = world knowledge kept)"),
+    ("Coherence", "forget.coherence",
+     "share of forget-set answers judged coherent (higher = no gibberish)"),
+)
+TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
+
+
+# ---------------------------------------------------------------------- loading
+
+def load_results(path) -> pd.DataFrame:
+    """One flat row per run: ids, run metadata and `<set>.<metric>` floats."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    rows = [
+        _flatten(_parse_line(line, path, number))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if line.strip()
+    ]
+    if not rows:
+        raise ValueError(f"results file is empty: {path}")
+    return pd.DataFrame(rows)
+
+
+def _parse_line(line: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("method"), str):
+        raise ValueError(f"{path}:{number}: expected a JSON object with a 'method' string")
+    if not isinstance(row.get("metrics", {}), dict):
+        raise ValueError(f"{path}:{number}: 'metrics' must be an object")
+    return row
+
+
+def _flatten(row: dict) -> dict:
+    flat = {key: value for key, value in row.items() if key not in ("metrics", "setting")}
+    flat["setting"] = compact_setting(row.get("setting") or {})
+    flat.setdefault("forget_split", "")
+    flat["budget"] = _as_float(row.get("budget"))
+    flat["seed"] = _as_float(row.get("seed"))
+    for split, values in row.get("metrics", {}).items():
+        for name, value in (values or {}).items():
+            flat[f"{split}.{name}"] = _as_float(value)
+    return flat
+
+
+def compact_setting(setting: dict) -> str:
+    return ",".join(f"{key}={setting[key]}" for key in sorted(setting))
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _method_rank(method: str) -> tuple:
+    # Known methods in paper order, then any others alphabetically.
+    if method in METHOD_ORDER:
+        return (0, METHOD_ORDER.index(method), "")
+    return (1, 0, method)
+
+
+# ------------------------------------------------------------------------ table
+
+def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Paper-shaped table: one row per (method, split, budget, setting), seeds averaged.
+
+    Cells are percentages with one decimal, "mean ± std" (sample std, ddof=1)
+    when more than one seed has the metric, NaN when none has it.
+    """
+    rows = []
+    for key, group in df.groupby(list(ID_COLUMNS), dropna=False, sort=False):
+        row = dict(zip(("Method", "Split", "Budget", "Setting"), key))
+        for header, column, _ in TABLE_COLUMNS:
+            values = group[column] if column in group else pd.Series(dtype=float)
+            row[header] = _mean_std_cell(values)
+        row["n_seeds"] = len(group)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = sorted(
+        table.index,
+        key=lambda i: (str(table.at[i, "Split"]), _method_rank(table.at[i, "Method"]),
+                       _nan_last(table.at[i, "Budget"]), str(table.at[i, "Setting"])),
+    )
+    table = table.loc[order].reset_index(drop=True)
+    table["Budget"] = table["Budget"].map(lambda b: "" if pd.isna(b) else f"{b:g}")
+    return table
+
+
+def _nan_last(value: float) -> tuple:
+    return (1, 0.0) if pd.isna(value) else (0, float(value))
+
+
+def _mean_std_cell(values: pd.Series):
+    values = values.dropna() * 100
+    if values.empty:
+        return math.nan
+    if len(values) == 1:
+        return f"{values.iloc[0]:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """GitHub-style markdown table; NaN shows as "n/a"."""
+    headers = [str(column) for column in table.columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for record in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_markdown_cell(value) for value in record) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# ------------------------------------------------------------------------ plots
+
+def tradeoff_plot(df: pd.DataFrame, path) -> Path:
+    """Forget ACC vs retain ROUGE-L, one curve per method through its budgets.
+
+    Rows sharing a method and budget are pooled (mean, sample std as error
+    bars), so filter `df` to one sweep first if several settings share a budget.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    points = _tradeoff_points(df)
+    if points.empty:
+        ax.text(0.5, 0.5, f"no rows with both {TRADEOFF_X} and {TRADEOFF_Y}",
+                ha="center", va="center", transform=ax.transAxes)
+    for curve, group in points.groupby("curve", sort=False):
+        _draw_curve(ax, curve, group)
+    ax.set_xlabel("Forget MC accuracy (%)  — lower = more forgetting")
+    ax.set_ylabel("Retain ROUGE-L (%)  — higher = utility kept")
+    ax.set_title("Forgetting vs utility (better: left and up)")
+    ax.grid(alpha=0.3)
+    if not points.empty:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _tradeoff_points(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std of the two axes per (method, split, budget), in percent."""
+    if TRADEOFF_X not in df or TRADEOFF_Y not in df:
+        return pd.DataFrame(columns=["curve", "budget", "x", "y", "x_err", "y_err"])
+    usable = df.dropna(subset=[TRADEOFF_X, TRADEOFF_Y])
+    several_splits = usable["forget_split"].nunique() > 1
+    points = []
+    for (method, split, budget), group in usable.groupby(
+        ["method", "forget_split", "budget"], dropna=False, sort=False
+    ):
+        x, y = group[TRADEOFF_X] * 100, group[TRADEOFF_Y] * 100
+        points.append({
+            "curve": f"{method} ({split})" if several_splits else method,
+            "rank": _method_rank(method), "vanilla": method == "Vanilla", "budget": budget,
+            "x": x.mean(), "y": y.mean(),
+            "x_err": x.std(ddof=1) if len(x) > 1 else 0.0,
+            "y_err": y.std(ddof=1) if len(y) > 1 else 0.0,
+        })
+    if not points:
+        return pd.DataFrame(columns=["curve", "budget", "x", "y", "x_err", "y_err"])
+    frame = pd.DataFrame(points)
+    order = sorted(frame.index, key=lambda i: (frame.at[i, "rank"], frame.at[i, "curve"],
+                                               _nan_last(frame.at[i, "budget"])))
+    return frame.loc[order]
+
+
+def _draw_curve(ax, curve: str, group: pd.DataFrame) -> None:
+    vanilla = bool(group["vanilla"].iloc[0])
+    style = dict(marker="*", markersize=16, linestyle="none", color="black") if vanilla \
+        else dict(marker="o", linestyle="-")
+    ax.errorbar(group["x"], group["y"], xerr=group["x_err"], yerr=group["y_err"],
+                label=curve, capsize=3, **style)
+    if vanilla:
+        return
+    for point in group.itertuples():
+        if not pd.isna(point.budget):
+            ax.annotate(f"{point.budget:g}", (point.x, point.y), textcoords="offset points",
+                        xytext=(4, 4), fontsize="x-small")
+
+
+def key_token_plot(examples: Sequence[tuple], path, max_chars: int = 60) -> Path:
+    """Answers as rows of token boxes coloured by reference entropy.
+
+    High-entropy (key) tokens such as names and places stand out from the
+    low-entropy template tokens around them.  Long answers wrap at
+    `max_chars` characters.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    boxes, labels = _layout_tokens(examples, max_chars)
+    n_lines = max(box[0] for box in boxes) + 1
+    top = max(box[5] for box in boxes)
+    norm = Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
+    scalar = ScalarMappable(norm=norm, cmap="viridis")
+    fig = Figure(figsize=(max(6.0, 0.13 * max_chars + 2), 0.45 * n_lines + 1.2))
+    ax = fig.add_subplot()
+    for line, x, width, _, text, entropy in boxes:
+        color = scalar.to_rgba(entropy)
+        ax.add_patch(Rectangle((x, -line - 0.4), width, 0.8, facecolor=color, edgecolor="white"))
+        ax.text(x + width / 2, -line, text, ha="center", va="center", fontsize=7,
+                color="white" if norm(entropy) < 0.6 else "black", parse_math=False)
+    ax.set_xlim(0, max_chars + 2)
+    ax.set_ylim(-n_lines + 0.4, 0.6)
+    ax.set_yticks([-line for line in labels], list(labels.values()), fontsize=7)
+    ax.set_xticks([])
+    ax.set_title("Key tokens (high reference entropy) vs template tokens")
+    fig.colorbar(scalar, ax=ax, label="reference entropy (nats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _layout_tokens(examples: Sequence[tuple], max_chars: int):
+    """(line, x, width, sample, text, entropy) boxes and the first line of each sample."""
+    if not examples:
+        raise ValueError("key_token_plot needs at least one example")
+    boxes, labels, line = [], {}, 0
+    for sample_id, tokens, entropies in examples:
+        if len(tokens) != len(entropies) or not tokens:
+            raise ValueError(
+                f"sample {sample_id!r}: {len(tokens)} tokens vs {len(entropies)} entropies")
+        labels[line], x = str(sample_id), 0.0
+        for token, entropy in zip(tokens, entropies):
+            # SentencePiece/BPE space markers are noise in a picture of the answer.
+            text = token.replace("▁", "").replace("Ġ", "").strip() or "␣"
+            width = float(len(text) + 1)
+            if x > 0 and x + width > max_chars:
+                line, x = line + 1, 0.0
+            boxes.append((line, x, width, sample_id, text, float(entropy)))
+            x += width
+        line += 1
+    return boxes, labels
+
+
+# ----------------------------------------------------------------------- report
+
+def write_report(results_path, out_dir, key_token_examples=None) -> dict[str, Path]:
+    """table.md, table.csv, tradeoff.png and (with examples) key_tokens.png in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_results(results_path)
+    table = comparison_table(df)
+    paths = {"markdown": out / "table.md", "csv": out / "table.csv",
+             "tradeoff": out / "tradeoff.png"}
+    paths["markdown"].write_text(_markdown_report(df, table, Path(results_path)))
+    table.to_csv(paths["csv"], index=False)
+    tradeoff_plot(df, paths["tradeoff"])
+    if key_token_examples:
+        paths["key_tokens"] = key_token_plot(key_token_examples, out / "key_tokens.png")
+    return paths
+
+
+def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, source: Path) -> str:
+    legend = [f"- **{header}**: `{column}`, {meaning}." for header, column, meaning in TABLE_COLUMNS]
+    legend.append("- **n_seeds**: runs averaged; cells are % (x100), "
+                  "mean ± sample std over seeds when several.")
+    legend.append(f"- Coherence is {_distinct_text(df, 'coherence_kind', 'not recorded')}.")
+    legend.append(f"- {_distinct_text(df, 'bleu_note', BLEU_NOTE)}")
+    return (f"# Unlearning results\n\nSource: `{source}`\n\n{to_markdown(table)}\n"
+            "## Legend\n\n" + "\n".join(legend) + "\n")
+
+
+def _distinct_text(df: pd.DataFrame, column: str, fallback: str) -> str:
+    present = df[column].dropna().unique() if column in df else []
+    values = [value for value in present if str(value).strip()]
+    return "; ".join(map(str, values)) if values else fallback

@@ -1,0 +1,196 @@
+"""Report tests on a small hand-built results file."""
+import json
+import math
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from pipeline.metrics import BLEU_NOTE
+from pipeline.report import (
+    _tradeoff_points,
+    comparison_table,
+    key_token_plot,
+    load_results,
+    to_markdown,
+    write_report,
+)
+
+COHERENCE_KIND = "model-free coherence (test)"
+# GA forget accuracy per (budget, seed); budget 10 averages to 55.0 with sample std 7.1
+GA_FORGET = {(5, 0): 0.70, (5, 1): 0.74, (10, 0): 0.50, (10, 1): 0.60, (20, 0): 0.30, (20, 1): 0.20}
+
+
+def _row(method, budget, seed, forget_acc, retain_rouge, **extra_metrics):
+    metrics = {
+        "forget": {"mc_acc": forget_acc, "coherence": 0.9},
+        "test": {"mc_acc": forget_acc + 0.05},
+        "retain": {"rougeL": retain_rouge, "bleu": retain_rouge / 2},
+        "real": {"rougeL": 0.5, "bleu": 0.25},
+    }
+    for key, value in extra_metrics.items():
+        split, name = key.split("__")
+        metrics[split][name] = value
+    return {
+        "method": method, "forget_split": "forget_10", "budget": budget, "seed": seed,
+        "setting": {} if method == "Vanilla" else {"steps": budget, "lr": 0.001, "lam": 0.5},
+        "model": "cache/models/vanilla", "cache_fingerprint": "ab12",
+        "coherence_kind": COHERENCE_KIND, "bleu_note": BLEU_NOTE, "metrics": metrics,
+    }
+
+
+def _rows():
+    # ViKeR and a shuffled GA come first so that ordering is the code's, not the file's.
+    rows = [_row("ViKeR", b, 0, 0.8 - b / 40, 0.6) for b in (20, 5, 10)]
+    rows[0]["metrics"]["real"].pop("bleu")  # ViKeR budget 20 lacks Real BLEU
+    rows += [_row("GA", b, s, acc, 0.5 - b / 100) for (b, s), acc in reversed(GA_FORGET.items())]
+    rows.append(_row("Vanilla", 0, 0, 0.82, 0.62))
+    return rows
+
+
+@pytest.fixture
+def results_path(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in _rows()) + "\n\n")
+    return path
+
+
+# ---------------------------------------------------------------------- loading
+
+def test_load_results_flattens(results_path):
+    df = load_results(results_path)
+    assert len(df) == 10
+    vanilla = df[df["method"] == "Vanilla"].iloc[0]
+    assert vanilla["forget.mc_acc"] == pytest.approx(0.82)
+    assert vanilla["setting"] == ""
+    ga = df[(df["method"] == "GA") & (df["budget"] == 10)]
+    assert set(ga["setting"]) == {"lam=0.5,lr=0.001,steps=10"}
+    assert math.isnan(df[(df["method"] == "ViKeR") & (df["budget"] == 20)]["real.bleu"].iloc[0])
+
+
+def test_load_results_names_malformed_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(_row("GA", 5, 0, 0.5, 0.5)) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_results(path)
+
+
+def test_load_results_rejects_rows_without_method(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl:1:"):
+        load_results(path)
+
+
+def test_load_results_missing_and_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_results(tmp_path / "nope.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_results(empty)
+
+
+# ------------------------------------------------------------------------ table
+
+def test_comparison_table_order_and_means(results_path):
+    table = comparison_table(load_results(results_path))
+    assert list(zip(table["Method"], table["Budget"])) == [
+        ("Vanilla", "0"), ("GA", "5"), ("GA", "10"), ("GA", "20"),
+        ("ViKeR", "5"), ("ViKeR", "10"), ("ViKeR", "20"),
+    ]
+    ga10 = table[(table["Method"] == "GA") & (table["Budget"] == "10")].iloc[0]
+    # mean(50, 60) = 55.0; sample std = sqrt(((50-55)^2 + (60-55)^2) / 1) = 7.07
+    assert ga10["Forget ACC"] == "55.0 ± 7.1"
+    assert ga10["Retain ROUGE"] == "40.0 ± 0.0"
+    assert ga10["n_seeds"] == 2
+    viker5 = table[(table["Method"] == "ViKeR") & (table["Budget"] == "5")].iloc[0]
+    assert viker5["Forget ACC"] == "67.5"  # one seed: no ± part
+    assert viker5["n_seeds"] == 1
+    viker20 = table[(table["Method"] == "ViKeR") & (table["Budget"] == "20")].iloc[0]
+    assert pd.isna(viker20["Real BLEU"])
+
+
+def test_unknown_methods_follow_known_ones_alphabetically():
+    rows = [_row(m, 5, 0, 0.5, 0.5) for m in ("Zeta", "NPO", "Alpha", "Vanilla", "ViKeR", "GA")]
+    df = pd.DataFrame([{"method": r["method"], "forget_split": "f", "budget": 5.0,
+                        "setting": "", "forget.mc_acc": 0.5} for r in rows])
+    assert list(comparison_table(df)["Method"]) == ["Vanilla", "GA", "NPO", "ViKeR", "Alpha", "Zeta"]
+
+
+def test_to_markdown_renders_nan_and_escapes_pipes():
+    table = pd.DataFrame({"Method": ["GA", "a|b"], "Forget ACC": ["55.0", math.nan]})
+    assert to_markdown(table) == (
+        "| Method | Forget ACC |\n"
+        "|---|---|\n"
+        "| GA | 55.0 |\n"
+        "| a\\|b | n/a |\n"
+    )
+
+
+# ------------------------------------------------------------------------ plots
+
+def test_tradeoff_points_follow_budgets_with_seed_means(results_path):
+    points = _tradeoff_points(load_results(results_path))
+    ga = points[points["curve"] == "GA"]
+    assert list(ga["budget"]) == [5.0, 10.0, 20.0]
+    assert list(ga["x"]) == pytest.approx([72.0, 55.0, 25.0])
+    assert ga["x_err"].iloc[1] == pytest.approx(math.sqrt(50))
+    assert list(points["curve"].unique()) == ["Vanilla", "GA", "ViKeR"]
+
+
+def _assert_image(path):
+    assert path.exists() and path.stat().st_size > 0
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0
+
+
+def test_key_token_plot_checks_lengths(tmp_path):
+    with pytest.raises(ValueError, match="s1"):
+        key_token_plot([("s1", ["a", "b"], [0.1])], tmp_path / "k.png")
+    with pytest.raises(ValueError):
+        key_token_plot([], tmp_path / "k.png")
+
+
+# ----------------------------------------------------------------------- report
+
+def test_write_report_end_to_end(results_path, tmp_path):
+    examples = [
+        ("forget_3", ["▁She", "▁was", "▁born", "▁in", "▁Lisbon", "."],
+         [0.1, 0.05, 0.2, 0.1, 3.2, 0.01]),
+        # "$" would start mathtext if not escaped; x3 forces line wrapping
+        ("forget_7", ["He", " works", " as", " a", " $", "marine", " biologist"] * 3,
+         [0.2, 0.1, 0.1, 0.1, 0.5, 2.5, 2.9] * 3),
+    ]
+    out = tmp_path / "report"
+    paths = write_report(results_path, out, key_token_examples=examples)
+    assert set(paths) == {"markdown", "csv", "tradeoff", "key_tokens"}
+
+    markdown = paths["markdown"].read_text()
+    rows = [line for line in markdown.splitlines()
+            if line.startswith("| ") and "Method" not in line]
+    assert [line.split(" | ")[0] for line in rows] == ["| Vanilla"] + ["| GA"] * 3 + ["| ViKeR"] * 3
+    assert "55.0 ± 7.1" in rows[2]
+    assert COHERENCE_KIND in markdown and BLEU_NOTE in markdown
+    assert "forget.mc_acc" in markdown
+
+    csv = pd.read_csv(paths["csv"])
+    assert len(csv) == 7 and csv["n_seeds"].tolist() == [1, 2, 2, 2, 1, 1, 1]
+
+    _assert_image(paths["tradeoff"])
+    _assert_image(paths["key_tokens"])
+
+
+def test_write_report_without_examples_skips_key_tokens(results_path, tmp_path):
+    paths = write_report(results_path, tmp_path / "r")
+    assert "key_tokens" not in paths and not (tmp_path / "r" / "key_tokens.png").exists()
+
+
+def test_metrics_and_report_stay_free_of_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.metrics, pipeline.report; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
