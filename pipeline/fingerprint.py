@@ -1,0 +1,74 @@
+"""What a reference cache was made from, as a fingerprint both stages can compute.
+
+Stage one stamps it on every shard; stage two recomputes it from the model and
+data it was given and refuses a cache whose parts differ (refcache names them).
+Nothing here runs a model: hashing config files, tokenizer files, weight file
+headers and samples, the prompt templates and the image pool takes seconds.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from . import prompts
+from .refcache import hash_bytes, hash_file, hash_files, hash_json, make_fingerprint, weights_identity
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def pool_files(pool_dir: str | Path) -> list[Path]:
+    folder = Path(pool_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference pool {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"reference pool {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def template_hash() -> str:
+    """The prompt code itself: editing a template invalidates caches made with the old one."""
+    return hash_bytes(inspect.getsource(prompts).encode())
+
+
+def model_parts(model_dir: str | Path) -> dict[str, str]:
+    model_dir = Path(model_dir)
+    tok = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    return {"model_config": hash_file(model_dir / "config.json"),
+            "model_weights": weights_identity(model_dir),
+            "tokenizer": hash_files(tok, root=model_dir)}
+
+
+def samples_hash(samples) -> str:
+    """The forget samples' ids, texts and image bytes: a cache is for one forget set."""
+    return hash_json([[s.sample_id, s.question, s.answer, hash_bytes(s.image)] for s in samples])
+
+
+def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: str, k: int, top_k: int,
+                      seed: int, dtype: str, idk_answer: str) -> dict:
+    parts = {**model_parts(model_dir),
+             "prompt_template": template_hash(),
+             "reference_pool": hash_files(pool_files(pool_dir)) if reference == "pool" else "own-image",
+             "forget_samples": samples_hash(samples),
+             "reference": reference, "k": str(k), "K": str(top_k), "seed": str(seed), "dtype": dtype,
+             "idk_answer": idk_answer}
+    return make_fingerprint(parts)
+
+
+def training_fingerprint(model_dir, samples, cached: dict, pool_dir: str | None = None) -> dict:
+    """The fingerprint stage two expects from a cache.
+
+    Parts stage two can check are recomputed from its own model, prompts and
+    forget set (and the pool, where its folder is at hand); the cache's own
+    settings (k, K, seed, dtype, ...) are taken as recorded.
+    """
+    parts = dict(cached.get("parts", {}))
+    parts.update(model_parts(model_dir))
+    parts["prompt_template"] = template_hash()
+    parts["forget_samples"] = samples_hash(samples)
+    if parts.get("reference") == "pool" and pool_dir and Path(pool_dir).is_dir():
+        parts["reference_pool"] = hash_files(pool_files(pool_dir))
+    return make_fingerprint(parts)

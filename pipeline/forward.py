@@ -1,0 +1,58 @@
+"""Teacher-forced forward passes that produce logits only at answer positions.
+
+Full-vocabulary logits for the 600-odd prompt positions of a LLaVA-7B sample
+would cost more memory than the rest of the step; only the answer positions
+are needed, so the hidden states are gathered *before* the LM head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encoding import pad_right
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor        # [B, L] right-padded
+    attention_mask: torch.Tensor   # [B, L]
+    answer_pos: torch.Tensor       # [B, T] index of the position whose logits predict answer token t
+    answer_ids: torch.Tensor       # [B, T] answer token ids (pad 0)
+    answer_mask: torch.Tensor      # [B, T] 1 on real answer tokens
+
+    def to(self, device):
+        return TextBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.answer_pos,
+                                                  self.answer_ids, self.answer_mask)))
+
+
+def make_text_batch(seqs: list[list[int]], answer_starts: list[int], pad_id: int) -> TextBatch:
+    ids, mask, _ = pad_right(seqs, pad_id)
+    width = max(len(s) - a for s, a in zip(seqs, answer_starts))
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    ans = torch.zeros((len(seqs), width), dtype=torch.long)
+    amask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for i, (s, a) in enumerate(zip(seqs, answer_starts)):
+        n = len(s) - a
+        pos[i, :n] = torch.arange(a - 1, len(s) - 1)    # logits at p predict token p+1
+        ans[i, :n] = torch.tensor(s[a:])
+        amask[i, :n] = 1
+    return TextBatch(ids, mask, pos, ans, amask)
+
+
+def unwrap(model):
+    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def answer_logits(model, batch: TextBatch, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits at the answer positions of a right-padded batch."""
+    llava = unwrap(model)
+    out = llava.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      pixel_values=pixel_values, use_cache=False)
+    hidden = out.last_hidden_state
+    index = batch.answer_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return llava.lm_head(torch.gather(hidden, 1, index))

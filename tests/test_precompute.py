@@ -1,0 +1,233 @@
+"""Stage one against its definition: direct computation, naive vs prefix path, resume, refusal."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import losses, precompute as pc, refcache
+from pipeline.config import MiniConfig, TinyModelConfig
+from pipeline.data.mini import make_mini
+from pipeline.data.mllmu import read_split
+from pipeline.data.records import forget_samples
+from pipeline.demo import tokenizer_texts
+from pipeline.encoding import load_image
+from pipeline.fingerprint import pool_files, training_fingerprint
+from pipeline.modeling import build_tiny_llava, load_model
+
+TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_heads=2)
+K = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=20, n_real=2, pool_size=6))
+    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
+    samples = forget_samples(read_split(root, "forget_10"))[:7]
+    return root, model_dir, samples
+
+
+def run(env, out, **kw):
+    root, model_dir, samples = env
+    args = dict(pool_dir=str(root / "pools" / "people"), k=3, top_k=K, seed=0, shard_size=3, batch_size=4,
+                device="cpu", log=lambda *_: None)
+    args.update(kw)
+    return pc.precompute(str(model_dir), samples, str(out), **args)
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("refs-*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def reference_cache(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refs")
+    run(world, out)
+    return out
+
+
+def test_cache_equals_direct_average_of_softmaxes(world, reference_cache):
+    root, model_dir, samples = world
+    model, processor = load_model(model_dir, device="cpu")
+    pool = pool_files(root / "pools" / "people")
+    (enc,) = pc.encode_samples(processor, samples[:1], "I don't know.", None)
+    picks = pc.draw_reference_images(samples[0].sample_id, len(pool), 3, 0)
+    # Direct definition, one image at a time, no batching, no shared code path with the cache.
+    probs = []
+    for i in picks:
+        pix = processor.image_processor(images=[load_image(pool[i].read_bytes())], return_tensors="pt")["pixel_values"]
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pix).logits[0].float()
+        probs.append(torch.softmax(logits[enc.answer_start - 1: len(enc.ids) - 1], -1))
+    R = torch.stack(probs).mean(0)
+    with refcache.RefCacheReader(reference_cache) as reader:
+        got = reader.get(samples[0].sample_id)
+    top = torch.topk(R, K, -1)
+    assert np.array_equal(got.answer_ids, np.array(enc.ids[enc.answer_start:]))
+    assert np.array_equal(got.topk_idx, top.indices.numpy())
+    np.testing.assert_allclose(got.topk_prob, top.values.numpy(), atol=1e-3, rtol=1e-3)   # float16 on disk
+    np.testing.assert_allclose(got.tail_mass, 1 - top.values.sum(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got.entropy, -(R * R.log()).sum(-1).numpy(), rtol=1e-5)
+    own = processor.image_processor(images=[load_image(samples[0].image)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        lo = torch.log_softmax(model(input_ids=torch.tensor([enc.ids]), pixel_values=own).logits[0].float(), -1)
+    ll = sum(lo[p - 1, enc.ids[p]] for p in range(enc.answer_start, len(enc.ids)))
+    assert got.ref_logp_own == pytest.approx(float(ll), abs=1e-4)
+    assert got.ref_logp_idk is not None and got.ref_logp_idk < 0
+
+
+def test_prefix_path_equals_naive_path(world, tmp_path):
+    run(world, tmp_path / "prefix", prefix_cache=True)
+    run(world, tmp_path / "naive", prefix_cache=False)
+    with refcache.RefCacheReader(tmp_path / "prefix") as a, refcache.RefCacheReader(tmp_path / "naive") as b:
+        assert a.sample_ids == b.sample_ids
+        for sid in a.sample_ids:
+            x, y = a.get(sid), b.get(sid)
+            np.testing.assert_allclose(x.topk_prob, y.topk_prob, atol=1e-5)
+            np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5)
+            np.testing.assert_allclose(x.tail_mass, y.tail_mass, atol=1e-5)
+            # indices must agree wherever the probabilities are not (near-)tied
+            gaps = np.diff(-x.topk_prob, axis=-1, prepend=np.inf, append=np.inf)
+            untied = np.minimum(gaps[:, :-1], gaps[:, 1:]) > 1e-4
+            assert np.array_equal(x.topk_idx[untied], y.topk_idx[untied])
+
+
+def test_truncated_kl_from_cache_matches_full_distribution(world, reference_cache):
+    """KL(R~||Q~) on the K+1 buckets, from the cache vs from the full R computed directly.
+
+    The cache stores top-K probabilities as float16: the bucket arithmetic must be exact
+    (1e-6) on the same rounded values, and the float16 rounding itself stays below 1e-3.
+    """
+    root, model_dir, samples = world
+    model, processor = load_model(model_dir, device="cpu")
+    pool = pool_files(root / "pools" / "people")
+    (enc,) = pc.encode_samples(processor, samples[:1], "", None)
+    imgs = [load_image(pool[i].read_bytes()) for i in pc.draw_reference_images(samples[0].sample_id, len(pool), 3, 0)]
+    R = pc.reference_distribution(model, processor, enc, imgs)                # [T, V] float32, full
+    with refcache.RefCacheReader(reference_cache) as reader:
+        got = reader.get(samples[0].sample_id)
+    q_logits = torch.randn(1, R.shape[0], R.shape[1], generator=torch.Generator().manual_seed(0))
+    idx = torch.from_numpy(got.topk_idx)[None]
+    q = losses.bucket_probs(q_logits, idx)
+
+    def bucket_kl(top_prob, tail):
+        r = losses.reference_buckets(top_prob[None], tail[None])
+        return losses.bucket_divergence(r, q, "kl")
+
+    from_cache = bucket_kl(torch.from_numpy(got.topk_prob), torch.from_numpy(got.tail_mass))
+    full_top = torch.gather(R, -1, idx[0])
+    full_rounded = bucket_kl(full_top.half().float(), 1 - full_top.sum(-1))
+    full_exact = bucket_kl(full_top, 1 - full_top.sum(-1))
+    assert torch.allclose(from_cache, full_rounded, atol=1e-6)
+    assert torch.allclose(from_cache, full_exact, atol=1e-3)
+
+
+def test_kill_and_resume_ends_with_the_same_shards(world, reference_cache, tmp_path, monkeypatch):
+    real_write = refcache.write_shard
+    calls = []
+
+    def dying_write(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(refcache, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "c")
+    monkeypatch.setattr(refcache, "write_shard", real_write)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    (tmp_path / "c" / "refs-00001-of-00003.h5.tmp").write_bytes(b"half a shard")   # as if killed mid-write
+    computed = []
+    real_compute = pc.compute_shard
+    monkeypatch.setattr(pc, "compute_shard", lambda *a, **k: computed.append(1) or real_compute(*a, **k))
+    run(world, tmp_path / "c")
+    assert len(computed) == 2, "the finished shard is kept, only the other two are recomputed"
+    assert digests(tmp_path / "c") == digests(reference_cache)
+    assert refcache.verify_cache(tmp_path / "c") == [] or all(p.startswith("warning") for p in refcache.verify_cache(tmp_path / "c"))
+
+
+def test_split_jobs_merge_to_the_single_process_cache(world, reference_cache, tmp_path):
+    out = tmp_path / "jobs"
+    assert run(world, out, rank=1, world=2) is None        # job 1 of 2 first: no manifest yet
+    assert not (out / "manifest.json").exists()
+    manifest = run(world, out, rank=0, world=2)
+    assert manifest is not None
+    assert digests(out) == digests(reference_cache)
+    assert json.loads((out / "manifest.json").read_text())["totals"] == \
+        json.loads((reference_cache / "manifest.json").read_text())["totals"]
+
+
+def test_rerun_of_a_complete_cache_does_nothing(world, reference_cache, monkeypatch):
+    monkeypatch.setattr(pc, "compute_shard", lambda *a, **k: pytest.fail("recomputed a finished cache"))
+    assert run(world, reference_cache)["totals"]["n_samples"] == 7
+
+
+def test_own_image_reference_for_the_wo_vis_ablation(world, tmp_path):
+    root, model_dir, samples = world
+    run(world, tmp_path / "own", reference="own", pool_dir=None)
+    with refcache.RefCacheReader(tmp_path / "own") as reader:
+        assert reader.settings["k"] == 1 and reader.settings["reference"] == "own"
+        got = reader.get(samples[0].sample_id)
+    # with R the model's own distribution, log R(y) summed over the answer is the own log-likelihood
+    # wherever y is in the top-K
+    assert got.ref_logp_own < 0
+
+
+def _expected(world, cache_dir, model_dir=None, pool_dir=None, samples=None):
+    root, m, s = world
+    with refcache.RefCacheReader(cache_dir) as reader:
+        cached = reader.fingerprint
+    return training_fingerprint(model_dir or m, samples or s, cached, pool_dir or str(root / "pools" / "people"))
+
+
+def test_same_setup_is_accepted(world, reference_cache):
+    refcache.RefCacheReader(reference_cache, expected_fingerprint=_expected(world, reference_cache)).close()
+
+
+def test_changed_model_is_refused(world, reference_cache, tmp_path):
+    root, model_dir, _ = world
+    other = build_tiny_llava(tmp_path / "other", tokenizer_texts(root), TINY, seed=1)
+    with pytest.raises(refcache.FingerprintMismatch) as e:
+        refcache.RefCacheReader(reference_cache, expected_fingerprint=_expected(world, reference_cache, other))
+    assert "model weights differ" in str(e.value) and "tokenizer" not in str(e.value)
+
+
+def test_changed_tokenizer_is_refused(world, reference_cache, tmp_path):
+    _, model_dir, _ = world
+    copy = shutil.copytree(model_dir, tmp_path / "tok")
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 77
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(refcache.FingerprintMismatch, match="tokenizer differs"):
+        refcache.RefCacheReader(reference_cache, expected_fingerprint=_expected(world, reference_cache, copy))
+
+
+def test_changed_pool_is_refused(world, reference_cache, tmp_path):
+    root, _, _ = world
+    pool = shutil.copytree(root / "pools" / "people", tmp_path / "pool")
+    first = sorted(pool.glob("*.png"))[0]
+    shutil.copy(root / "pools" / "pets" / "000.png", first)
+    with pytest.raises(refcache.FingerprintMismatch, match="reference pool differs"):
+        refcache.RefCacheReader(reference_cache, expected_fingerprint=_expected(world, reference_cache,
+                                                                                pool_dir=str(pool)))
+
+
+def test_changed_forget_set_is_refused(world, reference_cache):
+    _, _, samples = world
+    with pytest.raises(refcache.FingerprintMismatch, match="forget_samples differs"):
+        refcache.RefCacheReader(reference_cache, expected_fingerprint=_expected(world, reference_cache,
+                                                                                samples=samples[:3]))
+
+
+def test_reference_draw_is_seeded_per_sample():
+    a = pc.draw_reference_images("mini-001/0", 24, 5, 0)
+    assert a == pc.draw_reference_images("mini-001/0", 24, 5, 0)
+    assert len(set(a)) == 5
+    assert a != pc.draw_reference_images("mini-001/0", 24, 5, 1)
+    with pytest.raises(ValueError, match="pool holds only 3"):
+        pc.draw_reference_images("x", 3, 5, 0)
