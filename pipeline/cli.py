@@ -22,7 +22,8 @@ def _known_errors() -> tuple:
     from .encoding import InputError
     from .modeling import ModelError
     from .refcache import CacheError
-    return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError)
+    # ValueError too: bad settings (k larger than the pool, an unknown method) are user errors.
+    return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError, ValueError)
 
 
 def one_line_errors(fn):
@@ -120,13 +121,6 @@ def finetune(config_path, overrides):
     vanilla_gate(cfg, f.output, log=click.echo)
 
 
-def resolve_pool(pool: str, data_root: str) -> str:
-    """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
-    from pathlib import Path
-    from .data.mini import POOLS
-    return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
-
-
 @main.command()
 @config_option
 @click.option("--no-prefix-cache", is_flag=True, help="Naive path: a full forward per (sample, image) pair.")
@@ -145,6 +139,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     """
     from .data.mllmu import read_split
     from .data.records import forget_samples
+    from .demo import pool_dir
     from .precompute import dist_env, precompute as run
     cfg = _load(config_path, overrides)
     p, d = cfg.precompute, cfg.data
@@ -167,7 +162,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
             raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
         rank, world = shard_index, num_shards
     samples = forget_samples(read_split(d.root, d.forget_split))
-    manifest = run(cfg.model.path, samples, p.output, pool_dir=resolve_pool(p.pool, d.root), reference=p.reference,
+    manifest = run(cfg.model.path, samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
                    k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                    prefix_cache=p.prefix_cache and not no_prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype,
                    device=device, rank=rank, world=world, log=click.echo)

@@ -128,6 +128,31 @@ def check_gate(results: dict, min_acc: float) -> None:
                         f"raise finetune.steps or finetune.lr, then rerun")
 
 
+def pool_dir(pool: str, data_root: str) -> str:
+    """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
+    from .data.mini import POOLS
+    return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
+
+
+def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
+    """Stage one on the forget split (resumes, or does nothing, if the cache is already there)."""
+    from .data.records import forget_samples
+    from .precompute import precompute
+    from .refcache import format_inspect, inspect_cache
+    from .modeling import load_processor
+    p, d = cfg.precompute, cfg.data
+    samples = forget_samples(read_split(d.root, d.forget_split))
+    t = time.time()
+    precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
+               k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
+               prefix_cache=p.prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype, device=cfg.model.device,
+               log=log)
+    log(f"[precompute] reference cache {p.output} ready in {time.time() - t:.1f}s")
+    tok = load_processor(model_dir).tokenizer
+    log(format_inspect(inspect_cache(p.output, decode=lambda i: tok.decode([int(i)]), top_n=8)))
+    return p.output
+
+
 def run_demo(cfg: Config, log=print) -> dict:
     t0 = time.time()
     ensure_benchmark(cfg, log)
@@ -135,5 +160,6 @@ def run_demo(cfg: Config, log=print) -> dict:
     vanilla = ensure_vanilla(cfg, log)
     gate = vanilla_gate(cfg, vanilla, log)
     check_gate(gate, cfg.finetune.gate_min_acc)
+    cache_dir = ensure_references(cfg, vanilla, log)
     log(f"\n[demo] done in {time.time() - t0:.1f}s")
-    return {"gate": gate}
+    return {"gate": gate, "cache": cache_dir}

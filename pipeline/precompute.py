@@ -38,7 +38,7 @@ from .data.records import Sample
 from .encoding import encode_pair, load_image, max_positions, pixel_values
 from .fingerprint import cache_fingerprint, pool_files
 from .forward import answer_logits, make_text_batch, unwrap
-from .modeling import load_model, resolve_device, resolve_dtype
+from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
 
 
@@ -189,29 +189,40 @@ def answer_probs_prefix(prefix: PrefixCache, image: int, pad_id: int, seqs, star
 
 # ---------------------------------------------------------------- one shard
 
+def pool_reference_sums(model, pad_id: int, encoded: list[Encoded], draws: list[list[int]], pool_pixels,
+                        batch_size: int, prefix: PrefixCache | None) -> dict[int, torch.Tensor]:
+    """Sum over each sample's drawn pool images of its answer distributions ([T, V] float32 per sample).
+
+    Pairs are grouped by image so that one prefix cache serves a whole batch.
+    """
+    pairs_by_image: dict[int, list[int]] = {}
+    for row, images in enumerate(draws):
+        for img in images:
+            pairs_by_image.setdefault(img, []).append(row)
+    sums: dict[int, torch.Tensor] = {}
+    for img, rows in sorted(pairs_by_image.items()):
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b: b + batch_size]
+            seqs = [encoded[r].ids for r in chunk]
+            starts = [encoded[r].answer_start for r in chunk]
+            if prefix is not None:
+                probs = answer_probs_prefix(prefix, img, pad_id, seqs, starts)
+            else:
+                pix = pool_pixels[img: img + 1].expand(len(chunk), -1, -1, -1)
+                probs = answer_probs_naive(model, pad_id, seqs, starts, pix)
+            for r, p in zip(chunk, probs):
+                sums[r] = p if r not in sums else sums[r] + p
+    return sums
+
+
 def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, reference: str, k: int, top_k: int,
                   seed: int, batch_size: int, prefix: PrefixCache | None, own_pixels, progress=None):
     """RefSamples for a list of encoded samples (one shard's worth)."""
     pad_id = processor.tokenizer.pad_token_id
     dev = next(model.parameters()).device
-    sums = {}
     if reference == "pool":
-        pairs_by_image: dict[int, list[int]] = {}
-        for n_s, enc in enumerate(encoded):
-            for img in draw_reference_images(enc.sample.sample_id, len(pool_pixels), k, seed):
-                pairs_by_image.setdefault(img, []).append(n_s)
-        for img, rows in sorted(pairs_by_image.items()):
-            for b in range(0, len(rows), batch_size):
-                chunk = rows[b: b + batch_size]
-                seqs = [encoded[r].ids for r in chunk]
-                starts = [encoded[r].answer_start for r in chunk]
-                if prefix is not None:
-                    probs = answer_probs_prefix(prefix, img, pad_id, seqs, starts)
-                else:
-                    pix = pool_pixels[img: img + 1].expand(len(chunk), -1, -1, -1)
-                    probs = answer_probs_naive(model, pad_id, seqs, starts, pix)
-                for r, p in zip(chunk, probs):
-                    sums[r] = p if r not in sums else sums[r] + p
+        draws = [draw_reference_images(e.sample.sample_id, len(pool_pixels), k, seed) for e in encoded]
+        sums = pool_reference_sums(model, pad_id, encoded, draws, pool_pixels, batch_size, prefix)
     # Own image: NPO/IdkPO references, and R itself for the "w/o Vis" ablation.
     own_probs, logp_own, logp_idk = {}, {}, {}
     for b in range(0, len(encoded), batch_size):
@@ -259,6 +270,7 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
     if not samples:
         raise ValueError("no forget samples to precompute")
+    check_model_dir(model_dir)
     if reference == "own":
         k = 1
     dev = resolve_device(device)
@@ -289,7 +301,9 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
     if refcache.finished_shards(out, num_shards, fingerprint["digest"]) == set(range(num_shards)):
-        if rank == 0:
+        # Under torchrun, rank 0 writes it after the barrier; independent jobs cannot wait
+        # for each other, so whichever finds every shard finished writes it (same bytes).
+        if rank == 0 or not _distributed():
             return refcache.finalize(out, num_shards, fingerprint, settings)
         return None
     log(f"[precompute] rank {rank}: my shards are done; other jobs' shards are missing — "
@@ -297,8 +311,12 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     return None
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _barrier(world: int) -> None:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if world > 1 and _distributed():
         torch.distributed.barrier()
 
 

@@ -1,0 +1,113 @@
+"""The `viker` command line: one-line errors, precompute jobs, cache verify/inspect/merge."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import MiniConfig, TinyModelConfig
+from pipeline.data.mini import make_mini
+from pipeline.demo import tokenizer_texts
+from pipeline.modeling import build_tiny_llava
+
+TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=20, n_real=2, pool_size=5))
+    model = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
+    return root, model
+
+
+def overrides(env, out):
+    root, model = env
+    return [f"data.root={root}", f"model.path={model}", f"precompute.output={out}", "precompute.k=2",
+            "precompute.top_k=8", "precompute.shard_size=2", "model.device=cpu"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("refs-*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def cache(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refs") / "c"
+    result = invoke("precompute", *overrides(env, out))
+    assert result.exit_code == 0, result.output
+    assert "reference cache ready" in result.output
+    return out
+
+
+def test_help_explains_commands():
+    result = invoke("--help")
+    for cmd in ("demo", "precompute", "finetune", "cache", "data"):
+        assert cmd in result.output
+
+
+def test_bad_override_is_one_line(env, tmp_path):
+    result = CliRunner().invoke(main, ["precompute", "precompute.kk=3"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: unknown config key 'precompute.kk' (known in precompute: output, pool, " \
+        "reference, k, top_k, seed, shard_size, batch_size, prefix_cache, idk_answer, dtype)"
+
+
+def test_missing_model_is_one_line(env, tmp_path):
+    args = overrides(env, tmp_path / "x") + [f"model.path={tmp_path / 'nope'}"]
+    result = CliRunner().invoke(main, ["precompute", *args])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "does not exist" in result.output
+
+
+def test_verify_ok_then_corruption_exits_1(cache, tmp_path):
+    assert invoke("cache", "verify", str(cache)).exit_code == 0
+    import shutil
+    bad = shutil.copytree(cache, tmp_path / "bad")
+    shard = sorted(bad.glob("refs-*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = invoke("cache", "verify", str(bad))
+    assert result.exit_code == 1 and "sha256" in result.output
+
+
+def test_inspect_decodes_key_tokens(env, cache):
+    _, model = env
+    result = invoke("cache", "inspect", str(cache), "--model", str(model), "--top", "3")
+    assert result.exit_code == 0
+    assert "bytes per answer token" in result.output and "key tokens" in result.output
+
+
+def test_shard_index_jobs_then_merge_equal_one_job(env, cache, tmp_path):
+    out = tmp_path / "jobs"
+    for i in (1, 0, 2):
+        result = invoke("precompute", "--shard-index", str(i), "--num-shards", "3", *overrides(env, out))
+        assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").exists(), "the last job to finish writes the manifest"
+    assert digests(out) == digests(cache)
+    (out / "manifest.json").unlink()
+    assert "merged" in invoke("cache", "merge", str(out)).output
+    assert invoke("cache", "verify", str(out)).exit_code == 0
+
+
+def test_shard_index_needs_num_shards(env, tmp_path):
+    result = CliRunner().invoke(main, ["precompute", "--shard-index", "0", *overrides(env, tmp_path / "y")])
+    assert result.exit_code == 2 and "go together" in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(env, cache, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "pipeline.cli", "precompute", *overrides(env, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert digests(out) == digests(cache)
