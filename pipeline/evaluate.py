@@ -1,0 +1,389 @@
+"""Evaluation by the MLLMU-Bench protocol (DESIGN.md 6): four sets, one results row per run.
+
+Sets: forget (the forget split), test (the forget people on their *other*
+images with paraphrased questions: does forgetting generalise?), retain (the
+complementary split) and real (Retain_Set). Per set: multiple-choice accuracy
+(image+text and text-only apart), generation ROUGE-1/2/L and BLEU, cloze
+accuracy, fact accuracy on the training QA, and coherence of the generated
+answers. Every number goes to a JSON-lines results file with the setting,
+model, cache fingerprint and seed that produced it; every answer goes to a
+per-sample file so that a number can be traced back to what the model said.
+
+Few-shot multiple choice: the worked examples for item j of profile i are
+item j (same position, so the same kind of question) of the next profiles of
+the same set in file order, wrapping around; the profile itself is skipped,
+because its other items would give its own answers away. A set with fewer
+other profiles than `few_shot` gets fewer shots (a one-profile set gets none).
+The default is one shot: MLLMU-Bench's many-shot prompt made vanilla LLaVA
+answer "US US US".
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import metrics
+from .config import retain_split_for
+from .data.mllmu import SPLITS, DataError, read_split
+from .data.records import Profile
+from .encoding import load_image
+from .factcheck import fact_accuracy
+from .generation import generate
+from .modeling import ModelError, load_model, resolve_device
+from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+
+SET_NAMES = ("forget", "test", "retain", "real")
+METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
+               "cloze_acc", "fact_acc", "coherence")
+# Room for "The answer is B" from a chatty model; the parser reads the letter.
+MC_NEW_TOKENS = 8
+
+
+# ------------------------------------------------------------------ model
+
+def load_for_eval(model_dir, adapter=None, dtype: str = "auto", device: str = "auto"):
+    """(model, processor) for a base, vanilla or merged model directory, or a base plus a LoRA adapter.
+
+    A `model_dir` holding only an adapter (adapter_config.json, no config.json)
+    is read as that adapter on the base it names. Adapters are merged into the
+    weights: generation then runs at the plain model's speed.
+    """
+    base, adapter = _base_and_adapter(Path(model_dir), adapter)
+    model, processor = load_model(base, dtype=dtype, device=device)
+    if adapter is None:
+        return model, processor
+    from peft import PeftModel
+    merged = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    return merged.eval(), processor
+
+
+def _base_and_adapter(model_dir: Path, adapter):
+    if adapter is None and (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"adapter {model_dir} does not name its base model; pass the base model and the adapter")
+        return Path(base), model_dir
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"adapter {adapter} has no adapter_config.json: not a saved PEFT adapter")
+    return model_dir, adapter
+
+
+def load_coherence_classifier(path, device: str = "auto", batch_size: int = 32):
+    """A local HF text-classification model as a callable texts -> [{"label", "score"}]."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"coherence classifier {path} is not a local Hugging Face model directory "
+                         f"(no config.json); leave evaluate.coherence_classifier empty for the model-free score")
+    from transformers import pipeline
+    pipe = pipeline("text-classification", model=str(path), tokenizer=str(path),
+                    device=resolve_device(device), local_files_only=True)
+    return lambda texts: pipe(list(texts), batch_size=batch_size, truncation=True)
+
+
+# ------------------------------------------------------------------- data
+
+def eval_sets(data_root, forget_split: str, retain_split: str = "", test_split: str = "Test_Set",
+              real_split: str = "Retain_Set", names=SET_NAMES) -> dict[str, tuple[list[Profile], bool]]:
+    """{set name: (profiles, use_other_images)} for the requested sets; retain defaults to the complement."""
+    forget = read_split(data_root, forget_split)
+    forget_ids = {p.id for p in forget}
+    loaders = {
+        "forget": lambda: (forget, False),
+        "test": lambda: (_test_profiles(data_root, test_split, forget_split, forget_ids), True),
+        "retain": lambda: (_retain_profiles(data_root, retain_split or retain_split_for(forget_split),
+                                            forget_ids), False),
+        "real": lambda: (read_split(data_root, real_split), False),
+    }
+    return {name: loaders[name]() for name in names}
+
+
+def _test_profiles(root, split: str, forget_split: str, forget_ids: set) -> list[Profile]:
+    test = [p for p in read_split(root, split) if p.id in forget_ids]
+    if not test:
+        raise DataError(f"split '{split}' has no profile of {forget_split}: the test set would be empty")
+    return test
+
+
+def _retain_profiles(root, split: str, forget_ids: set) -> list[Profile]:
+    retain = read_split(root, split)
+    shared = sorted({p.id for p in retain} & forget_ids)
+    if shared:
+        raise DataError(f"split '{split}' shares {len(shared)} profile(s) with the forget split "
+                        f"(e.g. {shared[0]}): retain must be disjoint from forget")
+    return retain
+
+
+def benchmark_vocabulary(data_root) -> set[str]:
+    """Lower-case words of every question, answer and option of the benchmark (model-free coherence)."""
+    words: set[str] = set()
+    for split in SPLITS:
+        if (Path(data_root) / split).is_dir():
+            for p in read_split(data_root, split, check_images=False):
+                for text in _profile_texts(p):
+                    # The coherence score's own word pattern, so the two agree on what a word is.
+                    words.update(metrics._WORD.findall(text.lower()))
+    return words
+
+
+def _profile_texts(p: Profile):
+    yield from (p.biography, p.question, p.answer)
+    for qa in p.qa:
+        yield from (qa.question, qa.answer)
+    for c in p.choices:
+        yield c.question
+        yield from c.options.values()
+    for g in p.generation + p.cloze:
+        yield from (g.question, g.ground_truth)
+
+
+# ------------------------------------------------------------ one set
+
+def evaluate_profiles(model, processor, profiles: list[Profile], use_other_images: bool, *, few_shot: int = 1,
+                      max_new_tokens: int = 50, batch_size: int = 32, vocabulary: set[str] | None = None,
+                      classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS):
+    """(metrics, per-sample rows) for one set; a metric with no items is None.
+
+    Fact rows are the few examples factcheck.fact_accuracy hands back (no
+    profile id): it returns the accuracy, not every answer.
+    """
+    if not profiles:
+        raise DataError(f"set '{set_name}' has no profiles")
+    images = [_eval_image(p, use_other_images) for p in profiles]
+    run = _Runner(model, processor, batch_size, set_name)
+    mc, mc_rows = _multiple_choice(run, profiles, images, few_shot, mc_new_tokens)
+    gen, gen_rows = _generation(run, profiles, images, max_new_tokens, vocabulary, classifier)
+    cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens)
+    fact = fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
+                         desc=f"{set_name} fact")
+    fact_rows = [_sample(set_name, "", "fact", e["question"], e["fact"], e["answer"],
+                         {"correct": e["fact"].lower() in e["answer"].lower()})
+                 for e in fact.get("examples", [])]
+    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"])}
+    return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows
+
+
+def _eval_image(p: Profile, use_other_images: bool):
+    if not use_other_images:
+        return load_image(p.image, f"profile {p.id}")
+    if not p.images:
+        raise DataError(f"profile {p.id} has no other images (`images`), needed for the test set")
+    return load_image(p.images[0], f"profile {p.id} images[0]")
+
+
+class _Runner:
+    """Greedy answers for (image, prompt) items, with one progress bar per item kind."""
+
+    def __init__(self, model, processor, batch_size: int, set_name: str):
+        self.model, self.processor, self.batch_size, self.set_name = model, processor, batch_size, set_name
+
+    def __call__(self, images, prompts, max_new_tokens: int, kind: str) -> list[str]:
+        if not prompts:
+            return []
+        return generate(self.model, self.processor, images, prompts, max_new_tokens=max_new_tokens,
+                        batch_size=self.batch_size, desc=f"{self.set_name} {kind}")
+
+
+def few_shot_examples(profiles: list[Profile], i: int, j: int, n: int) -> list[tuple[str, dict, str]]:
+    """Worked examples for item j of profile i: item j of the next n other profiles (module doc)."""
+    shots = []
+    for step in range(1, len(profiles)):
+        if len(shots) >= n:
+            break
+        other = profiles[(i + step) % len(profiles)]
+        if other.choices:
+            c = other.choices[j % len(other.choices)]
+            shots.append((c.question, c.options, c.correct))
+    return shots
+
+
+def _multiple_choice(run, profiles, images, few_shot, new_tokens):
+    items = [(i, j, p, c) for i, p in enumerate(profiles) for j, c in enumerate(p.choices)]
+    prompts = [multiple_choice_prompt(c.question, c.options, few_shot_examples(profiles, i, j, few_shot))
+               for i, j, _, c in items]
+    answers = run([images[i] for i, *_ in items], prompts, new_tokens, "mc")
+    rows = []
+    for (_, _, p, c), answer in zip(items, answers):
+        letter = metrics.parse_choice_letter(answer)
+        scores = {"parsed": letter, "correct": letter == c.correct.strip().upper()}
+        rows.append(_sample(run.set_name, p.id, "mc", c.question, c.correct, answer, scores, c.kind))
+    share = {kind: _mean(r["scores"]["correct"] for r in rows if kind in (None, r["type"]))
+             for kind in (None, "image", "text")}
+    return {"mc_acc": share[None], "mc_acc_image": share["image"], "mc_acc_text": share["text"]}, rows
+
+
+def _generation(run, profiles, images, max_new_tokens, vocabulary, classifier):
+    items = [(i, p, g) for i, p in enumerate(profiles) for g in p.generation]
+    answers = run([images[i] for i, *_ in items], [generation_prompt(g.question) for *_, g in items],
+                  max_new_tokens, "gen")
+    coherent = _coherent(answers, vocabulary, classifier)
+    rows = []
+    for (_, p, g), answer, ok in zip(items, answers, coherent):
+        scores = {**metrics.rouge_scores(answer, g.ground_truth),
+                  "bleu": metrics.bleu_score(answer, g.ground_truth), "coherent": ok}
+        rows.append(_sample(run.set_name, p.id, "gen", g.question, g.ground_truth, answer, scores, g.kind))
+    names = (*metrics.ROUGE_TYPES, "bleu", "coherent")
+    means = {name: _mean(r["scores"][name] for r in rows) for name in names}
+    means["coherence"] = means.pop("coherent")
+    return means, rows
+
+
+def _coherent(answers: list[str], vocabulary, classifier) -> list[bool]:
+    if not answers:
+        return []
+    if classifier is not None:
+        return metrics.classifier_coherence(answers, classifier)
+    return [metrics.is_coherent(a, vocabulary) for a in answers]
+
+
+def _cloze(run, profiles, images, max_new_tokens):
+    items = [(i, p, g) for i, p in enumerate(profiles) for g in p.cloze]
+    answers = run([images[i] for i, *_ in items], [cloze_prompt(g.question) for *_, g in items],
+                  max_new_tokens, "cloze")
+    rows = [_sample(run.set_name, p.id, "cloze", g.question, g.ground_truth, answer,
+                    {"correct": metrics.cloze_correct(answer, g.ground_truth)}, g.kind)
+            for (_, p, g), answer in zip(items, answers)]
+    return _mean(r["scores"]["correct"] for r in rows), rows
+
+
+def _sample(set_name, profile_id, kind, question, reference, answer, scores, item_type=None) -> dict:
+    return {"set": set_name, "profile": profile_id, "kind": kind, "type": item_type, "question": question,
+            "reference": reference, "answer": answer, "scores": scores}
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
+def _finite(value) -> float | None:
+    # JSON has no NaN; a missing metric is null, which report reads back as NaN.
+    return None if value is None or math.isnan(value) else float(value)
+
+
+# ------------------------------------------------------------- a run
+
+def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *, adapter=None,
+             method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
+             cache_fingerprint: str = "", sets=SET_NAMES, few_shot: int = 1, max_new_tokens: int = 50,
+             batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
+             dtype: str = "auto", device: str = "auto") -> dict:
+    """Evaluate one model on the chosen sets; append its row to `results_path` and return it."""
+    names = parse_sets(sets)
+    chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
+    classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
+    vocabulary = None if classifier else benchmark_vocabulary(data_root)
+    model, processor = load_for_eval(model_dir, adapter, dtype, device)
+    results, samples = {}, []
+    for name in tqdm(names, desc="evaluate"):
+        profiles, other_images = chosen[name]
+        results[name], rows = evaluate_profiles(
+            model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name)
+        samples += rows
+    results_path = Path(results_path)
+    samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
+                                                                               budget, seed)
+    row = {
+        "method": method, "forget_split": forget_split,
+        "retain_split": retain_split or retain_split_for(forget_split),
+        "setting": dict(setting or {}), "budget": budget, "seed": seed,
+        "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
+        "cache_fingerprint": cache_fingerprint,
+        "coherence_kind": f"classifier: {coherence_classifier}" if classifier else metrics.COHERENCE_LABEL,
+        "bleu_note": metrics.BLEU_NOTE,
+        "data_root": str(data_root), "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+        "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path),
+        "n_items": {name: _counts(chosen[name][0]) for name in names},
+        "metrics": results,
+    }
+    write_jsonl(samples_path, samples)
+    append_result(results_path, row)
+    return row
+
+
+def parse_sets(sets) -> list[str]:
+    names = [s.strip() for s in sets.split(",")] if isinstance(sets, str) else list(sets)
+    unknown = [s for s in names if s not in SET_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown evaluation set(s) {unknown or names}: choose from {', '.join(SET_NAMES)}")
+    return names
+
+
+def _counts(profiles: list[Profile]) -> dict[str, int]:
+    return {"profiles": len(profiles), "mc": sum(len(p.choices) for p in profiles),
+            "gen": sum(len(p.generation) for p in profiles), "cloze": sum(len(p.cloze) for p in profiles)}
+
+
+def default_samples_path(results_path: Path, method: str, forget_split: str, budget, seed) -> Path:
+    # The forget split is in the name: one results file usually holds several splits' runs.
+    return results_path.parent / f"samples-{method}-{forget_split}-{budget}-{seed}.jsonl"
+
+
+# ------------------------------------------------------------- files
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def append_result(results_path: Path, row: dict) -> Path:
+    """Append one row to the JSON-lines results, then rewrite the CSV view (same name, .csv) from all rows."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with results_path.open("a") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+    csv_path = results_path.with_suffix(".csv")
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    tmp.write_text(to_csv(rows))
+    tmp.replace(csv_path)
+    return csv_path
+
+
+def to_csv(rows: list[dict]) -> str:
+    flat = [flatten(r) for r in rows]
+    columns = list(dict.fromkeys(key for r in flat for key in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()
+
+
+def flatten(row: dict, prefix: str = "") -> dict:
+    """Nested dicts become dotted columns; `metrics` is dropped from names (forget.mc_acc, as report reads)."""
+    flat = {}
+    for key, value in row.items():
+        name = prefix if key == "metrics" and not prefix else f"{prefix}{key}."
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name[:-1]] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+# ------------------------------------------------------------- display
+
+_SHOWN = (("MC", "mc_acc"), ("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"), ("R-1", "rouge1"),
+          ("R-2", "rouge2"), ("R-L", "rougeL"), ("BLEU", "bleu"), ("cloze", "cloze_acc"), ("fact", "fact_acc"),
+          ("coher.", "coherence"))
+
+
+def format_row(row: dict) -> str:
+    """The row's metrics as a small table, percentages per set."""
+    head = f"{row['method']} on {row['forget_split']} (budget {row['budget']}, seed {row['seed']})"
+    lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in _SHOWN)]
+    for name, values in row["metrics"].items():
+        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in _SHOWN))
+    lines.append(f"coherence: {row['coherence_kind']}")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{'-':>8s}" if value is None else f"{100 * value:7.1f}%"

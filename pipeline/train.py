@@ -1,0 +1,751 @@
+"""Stage two (`viker train`): LoRA unlearning in one explicit loop (setup -> loop -> save).
+
+`train` reads top to bottom like torchtune's `lora_dpo_single_device.py`: load
+the vanilla model and wrap its language model in LoRA, tokenise the forget (and
+retain) samples once, open the stage-one reference cache and check it was made
+for this model and forget set, then run a plain loop of micro-batches, gradient
+accumulation, clipping, AdamW and a linear schedule, and save the adapter.
+
+Methods (DESIGN.md section 5; the losses live in `losses.py`):
+
+    ga        gradient ascent on the forget answers       (= ViKeR "w/o Reg")
+    graddiff  ga + alpha * NLL(retain)
+    kl_min    ga + KL(vanilla || current) on retain
+    npo       NPO against the cached own-image log-likelihood
+    idkpo     DPO towards "I don't know" with cached reference log-likelihoods
+    viker     ga + lambda * D(R, Q) against the cached reference distribution R
+              (use_ga=False: "w/o GA"; a cache made with reference=own: "w/o Vis")
+
+The frozen model is never a second copy: it is the base with the adapter
+disabled, under no_grad. With `online_reference` ViKeR computes R during
+training (k frozen forwards per sample, drawn exactly like stage one draws
+them); it exists to measure what the cache saves and to check that both paths
+give the same loss.
+
+Multi-process: launched by torchrun / accelerate launch (WORLD_SIZE > 1) each
+rank takes forget items rank::world of every epoch's shuffled order, the
+gradients are averaged by torch DDP, and rank 0 alone logs and saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, retain_split_for
+from .data.mllmu import read_split
+from .data.records import Sample, forget_samples
+from .encoding import load_image, max_positions, pixel_values
+from .fingerprint import pool_files, training_fingerprint
+from .forward import TextBatch, answer_logits, make_text_batch
+from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
+                     sequence_logprob, viker_loss)
+from .modeling import load_model, resolve_device, wrap_lora
+from .precompute import draw_reference_images, encode_samples, summarise
+from .refcache import RefCacheReader, RefSample, check_fingerprint
+
+METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
+CHECKPOINT = "checkpoint"
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or continue; the message is one line."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient became NaN/inf; the last good adapter was saved first."""
+
+
+# ================================================================ small records
+
+
+@dataclass
+class Example:
+    sample_id: str
+    ids: list[int]          # prompt + answer, image tokens expanded
+    start: int              # first answer token
+    image: int              # row of the image bank
+
+
+@dataclass
+class Refs:
+    """Reference targets of one micro-batch, padded to [B, T, K] (padding: prob 0, tail 1)."""
+    topk_idx: torch.Tensor
+    topk_prob: torch.Tensor
+    tail_mass: torch.Tensor
+    entropy: torch.Tensor
+
+    def to(self, device) -> "Refs":
+        return Refs(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+@dataclass
+class LossSpec:
+    """The loss hyper-parameters as plain values (the config is flattened here, at the edge)."""
+    method: str
+    lam: float = 0.5
+    regulariser: str = "kl"
+    use_ga: bool = True
+    token_lambda: bool = False
+    beta: float = 0.4
+    retain_weight: float = 0.0
+    online: bool = False
+    k: int = 5
+    top_k: int = 64
+    ref_seed: int = 0
+
+
+@dataclass
+class Inputs:
+    """Everything tokenised and decoded once at setup."""
+    forget: list[Example]
+    idk: list[Example] | None
+    retain: list[Example] | None
+    refs: dict[str, RefSample]       # cached references by sample id (empty when none are used)
+    bank: torch.Tensor               # pixel values of every distinct sample image (CPU, float32)
+    pool: torch.Tensor | None        # pixel values of the reference pool (online ViKeR)
+    pad_id: int
+
+
+@dataclass
+class MicroBatch:
+    forget: list[Example]
+    idk: list[Example] | None = None
+    retain: list[Example] | None = None
+    refs: Refs | None = None
+    ref_logp_own: torch.Tensor | None = None
+    ref_logp_idk: torch.Tensor | None = None
+
+
+# ================================================================ the command
+
+
+def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
+          pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
+          resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0) -> dict:
+    """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
+
+    `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
+    (the cache records its own). Returns steps, timings, final loss and paths.
+    """
+    method = resolve_method(cfg.method)
+    spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
+    check_options(cfg, method, cache_dir, pool_dir)
+    rank, world, dev, own_group = init_distributed(device)
+    out = Path(cfg.output)
+    try:
+        # ---------------------------------------------------------- setup
+        seed_everything(cfg.seed)
+        model, processor = load_model(model_dir, dtype=dtype, device=str(dev))
+        if cfg.grad_checkpointing:
+            enable_checkpointing(model)
+        model = wrap_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          targets=cfg.lora_targets)
+        model.train()
+        # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
+        torch.manual_seed(cfg.seed + rank)
+        forget = forget_samples(read_split(data_root, forget_split))
+        retain = []
+        if needs_retain(method, cfg.retain_weight):
+            retain_split = retain_split or retain_split_for(forget_split)
+            retain = forget_samples(read_split(data_root, retain_split))
+        inputs = build_inputs(processor, forget, retain, max_positions(model),
+                              idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
+        if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
+            inputs.pool = inputs.pool.to(dev, _dtype_of(model))
+        cache = {}
+        if method in ("npo", "idkpo") or (method == "viker" and not spec.online):
+            inputs.refs, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
+                                                 idk_answer)
+        if len(forget) < world:
+            raise TrainError(f"{len(forget)} forget samples cannot be split over {world} processes")
+
+        steps = total_steps(cfg, len(forget), world)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = linear_schedule(optimizer, cfg.warmup_steps, steps)
+        streams = {"forget": Stream(len(inputs.forget), cfg.seed, rank, world),
+                   "retain": Stream(len(inputs.retain or []), cfg.seed + 1, rank, world)}
+        net = AnswerLogits(model)
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False)
+        run = describe_run(cfg, method, model_dir, data_root, forget_split, retain_split, cache_dir, cache,
+                           pool_dir, idk_answer, spec, world, steps)
+        start = 0
+        if resume:
+            start = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, streams, run, rank, world)
+        if rank == 0:
+            prepare_output(out, run, resume, start)
+        log_path = out / "log.jsonl"
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                    else contextlib.nullcontext())
+
+        # ---------------------------------------------------------- loop
+        t_loop, last_loss, step_seconds = time.perf_counter(), float("nan"), []
+        bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=f"train {method}",
+                   leave=False, disable=rank != 0)
+        for step in bar:
+            t_step = time.perf_counter()
+            loss_sum = torch.zeros((), device=dev)
+            diags = defaultdict(list)
+            for micro in range(cfg.grad_accum):
+                mb = next_micro_batch(inputs, streams, cfg.batch_size, method)
+                # DDP averages gradients only on the last micro-batch of the step.
+                sync = (net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        loss, d = micro_batch_loss(net, model, mb, spec, inputs, dev)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+                for key, value in d.items():
+                    diags[key].append(value.detach().float())
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            last_loss = float(loss_sum)
+            if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                # No optimizer step on a bad loss: the adapter in memory is still step-1's.
+                optimizer.zero_grad(set_to_none=True)
+                if rank == 0:
+                    save_adapter(model, out / "adapter")
+                what = f"loss is {last_loss}" if not math.isfinite(last_loss) else f"gradient norm is {grad_norm}"
+                raise TrainingDiverged(f"training stopped at step {step}: {what}; the adapter from step "
+                                       f"{step - 1} is saved in {out / 'adapter'} (lower train.lr?)")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - t_step)
+            if rank == 0:
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                append_log(log_path, {"step": step, "epoch": round(step * cfg.batch_size * cfg.grad_accum * world
+                                                                   / len(forget), 4),
+                                      "lr": lr, "loss": last_loss, "grad_norm": grad_norm,
+                                      **{k: float(torch.cat(v).mean()) for k, v in sorted(diags.items())},
+                                      "sec_per_step": round(step_seconds[-1], 4)})
+            if cfg.save_every > 0 and step % cfg.save_every == 0 and step < steps:
+                save_checkpoint(out / CHECKPOINT, step, model, optimizer, scheduler, streams, run, rank, world)
+        bar.close()
+        seconds = time.perf_counter() - t_loop
+
+        # ---------------------------------------------------------- save
+        result = {"method": method, "steps": steps, "start_step": start, "seconds": round(seconds, 3),
+                  "sec_per_step": seconds / max(1, steps - start), "final_loss": last_loss,
+                  "output": str(out), "adapter": str(out / "adapter"), "log": str(log_path),
+                  "train_config": str(out / "train_config.json"), "adapter_digest": adapter_digest(model)}
+        if rank == 0:
+            save_adapter(model, out / "adapter")
+            if cfg.merge:
+                result["merged"] = str(save_merged(model, processor, out / "merged"))
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # the run is complete: nothing to resume
+            _atomic_json(out / "train_config.json", {**run, "result": result})
+        if world > 1:
+            dist.barrier()
+        return result
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ================================================================ options
+
+
+def resolve_method(name: str) -> str:
+    method = str(name).strip().lower().replace("-", "_")
+    if method not in METHODS:
+        raise TrainError(f"unknown training method {name!r}; choose one of: {', '.join(METHODS)}")
+    return method
+
+
+def needs_retain(method: str, retain_weight: float) -> bool:
+    return method in ("graddiff", "kl_min") or retain_weight > 0
+
+
+def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+    return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
+                    token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
+                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed)
+
+
+def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
+    if cfg.regulariser.lower() not in DIVERGENCES:
+        raise TrainError(f"train.regulariser {cfg.regulariser!r} is not one of: {', '.join(DIVERGENCES)}")
+    if cfg.online_reference and method != "viker":
+        raise TrainError(f"train.online_reference applies to viker only, not {method}")
+    if cfg.online_reference and not pool_dir:
+        raise TrainError("online ViKeR needs the reference pool directory (pool_dir)")
+    if (method in ("npo", "idkpo") or (method == "viker" and not cfg.online_reference)) and not cache_dir:
+        raise TrainError(f"method {method} needs a reference cache: run viker precompute first")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.steps <= 0 and cfg.epochs <= 0:
+        raise TrainError("set train.steps > 0 or train.epochs > 0")
+
+
+def total_steps(cfg: TrainConfig, n_forget: int, world: int = 1) -> int:
+    if cfg.steps > 0:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * n_forget / (cfg.batch_size * cfg.grad_accum * world)))
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    """Linear warm-up from 0, then linear decay to 0 at `total` (the MLLMU-Bench baselines' schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing that works with LoRA (inputs need grads) and DDP (non-reentrant)."""
+    kwargs = {"use_reentrant": False}   # the reentrant kind breaks DDP's gradient hooks
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x; older only has the old name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: str):
+    """(rank, world, device, whether we created the process group) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return 0, 1, dev, False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev, created
+
+
+# ================================================================ data
+
+
+def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_length, idk_answer: str,
+                 pool_dir) -> Inputs:
+    """Tokenise every sample and decode every image once: they are small and reused each epoch."""
+    if not forget:
+        raise TrainError("the forget split holds no samples")
+    images: list = []
+    image_row: dict[bytes, int] = {}
+
+    def row(sample: Sample) -> int:
+        if sample.image not in image_row:
+            image_row[sample.image] = len(images)
+            images.append(load_image(sample.image, f"sample {sample.sample_id}"))
+        return image_row[sample.image]
+
+    # Stage one's tokenisation, reused so that cached answer ids can only match by construction.
+    enc = encode_samples(processor, forget, idk_answer, max_length)
+    forget_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample)) for e in enc]
+    idk_ex = ([Example(e.sample.sample_id, e.idk_ids, e.idk_start, row(e.sample)) for e in enc]
+              if idk_answer else None)
+    retain_ex = None
+    if retain:
+        retain_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample))
+                     for e in encode_samples(processor, retain, "", max_length)]
+    pool = None
+    if pool_dir:
+        pool = pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool_files(pool_dir)])
+    pad_id = processor.tokenizer.pad_token_id
+    return Inputs(forget_ex, idk_ex, retain_ex, {}, pixel_values(processor, images), pool,
+                  0 if pad_id is None else pad_id)
+
+
+def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
+                    pool_dir, idk_answer: str) -> tuple[dict[str, RefSample], dict]:
+    """Load and check the cached references of every forget sample; (refs by id, what the cache is)."""
+    reader = RefCacheReader(cache_dir)
+    recorded = reader.fingerprint
+    # Raises FingerprintMismatch naming the part (model weights, tokenizer, forget set, ...).
+    check_fingerprint(cache_dir, training_fingerprint(model_dir, samples, recorded, pool_dir), recorded)
+    cached_idk = recorded.get("parts", {}).get("idk_answer")
+    if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
+        raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
+                         f"this run uses {idk_answer!r}")
+    refs = {}
+    with reader:
+        for ex in examples:
+            if ex.sample_id not in reader:
+                raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
+            ref = reader.get(ex.sample_id)
+            if not np.array_equal(ref.answer_ids, np.asarray(ex.ids[ex.start:])):
+                raise TrainError(f"reference cache {cache_dir}: the answer tokens of {ex.sample_id!r} differ "
+                                 f"from this run's tokenisation ({ref.num_tokens} vs {len(ex.ids) - ex.start})")
+            refs[ex.sample_id] = ref
+    needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
+    for name in needed:
+        missing = [sid for sid, r in refs.items() if getattr(r, name) is None]
+        if missing:
+            raise TrainError(f"method {method} needs {name} but reference cache {cache_dir} lacks it for "
+                             f"{len(missing)} sample(s), e.g. {missing[0]!r}")
+    return refs, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
+class Stream:
+    """Seeded shuffled epochs over n items; this rank keeps items rank::world of each epoch's order."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        while len(self.pending) < count:   # batches may straddle epochs: every batch is full
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            self.pending += order[self.rank::self.world]
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.pending = list(state["pending"])
+
+
+def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> MicroBatch:
+    rows = streams["forget"].take(batch_size)
+    forget = [inputs.forget[i] for i in rows]
+    mb = MicroBatch(forget)
+    if inputs.idk is not None:
+        mb.idk = [inputs.idk[i] for i in rows]
+    if inputs.retain:
+        mb.retain = [inputs.retain[j] for j in streams["retain"].take(batch_size)]
+    cached = [inputs.refs[ex.sample_id] for ex in forget] if inputs.refs else None
+    if cached and method == "viker":
+        mb.refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
+    if cached and method in ("npo", "idkpo"):
+        mb.ref_logp_own = torch.tensor([r.ref_logp_own for r in cached], dtype=torch.float32)
+    if cached and method == "idkpo":
+        mb.ref_logp_idk = torch.tensor([r.ref_logp_idk for r in cached], dtype=torch.float32)
+    return mb
+
+
+def pad_references(samples: list[RefSample], width: int) -> Refs:
+    K = samples[0].topk_idx.shape[1]
+    B = len(samples)
+    refs = Refs(torch.zeros(B, width, K, dtype=torch.long), torch.zeros(B, width, K),
+                torch.ones(B, width), torch.zeros(B, width))
+    for i, s in enumerate(samples):
+        T = s.num_tokens
+        refs.topk_idx[i, :T] = torch.from_numpy(np.asarray(s.topk_idx, np.int64))
+        refs.topk_prob[i, :T] = torch.from_numpy(np.asarray(s.topk_prob, np.float32))
+        refs.tail_mass[i, :T] = torch.from_numpy(np.asarray(s.tail_mass, np.float32))
+        refs.entropy[i, :T] = torch.from_numpy(np.asarray(s.entropy, np.float32))
+    return refs
+
+
+# ================================================================ forward and losses
+
+
+class AnswerLogits(torch.nn.Module):
+    """answer_logits as a module, so DDP sees (and synchronises) the gradient forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, answer_pos, pixel_values):
+        # answer_logits reads only these three fields of the batch.
+        batch = TextBatch(input_ids, attention_mask, answer_pos, answer_ids=None, answer_mask=None)
+        return answer_logits(self.model, batch, pixel_values)
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """The vanilla model: adapter off, no grad, eval mode (no dropout draws, so no RNG is consumed)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter(), torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _dtype_of(model) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if not p.requires_grad)
+
+
+def forward_parts(net, model, parts: dict[str, list[Example]], inputs: Inputs, dev):
+    """One gradient forward over every part (forget, idk, retain) concatenated.
+
+    One call, not one per part: DDP synchronises one forward per backward, and
+    one larger batch is faster. Returns name -> (logits, answer ids, mask),
+    each sliced back to that part's own answer width.
+    """
+    examples = [ex for part in parts.values() for ex in part]
+    batch = make_text_batch([ex.ids for ex in examples], [ex.start for ex in examples], inputs.pad_id).to(dev)
+    pixels = inputs.bank[[ex.image for ex in examples]].to(dev, _dtype_of(model))
+    logits = net(batch.input_ids, batch.attention_mask, batch.answer_pos, pixels)
+    out, row = {}, 0
+    for name, part in parts.items():
+        width = max(len(ex.ids) - ex.start for ex in part)
+        rows = slice(row, row + len(part))
+        out[name] = (logits[rows, :width], batch.answer_ids[rows, :width], batch.answer_mask[rows, :width])
+        row += len(part)
+    return out
+
+
+def frozen_logits(model, examples: list[Example], inputs: Inputs, dev, images=None):
+    """Vanilla-model answer logits; `images` overrides the examples' own image rows (pool pixels)."""
+    batch = make_text_batch([ex.ids for ex in examples], [ex.start for ex in examples], inputs.pad_id).to(dev)
+    pixels = images if images is not None else inputs.bank[[ex.image for ex in examples]]
+    with frozen(model):
+        return answer_logits(model, batch, pixels.to(dev, _dtype_of(model))), batch
+
+
+def online_references(model, examples: list[Example], inputs: Inputs, spec: LossSpec, dev) -> Refs:
+    """R for a micro-batch during training: k frozen forwards per sample, averaged like stage one.
+
+    Top-K probabilities are rounded to float16 as the cache stores them, so the
+    online and cached paths train on the same numbers.
+    """
+    k = spec.k
+    repeated = [ex for ex in examples for _ in range(k)]
+    picks = [j for ex in examples for j in draw_reference_images(ex.sample_id, len(inputs.pool), k, spec.ref_seed)]
+    logits, batch = frozen_logits(model, repeated, inputs, dev, images=inputs.pool[picks])
+    B, T = len(examples), logits.shape[1]
+    avg = torch.softmax(logits.float(), dim=-1).view(B, k, T, -1).mean(1)
+    idx, prob, tail, entropy = summarise(avg, spec.top_k)
+    mask = batch.answer_mask.view(B, k, T)[:, 0] > 0
+    prob = prob.half().float()
+    return Refs(torch.where(mask[..., None], idx, 0), torch.where(mask[..., None], prob, 0.0),
+                torch.where(mask, tail, 1.0), torch.where(mask, entropy, 0.0))
+
+
+def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs, dev):
+    """(scalar loss for this micro-batch, per-example diagnostics named forget/... and retain/...)."""
+    method = spec.method
+    # Frozen-model targets first: the gradient forward's activations are not alive during them.
+    refs = vanilla = None
+    if method == "viker":
+        refs = online_references(model, mb.forget, inputs, spec, dev) if spec.online else mb.refs.to(dev)
+    if method == "kl_min":
+        vanilla, _ = frozen_logits(model, mb.retain, inputs, dev)
+    parts = {"forget": mb.forget}
+    if method == "idkpo":
+        parts["idk"] = mb.idk
+    if mb.retain:
+        parts["retain"] = mb.retain
+    out = forward_parts(net, model, parts, inputs, dev)
+    logits, labels, mask = out["forget"]
+
+    if method == "viker":
+        lam_t = entropy_token_lambda(refs.entropy, mask, spec.lam) if spec.token_lambda else None
+        forget, d = viker_loss(logits, labels, mask, refs.topk_idx, refs.topk_prob, refs.tail_mass, spec.lam,
+                               kind=spec.regulariser, use_ga=spec.use_ga, token_lambda=lam_t)
+    elif method == "npo":
+        forget, d = npo_loss(sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+    elif method == "idkpo":
+        idk_logits, idk_labels, idk_mask = out["idk"]
+        forget, d = idkpo_loss(sequence_logprob(idk_logits, idk_labels, idk_mask), mb.ref_logp_idk.to(dev),
+                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+    else:
+        forget, d = ga_loss(logits, labels, mask)
+    total = forget.mean()
+    diags = {"forget/loss": forget, **{"forget/" + _short(k, "forget_"): v for k, v in d.items()}}
+
+    if "retain" in out:
+        r_logits, r_labels, r_mask = out["retain"]
+        if method == "kl_min":
+            kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
+            total = total + kl.mean()
+            diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
+        weight = spec.retain_weight or (1.0 if method == "graddiff" else 0.0)
+        if weight > 0:
+            nll, d = nll_loss(r_logits, r_labels, r_mask)
+            total = total + weight * nll.mean()
+            diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
+    return total, diags
+
+
+def _short(name: str, prefix: str) -> str:
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+# ================================================================ outputs and checkpoints
+
+
+def describe_run(cfg, method, model_dir, data_root, forget_split, retain_split, cache_dir, cache: dict,
+                 pool_dir, idk_answer, spec: LossSpec, world: int, steps: int) -> dict:
+    import peft
+    import transformers
+    run = {"method": method, "train": dataclasses.asdict(cfg), "steps": steps, "model_dir": str(model_dir),
+           "data_root": str(data_root), "forget_split": forget_split, "retain_split": retain_split,
+           "cache_dir": str(cache_dir) if cache_dir else None, "cache_fingerprint": cache.get("fingerprint"),
+           "cache_settings": cache.get("settings"),
+           "pool_dir": str(pool_dir) if pool_dir else None, "idk_answer": idk_answer, "world_size": world,
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "peft": peft.__version__}}
+    if spec.online:
+        run["online_reference"] = {"k": spec.k, "K": spec.top_k, "seed": spec.ref_seed}
+    return run
+
+
+# Keys that may change between an interrupted run and its resumption.
+_RESUMABLE = {"output", "save_every", "merge"}
+
+
+def _run_identity(run: dict) -> dict:
+    ident = {k: v for k, v in run.items() if k not in ("versions", "train")}
+    ident["train"] = {k: v for k, v in run["train"].items() if k not in _RESUMABLE}
+    return ident
+
+
+def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.jsonl"
+    if resume:
+        # The interrupted run may have logged steps past its checkpoint: they are redone.
+        lines = log.read_text().splitlines() if log.is_file() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
+        log.write_text("".join(line + "\n" for line in kept))
+    else:
+        log.write_text("")
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # a stale one must never be resumed later
+    _atomic_json(out / "train_config.json", run)
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished tmp directory in: a crash leaves the old or the new one, never half of one."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    _replace_dir(tmp, path)
+    return path
+
+
+def save_merged(model, processor, path: Path) -> Path:
+    """Base + LoRA folded into plain weights (the peft wrapper is consumed: call last)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
+    _replace_dir(tmp, path)
+    return path
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_digest(model) -> str:
+    """sha256 of the trainable weights' bytes: equal across ranks and runs iff the adapters are identical."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, tensor in sorted(trainable_state(model).items()):
+        h.update(name.encode())
+        h.update(tensor.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_state(streams: dict[str, Stream]) -> dict:
+    state = {"torch_rng": torch.get_rng_state(), "streams": {k: s.state_dict() for k, s in streams.items()}}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, streams, run: dict, rank: int,
+                    world: int) -> None:
+    """Adapter, optimizer, schedule, every RNG and data position: enough to continue bit-identically."""
+    ranks = [_rank_state(streams)]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, _rank_state(streams))
+    if rank == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        torch.save({"step": step, "run": _run_identity(run), "trainable": trainable_state(model),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks},
+                   tmp / "state.pt")
+        _replace_dir(tmp, path)
+    if world > 1:
+        dist.barrier()
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            names += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            names.append(prefix + key)
+    return names
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, streams, run: dict, rank: int, world: int) -> int:
+    if not (path / "state.pt").is_file() and (path.with_name(path.name + ".old") / "state.pt").is_file():
+        path = path.with_name(path.name + ".old")    # a crash fell between the two renames
+    if not (path / "state.pt").is_file():
+        raise TrainError(f"no checkpoint to resume from in {path} (set train.save_every > 0)")
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    differing = _differences(_run_identity(run), state["run"])
+    if differing:
+        raise TrainError(f"checkpoint in {path} is from a different run; differs on: {', '.join(differing)}")
+    if len(state["ranks"]) != world:
+        raise TrainError(f"checkpoint in {path} was written by {len(state['ranks'])} processes, not {world}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    mine = state["ranks"][rank]
+    torch.set_rng_state(mine["torch_rng"])
+    if "cuda_rng" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    for name, stream in streams.items():
+        stream.load_state_dict(mine["streams"][name])
+    return int(state["step"])

@@ -1,0 +1,307 @@
+"""Evaluation: the protocol on hand-built profiles with canned answers, and end to end on a tiny model."""
+import csv
+import io
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.evaluate as ev
+from pipeline import metrics
+from pipeline.config import MiniConfig, TinyModelConfig
+from pipeline.data.mini import make_mini
+from pipeline.data.mllmu import DataError, read_split
+from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
+from pipeline.demo import tokenizer_texts
+from pipeline.encoding import encode_prompt, pixel_values, load_image
+from pipeline.modeling import ModelError, build_tiny_llava, load_model, wrap_lora
+from pipeline.prompts import multiple_choice_prompt
+from pipeline.report import load_results
+
+TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
+                       text_heads=2, max_positions=512)
+FAST = dict(max_new_tokens=6, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = make_mini(tmp_path_factory.mktemp("mini"),
+                     MiniConfig(n_fictitious=10, n_real=2, pool_size=2, train_images=1, test_images=2))
+    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
+    return root, model_dir
+
+
+# ------------------------------------------------------- canned answers, hand counts
+
+def _png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (side, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _person(pid, side, letters, city):
+    """Two choices (image, text), one generation and one cloze item; held-out pictures twice the size."""
+    opts = {"A": "Lyon", "B": "Graz", "C": "Cork", "D": "Riga"}
+    return Profile(
+        id=pid, image=_png(side), images=[_png(2 * side), _png(3 * side)],
+        qa=[QA(f"Where was {pid} born?", f"{pid} was born in {city}.", city)],
+        choices=[ChoiceItem(f"Where was this person {pid} born?", opts, letters[0], "image"),
+                 ChoiceItem(f"Which city is {pid} from?", opts, letters[1], "text")],
+        generation=[GenItem(f"Tell me where {pid} was born.", f"{pid} was born in {city}.", "Image_Textual")],
+        cloze=[GenItem(f"{pid} was born in __.", city, "Image_Textual")])
+
+
+PEOPLE = [_person("ann", 10, "AB", "Lyon"), _person("bob", 11, "CD", "Cork")]
+# Image questions right, text questions wrong: 2 of 4 overall, image 2 of 2, text 0 of 2.
+CANNED_MC = {"Where was this person ann born?": "A", "Which city is ann from?": "Answer: A",
+             "Where was this person bob born?": "(C) Cork", "Which city is bob from?": "Bob"}
+CANNED_GEN = {"ann": "ann was born in Lyon.", "bob": "zq zq zq zq zq zq"}
+CANNED_CLOZE = {"ann": "in lyon, France", "bob": "Paris"}
+
+
+class Recorder:
+    """Stands in for `generate`: canned answers keyed on the prompt, and remembers what it was shown."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, processor, images, prompts, max_new_tokens=50, batch_size=32, desc=None):
+        self.calls.append({"images": list(images), "prompts": list(prompts), "max_new_tokens": max_new_tokens})
+        return [self._answer(p) for p in prompts]
+
+    @staticmethod
+    def _answer(prompt):
+        last = prompt.rsplit("\nASSISTANT:", 1)[0]
+        for question, answer in CANNED_MC.items():
+            if last.endswith(question + "\nA: Lyon\nB: Graz\nC: Cork\nD: Riga\n"
+                             "Just give ONE letter representing the answer directly."):
+                return answer
+        who = "ann" if re.search(r"\bann\b", last) else "bob"
+        return (CANNED_CLOZE if "Fill in the blank" in last else CANNED_GEN)[who]
+
+
+@pytest.fixture
+def canned(monkeypatch):
+    recorder, fact_calls = Recorder(), []
+
+    def fake_fact(model, processor, profiles, held_out=False, **kw):
+        fact_calls.append(held_out)
+        return {"n": 4, "acc": 0.25, "examples": [{"question": "q", "fact": "Lyon", "answer": "in Lyon"}]}
+
+    monkeypatch.setattr(ev, "generate", recorder)
+    monkeypatch.setattr(ev, "fact_accuracy", fake_fact)
+    return recorder, fact_calls
+
+
+def test_metrics_match_hand_counts(canned):
+    recorder, fact_calls = canned
+    vocab = {"ann", "bob", "was", "born", "in", "lyon", "cork"}
+    result, rows = ev.evaluate_profiles(None, None, PEOPLE, False, vocabulary=vocab, set_name="forget")
+    assert result["mc_acc"] == 0.5 and result["mc_acc_image"] == 1.0 and result["mc_acc_text"] == 0.0
+    assert result["cloze_acc"] == 0.5
+    assert result["fact_acc"] == 0.25 and fact_calls == [False]
+    # ann's answer is the reference word for word; bob's shares nothing with his.
+    assert result["rouge1"] == pytest.approx(0.5) and result["rougeL"] == pytest.approx(0.5)
+    assert result["coherence"] == 0.5, "the looping 'zq zq ...' answer must not count as coherent"
+    mc = {r["question"]: r for r in rows if r["kind"] == "mc"}
+    assert [mc[q]["scores"]["correct"] for q in CANNED_MC] == [True, False, True, False]
+    assert mc["Which city is bob from?"]["scores"]["parsed"] is None
+    gen = {r["profile"]: r for r in rows if r["kind"] == "gen"}
+    assert gen["ann"]["scores"]["rouge1"] == 1.0 and gen["ann"]["scores"]["bleu"] == pytest.approx(1.0)
+    assert {r["kind"] for r in rows} == {"mc", "gen", "cloze", "fact"} and all(r["set"] == "forget" for r in rows)
+    mc_call = next(c for c in recorder.calls if "Just give ONE letter" in c["prompts"][0])
+    assert mc_call["max_new_tokens"] == ev.MC_NEW_TOKENS
+
+
+def test_classifier_decides_coherence_when_given(canned):
+    judged = []
+
+    def classifier(texts):
+        judged.extend(texts)
+        return ["noise" for _ in texts]
+
+    result, _ = ev.evaluate_profiles(None, None, PEOPLE, False, classifier=classifier)
+    assert result["coherence"] == 0.0 and sorted(judged) == sorted(CANNED_GEN.values())
+
+
+def test_few_shot_examples_come_from_other_profiles(canned):
+    recorder, _ = canned
+    ev.evaluate_profiles(None, None, PEOPLE, False, few_shot=1, vocabulary=set())
+    prompts = next(c for c in recorder.calls if "Just give ONE letter" in c["prompts"][0])["prompts"]
+    bob_first = PEOPLE[1].choices[0]
+    shot = (bob_first.question, bob_first.options, bob_first.correct)
+    assert prompts[0] == multiple_choice_prompt(PEOPLE[0].choices[0].question, PEOPLE[0].choices[0].options, [shot])
+    assert f"Answer: {bob_first.correct}" in prompts[0]
+    # A profile's own other items would leak its answers: never used as its shots.
+    assert "Which city is ann from?" not in prompts[0] and prompts[0].count("Answer:") == 1
+    recorder.calls.clear()
+    ev.evaluate_profiles(None, None, PEOPLE, False, few_shot=0, vocabulary=set())
+    prompts = next(c for c in recorder.calls if "Just give ONE letter" in c["prompts"][0])["prompts"]
+    assert all("Answer:" not in p for p in prompts)
+    assert ev.few_shot_examples(PEOPLE[:1], 0, 0, 3) == [], "a one-profile set has nobody to borrow shots from"
+
+
+@pytest.mark.parametrize("other, sides", [(False, {10, 11}), (True, {20, 22})])
+def test_test_set_is_shown_the_other_images(canned, other, sides):
+    recorder, fact_calls = canned
+    ev.evaluate_profiles(None, None, PEOPLE, other, vocabulary=set())
+    shown = {im.size[0] for call in recorder.calls for im in call["images"]}
+    assert shown == sides and fact_calls == [other]
+
+
+def test_missing_other_images_is_one_line(canned):
+    bare = Profile(id="cy", image=_png(5), choices=PEOPLE[0].choices)
+    with pytest.raises(DataError, match="profile cy has no other images"):
+        ev.evaluate_profiles(None, None, [bare], True)
+
+
+# ---------------------------------------------------------------- data selection
+
+def test_eval_sets_select_the_four_sets(world):
+    root, _ = world
+    sets = ev.eval_sets(root, "forget_10", "")
+    forget_ids = {p.id for p in sets["forget"][0]}
+    assert {k: v[1] for k, v in sets.items()} == {"forget": False, "test": True, "retain": False, "real": False}
+    assert {p.id for p in sets["test"][0]} == forget_ids and len(forget_ids) == 1
+    assert all(p.images for p in sets["test"][0])
+    assert not forget_ids & {p.id for p in sets["retain"][0]} and len(sets["retain"][0]) == 9
+    assert [p.id for p in sets["real"][0]] == [p.id for p in read_split(root, "Retain_Set")]
+
+
+def test_missing_split_and_bad_inputs_are_one_line(world, tmp_path):
+    root, model_dir = world
+    with pytest.raises(DataError, match="split 'forget_99' not found") as err:
+        ev.evaluate(model_dir, root, "forget_99", "retain_90", results_path=tmp_path / "r.jsonl")
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="shares 1 profile"):
+        ev.eval_sets(root, "forget_10", "forget_15")
+    with pytest.raises(ValueError, match="unknown evaluation set"):
+        ev.parse_sets("forget,holdout")
+    with pytest.raises(ModelError, match="not a local Hugging Face model directory"):
+        ev.load_coherence_classifier(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="no adapter_config.json"):
+        ev.load_for_eval(model_dir, adapter=tmp_path)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_vocabulary_holds_the_benchmarks_words(world):
+    root, _ = world
+    vocab = ev.benchmark_vocabulary(root)
+    p = read_split(root, "Test_Set")[0]
+    assert {"this", "person", "born"} <= vocab and all(w == w.lower() for w in vocab)
+    assert set(p.choices[0].options["A"].lower().split()) <= vocab
+    assert metrics.is_coherent(p.generation[0].ground_truth, vocab)
+    assert not metrics.is_coherent("Qorvath blenxu zintrapel", vocab)
+
+
+# ----------------------------------------------------------- end to end, tiny model
+
+@pytest.fixture(scope="module")
+def two_runs(world, tmp_path_factory):
+    root, model_dir = world
+    out = tmp_path_factory.mktemp("eval")
+    first = ev.evaluate(model_dir, root, "forget_10", method="Vanilla", results_path=out / "results.jsonl", **FAST)
+    second = ev.evaluate(model_dir, root, "forget_10", method="GA", setting={"steps": 5, "lr": 1e-3}, budget=5,
+                         seed=1, sets="forget", cache_fingerprint="ab12", results_path=out / "results.jsonl", **FAST)
+    return out, first, second
+
+
+def test_evaluate_writes_a_full_row(two_runs):
+    out, first, _ = two_runs
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row == first
+    assert set(row["metrics"]) == {"forget", "test", "retain", "real"}
+    for name, values in row["metrics"].items():
+        assert set(values) == set(ev.METRIC_KEYS), name
+        assert all(0.0 <= v <= 1.0 for v in values.values()), (name, values)
+    assert row["coherence_kind"] == metrics.COHERENCE_LABEL and row["bleu_note"] == metrics.BLEU_NOTE
+    assert row["retain_split"] == "retain_90" and row["n_items"]["forget"]["mc"] == 6
+    assert "test" in ev.format_row(row) and "%" in ev.format_row(row)
+
+
+def test_per_sample_file_has_the_answers(two_runs):
+    out, first, _ = two_runs
+    rows = [json.loads(line) for line in open(first["samples"])]
+    assert first["samples"] == str(out / "samples-Vanilla-forget_10-0-0.jsonl")
+    assert {r["set"] for r in rows} == {"forget", "test", "retain", "real"}
+    gen = [r for r in rows if r["kind"] == "gen"]
+    assert len(gen) == 6 * (1 + 1 + 9 + 2)
+    assert all(isinstance(r["answer"], str) for r in gen) and any(r["answer"] for r in gen)
+    assert {"rouge1", "bleu", "coherent"} <= set(gen[0]["scores"])
+
+
+def test_results_accumulate_and_csv_has_one_line_per_run(two_runs):
+    out, _, second = two_runs
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["Vanilla", "GA"]
+    assert table[1]["setting.steps"] == "5" and table[1]["test.mc_acc"] == ""
+    assert float(table[0]["test.mc_acc"]) == pytest.approx(_first_row(out)["metrics"]["test"]["mc_acc"])
+    df = load_results(out / "results.jsonl")
+    assert list(df["method"]) == ["Vanilla", "GA"] and "forget.rougeL" in df.columns
+    assert set(second["metrics"]) == {"forget"}
+
+
+def _first_row(out):
+    return json.loads((out / "results.jsonl").read_text().splitlines()[0])
+
+
+def _logits(model, processor, profile):
+    ids = torch.tensor([encode_prompt(processor, "USER: <image>\nWhere was this person born?\nASSISTANT:")])
+    pixels = pixel_values(processor, [load_image(profile.image)])
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits
+
+
+def test_adapter_changes_the_model_and_merges(world, tmp_path):
+    root, model_dir = world
+    peft_model = wrap_lora(load_model(model_dir)[0], r=4, alpha=8)
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    profile = read_split(root, "forget_10")[0]
+    base, processor = ev.load_for_eval(model_dir)
+    tuned, _ = ev.load_for_eval(model_dir, adapter=tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in tuned.named_parameters()), "the adapter must be merged"
+    peft_model.eval()
+    expected = _logits(peft_model, processor, profile)
+    assert torch.allclose(_logits(tuned, processor, profile), expected, atol=1e-4)
+    assert not torch.allclose(_logits(base, processor, profile), expected, atol=1e-2)
+    alone, _ = ev.load_for_eval(tmp_path / "adapter")   # an adapter directory names its own base
+    assert torch.allclose(_logits(alone, processor, profile), expected, atol=1e-4)
+
+
+def _always_clean_classifier(folder):
+    """A tiny local BERT whose bias makes every text 'clean': coherence must then be 1.0."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from pipeline.modeling import train_tokenizer
+    tok = train_tokenizer(["this person was born in Lyon"], 300)
+    tok.model_max_length = 64
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                     id2label={0: "clean", 1: "noise"}, label2id={"clean": 0, "noise": 1})
+    model = BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_configured_classifier_replaces_the_model_free_score(world, tmp_path, monkeypatch):
+    root, model_dir = world
+    clf = _always_clean_classifier(tmp_path / "gib")
+    # Loops the model-free score calls incoherent: only the classifier can make them coherent.
+    monkeypatch.setattr(ev, "generate", lambda m, p, images, prompts, **kw: ["zq zq zq zq zq"] * len(prompts))
+    assert not metrics.is_coherent("zq zq zq zq zq", ev.benchmark_vocabulary(root))
+    row = ev.evaluate(model_dir, root, "forget_10", sets=("forget",), coherence_classifier=str(clf),
+                      results_path=tmp_path / "results.jsonl", device="cpu", **FAST)
+    assert row["coherence_kind"] == f"classifier: {clf}"
+    assert row["metrics"]["forget"]["coherence"] == 1.0
+    assert [json.loads(line)["coherence_kind"] for line in open(tmp_path / "results.jsonl")] == [row["coherence_kind"]]
