@@ -34,7 +34,8 @@ class MiniConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "cache/mini"      # a directory in the MLLMU-Bench layout
+    benchmark: str = "mllmu"      # mllmu (also the miniature benchmark) | clear
+    root: str = "cache/mini"      # a directory laid out as the benchmark's dataset repository
     forget_split: str = "forget_10"
     retain_split: str = ""        # empty: the complement MLLMU-Bench pairs with forget_split
     test_split: str = "Test_Set"
@@ -76,6 +77,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     augment: bool = True           # fresh image jitter every step (memorise people, not pixels)
+    formats: bool = False          # also teach the evaluation prompt formats (tiny models only)
     lora: bool = False             # full fine-tuning for the tiny model, LoRA for a 7B
     lora_r: int = 16
     lora_alpha: int = 32
@@ -135,6 +137,16 @@ class EvalConfig:
     batch_size: int = 32
     coherence_classifier: str = ""   # a local HF text-classification model; empty: model-free score
     results: str = "cache/runs/results.jsonl"
+    table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
+
+
+@dataclass
+class DemoConfig:
+    """The unlearning sweep `viker demo` runs on the miniature benchmark."""
+    methods: str = "ga,graddiff,kl_min,npo,idkpo,viker"
+    budgets: str = "4,8,16"          # training steps per run: one trade-off curve per method
+    lr: float = 2.0e-3
+    seeds: str = "0"
 
 
 @dataclass
@@ -147,6 +159,7 @@ class Config:
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def _coerce(key: str, value, typ):
