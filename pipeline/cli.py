@@ -23,7 +23,9 @@ def _known_errors() -> tuple:
     from .modeling import ModelError
     from .refcache import CacheError
     # ValueError too: bad settings (k larger than the pool, an unknown method) are user errors.
-    return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError, ValueError)
+    from .train import TrainingDiverged
+    return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError, ValueError,
+            TrainingDiverged)
 
 
 def one_line_errors(fn):
@@ -115,7 +117,7 @@ def finetune(config_path, overrides):
     profiles = read_split(d.root, d.finetune_split) + read_split(d.root, d.real_split)
     info = run(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
-               seed=f.seed, augment=f.augment, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
+               seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
                dtype=cfg.model.dtype, device=cfg.model.device)
     click.echo(f"vanilla model saved to {f.output} ({info['train_seconds']}s)")
     vanilla_gate(cfg, f.output, log=click.echo)
@@ -169,6 +171,115 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     if manifest is not None:
         click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "
                    f"{manifest['totals']['n_tokens']} answer tokens, {manifest['totals']['bytes']} bytes)")
+
+
+@main.command()
+@config_option
+@click.option("--resume", is_flag=True, help="Continue from train.output/checkpoint (same settings required).")
+@overrides_arg
+@one_line_errors
+def train(config_path, resume, overrides):
+    """Stage two: LoRA unlearning of the forget split, streaming the reference cache.
+
+    \b
+    Methods (train.method): ga, graddiff, kl_min, npo, idkpo, viker.
+    Ablations: w/o Reg = train.method=ga; w/o GA = train.use_ga=false;
+               w/o Vis = a cache made with precompute.reference=own.
+    Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
+    """
+    from .demo import pool_dir
+    from .train import train as run
+    cfg = _load(config_path, overrides)
+    d, p = cfg.data, cfg.precompute
+    result = run(cfg.model.path, d.root, d.forget_split, d.retain_split, p.output, cfg.train,
+                 pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
+                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed)
+    click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
+               f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
+
+
+@main.command()
+@config_option
+@click.option("--adapter", default=None, help="A LoRA adapter directory (e.g. <train.output>/adapter).")
+@click.option("--method", default=None, help="Label of the row (default: from the adapter's training run, or Vanilla).")
+@click.option("--budget", type=float, default=None, help="The swept quantity (e.g. steps) for the trade-off plot.")
+@overrides_arg
+@one_line_errors
+def evaluate(config_path, adapter, method, budget, overrides):
+    """Evaluate model.path (+ --adapter) on forget, test, retain and real sets; append a results row.
+
+    Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
+    coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
+    """
+    from .evaluate import evaluate as run, format_row
+    cfg = _load(config_path, overrides)
+    setting, fingerprint, seed = {}, "", 0
+    if adapter:
+        info = _training_info(adapter)
+        method = method or info.get("method", "adapter")
+        setting = info.get("setting", {})
+        fingerprint = info.get("cache_fingerprint", "")
+        seed = info.get("seed", 0)
+        budget = budget if budget is not None else info.get("steps", 0)
+    e, d = cfg.evaluate, cfg.data
+    row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, adapter=adapter, method=method or "Vanilla",
+              setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
+              few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+              coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
+              dtype=cfg.model.dtype,
+              device=cfg.model.device)
+    click.echo(format_row(row))
+    click.echo(f"row appended to {e.results}")
+
+
+METHOD_LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO",
+                 "viker": "ViKeR"}
+
+
+def method_label(info: dict) -> str:
+    """The paper's name of a training run's method, ablations included."""
+    t = info.get("train", {})
+    label = METHOD_LABELS.get(info.get("method", ""), info.get("method", "adapter"))
+    if info.get("method") == "viker":
+        if not t.get("use_ga", True):
+            label += " w/o GA"
+        if (info.get("cache_settings") or {}).get("reference") == "own":
+            label += " w/o Vis"
+        if t.get("regulariser", "kl") != "kl":
+            label += f" ({t['regulariser'].upper()})"
+    return label
+
+
+def _training_info(adapter: str) -> dict:
+    """What the training run recorded beside its adapter (method, steps, lr, lambda, cache)."""
+    import json
+    from pathlib import Path
+    path = Path(adapter).parent / "train_config.json"
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    t = info.get("train", {})
+    return {"method": method_label(info), "steps": info.get("result", {}).get("steps", info.get("steps")),
+            "seed": t.get("seed", 0), "cache_fingerprint": info.get("cache_fingerprint", ""),
+            "setting": {k: t[k] for k in ("lr", "lam", "regulariser", "beta", "retain_weight", "steps") if k in t}}
+
+
+@main.command()
+@config_option
+@click.option("--results", default=None, help="Results file (default: evaluate.results).")
+@click.option("--out", default=None, help="Output directory (default: beside the results).")
+@overrides_arg
+@one_line_errors
+def report(config_path, results, out, overrides):
+    """Comparison table (Markdown + CSV) and trade-off plot from a results file."""
+    from pathlib import Path
+    from .report import write_report
+    cfg = _load(config_path, overrides)
+    results = results or cfg.evaluate.results
+    paths = write_report(results, out or str(Path(results).parent / "report"), acc_metric=cfg.evaluate.table_acc)
+    click.echo(Path(paths["markdown"]).read_text())
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
 
 
 @main.group()

@@ -69,7 +69,7 @@ class FinetuneConfig:
     """Knowledge injection: teach the base model the benchmark (-> vanilla model)."""
     base: str = "cache/models/tiny-base"
     output: str = "cache/models/vanilla"
-    steps: int = 1500
+    steps: int = 1800
     batch_size: int = 32
     lr: float = 2.0e-3
     warmup_steps: int = 50
@@ -77,7 +77,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     augment: bool = True           # fresh image jitter every step (memorise people, not pixels)
-    formats: bool = False          # also teach the evaluation prompt formats (tiny models only)
+    formats: bool = False          # also show each QA in the generation prompt (tiny models only)
     lora: bool = False             # full fine-tuning for the tiny model, LoRA for a 7B
     lora_r: int = 16
     lora_alpha: int = 32
@@ -138,6 +138,7 @@ class EvalConfig:
     coherence_classifier: str = ""   # a local HF text-classification model; empty: model-free score
     results: str = "cache/runs/results.jsonl"
     table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
+    max_profiles: int = 0            # evaluate at most this many profiles per set (0: all)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
     t = time.time()
     info = finetune(f.base, str(out), profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
-                    seed=f.seed, augment=f.augment, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
+                    seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
                     dtype=cfg.model.dtype, device=cfg.model.device,
                     extra_info={"data": cfg.data.root, "splits": [cfg.data.finetune_split, cfg.data.real_split]})
     (out / "viker-stamp.json").write_text(stamp)
@@ -153,7 +153,68 @@ def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     return p.output
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print) -> Path:
+    """Every method at every budget (training steps) and seed, each evaluated; one results file.
+
+    Plain gradient ascent diverges given enough steps, so one point per method
+    would hide the comparison: the sweep gives a trade-off curve per method.
+    """
+    from dataclasses import replace
+    from .evaluate import evaluate
+    from .train import train
+    from .cli import METHOD_LABELS
+    d, e, p = cfg.data, cfg.evaluate, cfg.precompute
+    runs = Path(cfg.train.output)
+    results = Path(e.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.unlink(missing_ok=True)             # the demo's table shows this sweep only
+    fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
+    common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                  coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
+                  dtype=cfg.model.dtype, device=cfg.model.device)
+    t = time.time()
+    evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0, **common)
+    log(f"[evaluate] Vanilla in {time.time() - t:.1f}s")
+    for method in _csv(cfg.demo.methods):
+        for budget in [int(b) for b in _csv(cfg.demo.budgets)]:
+            for seed in [int(s) for s in _csv(cfg.demo.seeds)]:
+                t = time.time()
+                tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed,
+                               output=str(runs / f"{method}-{budget}-s{seed}"))
+                out = train(str(model_dir), d.root, d.forget_split, d.retain_split, cache_dir, tcfg,
+                            pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
+                            device=cfg.model.device)
+                setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
+                if method == "viker":
+                    setting.update(lam=tcfg.lam, regulariser=tcfg.regulariser)
+                evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, adapter=out["adapter"],
+                         method=METHOD_LABELS.get(method, method), setting=setting, budget=budget, seed=seed,
+                         cache_fingerprint=fingerprint, **common)
+                log(f"[unlearn] {METHOD_LABELS.get(method, method):8s} {budget:3d} steps, seed {seed}: "
+                    f"trained + evaluated in {time.time() - t:.1f}s")
+    return results
+
+
+def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> list[tuple]:
+    """A few forget answers with each token's reference entropy, for the key-token picture."""
+    from .modeling import load_processor
+    from .refcache import RefCacheReader
+    tok = load_processor(model_dir).tokenizer
+    examples = []
+    with RefCacheReader(cache_dir) as reader:
+        # one answer of each kind: name, birthplace, job, year
+        for sid in [s for s in reader.sample_ids if s.rsplit("/", 1)[-1] in ("0", "1", "2", "3")][:n]:
+            ref = reader.get(sid)
+            examples.append((sid, [tok.decode([int(i)]) for i in ref.answer_ids], ref.entropy.tolist()))
+    return examples
+
+
 def run_demo(cfg: Config, log=print) -> dict:
+    from .report import write_report
     t0 = time.time()
     ensure_benchmark(cfg, log)
     ensure_base_model(cfg, log)
@@ -161,5 +222,11 @@ def run_demo(cfg: Config, log=print) -> dict:
     gate = vanilla_gate(cfg, vanilla, log)
     check_gate(gate, cfg.finetune.gate_min_acc)
     cache_dir = ensure_references(cfg, vanilla, log)
+    results = unlearning_sweep(cfg, vanilla, cache_dir, log)
+    paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),
+                         acc_metric=cfg.evaluate.table_acc)
+    log("\n" + Path(paths["markdown"]).read_text())
+    for name, path in paths.items():
+        log(f"[report] {name}: {path}")
     log(f"\n[demo] done in {time.time() - t0:.1f}s")
-    return {"gate": gate, "cache": cache_dir}
+    return {"gate": gate, "cache": cache_dir, "results": str(results), "report": {k: str(v) for k, v in paths.items()}}

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .config import retain_split_for
+from .data.loaders import check_benchmark, default_splits, read_profiles
 from .data.mllmu import SPLITS, DataError, read_split
 from .data.records import Profile
 from .encoding import load_image
@@ -88,29 +89,31 @@ def load_coherence_classifier(path, device: str = "auto", batch_size: int = 32):
 # ------------------------------------------------------------------- data
 
 def eval_sets(data_root, forget_split: str, retain_split: str = "", test_split: str = "Test_Set",
-              real_split: str = "Retain_Set", names=SET_NAMES) -> dict[str, tuple[list[Profile], bool]]:
+              real_split: str = "Retain_Set", names=SET_NAMES,
+              benchmark: str = "mllmu") -> dict[str, tuple[list[Profile], bool]]:
     """{set name: (profiles, use_other_images)} for the requested sets; retain defaults to the complement."""
-    forget = read_split(data_root, forget_split)
+    forget = read_profiles(data_root, forget_split, benchmark)
     forget_ids = {p.id for p in forget}
     loaders = {
         "forget": lambda: (forget, False),
-        "test": lambda: (_test_profiles(data_root, test_split, forget_split, forget_ids), True),
-        "retain": lambda: (_retain_profiles(data_root, retain_split or retain_split_for(forget_split),
-                                            forget_ids), False),
-        "real": lambda: (read_split(data_root, real_split), False),
+        "test": lambda: (_test_profiles(data_root, test_split, forget_split, forget_ids, benchmark), True),
+        "retain": lambda: (_retain_profiles(data_root,
+                                            retain_split or default_splits(benchmark, forget_split)["retain"],
+                                            forget_ids, benchmark), False),
+        "real": lambda: (read_profiles(data_root, real_split, benchmark), False),
     }
     return {name: loaders[name]() for name in names}
 
 
-def _test_profiles(root, split: str, forget_split: str, forget_ids: set) -> list[Profile]:
-    test = [p for p in read_split(root, split) if p.id in forget_ids]
+def _test_profiles(root, split: str, forget_split: str, forget_ids: set, benchmark: str = "mllmu") -> list[Profile]:
+    test = [p for p in read_profiles(root, split, benchmark) if p.id in forget_ids]
     if not test:
         raise DataError(f"split '{split}' has no profile of {forget_split}: the test set would be empty")
     return test
 
 
-def _retain_profiles(root, split: str, forget_ids: set) -> list[Profile]:
-    retain = read_split(root, split)
+def _retain_profiles(root, split: str, forget_ids: set, benchmark: str = "mllmu") -> list[Profile]:
+    retain = read_profiles(root, split, benchmark)
     shared = sorted({p.id for p in retain} & forget_ids)
     if shared:
         raise DataError(f"split '{split}' shares {len(shared)} profile(s) with the forget split "
@@ -270,9 +273,20 @@ def _finite(value) -> float | None:
 def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *, adapter=None,
              method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
              cache_fingerprint: str = "", sets=SET_NAMES, few_shot: int = 1, max_new_tokens: int = 50,
+             max_profiles: int = 0,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
-             dtype: str = "auto", device: str = "auto") -> dict:
-    """Evaluate one model on the chosen sets; append its row to `results_path` and return it."""
+             dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu") -> dict:
+    """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
+
+    `benchmark="clear"` runs CLEAR's own protocol instead (clear_eval.evaluate_clear).
+    """
+    if check_benchmark(benchmark) == "clear":
+        from .clear_eval import evaluate_clear
+        return evaluate_clear(model_dir, data_root, forget_split, retain_split, adapter=adapter, method=method,
+                              setting=setting, budget=budget, seed=seed, cache_fingerprint=cache_fingerprint,
+                              sets=sets, max_new_tokens=max_new_tokens, max_profiles=max_profiles,
+                              batch_size=batch_size, results_path=results_path, samples_path=samples_path,
+                              dtype=dtype, device=device)
     names = parse_sets(sets)
     chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
     classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
@@ -281,6 +295,8 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
     results, samples = {}, []
     for name in tqdm(names, desc="evaluate"):
         profiles, other_images = chosen[name]
+        if max_profiles:      # a fixed subset (the first N) keeps quick sweeps comparable across runs
+            profiles = profiles[:max_profiles]
         results[name], rows = evaluate_profiles(
             model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
             batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .data.records import Profile
 from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
 from .modeling import load_model, wrap_lora
-from .prompts import train_text
+from .prompts import generation_prompt, train_text
 
 
 @dataclass
@@ -30,10 +30,18 @@ class Example:
     images: list[int]      # indices into the image bank: any of the person's training pictures
     ids: list[int]
     answer_start: int
+    alt: tuple[list[int], int] | None = None   # the same QA in the generation prompt (formats=True)
 
 
-def build_examples(processor, profiles: list[Profile], max_length: int | None):
-    """Every training QA of every profile, paired with all of that profile's training pictures."""
+def build_examples(processor, profiles: list[Profile], max_length: int | None, formats: bool = False):
+    """Every training QA of every profile, paired with all of that profile's training pictures.
+
+    With `formats`, each QA is also rendered in MLLMU-Bench's generation prompt
+    (same answer, the instruction suffix added) and one of the two is drawn
+    each time: a tiny model has no instruction tuning, so without this the
+    suffix alone derails answers about facts it knows. It adds no facts and
+    no examples. A real LLaVA does not need it.
+    """
     eos = processor.tokenizer.eos_token_id
     bank, examples = [], []
     for p in profiles:
@@ -42,10 +50,21 @@ def build_examples(processor, profiles: list[Profile], max_length: int | None):
             bank.append(load_image(b, f"profile {p.id} image {k}"))
         image_idx = list(range(first, len(bank)))
         for j, qa in enumerate(p.qa):
+            where = f"profile {p.id} QA {j}"
             prompt, answer = train_text(qa.question, qa.answer)
-            ids, start = encode_pair(processor, prompt, answer, f"profile {p.id} QA {j}", max_length)
-            examples.append(Example(image_idx, ids + [eos], start))
+            ids, start = encode_pair(processor, prompt, answer, where, max_length)
+            alt = None
+            if formats:
+                alt_ids, alt_start = encode_pair(processor, generation_prompt(qa.question), answer, where, max_length)
+                alt = (alt_ids + [eos], alt_start)
+            examples.append(Example(image_idx, ids + [eos], start, alt))
     return bank, examples
+
+
+def render(ex: Example, gen: torch.Generator) -> tuple[list[int], int]:
+    if ex.alt is not None and torch.rand(1, generator=gen).item() < 0.5:
+        return ex.alt
+    return ex.ids, ex.answer_start
 
 
 def jitter(pixels: torch.Tensor, gen: torch.Generator, shift: int = 2, flip: bool = False) -> torch.Tensor:
@@ -80,13 +99,13 @@ def warmup_cosine(warmup: int, total: int):
 
 def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, batch_size: int, lr: float,
              warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-             augment: bool = True, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
+             augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
              dtype: str = "auto", device: str = "auto", extra_info: dict | None = None) -> dict:
     """Fine-tune `base` on the profiles' training QA and save the result to `output`."""
     torch.manual_seed(seed)
     model, processor = load_model(base, dtype=dtype, device=device)
     dev = next(model.parameters()).device
-    bank, examples = build_examples(processor, profiles, max_positions(model))
+    bank, examples = build_examples(processor, profiles, max_positions(model), formats)
     bank_pixels = pixel_values(processor, bank)
     if lora:
         model = wrap_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
@@ -110,7 +129,8 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
         pixels = bank_pixels[picks]
         if augment:
             pixels = jitter(pixels, gen)
-        ids, mask, labels = pad_right([ex.ids for ex in batch], pad_id, [ex.answer_start for ex in batch])
+        rendered = [render(ex, gen) for ex in batch]
+        ids, mask, labels = pad_right([r[0] for r in rendered], pad_id, [r[1] for r in rendered])
         with autocast:
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev),
                         pixel_values=pixels.to(dev, next(model.parameters()).dtype))
@@ -130,7 +150,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
         model = model.merge_and_unload()
     model.eval()
     info = {"base": str(base), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "augment": augment, "lora": lora, "n_examples": len(examples), "n_profiles": len(profiles),
+            "augment": augment, "formats": formats, "lora": lora, "n_examples": len(examples), "n_profiles": len(profiles),
             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "train_seconds": round(elapsed, 1),
             **(extra_info or {})}
     save_model(model, processor, output, info)

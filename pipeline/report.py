@@ -33,6 +33,24 @@ TABLE_COLUMNS = (
      "share of forget-set answers judged coherent (higher = no gibberish)"),
 )
 TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
+ACC_METRICS = {
+    "mc_acc": "multiple-choice accuracy",
+    # A tiny model without instruction tuning may not follow the MC prompt: the
+    # share of facts its greedy answers still contain measures the same knowledge.
+    "fact_acc": "attribute accuracy (greedy answer to the training question contains the fact)",
+}
+
+
+def table_columns(acc_metric: str = "mc_acc") -> tuple:
+    """TABLE_COLUMNS with the ACC columns read from `acc_metric` (mc_acc or fact_acc)."""
+    if acc_metric not in ACC_METRICS:
+        raise ValueError(f"unknown ACC metric {acc_metric!r}; use one of {', '.join(ACC_METRICS)}")
+    what = ACC_METRICS[acc_metric]
+    columns = list(TABLE_COLUMNS)
+    columns[0] = ("Forget ACC", f"forget.{acc_metric}", f"{what} on the forget set (lower = more forgetting)")
+    columns[1] = ("Test ACC", f"test.{acc_metric}", f"{what} on forget identities with unseen images/paraphrases "
+                  "(lower = forgetting generalises)")
+    return tuple(columns)
 
 
 # ---------------------------------------------------------------------- loading
@@ -96,7 +114,7 @@ def _method_rank(method: str) -> tuple:
 
 # ------------------------------------------------------------------------ table
 
-def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
+def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFrame:
     """Paper-shaped table: one row per (method, split, budget, setting), seeds averaged.
 
     Cells are percentages with one decimal, "mean ± std" (sample std, ddof=1)
@@ -105,7 +123,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, group in df.groupby(list(ID_COLUMNS), dropna=False, sort=False):
         row = dict(zip(("Method", "Split", "Budget", "Setting"), key))
-        for header, column, _ in TABLE_COLUMNS:
+        for header, column, _ in table_columns(acc_metric):
             values = group[column] if column in group else pd.Series(dtype=float)
             row[header] = _mean_std_cell(values)
         row["n_seeds"] = len(group)
@@ -151,7 +169,7 @@ def _markdown_cell(value) -> str:
 
 # ------------------------------------------------------------------------ plots
 
-def tradeoff_plot(df: pd.DataFrame, path) -> Path:
+def tradeoff_plot(df: pd.DataFrame, path, acc_metric: str = "mc_acc") -> Path:
     """Forget ACC vs retain ROUGE-L, one curve per method through its budgets.
 
     Rows sharing a method and budget are pooled (mean, sample std as error
@@ -161,13 +179,14 @@ def tradeoff_plot(df: pd.DataFrame, path) -> Path:
 
     fig = Figure(figsize=(7, 5))
     ax = fig.add_subplot()
-    points = _tradeoff_points(df)
+    x_column = table_columns(acc_metric)[0][1]
+    points = _tradeoff_points(df, x_column)
     if points.empty:
-        ax.text(0.5, 0.5, f"no rows with both {TRADEOFF_X} and {TRADEOFF_Y}",
+        ax.text(0.5, 0.5, f"no rows with both {x_column} and {TRADEOFF_Y}",
                 ha="center", va="center", transform=ax.transAxes)
     for curve, group in points.groupby("curve", sort=False):
         _draw_curve(ax, curve, group)
-    ax.set_xlabel("Forget MC accuracy (%)  — lower = more forgetting")
+    ax.set_xlabel(f"Forget {'MC' if acc_metric == 'mc_acc' else 'attribute'} accuracy (%)  — lower = more forgetting")
     ax.set_ylabel("Retain ROUGE-L (%)  — higher = utility kept")
     ax.set_title("Forgetting vs utility (better: left and up)")
     ax.grid(alpha=0.3)
@@ -178,17 +197,17 @@ def tradeoff_plot(df: pd.DataFrame, path) -> Path:
     return Path(path)
 
 
-def _tradeoff_points(df: pd.DataFrame) -> pd.DataFrame:
+def _tradeoff_points(df: pd.DataFrame, x_column: str = TRADEOFF_X) -> pd.DataFrame:
     """Mean and std of the two axes per (method, split, budget), in percent."""
-    if TRADEOFF_X not in df or TRADEOFF_Y not in df:
+    if x_column not in df or TRADEOFF_Y not in df:
         return pd.DataFrame(columns=["curve", "budget", "x", "y", "x_err", "y_err"])
-    usable = df.dropna(subset=[TRADEOFF_X, TRADEOFF_Y])
+    usable = df.dropna(subset=[x_column, TRADEOFF_Y])
     several_splits = usable["forget_split"].nunique() > 1
     points = []
     for (method, split, budget), group in usable.groupby(
         ["method", "forget_split", "budget"], dropna=False, sort=False
     ):
-        x, y = group[TRADEOFF_X] * 100, group[TRADEOFF_Y] * 100
+        x, y = group[x_column] * 100, group[TRADEOFF_Y] * 100
         points.append({
             "curve": f"{method} ({split})" if several_splits else method,
             "rank": _method_rank(method), "vanilla": method == "Vanilla", "budget": budget,
@@ -277,24 +296,24 @@ def _layout_tokens(examples: Sequence[tuple], max_chars: int):
 
 # ----------------------------------------------------------------------- report
 
-def write_report(results_path, out_dir, key_token_examples=None) -> dict[str, Path]:
+def write_report(results_path, out_dir, key_token_examples=None, acc_metric: str = "mc_acc") -> dict[str, Path]:
     """table.md, table.csv, tradeoff.png and (with examples) key_tokens.png in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = load_results(results_path)
-    table = comparison_table(df)
+    table = comparison_table(df, acc_metric)
     paths = {"markdown": out / "table.md", "csv": out / "table.csv",
              "tradeoff": out / "tradeoff.png"}
-    paths["markdown"].write_text(_markdown_report(df, table, Path(results_path)))
+    paths["markdown"].write_text(_markdown_report(df, table, Path(results_path), table_columns(acc_metric)))
     table.to_csv(paths["csv"], index=False)
-    tradeoff_plot(df, paths["tradeoff"])
+    tradeoff_plot(df, paths["tradeoff"], acc_metric)
     if key_token_examples:
         paths["key_tokens"] = key_token_plot(key_token_examples, out / "key_tokens.png")
     return paths
 
 
-def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, source: Path) -> str:
-    legend = [f"- **{header}**: `{column}`, {meaning}." for header, column, meaning in TABLE_COLUMNS]
+def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, source: Path, columns=TABLE_COLUMNS) -> str:
+    legend = [f"- **{header}**: `{column}`, {meaning}." for header, column, meaning in columns]
     legend.append("- **n_seeds**: runs averaged; cells are % (x100), "
                   "mean ± sample std over seeds when several.")
     legend.append(f"- Coherence is {_distinct_text(df, 'coherence_kind', 'not recorded')}.")

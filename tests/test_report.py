@@ -194,3 +194,23 @@ def test_metrics_and_report_stay_free_of_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_acc_metric_switches_the_acc_columns(tmp_path):
+    from pipeline import report
+    import json
+    rows = [{"method": "Vanilla", "forget_split": "forget_10", "budget": 0, "seed": 0,
+             "metrics": {"forget": {"mc_acc": 0.25, "fact_acc": 1.0, "rougeL": 0.9},
+                         "retain": {"rougeL": 0.9}}},
+            {"method": "GA", "forget_split": "forget_10", "budget": 4, "seed": 0,
+             "metrics": {"forget": {"mc_acc": 0.25, "fact_acc": 0.5, "rougeL": 0.5},
+                         "retain": {"rougeL": 0.8}}}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = report.load_results(path)
+    assert list(report.comparison_table(df, "fact_acc")["Forget ACC"]) == ["100.0", "50.0"]
+    assert list(report.comparison_table(df)["Forget ACC"]) == ["25.0", "25.0"]
+    paths = report.write_report(path, tmp_path / "out", acc_metric="fact_acc")
+    assert "forget.fact_acc" in paths["markdown"].read_text()
+    with pytest.raises(ValueError, match="unknown ACC metric"):
+        report.comparison_table(df, "nope")
