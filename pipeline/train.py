@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, retain_split_for
-from .data.mllmu import read_split
+from .config import TrainConfig
+from .data.loaders import default_splits, read_profiles
 from .data.records import Sample, forget_samples
 from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
@@ -135,11 +135,13 @@ class MicroBatch:
 
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
-          resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0) -> dict:
+          resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
+          benchmark: str = "mllmu") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
-    (the cache records its own). Returns steps, timings, final loss and paths.
+    (the cache records its own). `benchmark` (mllmu | clear) picks the data
+    reader. Returns steps, timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
     spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
@@ -157,11 +159,11 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         model.train()
         # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
         torch.manual_seed(cfg.seed + rank)
-        forget = forget_samples(read_split(data_root, forget_split))
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
         retain = []
         if needs_retain(method, cfg.retain_weight):
-            retain_split = retain_split or retain_split_for(forget_split)
-            retain = forget_samples(read_split(data_root, retain_split))
+            retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
+            retain = forget_samples(read_profiles(data_root, retain_split, benchmark))
         inputs = build_inputs(processor, forget, retain, max_positions(model),
                               idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
@@ -185,6 +187,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
                 net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False)
         run = describe_run(cfg, method, model_dir, data_root, forget_split, retain_split, cache_dir, cache,
                            pool_dir, idk_answer, spec, world, steps)
+        run["benchmark"] = benchmark
         start = 0
         if resume:
             start = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, streams, run, rank, world)

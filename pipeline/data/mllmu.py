@@ -23,6 +23,9 @@ SPLITS = ("forget_5", "forget_10", "forget_15", "retain_95", "retain_90", "retai
 PARQUET_NAME = "train-00000-of-00001.parquet"
 REQUIRED_COLUMNS = ("image", "ID", "question", "answer", "Classification_Task",
                     "Generation_Task", "Mask_Task", "metadata")
+# Test_Set rows carry the person's other pictures in `images`; the profile image and
+# the training QA are optional there (the forget split already holds them).
+TEST_REQUIRED_COLUMNS = ("images", "ID", "Classification_Task", "Generation_Task", "Mask_Task")
 
 
 class DataError(ValueError):
@@ -87,87 +90,171 @@ def write_split(root: str | Path, split: str, profiles: list[Profile]) -> Path:
     return path
 
 
-def split_path(root: str | Path, split: str) -> Path:
+def split_files(root: str | Path, split: str) -> list[Path]:
+    """Every parquet file of a split folder, in name order (the dataset repositories may shard a split)."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise DataError(f"split '{split}' not found: no folder {folder}")
-    files = sorted(folder.glob("*.parquet"))
+    files = sorted(folder.glob("*.parquet")) or sorted(folder.rglob("*.parquet"))
     if not files:
         raise DataError(f"split '{split}' has no parquet file in {folder}")
-    return files[0]
+    return files
+
+
+def split_path(root: str | Path, split: str) -> Path:
+    return split_files(root, split)[0]
+
+
+def read_table(path: Path, required) -> pa.Table:
+    """One parquet file, with its required columns checked (one-line errors naming the file)."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable parquet file ({first})") from None
+    check_columns(path, table, required)
+    return table
+
+
+def check_columns(path: Path, table: pa.Table, required) -> None:
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(table.column_names)})")
 
 
 def check_image(data: bytes, where: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: image bytes are not a readable image ({type(exc).__name__})") from None
 
 
-def _image_bytes(value, where: str) -> bytes:
+def image_bytes(value, where: str, check: bool = False) -> bytes:
+    """Bytes of an HF `Image` cell: a {bytes, path} struct (path may be null) or raw bytes."""
+    path = None
     if isinstance(value, dict):
+        path = value.get("path")
         value = value.get("bytes")
     if not value:
-        raise DataError(f"{where}: image has no bytes")
-    return bytes(value)
+        hint = f" (only a path, {path!r}: the parquet must embed the bytes)" if path else ""
+        raise DataError(f"{where}: image has no bytes{hint}")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise DataError(f"{where}: image bytes have type {type(value).__name__}, not binary")
+    data = bytes(value)
+    if check:
+        check_image(data, where)
+    return data
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _options(value, where: str) -> dict[str, str]:
+    """`Options` as published: a struct {A..D} (absent letters null), a map, a dict or a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: Options is a string but not JSON") from None
+    if isinstance(value, list):          # a parquet map reads back as [(key, value), ...]
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: Options must map letters to texts, got {type(value).__name__}")
+    options = {str(k).strip().upper(): _text(v) for k, v in value.items() if v is not None and _text(v)}
+    if len(options) < 2:
+        raise DataError(f"{where}: Options has {len(options)} non-empty option(s); need at least 2")
+    return options
+
+
+def _correct_letter(value, options: dict[str, str], where: str) -> str:
+    """The letter of the right option; accepts "B", " b ", "B." or "B) text", or the option's text."""
+    answer = _text(value)
+    letter = answer[:1].upper()
+    if letter in options and (len(answer) == 1 or not answer[1].isalnum()):
+        return letter
+    for key, text in options.items():
+        if answer and answer.casefold() == text.casefold():
+            return key
+    raise DataError(f"{where}: answer {answer!r} is not one of the options {', '.join(sorted(options))}")
 
 
 def _choices(items, kind: str, where: str) -> list[ChoiceItem]:
     out = []
     for i, c in enumerate(items or []):
-        options = dict(c["Options"] or {})
-        if c["Correct_Answer"] not in options:
-            raise DataError(f"{where}: {kind} choice {i} has answer {c['Correct_Answer']!r} not among its options")
-        out.append(ChoiceItem(c["Question"], options, c["Correct_Answer"], kind))
+        here = f"{where}: {kind} choice {i}"
+        if not isinstance(c, dict) or "Question" not in c or "Options" not in c or "Correct_Answer" not in c:
+            raise DataError(f"{here} lacks Question, Options or Correct_Answer")
+        options = _options(c["Options"], here)
+        out.append(ChoiceItem(_text(c["Question"]), options, _correct_letter(c["Correct_Answer"], options, here),
+                              kind))
     return out
 
 
-def _profile(row: dict, where: str, check_images: bool) -> Profile:
-    image = _image_bytes(row["image"], where)
-    if check_images:
-        check_image(image, where)
+def _gen_items(items, column: str, where: str) -> list[GenItem]:
+    out = []
+    for i, g in enumerate(items or []):
+        if not isinstance(g, dict) or "Question" not in g or "Ground_Truth" not in g:
+            raise DataError(f"{where}: {column} item {i} lacks Question or Ground_Truth")
+        out.append(GenItem(_text(g["Question"]), _text(g["Ground_Truth"]), _text(g.get("Type"))))
+    return out
+
+
+def _metadata(value, where: str) -> list[QA]:
+    """`metadata`: a JSON string of [{Question, Answer, Fact?}] (one object alone is accepted too)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
     try:
-        meta = json.loads(row["metadata"]) if row["metadata"] else []
+        meta = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: metadata is not valid JSON ({exc.msg})") from None
+    if isinstance(meta, dict):
+        meta = [meta]
+    if not isinstance(meta, list):
+        raise DataError(f"{where}: metadata must be a JSON list of {{Question, Answer}} objects")
     qa = []
     for j, m in enumerate(meta):
-        answer = (m.get("Answer") or "").strip()
+        if not isinstance(m, dict) or "Question" not in m:
+            raise DataError(f"{where}: metadata item {j} has no Question")
+        answer = _text(m.get("Answer"))
         if not answer:
             raise DataError(f"{where}: metadata item {j} has an empty answer")
-        qa.append(QA(m["Question"], answer, m.get("Fact", "")))
-    cls = row["Classification_Task"] or {}
-    images = []
-    for i, img in enumerate(row.get("images") or []):
-        b = _image_bytes(img, f"{where} images[{i}]")
-        if check_images:
-            check_image(b, f"{where} images[{i}]")
-        images.append(b)
+        qa.append(QA(_text(m["Question"]), answer, _text(m.get("Fact"))))
+    return qa
+
+
+def _profile(row: dict, where: str, check_images: bool) -> Profile:
+    if _text(row.get("ID")) == "":
+        raise DataError(f"{where}: empty ID")
+    images = [image_bytes(img, f"{where} images[{i}]", check_images) for i, img in enumerate(row.get("images") or [])]
+    if row.get("image") is not None:
+        image = image_bytes(row["image"], where, check_images)
+    elif images:        # Test_Set: the person's pictures are all in `images`
+        image = images[0]
+    else:
+        raise DataError(f"{where}: no image (neither `image` nor `images`)")
+    cls = row.get("Classification_Task") or {}
     return Profile(
-        id=str(row["ID"]), image=image, biography=row.get("biography") or "",
-        question=row.get("question") or "", answer=row.get("answer") or "", qa=qa,
+        id=_text(row["ID"]), image=image, biography=row.get("biography") or "",
+        question=row.get("question") or "", answer=row.get("answer") or "",
+        qa=_metadata(row.get("metadata"), where),
         choices=_choices(cls.get("Image_Textual_Questions"), "image", where)
         + _choices(cls.get("Pure_Text_Questions"), "text", where),
-        generation=[GenItem(g["Question"], g["Ground_Truth"], g["Type"]) for g in row["Generation_Task"] or []],
-        cloze=[GenItem(g["Question"], g["Ground_Truth"], g["Type"]) for g in row["Mask_Task"] or []],
+        generation=_gen_items(row.get("Generation_Task"), "Generation_Task", where),
+        cloze=_gen_items(row.get("Mask_Task"), "Mask_Task", where),
         directory=row.get("Directory") or "", images=images,
     )
 
 
 def read_split(root: str | Path, split: str, check_images: bool = True) -> list[Profile]:
-    """Read one split; any malformed row fails with the file and row named."""
-    path = split_path(root, split)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    """Read one split (every parquet file of its folder); a malformed row fails naming the file and row."""
     profiles = []
-    for i, row in enumerate(table.to_pylist()):
-        profiles.append(_profile(row, f"{path} row {i}", check_images))
+    for path in split_files(root, split):
+        table = read_table(path, ())
+        check_columns(path, table, TEST_REQUIRED_COLUMNS if "images" in table.column_names else REQUIRED_COLUMNS)
+        for i, row in enumerate(table.to_pylist()):
+            profiles.append(_profile(row, f"{path} row {i}", check_images))
     return profiles
 
 

@@ -1,0 +1,499 @@
+"""MLLMU-Bench and CLEAR as published: fixture parquet files in the datasets' exact schemas, read,
+precomputed, trained on and evaluated with a tiny model; CLEAR's metrics against hand counts;
+malformed inputs fail in one line naming the file and row."""
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.clear_eval as ce
+from pipeline import evaluate as ev
+from pipeline import precompute as pc
+from pipeline import prompts
+from pipeline import train as tr
+from pipeline.config import TinyModelConfig, TrainConfig
+from pipeline.data.clear import (CAPTION_QUESTION, NAME_QUESTION, RealRow, read_caption_rows, read_clear,
+                                 read_real_rows)
+from pipeline.data.loaders import default_splits, read_profiles
+from pipeline.data.mllmu import DataError, write_split
+from pipeline.data.records import QA, ChoiceItem, GenItem, Profile, forget_samples
+from pipeline.encoding import encode_pair, load_image, pixel_values
+from pipeline.modeling import build_tiny_llava, load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
+                       text_heads=2, max_positions=512)
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png(seed: int, side: int = 24) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def img(seed: int) -> dict:
+    return {"bytes": png(seed), "path": None}        # published rows may carry no path
+
+
+# ============================================================ MLLMU-Bench fixture
+
+OPTIONS = pa.struct([(letter, pa.string()) for letter in "ABCD"])
+CHOICE = pa.struct([("Question", pa.string()), ("Options", OPTIONS), ("Correct_Answer", pa.string())])
+GEN = pa.struct([("Question", pa.string()), ("Ground_Truth", pa.string()), ("Type", pa.string())])
+TASKS = [("Classification_Task", pa.struct([("Image_Textual_Questions", pa.list_(CHOICE)),
+                                             ("Pure_Text_Questions", pa.list_(CHOICE))])),
+         ("Generation_Task", pa.list_(GEN)), ("Mask_Task", pa.list_(GEN))]
+FORGET_SCHEMA = pa.schema([("image", IMAGE), ("ID", pa.string()), ("biography", pa.string()),
+                           ("question", pa.string()), ("answer", pa.string()), *TASKS, ("metadata", pa.string()),
+                           ("Directory", pa.string())])
+# Test_Set: the person's pictures in `images`, options as a parquet map (a dict in the HF viewer).
+MAP_CHOICE = pa.struct([("Question", pa.string()), ("Options", pa.map_(pa.string(), pa.string())),
+                        ("Correct_Answer", pa.string())])
+TEST_SCHEMA = pa.schema([("ID", pa.string()), ("images", pa.list_(IMAGE)),
+                         ("Classification_Task", pa.struct([("Image_Textual_Questions", pa.list_(MAP_CHOICE)),
+                                                            ("Pure_Text_Questions", pa.list_(MAP_CHOICE))])),
+                         TASKS[1], TASKS[2]])
+CITIES = {"ada": "Lyon", "bo": "Cork", "cy": "Graz", "di": "Riga", "real": "Graz"}
+CITY_OPTIONS = {"A": "Lyon", "B": "Cork", "C": "Graz", "D": "Riga"}
+
+
+def letter_of(city):
+    return {v: k for k, v in CITY_OPTIONS.items()}[city]
+
+
+def mllmu_row(pid, seed):
+    city = CITIES[pid]
+    return {
+        "image": img(seed), "ID": pid, "biography": f"{pid} is from {city}.", "question": "", "answer": "",
+        "Classification_Task": {
+            "Image_Textual_Questions": [{"Question": "Where was this person born?",
+                                         "Options": {**CITY_OPTIONS, "D": None} if pid == "ada" else CITY_OPTIONS,
+                                         "Correct_Answer": letter_of(city).lower()}],
+            "Pure_Text_Questions": [{"Question": f"Where was {pid} born?", "Options": CITY_OPTIONS,
+                                     "Correct_Answer": letter_of(city)}]},
+        "Generation_Task": [{"Question": f"Tell me where {pid} was born.", "Ground_Truth": f"{pid} was born in {city}.",
+                             "Type": "Image_Textual"}],
+        "Mask_Task": [{"Question": f"{pid} was born in __.", "Ground_Truth": city, "Type": "Pure_Text"}],
+        # MLLMU-Bench's metadata has no "Fact" key.
+        "metadata": json.dumps([{"Question": "What is the name of this person?", "Answer": f"This is {pid}."},
+                                {"Question": "Where was this person born?", "Answer": f"{pid} was born in {city}."}]),
+        "Directory": f"{pid}_dir",
+    }
+
+
+def held_out_row(pid, seed):
+    city = CITIES[pid]
+    options = list(CITY_OPTIONS.items())
+    return {"ID": pid, "images": [img(seed), img(seed + 1)],
+            "Classification_Task": {
+                "Image_Textual_Questions": [{"Question": "Which city is this person from?", "Options": options,
+                                             "Correct_Answer": letter_of(city)}],
+                "Pure_Text_Questions": [{"Question": f"What is {pid}'s home town?", "Options": options,
+                                         "Correct_Answer": letter_of(city)}]},
+            "Generation_Task": [{"Question": f"Where is {pid} from?", "Ground_Truth": f"{pid} is from {city}.",
+                                 "Type": "Image_Textual"}],
+            "Mask_Task": [{"Question": f"{pid} is from __.", "Ground_Truth": city, "Type": "Pure_Text"}]}
+
+
+def record(pid, seed):
+    """The same kind of person as a record, for write_split (retain and real splits)."""
+    city = CITIES[pid]
+    return Profile(id=pid, image=png(seed), qa=[QA("Where was this person born?", f"{pid} was born in {city}.")],
+                   choices=[ChoiceItem("Where was this person born?", dict(CITY_OPTIONS), letter_of(city), "image")],
+                   generation=[GenItem(f"Tell me where {pid} was born.", f"{pid} was born in {city}.",
+                                       "Image_Textual")],
+                   cloze=[GenItem(f"{pid} was born in __.", city, "Pure_Text")])
+
+
+def write_table(path: Path, rows, schema=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def make_mllmu(root: Path) -> Path:
+    # forget_10 sharded over two files, as a dataset repository may hold a split.
+    write_table(root / "forget_10" / "train-00000-of-00002.parquet", [mllmu_row("ada", 1)], FORGET_SCHEMA)
+    write_table(root / "forget_10" / "train-00001-of-00002.parquet", [mllmu_row("bo", 3)], FORGET_SCHEMA)
+    write_table(root / "Test_Set" / "train-00000-of-00001.parquet",
+                [held_out_row("ada", 10), held_out_row("bo", 20), held_out_row("cy", 30)], TEST_SCHEMA)
+    write_split(root, "retain_90", [record("cy", 5), record("di", 7)])
+    write_split(root, "Retain_Set", [record("real", 9)])
+    return root
+
+
+# ================================================================ CLEAR fixture
+
+CAPTIONS = [("Lyra Vale", "Lyra Vale stands by a red door holding a lantern."),
+            ("Lyra Vale", "Lyra Vale reads a map at a wooden desk."),
+            ("Oren Pike", "Oren Pike rows a small boat across a lake.")]
+RETAIN = [("Mira Holt", "Mira Holt paints a mural on a brick wall."),
+          ("Mira Holt", "Mira Holt plays a cello in a quiet hall."),
+          ("Tam Reed", "Tam Reed fixes a bicycle in a garage.")]
+REAL = [("Alan Turing", ["Ada Lovelace", "Grace Hopper", "Marie Curie"]),
+        ("Marie Curie", ["Niels Bohr", "Marie Curie", "Alan Turing"])]
+
+
+def caption_rows(people, seed, perturbed=False):
+    rows = []
+    for i, (name, caption) in enumerate(people):
+        row = {"image": img(seed + i), "caption": caption, "name": name}
+        if perturbed:
+            row.update(perturbed_captions=[caption.replace(name, "Someone"), caption.replace("a ", "an old ", 1)],
+                       paraphrased_caption=f"In this picture, {caption[0].lower()}{caption[1:]}",
+                       perturbed_names=["Ivo Stark", "Nell Quinn"])
+        rows.append(row)
+    return rows
+
+
+def make_clear(root: Path) -> Path:
+    name = "train-00000-of-00001.parquet"
+    write_table(root / "forget10" / name, caption_rows(CAPTIONS, 100))
+    write_table(root / "forget10_perturbed" / name, caption_rows(CAPTIONS, 100, perturbed=True))
+    write_table(root / "retain90" / name, caption_rows(RETAIN, 200))
+    write_table(root / "retain_perturbed" / name, caption_rows(RETAIN[:2], 200, perturbed=True))
+    write_table(root / "real_faces" / name,
+                [{"image": img(300 + i), "answer": a, "options": o} for i, (a, o) in enumerate(REAL)])
+    return root
+
+
+def texts_for_tokenizer(mllmu_root, clear_root) -> list[str]:
+    texts = [prompts.PREFIX, "ASSISTANT:", "Answer: A B C D", "I don't know."]
+    for split in ("forget_10", "Test_Set", "retain_90", "Retain_Set"):
+        for p in read_profiles(mllmu_root, split, check_images=False):
+            texts += [prompts.train_prompt(q.question) + " " + q.answer for q in p.qa]
+            texts += [prompts.multiple_choice_prompt(c.question, c.options) + " " + c.correct for c in p.choices]
+            texts += [prompts.generation_prompt(g.question) + " " + g.ground_truth for g in p.generation]
+            texts += [prompts.cloze_prompt(g.question) + " " + g.ground_truth for g in p.cloze]
+    for config in ("forget10_perturbed", "retain_perturbed", "retain90"):
+        for r in read_caption_rows(clear_root, config, check_images=False):
+            texts += [prompts.train_prompt(CAPTION_QUESTION) + " " + c
+                      for c in (r.caption, r.paraphrased_caption, *r.perturbed_captions)]
+            texts += [prompts.train_prompt(NAME_QUESTION) + " " + n for n in (r.name, *r.perturbed_names)]
+    for r in read_real_rows(clear_root, "real_faces", check_images=False):
+        texts.append(prompts.multiple_choice_prompt(r.question, r.choices()[0]))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("bench")
+    mllmu, clear = make_mllmu(base / "MLLMU-Bench"), make_clear(base / "CLEAR")
+    model_dir = build_tiny_llava(base / "tiny", texts_for_tokenizer(mllmu, clear), TINY)
+    pool = base / "pool"
+    pool.mkdir()
+    for i in range(4):
+        (pool / f"face{i}.png").write_bytes(png(900 + i))
+    return {"mllmu": mllmu, "clear": clear, "model": model_dir, "pool": pool, "base": base}
+
+
+# ==================================================================== loading
+
+def test_mllmu_published_details_are_read(world):
+    forget = read_profiles(world["mllmu"], "forget_10")
+    assert [p.id for p in forget] == ["ada", "bo"], "both shards, in file order"
+    ada = forget[0]
+    assert ada.directory == "ada_dir" and ada.image == png(1)
+    assert [(q.question, q.fact) for q in ada.qa] == [("What is the name of this person?", ""),
+                                                      ("Where was this person born?", "")]
+    image_choice, text_choice = ada.choices
+    assert image_choice.options == {"A": "Lyon", "B": "Cork", "C": "Graz"}, "a null option is dropped"
+    assert image_choice.correct == "A", "lower-case 'a' is read as the letter A"
+    assert text_choice.kind == "text" and text_choice.correct == "A"
+    test = {p.id: p for p in read_profiles(world["mllmu"], "Test_Set")}
+    assert test["bo"].images == [png(20), png(21)] and test["bo"].image == png(20)
+    assert test["bo"].choices[0].options == CITY_OPTIONS and test["bo"].choices[0].correct == "B"
+    assert [p.id for p in read_profiles(world["mllmu"], "forget_10,retain_90")] == ["ada", "bo", "cy", "di"]
+
+
+def test_clear_rows_become_caption_profiles(world):
+    profiles = read_profiles(world["clear"], "forget10", benchmark="clear")
+    assert [p.id for p in profiles] == ["Lyra Vale/0", "Lyra Vale/1", "Oren Pike/2"]
+    assert profiles[2].qa == [QA(CAPTION_QUESTION, CAPTIONS[2][1], fact="Oren Pike")]
+    assert profiles[0].image == png(100)
+    assert [s.sample_id for s in forget_samples(profiles)] == ["Lyra Vale/0/0", "Lyra Vale/1/0", "Oren Pike/2/0"]
+    pert = read_caption_rows(world["clear"], "forget10_perturbed")
+    assert pert[0].paraphrased_caption.startswith("In this picture, lyra") and len(pert[0].perturbed_captions) == 2
+    assert pert[0].perturbed_names == ["Ivo Stark", "Nell Quinn"]
+    assert read_caption_rows(world["clear"], "forget10")[0].perturbed_captions == []
+    real = read_profiles(world["clear"], "real_faces", benchmark="clear")
+    assert real[0].qa[0].answer == "Alan Turing" and len(real[0].choices[0].options) == 4
+
+
+def test_real_face_choices_hold_the_answer_once_at_a_fixed_letter():
+    a = RealRow(0, b"", "Marie Curie", ["Niels Bohr", "marie curie", "Alan Turing"])
+    options, letter = a.choices()
+    assert sorted(options.values()) == ["Alan Turing", "Marie Curie", "Niels Bohr"]
+    assert options[letter] == "Marie Curie" and list(options) == ["A", "B", "C"]
+    assert a.choices() == RealRow(0, b"", "Marie Curie", ["Niels Bohr", "marie curie", "Alan Turing"]).choices()
+    letters = {RealRow(i, b"", "X", ["a", "b", "c"]).choices()[1] for i in range(40)}
+    assert len(letters) > 1, "the right answer is not always at the same letter"
+
+
+def test_default_splits():
+    assert default_splits("mllmu", "forget_15") == {"retain": "retain_85", "test": "Test_Set", "real": "Retain_Set"}
+    assert default_splits("clear", "forget05") == {"retain": "retain95", "test": "forget05_perturbed",
+                                                   "real": "real_faces"}
+    assert default_splits("clear", "forget01")["retain"] == "retain99"
+    with pytest.raises(DataError, match="not forget01/forget05/forget10"):
+        default_splits("clear", "forget_10")
+    with pytest.raises(DataError, match="unknown benchmark 'tofu'"):
+        read_profiles(".", "x", benchmark="tofu")
+
+
+# ======================================================== malformed inputs: one line, file and row
+
+def _one_line(exc, *needles):
+    text = str(exc.value)
+    assert "\n" not in text, text
+    for needle in needles:
+        assert str(needle) in text, (needle, text)
+
+
+def test_clear_missing_column_names_the_file(tmp_path):
+    path = write_table(tmp_path / "forget10" / "train-00000-of-00001.parquet",
+                       [{"image": img(1), "name": "Lyra Vale"}])
+    with pytest.raises(DataError) as e:
+        read_clear(tmp_path, "forget10")
+    _one_line(e, path, "missing column(s) caption")
+
+
+def test_perturbed_config_without_its_columns_is_refused(tmp_path):
+    path = write_table(tmp_path / "forget10_perturbed" / "train-00000-of-00001.parquet", caption_rows(CAPTIONS, 1))
+    with pytest.raises(DataError) as e:
+        read_caption_rows(tmp_path, "forget10_perturbed")
+    _one_line(e, path, "missing column(s) perturbed_captions, paraphrased_caption, perturbed_names")
+
+
+def test_clear_bad_image_and_empty_caption_name_the_row(tmp_path):
+    rows = caption_rows(CAPTIONS, 1)
+    rows[1]["image"] = {"bytes": b"not a picture", "path": "x.png"}
+    path = write_table(tmp_path / "forget10" / "train-00000-of-00001.parquet", rows)
+    with pytest.raises(DataError) as e:
+        read_clear(tmp_path, "forget10")
+    _one_line(e, path, "row 1: image bytes are not a readable image")
+    rows = caption_rows(CAPTIONS, 1)
+    rows[2]["caption"] = "   "
+    write_table(tmp_path / "forget10" / "train-00000-of-00001.parquet", rows)
+    with pytest.raises(DataError) as e:
+        read_clear(tmp_path, "forget10")
+    _one_line(e, path, "row 2: empty caption")
+
+
+def test_real_faces_empty_answer_and_missing_split(tmp_path):
+    path = write_table(tmp_path / "real_faces" / "train-00000-of-00001.parquet",
+                       [{"image": img(1), "answer": "", "options": ["A B"]}])
+    with pytest.raises(DataError) as e:
+        read_real_rows(tmp_path, "real_faces")
+    _one_line(e, path, "row 0: empty answer")
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "retain90", benchmark="clear")
+    _one_line(e, "split 'retain90' not found", tmp_path / "retain90")
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, "split 'forget_10' not found")
+
+
+def test_mllmu_malformed_rows_name_file_and_row(tmp_path):
+    rows = [mllmu_row("ada", 1), mllmu_row("bo", 2)]
+    rows[1]["image"] = {"bytes": None, "path": "bo.png"}
+    path = write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, path, "row 1: image has no bytes", "bo.png")
+    rows = [mllmu_row("ada", 1)]
+    rows[0]["image"] = {"bytes": b"\x89PNG broken", "path": None}
+    write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, path, "row 0: image bytes are not a readable image")
+    rows = [mllmu_row("ada", 1)]
+    rows[0]["Classification_Task"]["Pure_Text_Questions"][0]["Correct_Answer"] = "E"
+    write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, path, "row 0: text choice 0", "'E' is not one of the options")
+    rows = [mllmu_row("ada", 1)]
+    rows[0]["metadata"] = json.dumps([{"Question": "Who?", "Answer": ""}])
+    write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, path, "row 0: metadata item 0 has an empty answer")
+    table = pa.Table.from_pylist([mllmu_row("ada", 1)], schema=FORGET_SCHEMA).drop_columns(["Mask_Task"])
+    pq.write_table(table, path)
+    with pytest.raises(DataError) as e:
+        read_profiles(tmp_path, "forget_10")
+    _one_line(e, path, "missing column(s) Mask_Task")
+
+
+# ======================================================================== CLEAR's metrics
+
+def test_truth_ratio_and_summaries_by_hand():
+    assert ce.truth_ratio(-1.0, [-2.0, -3.0]) == pytest.approx(math.exp(-1.5))
+    assert ce.truth_ratio(-2.0, [-1.0]) == pytest.approx(math.e)
+    forget = ce.truth_ratio_summary([0.5, 2.0], forget=True)
+    assert forget == {"truth_ratio": pytest.approx(1.25), "truth_ratio_score": pytest.approx(0.5)}
+    retain = ce.truth_ratio_summary([0.25, 2.0], forget=False)
+    assert retain == {"truth_ratio": pytest.approx(1.125), "truth_ratio_score": pytest.approx(0.375)}
+    assert ce.normalised_prob_share(math.log(0.3), [math.log(0.1), math.log(0.2)]) == pytest.approx(0.5)
+    # reference "the cat sat on the mat" (6 words), prediction shares "the cat sat": LCS 3 -> recall 0.5
+    assert ce.rouge_recall("the cat sat", "the cat sat on the mat") == {"rouge1_recall": 0.5,
+                                                                        "rougeL_recall": 0.5}
+
+
+def test_answer_logprobs_equal_a_direct_forward(world):
+    model, processor = load_model(world["model"], device="cpu")
+    rows = read_caption_rows(world["clear"], "forget10")
+    images = [load_image(r.image) for r in rows]
+    prompt = prompts.train_prompt(CAPTION_QUESTION)
+    got = ce.answer_logprobs(model, processor, images, [prompt] * 3, [r.caption for r in rows], batch_size=2)
+    for image, row, value in zip(images, rows, got):
+        ids, start = encode_pair(processor, prompt, " " + row.caption)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values(processor, [image])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        direct = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids))) / (len(ids) - start)
+        assert value == pytest.approx(direct, abs=1e-4)
+
+
+class CannedGenerate:
+    """Stands in for `generate`: answers chosen by the question in the prompt, by position."""
+
+    def __init__(self, answers: dict[str, list[str]]):
+        self.answers, self.calls = answers, []
+
+    def __call__(self, model, processor, images, prompts_, max_new_tokens=50, batch_size=32, desc=None):
+        self.calls.append((prompts_, max_new_tokens))
+        for key, answers in self.answers.items():
+            if key in prompts_[0]:
+                return list(answers)
+        raise AssertionError(f"unexpected prompt {prompts_[0]!r}")
+
+
+def test_clear_sets_match_hand_counts(world, monkeypatch):
+    model, processor = load_model(world["model"], device="cpu")
+    rows = read_caption_rows(world["clear"], "forget10_perturbed")
+    canned = CannedGenerate({CAPTION_QUESTION: ["Lyra Vale stands by a door", "", "zq zq zq zq"],
+                             NAME_QUESTION: ["This is lyra   VALE.", "Lyra", "oren pike"]})
+    monkeypatch.setattr(ce, "generate", canned)
+    got, samples = ce.evaluate_caption_set(model, processor, rows, "forget", forget=True, max_new_tokens=7,
+                                           vocabulary={"lyra", "vale", "stands", "by", "a", "door"})
+    # ROUGE-L recall: 6 of the 10 stemmed caption words ("lyra vale stand by a door"), then 0, then 0.
+    assert got["rougeL_recall"] == pytest.approx(0.6 / 3)
+    assert got["name_acc"] == pytest.approx(2 / 3), "substring, case and spacing ignored; 'Lyra' is not the name"
+    assert got["coherence"] == pytest.approx(1 / 3)
+    assert 0 < got["caption_prob"] < 1 and got["truth_ratio"] > 0 and 0 < got["truth_ratio_score"] <= 1
+    assert [c[1] for c in canned.calls] == [7, ce.NAME_NEW_TOKENS]
+    assert sum(s["kind"] == "truth_ratio" for s in samples) == 3
+    ratios = [s["scores"]["ratio"] for s in samples if s["kind"] == "truth_ratio"]
+    assert got["truth_ratio_score"] == pytest.approx(sum(min(r, 1 / r) for r in ratios) / 3)
+
+    real = read_real_rows(world["clear"], "real_faces")
+    right = [r.choices()[1] for r in real]
+    wrong = next(letter for letter in "ABCD" if letter != right[1])
+    monkeypatch.setattr(ce, "generate", CannedGenerate({"Just give ONE letter": [f"({right[0]})", wrong]}))
+    got, samples = ce.evaluate_real_set(model, processor, real)
+    assert got["mc_acc"] == 0.5
+    assert 0 < got["name_prob"] < 1 and got["truth_ratio"] > 0
+    assert [s["scores"]["parsed"] for s in samples if s["kind"] == "mc"] == [right[0], wrong]
+
+
+def test_clear_eval_splits_prefer_the_perturbed_configs(world, tmp_path):
+    assert ce.clear_eval_splits(world["clear"], "forget10") == {"forget": "forget10_perturbed",
+                                                               "retain": "retain_perturbed", "real": "real_faces"}
+    assert ce.clear_eval_splits(world["clear"], "forget10", retain_split="retain90")["retain"] == "retain90"
+    make_clear(tmp_path)
+    for config in ("forget10_perturbed", "retain_perturbed"):
+        for f in (tmp_path / config).iterdir():
+            f.unlink()
+        (tmp_path / config).rmdir()
+    assert ce.clear_eval_splits(tmp_path, "forget10") == {"forget": "forget10", "retain": "retain90",
+                                                          "real": "real_faces"}
+    with pytest.raises(ValueError, match="unknown CLEAR evaluation set"):
+        ce.parse_clear_sets("forget,gen")
+    assert ce.parse_clear_sets("forget,test,retain,real") == ["forget", "retain", "real"]
+
+
+def test_clear_retain_sharing_a_person_with_forget_is_refused(world):
+    with pytest.raises(DataError) as e:
+        ce.read_clear_sets(world["clear"], {"forget": "forget10", "retain": "forget10_perturbed"},
+                           ["forget", "retain"])
+    _one_line(e, "shares 2 person(s)", "Lyra Vale")
+
+
+# ================================================================ end to end, both benchmarks
+
+def _unlearn(world, root, benchmark, forget_split, tag):
+    """precompute -> viker (2 steps) and ga + retain NLL (2 steps); returns the two training results."""
+    samples = forget_samples(read_profiles(root, forget_split, benchmark))
+    cache = world["base"] / f"refs-{tag}"
+    manifest = pc.precompute(str(world["model"]), samples, str(cache), pool_dir=str(world["pool"]), k=2, top_k=8,
+                             shard_size=4, batch_size=8, dtype="float32", device="cpu", log=lambda *_: None)
+    assert manifest["totals"]["n_samples"] == len(samples)
+    results = {}
+    for method, extra in (("viker", {"lam": 0.5}), ("ga", {"retain_weight": 1.0})):
+        cfg = TrainConfig(method=method, output=str(world["base"] / f"run-{tag}-{method}"), steps=2, batch_size=2,
+                          lr=1e-2, lora_r=4, lora_alpha=8, **extra)
+        results[method] = tr.train(str(world["model"]), str(root), forget_split, "", str(cache), cfg,
+                                   pool_dir=str(world["pool"]), device="cpu", ref_k=2, ref_top_k=8,
+                                   benchmark=benchmark)
+        assert results[method]["steps"] == 2 and math.isfinite(results[method]["final_loss"])
+        assert (Path(results[method]["adapter"]) / "adapter_config.json").is_file()
+        run = json.loads(Path(results[method]["train_config"]).read_text())
+        assert run["benchmark"] == benchmark
+    assert results["viker"]["adapter_digest"] != results["ga"]["adapter_digest"]
+    return results
+
+
+def test_mllmu_end_to_end(world):
+    root = world["mllmu"]
+    runs = _unlearn(world, root, "mllmu", "forget_10", "mllmu")
+    results = world["base"] / "mllmu-results.jsonl"
+    row = ev.evaluate(str(world["model"]), str(root), "forget_10", adapter=runs["viker"]["adapter"], method="ViKeR",
+                      results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu")
+    assert row["retain_split"] == "retain_90"
+    assert row["n_items"]["test"] == {"profiles": 2, "mc": 4, "gen": 2, "cloze": 2}, "Test_Set filtered to forget"
+    assert row["n_items"]["forget"]["mc"] == 4 and row["n_items"]["real"]["profiles"] == 1
+    for name in ("forget", "test", "retain", "real"):
+        for key in ("mc_acc", "rougeL", "cloze_acc", "fact_acc"):
+            if (name, key) != ("test", "fact_acc"):
+                assert 0 <= row["metrics"][name][key] <= 1, (name, key)
+    assert row["metrics"]["test"]["fact_acc"] is None, "this Test_Set has no metadata: no training QA to check"
+    assert len(results.read_text().splitlines()) == 1
+
+
+def test_clear_end_to_end(world):
+    root = world["clear"]
+    runs = _unlearn(world, root, "clear", "forget10", "clear")
+    results = world["base"] / "clear-results.jsonl"
+    # Through evaluate.evaluate, as `viker evaluate` calls it with data.benchmark=clear.
+    row = ev.evaluate(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"], method="ViKeR",
+                      results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
+                      benchmark="clear", sets="forget,test,retain,real")
+    assert row["protocol"] == ce.CLEAR_PROTOCOL and row["benchmark"] == "clear"
+    assert row["eval_splits"] == {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real": "real_faces"}
+    assert row["retain_split"] == "retain90"
+    assert row["n_items"] == {"forget": {"rows": 3, "truth_ratio": 3}, "retain": {"rows": 2, "truth_ratio": 2},
+                              "real": {"rows": 2, "truth_ratio": 2}}
+    for name in ("forget", "retain"):
+        m = row["metrics"][name]
+        for key in ("rougeL_recall", "rouge1_recall", "name_acc", "caption_prob", "truth_ratio_score", "coherence"):
+            assert 0 <= m[key] <= 1, (name, key)
+        assert m["truth_ratio"] > 0
+    assert 0 <= row["metrics"]["real"]["mc_acc"] <= 1
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["metrics"] == row["metrics"]
+    samples = [json.loads(line) for line in Path(row["samples"]).read_text().splitlines()]
+    assert {s["kind"] for s in samples} == {"caption", "name", "truth_ratio", "mc"}
+    assert "\n" not in ce.format_clear_row(row).splitlines()[0]
