@@ -61,10 +61,15 @@ def main():
     viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
     viker finetune                  knowledge injection: base model -> vanilla model
     viker precompute                stage one: reference distributions -> HDF5 shards
+    viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
+    viker evaluate [--adapter DIR]  forget/test/retain/real metrics -> a results row
+    viker report                    comparison table + trade-off plot from the results
     viker cache inspect|verify|merge DIR
     """
+    from transformers.utils import logging as hf_logging
     from .modeling import set_threads
     set_threads()
+    hf_logging.disable_progress_bar()      # per-file "Loading weights" bars; our own bars stay
 
 
 @main.command()
@@ -109,12 +114,12 @@ def finetune(config_path, overrides):
 
     Afterwards the vanilla model's attribute accuracy is measured and saved.
     """
-    from .data.mllmu import read_split
+    from .data.loaders import read_profiles
     from .demo import vanilla_gate
     from .finetune import finetune as run
     cfg = _load(config_path, overrides)
     f, d = cfg.finetune, cfg.data
-    profiles = read_split(d.root, d.finetune_split) + read_split(d.root, d.real_split)
+    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
     info = run(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
                seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
@@ -139,7 +144,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
                    (or accelerate launch -m pipeline.cli precompute ...)
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
     """
-    from .data.mllmu import read_split
+    from .data.loaders import read_profiles
     from .data.records import forget_samples
     from .demo import pool_dir
     from .precompute import dist_env, precompute as run
@@ -163,7 +168,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
         if not 0 <= shard_index < num_shards:
             raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
         rank, world = shard_index, num_shards
-    samples = forget_samples(read_split(d.root, d.forget_split))
+    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
     manifest = run(cfg.model.path, samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
                    k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                    prefix_cache=p.prefix_cache and not no_prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype,
@@ -193,7 +198,8 @@ def train(config_path, resume, overrides):
     d, p = cfg.data, cfg.precompute
     result = run(cfg.model.path, d.root, d.forget_split, d.retain_split, p.output, cfg.train,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
-                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed)
+                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
+                 benchmark=d.benchmark)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
                f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
 
@@ -211,6 +217,7 @@ def evaluate(config_path, adapter, method, budget, overrides):
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
     coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
     """
+    from .clear_eval import format_clear_row
     from .evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
     setting, fingerprint, seed = {}, "", 0
@@ -226,9 +233,8 @@ def evaluate(config_path, adapter, method, budget, overrides):
               setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
               few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
               coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
-              dtype=cfg.model.dtype,
-              device=cfg.model.device)
-    click.echo(format_row(row))
+              dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
+    click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
 
 

@@ -40,7 +40,7 @@ class DataConfig:
     retain_split: str = ""        # empty: the complement MLLMU-Bench pairs with forget_split
     test_split: str = "Test_Set"
     real_split: str = "Retain_Set"
-    finetune_split: str = "ft_Data"
+    finetune_split: str = "ft_Data"  # comma-separated lists are accepted (CLEAR: forget10,retain90)
 
 
 @dataclass
@@ -145,7 +145,7 @@ class EvalConfig:
 class DemoConfig:
     """The unlearning sweep `viker demo` runs on the miniature benchmark."""
     methods: str = "ga,graddiff,kl_min,npo,idkpo,viker"
-    budgets: str = "4,8,16"          # training steps per run: one trade-off curve per method
+    budgets: str = "16,32,48"        # training steps per run: one trade-off curve per method
     lr: float = 2.0e-3
     seeds: str = "0"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import prompts
 from .config import Config, retain_split_for
 from .data.mini import is_complete, make_mini
+from .data.loaders import read_profiles
 from .data.mllmu import read_split
 from .factcheck import fact_accuracy
 from .modeling import build_tiny_llava, load_model
@@ -76,7 +77,8 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
         log(f"[finetune] vanilla model at {out} (reused)")
         return out
     f = cfg.finetune
-    profiles = read_split(cfg.data.root, cfg.data.finetune_split) + read_split(cfg.data.root, cfg.data.real_split)
+    d = cfg.data
+    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
     t = time.time()
     info = finetune(f.base, str(out), profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
@@ -141,7 +143,7 @@ def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     from .refcache import format_inspect, inspect_cache
     from .modeling import load_processor
     p, d = cfg.precompute, cfg.data
-    samples = forget_samples(read_split(d.root, d.forget_split))
+    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
     t = time.time()
     precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
                k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,

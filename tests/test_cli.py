@@ -111,3 +111,32 @@ def test_torchrun_two_processes_equal_one_process(env, cache, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert digests(out) == digests(cache)
+
+
+def test_train_evaluate_report_through_the_cli(env, cache, tmp_path):
+    import json
+    run_dir, results = tmp_path / "run", tmp_path / "results.jsonl"
+    common = overrides(env, cache) + [f"train.output={run_dir}", f"evaluate.results={results}",
+                                      "evaluate.max_new_tokens=4", "evaluate.max_profiles=2", "evaluate.few_shot=0"]
+    result = invoke("train", *common, "train.method=viker", "train.steps=2", "train.lr=1e-3", "train.lora_r=2")
+    assert result.exit_code == 0, result.output
+    assert "viker: 2 steps" in result.output and (run_dir / "adapter" / "adapter_config.json").exists()
+    assert invoke("evaluate", *common).exit_code == 0
+    result = invoke("evaluate", *common, "--adapter", str(run_dir / "adapter"))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["Vanilla", "ViKeR"]
+    assert rows[1]["budget"] == 2 and rows[1]["setting"]["lam"] == 0.5 and rows[1]["cache_fingerprint"]
+    result = invoke("report", *common, "--out", str(tmp_path / "rep"))
+    assert result.exit_code == 0 and "| ViKeR |" in result.output
+    assert (tmp_path / "rep" / "tradeoff.png").stat().st_size > 1000
+
+
+def test_train_refuses_a_cache_for_another_model(env, cache, tmp_path):
+    root, _ = env
+    other = build_tiny_llava(tmp_path / "other", tokenizer_texts(root), TINY, seed=3)
+    result = CliRunner().invoke(main, ["train", *overrides(env, cache), f"model.path={other}",
+                                       f"train.output={tmp_path / 'r'}", "train.steps=1"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: reference cache {cache} was made for a different setup: model weights differ")
