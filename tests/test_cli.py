@@ -8,19 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import MiniConfig, TinyModelConfig
-from pipeline.data.mini import make_mini
 from pipeline.demo import tokenizer_texts
 from pipeline.modeling import build_tiny_llava
+from tests.tiny import make_world, tiny_config
 
-TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, text_heads=2)
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=20, n_real=2, pool_size=5))
-    model = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
-    return root, model
+    return make_world(tmp_path_factory, TINY, n_fictitious=20, pool_size=5)
 
 
 def overrides(env, out):

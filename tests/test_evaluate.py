@@ -10,27 +10,21 @@ from PIL import Image
 
 import pipeline.evaluate as ev
 from pipeline import metrics
-from pipeline.config import MiniConfig, TinyModelConfig
-from pipeline.data.mini import make_mini
 from pipeline.data.mllmu import DataError, read_split
 from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
-from pipeline.demo import tokenizer_texts
 from pipeline.encoding import encode_prompt, pixel_values, load_image
-from pipeline.modeling import ModelError, build_tiny_llava, load_model, wrap_lora
+from pipeline.modeling import ModelError, load_model, wrap_lora
 from pipeline.prompts import multiple_choice_prompt
 from pipeline.report import load_results
+from tests.tiny import make_world, tiny_config
 
-TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
-                       text_heads=2, max_positions=512)
+TINY = tiny_config(max_positions=512)
 FAST = dict(max_new_tokens=6, batch_size=64)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = make_mini(tmp_path_factory.mktemp("mini"),
-                     MiniConfig(n_fictitious=10, n_real=2, pool_size=2, train_images=1, test_images=2))
-    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
-    return root, model_dir
+    return make_world(tmp_path_factory, TINY, n_fictitious=10, pool_size=2, train_images=1, test_images=2)
 
 
 # ------------------------------------------------------- canned answers, hand counts

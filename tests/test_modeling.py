@@ -1,23 +1,19 @@
 import pytest
 import torch
 
-from pipeline.config import MiniConfig, TinyModelConfig
-from pipeline.data.mini import make_mini
 from pipeline.data.mllmu import read_split
-from pipeline.demo import tokenizer_texts
 from pipeline.encoding import InputError, encode_pair, load_image, pixel_values
 from pipeline.finetune import finetune
-from pipeline.modeling import ModelError, build_tiny_llava, load_model, wrap_lora
+from pipeline.modeling import ModelError, load_model, wrap_lora
 from pipeline.prompts import train_text
+from tests.tiny import make_world, tiny_config
 
-TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, text_heads=2)
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=10, n_real=2, pool_size=2))
-    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
-    return root, model_dir
+    return make_world(tmp_path_factory, TINY, n_fictitious=10, pool_size=2)
 
 
 def test_saved_model_reloads_through_auto_classes(world):

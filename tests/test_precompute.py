@@ -8,24 +8,22 @@ import pytest
 import torch
 
 from pipeline import losses, precompute as pc, refcache
-from pipeline.config import MiniConfig, TinyModelConfig
-from pipeline.data.mini import make_mini
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
 from pipeline.demo import tokenizer_texts
 from pipeline.encoding import load_image
 from pipeline.fingerprint import pool_files, training_fingerprint
 from pipeline.modeling import build_tiny_llava, load_model
+from tests.tiny import make_world, tiny_config
 
-TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_heads=2)
+TINY = tiny_config(text_layers=2)
 K = 16
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     torch.set_num_threads(1)
-    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=20, n_real=2, pool_size=6))
-    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
+    root, model_dir = make_world(tmp_path_factory, TINY, n_fictitious=20, pool_size=6)
     samples = forget_samples(read_split(root, "forget_10"))[:7]
     return root, model_dir, samples
 

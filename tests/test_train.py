@@ -14,19 +14,18 @@ from safetensors.torch import load_file
 
 from pipeline import precompute as pc
 from pipeline import train as tr
-from pipeline.config import MiniConfig, TinyModelConfig, TrainConfig
-from pipeline.data.mini import make_mini
+from pipeline.config import TrainConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.demo import tokenizer_texts
 from pipeline.forward import answer_logits, make_text_batch
-from pipeline.modeling import build_tiny_llava, load_model
+from pipeline.modeling import load_model
 from pipeline.refcache import FingerprintMismatch
+from tests.tiny import make_world, tiny_config
 
 # peft calls a transformers helper that transformers 5.2x deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-TINY = TinyModelConfig(vocab_size=400, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_heads=2)
+TINY = tiny_config(text_layers=2)
 K_IMAGES, TOP_K = 3, 8
 
 
@@ -51,8 +50,7 @@ def _sharpen(model_dir, factor=30.0, noise_seed=None):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     torch.set_num_threads(1)
-    root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(n_fictitious=10, n_real=2, pool_size=6))
-    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), TINY)
+    root, model_dir = make_world(tmp_path_factory, TINY, n_fictitious=10, pool_size=6)
     _sharpen(model_dir)
     pool = root / "pools" / "people"
     samples = forget_samples(read_split(root, "forget_10"))
