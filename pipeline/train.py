@@ -151,6 +151,11 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
+        recorded = None
+        if needs_cache(method, spec):
+            # Refuse a cache for another model or forget set before paying for loading the model.
+            recorded = check_cache(cache_dir, model_dir, forget, pool_dir)
         model, processor = load_model(model_dir, dtype=dtype, device=str(dev))
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
@@ -159,7 +164,6 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         model.train()
         # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
         torch.manual_seed(cfg.seed + rank)
-        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
         retain = []
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
@@ -169,9 +173,9 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
             inputs.pool = inputs.pool.to(dev, _dtype_of(model))
         cache = {}
-        if method in ("npo", "idkpo") or (method == "viker" and not spec.online):
+        if needs_cache(method, spec):
             inputs.refs, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
-                                                 idk_answer)
+                                                 idk_answer, recorded)
         if len(forget) < world:
             raise TrainError(f"{len(forget)} forget samples cannot be split over {world} processes")
 
@@ -380,13 +384,30 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
                   0 if pad_id is None else pad_id)
 
 
-def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
-                    pool_dir, idk_answer: str) -> tuple[dict[str, RefSample], dict]:
-    """Load and check the cached references of every forget sample; (refs by id, what the cache is)."""
-    reader = RefCacheReader(cache_dir)
-    recorded = reader.fingerprint
-    # Raises FingerprintMismatch naming the part (model weights, tokenizer, forget set, ...).
+def needs_cache(method: str, spec) -> bool:
+    return method in ("npo", "idkpo") or (method == "viker" and not spec.online)
+
+
+def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir) -> dict:
+    """The cache's recorded fingerprint, if it matches this model, prompts, forget set and pool.
+
+    Raises FingerprintMismatch naming the part (model weights, tokenizer, forget set, ...).
+    """
+    with RefCacheReader(cache_dir) as reader:
+        recorded = reader.fingerprint
     check_fingerprint(cache_dir, training_fingerprint(model_dir, samples, recorded, pool_dir), recorded)
+    return recorded
+
+
+def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
+                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[dict[str, RefSample], dict]:
+    """Load and check the cached references of every forget sample; (refs by id, what the cache is).
+
+    `recorded`: the fingerprint an earlier `check_cache` already accepted (skips hashing again).
+    """
+    if recorded is None:
+        recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
+    reader = RefCacheReader(cache_dir)
     cached_idk = recorded.get("parts", {}).get("idk_answer")
     if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
         raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
