@@ -66,10 +66,13 @@ def main():
     viker report                    comparison table + trade-off plot from the results
     viker cache inspect|verify|merge DIR
     """
+    import warnings
     from transformers.utils import logging as hf_logging
     from .modeling import set_threads
     set_threads()
     hf_logging.disable_progress_bar()      # per-file "Loading weights" bars; our own bars stay
+    # peft calls a helper that transformers 5.2x deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @main.command()
