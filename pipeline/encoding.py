@@ -29,20 +29,28 @@ def pixel_values(processor, images: list[Image.Image]) -> torch.Tensor:
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def image_token_count(processor) -> int:
+    """How many placeholder tokens one image expands to, asked of the processor itself.
+
+    Counting them in a real processor call (once, on a blank picture) works for
+    any LLaVA-style processor whatever its config spells (crop size, patch size,
+    class token, selection strategy).
+    """
+    n = getattr(processor, "_viker_image_tokens", None)
+    if n is None:
+        blank = Image.new("RGB", (64, 64))
+        ids = processor(images=[blank], text=[processor.image_token], return_tensors="pt")["input_ids"][0]
+        n = int((ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+        if n == 0:
+            raise InputError("the processor does not expand the image token; not a LLaVA-style processor")
+        processor._viker_image_tokens = n
+    return n
+
+
 def _expand_ids(processor, text: str) -> list[int]:
     """Token ids of `text` with the image placeholder expanded, BOS included."""
-    tok = processor.tokenizer
-    n_image = getattr(processor, "num_image_tokens", None)
-    if n_image is None:
-        # LlavaProcessor derives it from the image size; compute once and remember.
-        patch = processor.patch_size
-        size = processor.image_processor.crop_size
-        n_image = (size["height"] // patch) * (size["width"] // patch) + processor.num_additional_image_tokens
-        if processor.vision_feature_select_strategy == "default":
-            n_image -= 1
-        processor.num_image_tokens = n_image
-    expanded = text.replace(processor.image_token, processor.image_token * n_image)
-    return tok(expanded, add_special_tokens=True)["input_ids"]
+    expanded = text.replace(processor.image_token, processor.image_token * image_token_count(processor))
+    return processor.tokenizer(expanded, add_special_tokens=True)["input_ids"]
 
 
 def encode_pair(processor, prompt: str, answer: str, where: str = "example", max_length: int | None = None):
