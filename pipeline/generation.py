@@ -16,7 +16,8 @@ def generate(model, processor, images, prompts: list[str], max_new_tokens: int =
     dtype = next(model.parameters()).dtype
     answers: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    # disable=None: bars only on a terminal; in a batch-job log these short nested bars are noise.
+    for start in tqdm(starts, desc=desc, disable=True if desc is None else None, leave=False):
         chunk = prompts[start: start + batch_size]
         ids, mask = pad_left([encode_prompt(processor, p) for p in chunk], tok.pad_token_id)
         pixels = pixel_values(processor, images[start: start + batch_size]).to(device, dtype)
