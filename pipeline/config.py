@@ -147,6 +147,7 @@ class DemoConfig:
     methods: str = "ga,graddiff,kl_min,npo,idkpo,viker"
     budgets: str = "16,32,48"        # training steps per run: one trade-off curve per method
     lr: float = 2.0e-3
+    lams: str = "0.5"                # ViKeR's lambda; several values give one ViKeR curve each
     seeds: str = "0"
 
 

@@ -181,23 +181,28 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     t = time.time()
     evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0, **common)
     log(f"[evaluate] Vanilla in {time.time() - t:.1f}s")
+    lams = [float(x) for x in _csv(cfg.demo.lams)]
     for method in _csv(cfg.demo.methods):
-        for budget in [int(b) for b in _csv(cfg.demo.budgets)]:
-            for seed in [int(s) for s in _csv(cfg.demo.seeds)]:
-                t = time.time()
-                tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed,
-                               output=str(runs / f"{method}-{budget}-s{seed}"))
-                out = train(str(model_dir), d.root, d.forget_split, d.retain_split, cache_dir, tcfg,
-                            pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
-                            device=cfg.model.device)
-                setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
-                if method == "viker":
-                    setting.update(lam=tcfg.lam, regulariser=tcfg.regulariser)
-                evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, adapter=out["adapter"],
-                         method=METHOD_LABELS.get(method, method), setting=setting, budget=budget, seed=seed,
-                         cache_fingerprint=fingerprint, **common)
-                log(f"[unlearn] {METHOD_LABELS.get(method, method):8s} {budget:3d} steps, seed {seed}: "
-                    f"trained + evaluated in {time.time() - t:.1f}s")
+        for lam in (lams if method == "viker" else [cfg.train.lam]):
+            label = METHOD_LABELS.get(method, method)
+            if method == "viker" and len(lams) > 1:
+                label += f" λ={lam:g}"        # one curve per lambda in the trade-off plot
+            for budget in [int(b) for b in _csv(cfg.demo.budgets)]:
+                for seed in [int(s) for s in _csv(cfg.demo.seeds)]:
+                    t = time.time()
+                    tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed, lam=lam,
+                                   output=str(runs / f"{method}-{lam:g}-{budget}-s{seed}"))
+                    out = train(str(model_dir), d.root, d.forget_split, d.retain_split, cache_dir, tcfg,
+                                pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer,
+                                dtype=cfg.model.dtype, device=cfg.model.device)
+                    setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
+                    if method == "viker":
+                        setting.update(lam=lam, regulariser=tcfg.regulariser)
+                    evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, adapter=out["adapter"],
+                             method=label, setting=setting, budget=budget, seed=seed,
+                             cache_fingerprint=fingerprint, **common)
+                    log(f"[unlearn] {label:14s} {budget:3d} steps, seed {seed}: "
+                        f"trained + evaluated in {time.time() - t:.1f}s")
     return results
 
 

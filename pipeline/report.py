@@ -106,9 +106,11 @@ def _as_float(value) -> float:
 
 
 def _method_rank(method: str) -> tuple:
-    # Known methods in paper order, then any others alphabetically.
-    if method in METHOD_ORDER:
-        return (0, METHOD_ORDER.index(method), "")
+    # Known methods in paper order (variants such as "ViKeR λ=0.05" or "ViKeR w/o GA" right
+    # after their method), then any others alphabetically.
+    base = method.split(" ")[0]
+    if base in METHOD_ORDER:
+        return (0, METHOD_ORDER.index(base), method)
     return (1, 0, method)
 
 

@@ -214,3 +214,9 @@ def test_acc_metric_switches_the_acc_columns(tmp_path):
     assert "forget.fact_acc" in paths["markdown"].read_text()
     with pytest.raises(ValueError, match="unknown ACC metric"):
         report.comparison_table(df, "nope")
+
+
+def test_method_variants_sort_after_their_method():
+    from pipeline.report import _method_rank
+    names = ["ViKeR λ=0.5", "Zeta", "GA", "ViKeR λ=0.05", "Vanilla", "NPO"]
+    assert sorted(names, key=_method_rank) == ["Vanilla", "GA", "NPO", "ViKeR λ=0.05", "ViKeR λ=0.5", "Zeta"]
