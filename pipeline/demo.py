@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import prompts
-from .config import Config, retain_split_for
+from .config import Config
 from .data.mini import is_complete, make_mini
 from .data.loaders import read_profiles
 from .data.mllmu import read_split
@@ -91,19 +91,26 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
 
 
 def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
-    """Attribute accuracy of the vanilla model on the four sets; saved beside the model."""
+    """Attribute accuracy of the vanilla model on the evaluation sets; saved beside the model.
+
+    Held-out pictures exist only in MLLMU-Bench's Test_Set (CLEAR has none), so
+    the test rows are measured there alone.
+    """
+    from .data.loaders import default_splits
     model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
     d = cfg.data
-    retain = d.retain_split or retain_split_for(d.forget_split)
-    forget_ids = {p.id for p in read_split(d.root, d.forget_split, check_images=False)}
+    splits = default_splits(d.benchmark, d.forget_split)
+    forget = read_profiles(d.root, d.forget_split, d.benchmark)
     sets = {
-        "forget": (read_split(d.root, d.forget_split), False),
-        "retain": (read_split(d.root, retain), False),
-        "real": (read_split(d.root, d.real_split), False),
-        "test (held-out images, forget people)": (
-            [p for p in read_split(d.root, d.test_split) if p.id in forget_ids], True),
-        "test (held-out images, all people)": (read_split(d.root, d.test_split), True),
+        "forget": (forget, False),
+        "retain": (read_profiles(d.root, d.retain_split or splits["retain"], d.benchmark), False),
+        "real": (read_profiles(d.root, d.real_split or splits["real"], d.benchmark), False),
     }
+    if d.benchmark == "mllmu":
+        forget_ids = {p.id for p in forget}
+        test = read_profiles(d.root, d.test_split or splits["test"], d.benchmark)
+        sets["test (held-out images, forget people)"] = ([p for p in test if p.id in forget_ids], True)
+        sets["test (held-out images, all people)"] = (test, True)
     results = {}
     for name, (profiles, held_out) in sets.items():
         results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
