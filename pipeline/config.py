@@ -130,7 +130,6 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    output: str = "cache/runs/demo/eval"
     sets: str = "forget,test,retain,real"
     few_shot: int = 1
     max_new_tokens: int = 50
