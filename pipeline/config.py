@@ -8,7 +8,6 @@ sweep must never silently fall back to a default.
 """
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,14 +245,3 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         key, value = parse_override(text)
         _apply(cfg, key, value)
     return cfg
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def retain_split_for(forget_split: str) -> str:
-    """MLLMU-Bench pairs forget_N with retain_(100-N)."""
-    if not forget_split.startswith("forget_"):
-        raise ConfigError(f"data.forget_split '{forget_split}' is not forget_5/10/15; set data.retain_split")
-    return f"retain_{100 - int(forget_split.split('_')[1])}"

@@ -28,7 +28,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import metrics
-from .config import retain_split_for
 from .data.loaders import check_benchmark, default_splits, read_profiles
 from .data.mllmu import SPLITS, DataError, read_split
 from .data.records import Profile
@@ -306,7 +305,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
                                                                                budget, seed)
     row = {
         "method": method, "forget_split": forget_split,
-        "retain_split": retain_split or retain_split_for(forget_split),
+        "retain_split": retain_split or default_splits(benchmark, forget_split)["retain"],
         "setting": dict(setting or {}), "budget": budget, "seed": seed,
         "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
         "cache_fingerprint": cache_fingerprint,

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config, retain_split_for
+from pipeline.config import Config, ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -67,7 +67,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_retain_split_pairs_with_forget_split():
-    assert retain_split_for("forget_10") == "retain_90"
-    assert retain_split_for("forget_5") == "retain_95"
-    with pytest.raises(ConfigError):
-        retain_split_for("mine")
+    from pipeline.data.loaders import default_splits
+    from pipeline.data.mllmu import DataError
+    assert default_splits("mllmu", "forget_10")["retain"] == "retain_90"
+    assert default_splits("mllmu", "forget_5")["retain"] == "retain_95"
+    with pytest.raises(DataError):
+        default_splits("mllmu", "mine")
