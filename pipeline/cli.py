@@ -117,18 +117,12 @@ def finetune(config_path, overrides):
 
     Afterwards the vanilla model's attribute accuracy is measured and saved.
     """
-    from .data.loaders import read_profiles
     from .demo import vanilla_gate
-    from .finetune import finetune as run
+    from .runs import run_finetune
     cfg = _load(config_path, overrides)
-    f, d = cfg.finetune, cfg.data
-    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
-    info = run(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
-               warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
-               seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
-               dtype=cfg.model.dtype, device=cfg.model.device)
-    click.echo(f"vanilla model saved to {f.output} ({info['train_seconds']}s)")
-    vanilla_gate(cfg, f.output, log=click.echo)
+    info = run_finetune(cfg)
+    click.echo(f"vanilla model saved to {cfg.finetune.output} ({info['train_seconds']}s)")
+    vanilla_gate(cfg, cfg.finetune.output, log=click.echo)
 
 
 @main.command()
@@ -147,12 +141,10 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
                    (or accelerate launch -m pipeline.cli precompute ...)
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
     """
-    from .data.loaders import read_profiles
-    from .data.records import forget_samples
-    from .demo import pool_dir
-    from .precompute import dist_env, precompute as run
+    from .precompute import dist_env
+    from .runs import run_precompute
     cfg = _load(config_path, overrides)
-    p, d = cfg.precompute, cfg.data
+    p = cfg.precompute
     rank, world, local_rank = dist_env()
     device = cfg.model.device
     if world > 1:
@@ -171,11 +163,8 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
         if not 0 <= shard_index < num_shards:
             raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
         rank, world = shard_index, num_shards
-    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
-    manifest = run(cfg.model.path, samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
-                   k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
-                   prefix_cache=p.prefix_cache and not no_prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype,
-                   device=device, rank=rank, world=world, log=click.echo)
+    manifest = run_precompute(cfg, cfg.model.path, prefix_cache=p.prefix_cache and not no_prefix_cache,
+                              device=device, rank=rank, world=world, log=click.echo)
     if manifest is not None:
         click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "
                    f"{manifest['totals']['n_tokens']} answer tokens, {manifest['totals']['bytes']} bytes)")
@@ -195,14 +184,9 @@ def train(config_path, resume, overrides):
                w/o Vis = a cache made with precompute.reference=own.
     Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
     """
-    from .demo import pool_dir
-    from .train import train as run
+    from .runs import run_train
     cfg = _load(config_path, overrides)
-    d, p = cfg.data, cfg.precompute
-    result = run(cfg.model.path, d.root, d.forget_split, d.retain_split, p.output, cfg.train,
-                 pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
-                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
-                 benchmark=d.benchmark)
+    result = run_train(cfg, cfg.model.path, resume=resume)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
                f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
 

@@ -70,21 +70,15 @@ def ensure_base_model(cfg: Config, log=print) -> Path:
 
 
 def ensure_vanilla(cfg: Config, log=print) -> Path:
-    from .finetune import finetune
+    from .runs import run_finetune
     out = Path(cfg.finetune.output)
     stamp = stamp_of(cfg.mini, cfg.tiny, cfg.finetune)
     if _stamp_matches(out, stamp):
         log(f"[finetune] vanilla model at {out} (reused)")
         return out
-    f = cfg.finetune
-    d = cfg.data
-    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
     t = time.time()
-    info = finetune(f.base, str(out), profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
-                    warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
-                    seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r, lora_alpha=f.lora_alpha,
-                    dtype=cfg.model.dtype, device=cfg.model.device,
-                    extra_info={"data": cfg.data.root, "splits": [cfg.data.finetune_split, cfg.data.real_split]})
+    info = run_finetune(cfg, extra_info={"data": cfg.data.root,
+                                         "splits": [cfg.data.finetune_split, cfg.data.real_split]})
     (out / "viker-stamp.json").write_text(stamp)
     log(f"[finetune] vanilla model saved to {out} in {time.time() - t:.1f}s (final loss {info['final_loss']:.3f})")
     return out
@@ -137,25 +131,14 @@ def check_gate(results: dict, min_acc: float) -> None:
                         f"raise finetune.steps or finetune.lr, then rerun")
 
 
-def pool_dir(pool: str, data_root: str) -> str:
-    """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
-    from .data.mini import POOLS
-    return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
-
-
 def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     """Stage one on the forget split (resumes, or does nothing, if the cache is already there)."""
-    from .data.records import forget_samples
-    from .precompute import precompute
-    from .refcache import format_inspect, inspect_cache
     from .modeling import load_processor
-    p, d = cfg.precompute, cfg.data
-    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
+    from .refcache import format_inspect, inspect_cache
+    from .runs import run_precompute
+    p = cfg.precompute
     t = time.time()
-    precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
-               k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
-               prefix_cache=p.prefix_cache, idk_answer=p.idk_answer, dtype=p.dtype, device=cfg.model.device,
-               log=log)
+    run_precompute(cfg, str(model_dir), log=log)
     log(f"[precompute] reference cache {p.output} ready in {time.time() - t:.1f}s")
     tok = load_processor(model_dir).tokenizer
     log(format_inspect(inspect_cache(p.output, decode=lambda i: tok.decode([int(i)]), top_n=8)))
@@ -174,9 +157,9 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     """
     from dataclasses import replace
     from .evaluate import evaluate
-    from .train import train
+    from .runs import run_train
     from .cli import METHOD_LABELS
-    d, e, p = cfg.data, cfg.evaluate, cfg.precompute
+    d, e = cfg.data, cfg.evaluate
     runs = Path(cfg.train.output)
     results = Path(e.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -199,9 +182,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
                     t = time.time()
                     tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed, lam=lam,
                                    output=str(runs / f"{method}-{lam:g}-{budget}-s{seed}"))
-                    out = train(str(model_dir), d.root, d.forget_split, d.retain_split, cache_dir, tcfg,
-                                pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer,
-                                dtype=cfg.model.dtype, device=cfg.model.device)
+                    out = run_train(cfg, str(model_dir), tcfg)
                     setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
                     if method == "viker":
                         setting.update(lam=lam, regulariser=tcfg.regulariser)

@@ -1,0 +1,55 @@
+"""The edge where a `Config` becomes the flat arguments of each stage.
+
+`viker finetune|precompute|train` and `viker demo` both start stages from a
+config; they call these functions so that the mapping from config keys to
+arguments is written once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config, TrainConfig
+
+
+def pool_dir(pool: str, data_root: str) -> str:
+    """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
+    from .data.mini import POOLS
+    return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
+
+
+def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
+    """Knowledge injection on the fine-tuning split plus the real set -> cfg.finetune.output."""
+    from .data.loaders import read_profiles
+    from .finetune import finetune
+    f, d = cfg.finetune, cfg.data
+    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
+    return finetune(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
+                    warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
+                    seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
+                    lora_alpha=f.lora_alpha, dtype=cfg.model.dtype, device=cfg.model.device, extra_info=extra_info)
+
+
+def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
+                   rank: int = 0, world: int = 1, log=print) -> dict | None:
+    """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
+    from .data.loaders import read_profiles
+    from .data.records import forget_samples
+    from .precompute import precompute
+    p, d = cfg.precompute, cfg.data
+    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
+    return precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
+                      k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
+                      prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
+                      idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
+                      rank=rank, world=world, log=log)
+
+
+def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False) -> dict:
+    """Stage two with cfg.train (or a variant of it), reading the cache at cfg.precompute.output."""
+    from .train import train
+    d, p = cfg.data, cfg.precompute
+    return train(str(model_dir), d.root, d.forget_split, d.retain_split, p.output, train_cfg or cfg.train,
+                 pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
+                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
+                 benchmark=d.benchmark)
+
