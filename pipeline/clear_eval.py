@@ -65,7 +65,7 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from . import metrics
 from .data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, read_caption_rows, read_real_rows,

@@ -12,6 +12,7 @@ import sys
 import click
 
 from .config import ConfigError, load_config
+from .labels import METHOD_LABELS, method_label  # noqa: F401  (METHOD_LABELS re-exported for old imports)
 
 DEMO_CONFIG = "configs/demo.yaml"
 
@@ -223,24 +224,6 @@ def evaluate(config_path, adapter, method, budget, overrides):
               dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
-
-
-METHOD_LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO",
-                 "viker": "ViKeR"}
-
-
-def method_label(info: dict) -> str:
-    """The paper's name of a training run's method, ablations included."""
-    t = info.get("train", {})
-    label = METHOD_LABELS.get(info.get("method", ""), info.get("method", "adapter"))
-    if info.get("method") == "viker":
-        if not t.get("use_ga", True):
-            label += " w/o GA"
-        if (info.get("cache_settings") or {}).get("reference") == "own":
-            label += " w/o Vis"
-        if t.get("regulariser", "kl") != "kl":
-            label += f" ({t['regulariser'].upper()})"
-    return label
 
 
 def _training_info(adapter: str) -> dict:

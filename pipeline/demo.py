@@ -158,7 +158,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     from dataclasses import replace
     from .evaluate import evaluate
     from .runs import run_train
-    from .cli import METHOD_LABELS
+    from .labels import METHOD_LABELS
     d, e = cfg.data, cfg.evaluate
     runs = Path(cfg.train.output)
     results = Path(e.results)

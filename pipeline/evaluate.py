@@ -25,9 +25,10 @@ import json
 import math
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from . import metrics
+from .labels import file_slug
 from .data.loaders import check_benchmark, default_splits, read_profiles
 from .data.mllmu import SPLITS, DataError, read_split
 from .data.records import Profile
@@ -336,7 +337,8 @@ def _counts(profiles: list[Profile]) -> dict[str, int]:
 
 def default_samples_path(results_path: Path, method: str, forget_split: str, budget, seed) -> Path:
     # The forget split is in the name: one results file usually holds several splits' runs.
-    return results_path.parent / f"samples-{method}-{forget_split}-{budget}-{seed}.jsonl"
+    # The method is a display label ('ViKeR λ=0.5'): file names get its ASCII slug ('viker-lam0.5').
+    return results_path.parent / f"samples-{file_slug(method)}-{forget_split}-{budget}-{seed}.jsonl"
 
 
 # ------------------------------------------------------------- files

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .data.records import Profile
 from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values

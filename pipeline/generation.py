@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .encoding import encode_prompt, pad_left, pixel_values
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from . import refcache
 from .data.records import Sample

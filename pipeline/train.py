@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .config import TrainConfig
 from .data.loaders import default_splits, read_profiles

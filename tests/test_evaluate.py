@@ -218,7 +218,7 @@ def test_evaluate_writes_a_full_row(two_runs):
 def test_per_sample_file_has_the_answers(two_runs):
     out, first, _ = two_runs
     rows = [json.loads(line) for line in open(first["samples"])]
-    assert first["samples"] == str(out / "samples-Vanilla-forget_10-0-0.jsonl")
+    assert first["samples"] == str(out / "samples-vanilla-forget_10-0-0.jsonl")
     assert {r["set"] for r in rows} == {"forget", "test", "retain", "real"}
     gen = [r for r in rows if r["kind"] == "gen"]
     assert len(gen) == 6 * (1 + 1 + 9 + 2)
