@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.viker-installed
 
-.PHONY: demo test setup clean-cache
+.PHONY: demo test setup clean-cache test-image-env test-floors
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,42 @@ test: $(STAMP)
 
 clean-cache:
 	rm -rf cache/mini cache/models cache/refs cache/runs
+
+# --- the Docker image's Python environment, without a Docker engine -----------
+# The base image's torch version (read from the Dockerfile's FROM tag; PyPI's wheel
+# without its nvidia-* libraries runs the CPU tests), then the package installed by docker/install.sh exactly as the
+# Dockerfile runs it; then `viker --help` and the fast end-to-end CLI test.
+TORCH_PURE_DEPS = filelock typing-extensions sympy networkx jinja2 fsspec setuptools
+IMAGE_VENV ?= .venv-image
+IMAGE_TORCH = $(shell sed -n 's|^FROM pytorch/pytorch:\([0-9.]*\)-.*|\1|p' Dockerfile)
+
+test-image-env:
+	rm -rf $(IMAGE_VENV)
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/pip install -q --no-deps "torch==$(IMAGE_TORCH)"
+	$(IMAGE_VENV)/bin/pip install -q $(TORCH_PURE_DEPS)
+	PATH=$(CURDIR)/$(IMAGE_VENV)/bin:$$PATH sh docker/install.sh .
+	$(IMAGE_VENV)/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; \
+	  sys.exit(0 if v == '$(IMAGE_TORCH)' else f'pip replaced the base torch $(IMAGE_TORCH) by {v}')"
+	HF_HUB_OFFLINE=1 $(IMAGE_VENV)/bin/viker --help > /dev/null
+	$(IMAGE_VENV)/bin/pip install -q "pytest>=7"
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_cli.py tests/test_image.py
+
+# --- the declared minimum versions (pyproject.toml) running the fast suite ----
+# PyPI has only CUDA builds of torch for x86_64: the wheel goes in with --no-deps
+# (no nvidia-* libraries, ~0.5 GB), enough for the CPU tests. The torch floor is
+# the Docker base image's torch (transformers 5 itself needs >= 2.6).
+FLOOR_VENV ?= .venv-floors
+FLOOR_TORCH = torch==2.9.0
+FLOORS = transformers==5.17.0 peft==0.17.0 accelerate==1.1.0 h5py==3.11.0
+
+test-floors:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install -q --no-deps "$(FLOOR_TORCH)"
+	$(FLOOR_VENV)/bin/pip install -q $(TORCH_PURE_DEPS)
+	echo "$(FLOOR_TORCH)" > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/pip install -q -c $(FLOOR_VENV)/constraints.txt $(FLOORS) ".[test]"
+	$(FLOOR_VENV)/bin/pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|accelerate|h5py) "
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider
