@@ -54,7 +54,7 @@ test-image-env:
 # the Docker base image's torch (transformers 5 itself needs >= 2.6).
 FLOOR_VENV ?= .venv-floors
 FLOOR_TORCH = torch==2.9.0
-FLOORS = transformers==5.17.0 peft==0.17.0 accelerate==1.1.0 h5py==3.11.0
+FLOORS = transformers==5.17.0 peft==0.18.0 accelerate==1.1.0 h5py==3.11.0
 
 test-floors:
 	rm -rf $(FLOOR_VENV)
