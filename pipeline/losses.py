@@ -28,7 +28,8 @@ tokens and 0 on padding. Math is done in float32 whatever the input dtype.
 
 Ours, not the paper's: the per-example normalisation (mean over answer tokens,
 then the loop's batch mean; NPO/IdkPO use summed log-likelihoods as in their
-papers), the floors that keep padded or saturated positions finite, and the
+papers), the floors that keep padded positions finite (Q's tail has none: it is
+computed by logsumexp, see _log_buckets), and the
 optional per-token lambda (`token_lambda`, `entropy_token_lambda`).
 """
 from __future__ import annotations
@@ -83,14 +84,37 @@ def _gather_labels(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, idx).squeeze(-1)
 
 
-def _buckets_from_logp(logp: torch.Tensor, topk_idx: torch.Tensor, eps: float) -> torch.Tensor:
-    # Gather the K log-probs and exponentiate only those: no second [B,T,V].
-    q_top = logp.gather(-1, topk_idx.long()).exp()
-    # 1 - sum loses precision when the top-K hold almost all the mass, and can
-    # go negative (rounding, or repeated indices at padded positions): clamp
-    # so log(tail) stays finite.
-    q_tail = (1.0 - q_top.sum(-1, keepdim=True)).clamp_min(eps)
-    return torch.cat([q_top, q_tail], dim=-1)
+def _log_buckets(logp: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """log Q~ = (log Q at the K indices, log tail), [..., K+1], from log-probabilities.
+
+    The tail is logsumexp over the entries *outside* the top-K minus
+    logsumexp over all, never 1 - sum(top-K): the difference loses ~1e-4 of
+    a small tail to float32 rounding (4e-7 this way), and a floor under it
+    (the old 1e-6) both misstates a saturated model's tail (GA drives it to
+    1e-20 and below) and zeroes its gradient. Entries inside the top-K are
+    masked with the lowest finite float, not -inf, so a top-K that covers the
+    whole vocabulary gives a tail of exactly 0 with finite gradients.
+    Repeated indices (padded positions) are masked once.
+    """
+    idx = topk_idx.long()
+    in_top = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(-1, idx, True)
+    rest = logp.masked_fill(in_top, torch.finfo(logp.dtype).min)
+    log_tail = torch.logsumexp(rest, -1, keepdim=True) - torch.logsumexp(logp, -1, keepdim=True)
+    return torch.cat([logp.gather(-1, idx), log_tail], dim=-1)
+
+
+def _buckets_from_logp(logp: torch.Tensor, topk_idx: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    # eps: an optional floor on the tail (0: none, the default; see _log_buckets).
+    q = _log_buckets(logp, topk_idx).exp()
+    if eps > 0:
+        q = torch.cat([q[..., :-1], q[..., -1:].clamp_min(eps)], dim=-1)
+    return q
+
+
+def _kl_log_buckets(r: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(R~ || Q~) with Q~ given as logs: exact even where Q's tail underflows float32 (< 1e-38)."""
+    cross = torch.where(r > 0, r * log_q, torch.zeros_like(r))
+    return (_xlogy(r, r) - cross).sum(-1)
 
 
 def _check_kind(kind: str) -> None:
@@ -173,10 +197,10 @@ def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1):
 # ----------------------------------------------------------------- ViKeR
 
 
-def bucket_probs(logits: torch.Tensor, topk_idx: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Q~ = (Q at the K reference indices, tail 1 - sum), [B, T, K+1] float32.
+def bucket_probs(logits: torch.Tensor, topk_idx: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Q~ = (Q at the K reference indices, tail mass outside them), [B, T, K+1] float32.
 
-    The tail is clamped to >= eps.
+    The tail is computed by logsumexp (see _log_buckets); eps > 0 floors it.
     """
     return _buckets_from_logp(F.log_softmax(logits.float(), dim=-1), topk_idx, eps)
 
@@ -233,9 +257,11 @@ def viker_loss(
     # One log-softmax serves both the GA term and the buckets.
     logp = F.log_softmax(logits.float(), dim=-1)
     lp_y = _gather_labels(logp, labels)
-    q = _buckets_from_logp(logp, topk_idx, eps=1e-6)
+    log_q = _log_buckets(logp, topk_idx)
+    q = log_q.exp()
     r = reference_buckets(topk_prob, tail_mass)
-    div = bucket_divergence(r, q, kind)
+    # KL straight from the logs: a saturated tail (GA's) keeps its true value and gradient.
+    div = _kl_log_buckets(r, log_q) if kind == "kl" else bucket_divergence(r, q, kind)
     lam_t = token_lambda.float() if token_lambda is not None else torch.full_like(div, float(lam))
     reg = lam_t * div
     per_token = lp_y + reg if use_ga else reg
