@@ -36,10 +36,11 @@ from .factcheck import fact_accuracy
 from .generation import generate
 from .modeling import ModelError, load_model, resolve_device
 from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from .scoring import LL_METRIC_KEYS, likelihood_metrics
 
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
-               "cloze_acc", "fact_acc", "coherence")
+               "cloze_acc", "fact_acc", "coherence") + LL_METRIC_KEYS   # *_ll_*: by likelihood (scoring.py)
 # Room for "The answer is B" from a chatty model; the parser reads the letter.
 MC_NEW_TOKENS = 8
 
@@ -165,8 +166,9 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     fact_rows = [_sample(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
-    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"])}
-    return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows
+    ll, ll_rows = likelihood_metrics(model, processor, profiles, images, batch_size, set_name)
+    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"]), **ll}
+    return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
 
 
 def _eval_image(p: Profile, use_other_images: bool):
@@ -387,7 +389,7 @@ def flatten(row: dict, prefix: str = "") -> dict:
 
 _SHOWN = (("MC", "mc_acc"), ("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"), ("R-1", "rouge1"),
           ("R-2", "rouge2"), ("R-L", "rougeL"), ("BLEU", "bleu"), ("cloze", "cloze_acc"), ("fact", "fact_acc"),
-          ("coher.", "coherence"))
+          ("coher.", "coherence"), ("MC-LL", "mc_ll_acc"), ("clz-LL", "cloze_ll_acc"))
 
 
 def format_row(row: dict) -> str:
