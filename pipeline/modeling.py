@@ -163,7 +163,20 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def set_threads() -> None:
-    """Use every core we were given, not more (oversubscription slows small models)."""
+def set_threads() -> int:
+    """Use every core we were given, not more (oversubscription slows small models); returns the count.
+
+    VIKER_THREADS (or else OMP_NUM_THREADS) overrides: parallel workers, such as
+    `viker study`'s, pin one thread each, because several torch processes each
+    using every core ran 7x slower on 2 cores.
+    """
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for name in ("VIKER_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ModelError(f"{name}={value!r} must be a positive integer (threads per process)")
+            n = int(value)
+            break
     torch.set_num_threads(max(1, n))
+    return max(1, n)
