@@ -64,6 +64,7 @@ def main():
     viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
     viker evaluate [--adapter DIR]  forget/test/retain/real metrics -> a results row
     viker report                    comparison table + trade-off plot from the results
+    viker study [--quick]           all methods over draws x splits x seeds -> docs/STUDY.md
     viker cache inspect|verify|merge DIR
     """
     import warnings
@@ -88,6 +89,27 @@ def demo(config_path, overrides):
     """
     from .demo import run_demo
     run_demo(_load(config_path, overrides))
+
+
+@main.command()
+@config_option
+@click.option("--quick", is_flag=True, help="CI-sized grid (tiny model, 3 draws, 2 methods, 2 budgets) "
+              "under cache/study-quick: checks the machinery end to end in minutes, proves nothing about methods.")
+@overrides_arg
+@one_line_errors
+def study(config_path, quick, overrides):
+    """Every method over benchmark draws x forget splits x seeds; tables and plots -> docs/STUDY.md.
+
+    Hyper-parameters are chosen on a separate validation draw by one rule for
+    all methods, then frozen; methods are compared at matched forgetting with
+    95% bootstrap intervals. Finished runs are reused, so a killed study
+    resumes. Settings: the `study` section (configs/study.yaml).
+    """
+    import shlex
+    from .study import QUICK, run_study
+    cfg = load_config(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides))
+    command = "viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    run_study(cfg, command=command.strip(), log=click.echo)
 
 
 @main.group()

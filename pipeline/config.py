@@ -150,6 +150,32 @@ class DemoConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`viker study`: the comparisons over benchmark draws, splits and seeds (pipeline/study.py)."""
+    draws: str = "1,2,3"             # mini.seed of the test draws: >= 3, never 0 (the demo's draw)
+    val_draw: int = 4                # mini.seed of the draw that picks hyper-parameters (not a test draw)
+    val_split: str = "forget_10"
+    splits: str = "forget_5,forget_10,forget_15"
+    seeds: str = "0,1"               # training seeds
+    methods: str = "ga,graddiff,kl_min,npo,idkpo,viker"
+    budgets: str = "8,16,32,48"      # training steps: one forget-vs-utility curve per run
+    lrs: str = "1e-3,2e-3"           # candidate learning rates, every method alike
+    lams: str = "0.05,0.5"           # candidate ViKeR lambdas
+    forget_metric: str = "fact_acc"  # Forget ACC of the matched-forgetting rule: fact_acc | mc_ll_acc | mc_acc
+    utility_metric: str = "fact_acc" # retain utility of the selection rule (AUC of retain.<this>)
+    ablation_split: str = "forget_10"  # comparisons beyond the main table run on this split, first seed
+    refs: str = "pets,scenes,patterns,retain_set,forget_set"   # reference sources beside people
+    ks: str = "1,3,10"               # k beside precompute.k
+    lam_sweep: str = "0.02,0.1,0.2,1.0"
+    regularisers: str = "jsd,cos"    # beside kl
+    ablations: bool = True           # false: main table only
+    workers: int = 2                 # worker processes, one torch thread each
+    output: str = "cache/study"
+    report: str = "docs/STUDY.md"
+    n_boot: int = 2000               # bootstrap resamples of the 95% intervals
+
+
+@dataclass
 class Config:
     mini: MiniConfig = field(default_factory=MiniConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def _coerce(key: str, value, typ):
