@@ -95,9 +95,11 @@ def demo(config_path, overrides):
 @config_option
 @click.option("--quick", is_flag=True, help="CI-sized grid (tiny model, 3 draws, 2 methods, 2 budgets) "
               "under cache/study-quick: checks the machinery end to end in minutes, proves nothing about methods.")
+@click.option("--report-only", is_flag=True, help="Write the report from the runs finished so far "
+              "(of a study still running or stopped); trains nothing.")
 @overrides_arg
 @one_line_errors
-def study(config_path, quick, overrides):
+def study(config_path, quick, report_only, overrides):
     """Every method over benchmark draws x forget splits x seeds; tables and plots -> docs/STUDY.md.
 
     Hyper-parameters are chosen on a separate validation draw by one rule for
@@ -106,10 +108,13 @@ def study(config_path, quick, overrides):
     resumes. Settings: the `study` section (configs/study.yaml).
     """
     import shlex
-    from .study import QUICK, run_study
+    from .study import QUICK, report_only as write_only, run_study
     cfg = load_config(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides))
-    command = "viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    run_study(cfg, command=command.strip(), log=click.echo)
+    command = ("viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
+    if report_only:
+        write_only(cfg, command=command, log=click.echo)
+    else:
+        run_study(cfg, command=command, log=click.echo)
 
 
 @main.group()
@@ -224,7 +229,8 @@ def evaluate(config_path, adapter, method, budget, overrides):
     """Evaluate model.path (+ --adapter) on forget, test, retain and real sets; append a results row.
 
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
-    coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
+    coherence, by the MLLMU-Bench protocol; MC and cloze accuracy by option
+    likelihood too (evaluate.likelihood_sets). Rows go to evaluate.results.
     """
     from .clear_eval import format_clear_row
     from .evaluate import evaluate as run, format_row
@@ -242,6 +248,7 @@ def evaluate(config_path, adapter, method, budget, overrides):
               setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
               few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
               coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
+              likelihood_sets=e.likelihood_sets,
               dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")

@@ -137,6 +137,7 @@ class EvalConfig:
     results: str = "cache/runs/results.jsonl"
     table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
     max_profiles: int = 0            # evaluate at most this many profiles per set (0: all)
+    likelihood_sets: str = "forget,test,retain,real"  # sets scored by option likelihood (MC-LL, cloze-LL)
 
 
 @dataclass

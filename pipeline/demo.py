@@ -167,6 +167,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
     common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                   coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
+                  likelihood_sets=e.likelihood_sets,
                   dtype=cfg.model.dtype, device=cfg.model.device)
     t = time.time()
     evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0, **common)

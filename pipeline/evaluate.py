@@ -148,7 +148,8 @@ def _profile_texts(p: Profile):
 
 def evaluate_profiles(model, processor, profiles: list[Profile], use_other_images: bool, *, few_shot: int = 1,
                       max_new_tokens: int = 50, batch_size: int = 32, vocabulary: set[str] | None = None,
-                      classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS):
+                      classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS,
+                      likelihood: bool = True):
     """(metrics, per-sample rows) for one set; a metric with no items is None.
 
     Fact rows are the few examples factcheck.fact_accuracy hands back (no
@@ -166,7 +167,9 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     fact_rows = [_sample(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
-    ll, ll_rows = likelihood_metrics(model, processor, profiles, images, batch_size, set_name)
+    # Likelihood metrics cost ~4 teacher-forced forwards per item: `likelihood=False` leaves them None.
+    ll, ll_rows = (likelihood_metrics(model, processor, profiles, images, batch_size, set_name) if likelihood
+                   else (dict.fromkeys(LL_METRIC_KEYS), []))
     result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"]), **ll}
     return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
 
@@ -274,7 +277,7 @@ def _finite(value) -> float | None:
 def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *, adapter=None,
              method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
              cache_fingerprint: str = "", sets=SET_NAMES, few_shot: int = 1, max_new_tokens: int = 50,
-             max_profiles: int = 0,
+             max_profiles: int = 0, likelihood_sets=SET_NAMES,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
              dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
@@ -300,7 +303,8 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
             profiles = profiles[:max_profiles]
         results[name], rows = evaluate_profiles(
             model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name)
+            batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
+            likelihood=name in parse_sets(likelihood_sets))
         samples += rows
     results_path = Path(results_path)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,

@@ -12,11 +12,13 @@ log-probability of the whole option string, and a length-normalised score
 would favour long options whose later tokens are predictable from the first.
 
 Cloze gets the same treatment. Its candidate set (documented because it sets
-the chance level): the distinct ground truths of the cloze items in the same
+the chance level): the truth plus up to three distractors, the next distinct
+ground truths (cyclically, in file order) of the cloze items in the same
 position j (the same kind of blank: city, job, year in the miniature
-benchmark) over every profile of the evaluated set. With n distinct values,
-chance is 1/n; an item whose candidate set has a single value is not scored.
-The prompt is the cloze prompt of evaluation and the candidate its answer.
+benchmark) over the profiles of the evaluated set. Four candidates make
+chance 25% as in multiple choice and keep the cost at four forwards per item;
+an item whose set offers no other value is not scored. The prompt is the
+cloze prompt of evaluation and the candidate its answer.
 
 One batched forward per `batch_size` (image, prompt, answer) triples, logits
 at the answer positions only (forward.answer_logits).
@@ -36,15 +38,19 @@ LL_METRIC_KEYS = ("mc_ll_acc", "mc_ll_acc_image", "mc_ll_acc_text", "cloze_ll_ac
 @torch.no_grad()
 def answer_logliks(model, processor, items: list[tuple], batch_size: int = 32) -> list[float]:
     """Summed log-likelihood of each answer given (image, prompt): items are (image, prompt, answer)."""
-    dev = next(model.parameters()).device
+    param = next(model.parameters())
     pad_id = processor.tokenizer.pad_token_id
+    # Every option of an item shares its image: preprocess each distinct image once.
+    distinct = {id(image): image for image, _, _ in items}
+    slot = {key: n for n, key in enumerate(distinct)}
+    all_pixels = pixel_values(processor, list(distinct.values())) if distinct else None
     out: list[float] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         pairs = [encode_pair(processor, prompt, " " + answer.strip(), where=f"option {answer!r}")
                  for _, prompt, answer in chunk]
-        batch = make_text_batch([ids for ids, _ in pairs], [a for _, a in pairs], pad_id).to(dev)
-        pixels = pixel_values(processor, [image for image, _, _ in chunk]).to(dev, next(model.parameters()).dtype)
+        batch = make_text_batch([ids for ids, _ in pairs], [a for _, a in pairs], pad_id).to(param.device)
+        pixels = all_pixels[[slot[id(image)] for image, _, _ in chunk]].to(param.device, param.dtype)
         logp = torch.log_softmax(answer_logits(model, batch, pixels).float(), dim=-1)
         token_lp = logp.gather(-1, batch.answer_ids.unsqueeze(-1)).squeeze(-1)
         out += (token_lp * batch.answer_mask).sum(-1).tolist()
@@ -76,8 +82,11 @@ def likelihood_mc(model, processor, profiles: list[Profile], images: list, batch
     return {"mc_ll_acc": share[None], "mc_ll_acc_image": share["image"], "mc_ll_acc_text": share["text"]}, rows
 
 
-def cloze_candidates(profiles: list[Profile], j: int) -> list[str]:
-    """Distinct ground truths of cloze item j across the set, in first-seen order (module doc)."""
+CLOZE_CANDIDATES = 4
+
+
+def cloze_values(profiles: list[Profile], j: int) -> list[str]:
+    """Distinct ground truths of cloze item j across the set, in first-seen order."""
     seen: dict[str, None] = {}
     for p in profiles:
         if j < len(p.cloze):
@@ -85,23 +94,28 @@ def cloze_candidates(profiles: list[Profile], j: int) -> list[str]:
     return list(seen)
 
 
+def cloze_candidates(values: list[str], truth: str, n: int = CLOZE_CANDIDATES) -> list[str]:
+    """The truth, then the next n-1 other values after it (cyclically): module doc."""
+    at = values.index(truth)
+    return [values[(at + i) % len(values)] for i in range(min(n, len(values)))]
+
+
 def likelihood_cloze(model, processor, profiles: list[Profile], images: list, batch_size: int = 32,
                      set_name: str = "") -> tuple[float | None, list[dict]]:
-    """Cloze accuracy by candidate likelihood over the set's candidates (module doc), per-item rows."""
+    """Cloze accuracy by candidate likelihood (candidates: module doc), per-item rows."""
     width = max((len(p.cloze) for p in profiles), default=0)
-    candidates = [cloze_candidates(profiles, j) for j in range(width)]
-    items = [(i, p, j, g) for i, p in enumerate(profiles) for j, g in enumerate(p.cloze)
-             if len(candidates[j]) > 1]
-    flat = [(images[i], cloze_prompt(g.question), cand) for i, _, j, g in items for cand in candidates[j]]
+    values = [cloze_values(profiles, j) for j in range(width)]
+    items = [(i, p, cloze_candidates(values[j], g.ground_truth.strip()), g)
+             for i, p in enumerate(profiles) for j, g in enumerate(p.cloze) if len(values[j]) > 1]
+    flat = [(images[i], cloze_prompt(g.question), cand) for i, _, cands, g in items for cand in cands]
     scores = answer_logliks(model, processor, flat, batch_size)
     rows, at = [], 0
-    for _, p, j, g in items:
-        cands = candidates[j]
+    for _, p, cands, g in items:
         ll = scores[at:at + len(cands)]
         at += len(cands)
         chosen = cands[_argmax(ll)]
         rows.append(_row(set_name, p.id, "cloze_ll", g.question, g.ground_truth, chosen,
-                         {"n_candidates": len(cands), "correct": chosen == g.ground_truth.strip()}, g.kind))
+                         {"candidates": dict(zip(cands, ll)), "correct": chosen == g.ground_truth.strip()}, g.kind))
     return _mean(r["scores"]["correct"] for r in rows), rows
 
 

@@ -106,9 +106,17 @@ def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget:
     settings = {"draw": draw, "split": split, "seed": seed, "method": method, "budget": budget,
                 "lr": lr, "lam": lam, "ref": ref, "train": train,
                 "mini": asdict(cfg.mini) | {"seed": draw}, "tiny": asdict(cfg.tiny), "finetune": asdict(cfg.finetune),
-                "top_k": cfg.precompute.top_k, "evaluate": asdict(cfg.evaluate) | {"results": ""},
+                "top_k": cfg.precompute.top_k, "evaluate": _eval_settings(cfg),
                 "train_base": {k: v for k, v in asdict(cfg.train).items() if k not in ("output",)}}
     return {"key": run_key(settings), "variant": variant, "group": group, "settings": settings}
+
+
+def _eval_settings(cfg: Config) -> dict:
+    """Evaluation settings of a run's key; a key added later is left out at its default (old runs stay valid)."""
+    e = asdict(cfg.evaluate) | {"results": ""}
+    if e["likelihood_sets"] == "forget,test,retain,real":
+        del e["likelihood_sets"]
+    return e
 
 
 def _frozen(selection: dict, method: str) -> tuple[float, float]:
@@ -248,6 +256,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
     e = c.evaluate
     common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                   coherence_classifier=e.coherence_classifier, max_profiles=e.max_profiles, results_path=results,
+                  likelihood_sets=e.likelihood_sets,
                   samples_path=folder / "samples.jsonl", dtype=c.model.dtype, device=c.model.device)
     vanilla = c.finetune.output
     if st["method"] == "vanilla":
@@ -337,6 +346,36 @@ def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
     paths = write_study_report(cfg, records, val_records, selection, command=command, wall_seconds=wall)
     log(f"[study] done in {wall:.1f}s; report {paths['markdown']}")
     return {"wall_seconds": wall, "runs": len(runs) + len(val_runs), **{k: str(v) for k, v in paths.items()}}
+
+
+def report_only(cfg: Config, command: str, log=print) -> dict:
+    """STUDY.md from the runs finished so far (a study still running, or stopped): nothing is trained.
+
+    The report states how many of the planned runs it holds; hyper-parameters
+    come from the selection.json the study froze (none: no report).
+    """
+    from .study_report import write_study_report
+    check_study(cfg)
+    s = cfg.study
+    frozen = Path(s.output) / "selection.json"
+    if not frozen.is_file():
+        raise ConfigError(f"{frozen} does not exist: the study has not finished its selection phase yet")
+    selection = json.loads(frozen.read_text())["chosen"]
+    draws = [int(d) for d in csv_list(s.draws)]
+    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    planned_val = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
+    planned = vanilla_runs(cfg, draws, splits) + test_runs(cfg, selection)
+    read = lambda runs: [json.loads(p.read_text()) for p in
+                         (Path(s.output) / "runs" / r["key"] / "done.json" for r in runs) if p.is_file()]
+    val_records, records = read(planned_val), read(planned)
+    seconds = sum(r.get("seconds", 0) for r in val_records + records)
+    note = (f"{len(records) + len(val_records)} of {len(planned) + len(planned_val)} planned runs finished "
+            f"(report written by --report-only; summed run time {seconds / 60:.1f} min of worker time)")
+    log(f"[study] {note}")
+    paths = write_study_report(cfg, records, val_records, selection, command=command, wall_seconds=float("nan"),
+                               note=note)
+    return {"runs": len(records) + len(val_records), "planned": len(planned) + len(planned_val),
+            **{k: str(v) for k, v in paths.items()}}
 
 
 SELECTION_RULE = ("per method, the candidate (lr, and lambda for ViKeR) with the largest area under its "

@@ -91,8 +91,11 @@ def test_cloze_candidates_and_planted_answer(planted):
     people = [Profile(id=n, image=b"", cloze=[GenItem("This person was born in __.", city, "Image_Textual"),
                                               GenItem(f"{n} works as a __.", "baker", "Pure_Text")])
               for n, city in (("ann", "Lyon"), ("bob", "Cork"), ("cid", "Lyon"))]
-    assert scoring.cloze_candidates(people, 0) == ["Lyon", "Cork"]
-    assert scoring.cloze_candidates(people, 1) == ["baker"]
+    assert scoring.cloze_values(people, 0) == ["Lyon", "Cork"]
+    assert scoring.cloze_values(people, 1) == ["baker"]
+    # Truth first, then the next values cyclically, four at most.
+    assert scoring.cloze_candidates(list("abcdef"), "e") == ["e", "f", "a", "b"]
+    assert scoring.cloze_candidates(["Lyon", "Cork"], "Cork") == ["Cork", "Lyon"]
     tok = _tokens(processor, cloze_prompt(people[0].cloze[0].question), "Lyon")
     with torch.no_grad():
         bias[tok[1]] = 12.0
@@ -101,4 +104,4 @@ def test_cloze_candidates_and_planted_answer(planted):
     assert [r["profile"] for r in rows] == ["ann", "bob", "cid"]
     assert [r["scores"]["correct"] for r in rows] == [True, False, True]
     assert acc == pytest.approx(2 / 3)
-    assert all(r["scores"]["n_candidates"] == 2 for r in rows)
+    assert all(sorted(r["scores"]["candidates"]) == ["Cork", "Lyon"] for r in rows)
