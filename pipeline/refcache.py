@@ -281,12 +281,16 @@ def _fsync_file(path: Path) -> None:
 
 def _atomic_write_json(path: Path, obj) -> None:
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)   # a full disk leaves nothing half-written behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -562,6 +566,14 @@ def _load_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
+def _check_directory(cache_dir: Path, manifest: dict) -> None:
+    """What verify rejects is not trained on: shards of another run or stray files beside the cache."""
+    problems = [p for p in _directory_problems(cache_dir, manifest) if not p.startswith("warning:")]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheError(f"reference cache {cache_dir}: {problems[0]}{more}; remove it or run viker cache verify")
+
+
 def _check_manifest_digest(cache_dir: Path, manifest: dict) -> None:
     """A hand-edited fingerprint part (k, seed, ...) no longer hashes to the recorded digest."""
     fp = manifest["fingerprint"]
@@ -659,6 +671,8 @@ class RefCacheReader:
         if expected_fingerprint is not None:
             check_fingerprint(self.cache_dir, expected_fingerprint, self._manifest["fingerprint"])
         self._paths = [_check_shard_file(self.cache_dir, e, verify) for e in self._manifest["shards"]]
+        if verify:
+            _check_directory(self.cache_dir, self._manifest)
         self._index: dict[str, tuple[int, int, int, int]] = {}
         self._ids: list[str] = []
         for pos, entry in enumerate(self._manifest["shards"]):
@@ -858,7 +872,7 @@ def inspect_cache(cache_dir, decode: Callable[[int], str] | None = None, top_n: 
 
     Entropies are in nats. ``decode`` (token id -> text) labels the key tokens.
     """
-    with RefCacheReader(cache_dir) as reader:
+    with RefCacheReader(cache_dir, verify=False) as reader:   # looks only; Fletcher32 still guards reads
         columns = _gather_columns(reader)
         manifest = reader.manifest
     K, vocab = columns["K"], manifest["settings"].get("vocab_size")

@@ -435,14 +435,15 @@ def cache_setting_differences(settings: dict, recorded: dict, expected: dict, po
     if want.get("reference") == "own":
         want["k"] = 1   # precompute forces k=1 for the own-image reference
     found = []
-    for key in ("k", "K", "seed", "reference"):
+    for key, name in (("k", "precompute.k"), ("K", "precompute.top_k"), ("seed", "precompute.seed"),
+                      ("reference", "precompute.reference")):
         if key in want and str(settings.get(key)) != str(want[key]):
-            found.append(f"{key} (config {want[key]}, cache {settings.get(key)})")
+            found.append(f"{name} (config {want[key]}, cache {settings.get(key)})")
     cached_pool = recorded.get("parts", {}).get("reference_pool")
     if (want.get("reference", "pool") == "pool" and settings.get("reference") == "pool" and pool_dir
             and Path(pool_dir).is_dir() and cached_pool is not None
-            and hash_files(pool_files(pool_dir)) != cached_pool):
-        found.append(f"pool (config {pool_dir}, cache {settings.get('pool') or 'another pool'})")
+            and hash_files(pool_files(pool_dir)) != cached_pool):   # by content: a copied pool is the same pool
+        found.append(f"precompute.pool (config {pool_dir}, cache {settings.get('pool') or 'another pool'})")
     return found
 
 

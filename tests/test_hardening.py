@@ -186,6 +186,19 @@ def test_verify_flags_any_unexpected_file(synthetic):
     assert result.exit_code == 1 and "extra.h5" in result.output
 
 
+def test_the_reader_refuses_what_verify_rejects_in_the_directory(synthetic):
+    cache, samples = synthetic
+    write_cache(cache.parent / "other", samples, 3)
+    shutil.copy(cache.parent / "other" / "refs-00001-of-00003.h5", cache)   # a shard of another layout
+    with pytest.raises(rc.CacheError, match="extra shard file refs-00001-of-00003.h5 is not listed"):
+        rc.RefCacheReader(cache)
+    (cache / "refs-00001-of-00003.h5").unlink()
+    (cache / "extra.h5").write_bytes(b"x")
+    with pytest.raises(rc.CacheError, match="unexpected file extra.h5"):
+        rc.RefCacheReader(cache)
+    rc.RefCacheReader(cache, verify=False).close()   # tools that only look still can
+
+
 def test_a_failed_shard_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     samples = make_samples(6)
     write_cache(tmp_path, samples[:3], 1)
@@ -391,21 +404,21 @@ def test_train_refuses_an_edited_manifest(env, cache, tmp_path, memo):
 def test_config_and_cache_settings_must_agree(env, cache, tmp_path):
     line = one_error_line(invoke("train", *train_args(env, cache, tmp_path / "run", "train.method=npo",
                                                       "precompute.k=3", "precompute.seed=1")))
-    assert "k (config 3, cache 2)" in line and "seed (config 1, cache 0)" in line
+    assert "precompute.k (config 3, cache 2)" in line and "precompute.seed (config 1, cache 0)" in line
     assert "train.use_cache_settings=true" in line
     result = invoke("train", *train_args(env, cache, tmp_path / "run", "train.method=npo", "precompute.k=3",
                                          "train.use_cache_settings=true"))
     assert result.exit_code == 0, result.output
     notices = [line for line in result.output.splitlines() if "use_cache_settings" in line]
     assert notices == ["[train] train.use_cache_settings: training with the cache's settings "
-                       "(k (config 3, cache 2))"]
+                       "(precompute.k (config 3, cache 2))"]
 
 
 def test_another_reference_pool_is_refused_naming_both(env, cache, tmp_path):
     root, _ = env
     line = one_error_line(invoke("train", *train_args(env, cache, tmp_path / "run", "train.method=npo",
                                                       "precompute.pool=pets")))
-    assert f"pool (config {root / 'pools' / 'pets'}, cache {root / 'pools' / 'people'})" in line
+    assert f"precompute.pool (config {root / 'pools' / 'pets'}, cache {root / 'pools' / 'people'})" in line
 
 
 # ---------------------------------------------------------------- runs that cannot be mislabeled
