@@ -235,7 +235,8 @@ def _cache_config(cfg: Config, draw: int, split: str, ref: dict) -> Config:
 def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
     from .runs import run_precompute
     c = _cache_config(cfg, draw, split, ref)
-    run_precompute(c, c.finetune.output, log=lambda *_: None)
+    # The study owns its cache directories: shards of another fingerprint (older settings) are replaced.
+    run_precompute(c, c.finetune.output, overwrite=True, log=lambda *_: None)
     return c.precompute.output
 
 
@@ -264,7 +265,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
     else:
         tcfg = replace(c.train, method=st["method"], steps=st["budget"], lr=st["lr"], lam=st["lam"],
                        seed=st["seed"], output=str(folder / "train"), **st["train"])
-        out = run_train(c, vanilla, tcfg)
+        out = run_train(c, vanilla, tcfg, overwrite=True, log=lambda *_: None)   # a killed attempt is replaced
         row = evaluate(vanilla, c.data.root, st["split"], adapter=out["adapter"], method=run["variant"],
                        setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
                        seed=st["seed"], **common)

@@ -126,7 +126,8 @@ def test_finished_runs_are_reused_and_a_killed_study_resumes(tmp_path, monkeypat
     runs += [study.make_run(cfg, 1, "forget_10", 0, "ga", b, 1e-3, 0.5, "GA", "main") for b in (8, 16, 32)]
     calls, killed = [], []
 
-    def fake_train(c, vanilla, tcfg):
+    def fake_train(c, vanilla, tcfg, overwrite=False, log=print):
+        assert overwrite, "the study owns its run folders: a killed attempt must be replaced"
         calls.append(("train", tcfg.steps, tcfg.lr, tcfg.seed))
         if tcfg.steps == 16 and not killed:
             killed.append(True)
