@@ -105,18 +105,22 @@ def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget:
     ref = ref or reference_settings(cfg)
     settings = {"draw": draw, "split": split, "seed": seed, "method": method, "budget": budget,
                 "lr": lr, "lam": lam, "ref": ref, "train": train,
-                "mini": asdict(cfg.mini) | {"seed": draw}, "tiny": asdict(cfg.tiny), "finetune": asdict(cfg.finetune),
-                "top_k": cfg.precompute.top_k, "evaluate": _eval_settings(cfg),
-                "train_base": {k: v for k, v in asdict(cfg.train).items() if k not in ("output",)}}
+                "mini": _changed(cfg.mini, seed=draw), "tiny": _changed(cfg.tiny), "finetune": _changed(cfg.finetune),
+                "top_k": cfg.precompute.top_k, "evaluate": _changed(cfg.evaluate, results=None),
+                "train_base": _changed(cfg.train, output=None)}
     return {"key": run_key(settings), "variant": variant, "group": group, "settings": settings}
 
 
-def _eval_settings(cfg: Config) -> dict:
-    """Evaluation settings of a run's key; a key added later is left out at its default (old runs stay valid)."""
-    e = asdict(cfg.evaluate) | {"results": ""}
-    if e["likelihood_sets"] == "forget,test,retain,real":
-        del e["likelihood_sets"]
-    return e
+def _changed(section, **fixed) -> dict:
+    """The section's values that differ from the defaults, with `fixed` applied (None drops a key).
+
+    Only changed values enter a run's key: a config key added later at its
+    default leaves every finished run valid (changing a *default* therefore
+    needs a new study.output).
+    """
+    values = asdict(section) | fixed
+    defaults = asdict(type(section)())
+    return {k: v for k, v in values.items() if v is not None and (k in fixed or v != defaults.get(k))}
 
 
 def _frozen(selection: dict, method: str) -> tuple[float, float]:

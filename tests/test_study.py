@@ -114,6 +114,11 @@ def test_run_key_covers_every_setting():
     cfg.finetune.steps += 1
     others.append(study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main"))
     assert len({base["key"]} | {o["key"] for o in others}) == 6
+    # Only values that differ from the defaults are keyed: a key added later at its default keeps runs valid.
+    cfg.finetune.steps -= 1
+    assert base["settings"]["finetune"] == {"formats": True}     # configs/study.yaml's only change there
+    cfg.train.output = "elsewhere"
+    assert study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")["key"] == base["key"]
 
 
 class Killed(Exception):
