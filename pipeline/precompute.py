@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +39,7 @@ from .fingerprint import cache_fingerprint, pool_files
 from .forward import answer_logits, make_text_batch, unwrap
 from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
-
-
-def draw_reference_images(sample_id: str, pool_size: int, k: int, seed: int) -> list[int]:
-    """The k pool images for one sample: seeded by (seed, sample id), so any rank or rerun draws the same."""
-    if k > pool_size:
-        raise ValueError(f"k={k} reference images requested but the pool holds only {pool_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
-    return rng.choice(pool_size, size=k, replace=False).tolist()
+from .references import draw_reference_images
 
 
 @dataclass

@@ -54,8 +54,9 @@ from .forward import TextBatch, answer_logits, make_text_batch
 from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
                      sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
-from .precompute import draw_reference_images, encode_samples, summarise
+from .precompute import encode_samples, summarise
 from .refcache import RefCacheReader, RefSample, check_fingerprint
+from .references import draw_reference_images
 
 METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
 CHECKPOINT = "checkpoint"
