@@ -19,7 +19,7 @@ shards and ``merge`` turns the directory into a cache. Every file is written as
 ``X.tmp``, fsynced and renamed, so nothing half-written ever reads as valid.
 
 Fingerprint parts (values are strings; see make_fingerprint): ``model_config``,
-``model_weights`` (weights_identity), ``tokenizer``, ``prompt_template``,
+``model_weights`` (fingerprint.weights_identity), ``tokenizer``, ``prompt_template``,
 ``reference_pool`` (hash_files), ``k``, ``K``, ``seed``, ``dtype`` (plain values,
 so a mismatch can show both), ``format_version`` (added when absent).
 """
@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Mapping
 
 import h5py
 import numpy as np
+
+from .filememo import hash_file  # noqa: F401  (plain sha256; re-exported for callers of refcache)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -129,14 +131,6 @@ def hash_bytes(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def hash_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_json(obj) -> str:
     """sha256 of canonical JSON, so dict order and whitespace never change a hash."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -158,59 +152,6 @@ def hash_files(paths: Iterable, root=None) -> str:
 def _relative_name(path, root) -> str:
     path = Path(path)
     return path.relative_to(root).as_posix() if root is not None else path.name
-
-
-def weights_identity(model_dir, *, samples: int = 64, block: int = 4096,
-                     full_hash_below: int = 64 << 20) -> str:
-    """Cheap identity of the weight files (*.safetensors, *.bin) directly in model_dir.
-
-    Per file: its name and size, and then either its full content (files under
-    ``full_hash_below`` bytes, which costs well under a second) or, for larger
-    files, the safetensors JSON header (names, dtypes, shapes, offsets of every
-    tensor) plus ``samples`` reads of ``block`` bytes at evenly spaced offsets.
-    A 14 GB model costs ~128 small reads: seconds, not minutes.
-
-    Limitation, by design: for a large file a change confined to bytes between
-    the sampled blocks (same size, same header) is NOT seen. Real retraining or
-    a different checkpoint touches nearly every block, so this is a guard
-    against the wrong model, not a tamper check.
-    """
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    if not files:
-        raise CacheError(f"no *.safetensors or *.bin weight files in {model_dir}")
-    h = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size < full_hash_below:
-                h.update(b"full\0" + hash_file(path).encode())
-                continue
-            if path.suffix == ".safetensors":
-                h.update(_safetensors_header(f, size))
-            for offset in _sample_offsets(size, samples, block):
-                f.seek(offset)
-                h.update(f.read(block))
-    return h.hexdigest()
-
-
-def _safetensors_header(f, size: int) -> bytes:
-    f.seek(0)
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else 0
-    if not 0 < n <= min(size - 8, 100 << 20):  # malformed: fall back to the first MiB
-        f.seek(0)
-        return f.read(1 << 20)
-    return head + f.read(n)
-
-
-def _sample_offsets(size: int, samples: int, block: int) -> list[int]:
-    last = max(size - block, 0)
-    if samples <= 1:
-        return [0]
-    return sorted({last * i // (samples - 1) for i in range(samples)})
 
 
 def make_fingerprint(parts: Mapping[str, object]) -> dict:
