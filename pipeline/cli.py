@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -64,7 +65,8 @@ def main():
     viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
     viker evaluate [--adapter DIR]  forget/test/retain/real metrics -> a results row
     viker report                    comparison table + trade-off plot from the results
-    viker cache inspect|verify|merge DIR
+    viker cache inspect|verify|merge DIR      (verify --model M --pool P: a copied cache)
+    viker cache show DIR SAMPLE_ID  one sample's tokens, reference entropy and alternatives
     """
     import warnings
     from transformers.utils import logging as hf_logging
@@ -130,9 +132,12 @@ def finetune(config_path, overrides):
 @click.option("--no-prefix-cache", is_flag=True, help="Naive path: a full forward per (sample, image) pair.")
 @click.option("--shard-index", type=int, default=None, help="This job's index, for independent batch jobs.")
 @click.option("--num-shards", type=int, default=None, help="How many independent jobs share the work.")
+@click.option("--allow-benchmark-images", is_flag=True,
+              help="Accept pool images equal to forget/retain/test/real images (the paper's ablation that uses "
+                   "benchmark images as references); by default such a pool is refused.")
 @overrides_arg
 @one_line_errors
-def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides):
+def precompute(config_path, no_prefix_cache, shard_index, num_shards, allow_benchmark_images, overrides):
     """Stage one: the frozen model's averaged distributions over k reference images -> HDF5 shards.
 
     \b
@@ -145,6 +150,8 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     from .runs import run_precompute
     cfg = _load(config_path, overrides)
     p = cfg.precompute
+    if allow_benchmark_images:
+        p.allow_benchmark_images = True
     rank, world, local_rank = dist_env()
     device = cfg.model.device
     if world > 1:
@@ -282,11 +289,22 @@ def cache():
 
 @cache.command()
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's model directory: its config, weights (full sha256) and tokenizer must "
+                   "equal what the cache was made from.")
+@click.option("--pool", "pool_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's reference pool directory: every image's name and sha256 must equal the cache's.")
 @one_line_errors
-def verify(cache_dir):
-    """Check checksums and structure of every shard; exit code 1 on any problem."""
+def verify(cache_dir, model_dir, pool_dir):
+    """Check checksums and structure of every shard; exit code 1 on any problem.
+
+    With --model / --pool, also check a copied cache against this machine's model and pool
+    (paths may differ between machines; contents may not).
+    """
     from .refcache import verify_cache
     problems = verify_cache(cache_dir)
+    if model_dir or pool_dir:
+        problems += _machine_problems(cache_dir, model_dir, pool_dir)
     errors = [p for p in problems if not p.startswith("warning:")]
     for p in problems:
         click.echo(p)
@@ -310,6 +328,42 @@ def inspect(cache_dir, model_dir, top):
         tok = load_processor(model_dir).tokenizer
         decode = lambda i: tok.decode([int(i)])  # noqa: E731
     click.echo(format_inspect(inspect_cache(cache_dir, decode=decode, top_n=top)))
+
+
+def _machine_problems(cache_dir, model_dir, pool_dir) -> list[str]:
+    from .fingerprint import machine_problems
+    from .refcache import RefCacheReader
+    with RefCacheReader(cache_dir) as reader:
+        sources = reader.sources
+    return machine_problems(sources, model_dir, pool_dir)
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("sample_id")
+@click.option("--model", "model_dir", default=None,
+              help="Model directory whose tokenizer decodes tokens (default: the model path the cache records, "
+                   "if it exists here).")
+@click.option("--top", default=5, show_default=True, help="Reference alternatives shown per token.")
+@one_line_errors
+def show(cache_dir, sample_id, model_dir, top):
+    """One sample's key-token view: each answer token with its reference entropy, top alternatives and
+    tail mass, and the reference images averaged over."""
+    from .refcache import RefCacheReader, format_show, show_sample
+    if model_dir is None:
+        with RefCacheReader(cache_dir) as reader:
+            recorded = (reader.sources.get("model") or {}).get("path")
+        model_dir = recorded if recorded and Path(recorded).is_dir() else None
+    decode = None
+    if model_dir:
+        from .modeling import load_processor
+        tok = load_processor(model_dir).tokenizer
+        decode = lambda i: tok.decode([int(i)])  # noqa: E731
+    try:
+        view = show_sample(cache_dir, sample_id, decode=decode, top=top)
+    except KeyError as err:
+        raise click.ClickException(str(err.args[0])) from None
+    click.echo(format_show(view))
 
 
 @cache.command()

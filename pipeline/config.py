@@ -96,6 +96,7 @@ class PrecomputeConfig:
     prefix_cache: bool = True
     idk_answer: str = "I don't know."
     dtype: str = "auto"
+    allow_benchmark_images: bool = False  # True: pool images may equal benchmark images (the paper's ablation)
 
 
 @dataclass

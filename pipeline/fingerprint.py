@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import prompts
 from .filememo import memo_file_hash
-from .refcache import CacheError, hash_bytes, hash_file, hash_files, hash_json, make_fingerprint
+from .refcache import (CacheError, hash_bytes, hash_file, hash_files, hash_json, make_fingerprint, make_sources,
+                       pool_entries, source_problems)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json",
@@ -94,3 +95,25 @@ def training_fingerprint(model_dir, samples, cached: dict, pool_dir: str | None 
     if parts.get("reference") == "pool" and pool_dir and Path(pool_dir).is_dir():
         parts["reference_pool"] = hash_files(pool_files(pool_dir))
     return make_fingerprint(parts)
+
+
+def template_record() -> dict:
+    """The training prompt as text, with how stage one tokenises it (for readers without our code)."""
+    return {"id": prompts.TEMPLATE_ID, "prompt": prompts.train_prompt("{question}"), "answer": " {answer}",
+            "image_token": prompts.IMAGE_TOKEN,
+            "tokenisation": "the processor's tokenizer on prompt+answer with add_special_tokens=True and the "
+                            "image token repeated as many times as one image has patches; the answer tokens "
+                            "(answer_ids) follow the prompt's own tokens unchanged"}
+
+
+def cache_sources(model_dir, pool_dir) -> dict:
+    """The manifest's `sources`: model and pool paths as given and as content hashes, template text, units."""
+    pool = pool_entries(pool_files(pool_dir)) if pool_dir else None
+    return make_sources(model_dir, model_parts(model_dir), pool_dir, pool, template_record())
+
+
+def machine_problems(sources: dict, model_dir=None, pool_dir=None) -> list[str]:
+    """Where this machine's model and pool differ from what a (copied) cache was made from."""
+    parts = model_parts(model_dir) if model_dir else None
+    pool = pool_entries(pool_files(pool_dir)) if pool_dir else None
+    return source_problems(sources, parts, pool)

@@ -38,7 +38,9 @@ import numpy as np
 
 from .filememo import hash_file  # noqa: F401  (plain sha256; re-exported for callers of refcache)
 
-FORMAT_VERSION = 1
+# 2: per-sample pool_indices and question, a `sources` record (model and pool paths as given
+#    and as content hashes, every pool file's sha256, prompt template text, units).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 _SHARD_RE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.h5$")
@@ -93,6 +95,8 @@ class RefSample:
     entropy: np.ndarray  # float32 [T]: exact entropy (nats) of the full averaged distribution
     ref_logp_own: float | None = None
     ref_logp_idk: float | None = None
+    pool_indices: np.ndarray | None = None  # int32 [k]: rows of sources["pool"]["files"] averaged over
+    question: str | None = None  # the question text; with answer_ids and the template it rebuilds the input
 
     @property
     def num_tokens(self) -> int:
@@ -249,12 +253,14 @@ def _read_json(path: Path):
 
 
 def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample], *,
-                vocab_size: int, fingerprint: Mapping, settings: Mapping) -> dict:
+                vocab_size: int, fingerprint: Mapping, settings: Mapping,
+                sources: Mapping | None = None) -> dict:
     """Write one shard and then its completion record, both atomically.
 
     Returns the record {name, n_samples, n_tokens, bytes, sha256, fingerprint}.
     Any manifest.json in the directory is removed first; ``settings`` is stored
-    with ``K`` and ``vocab_size`` filled in when absent.
+    with ``K`` and ``vocab_size`` filled in when absent; ``sources`` (what the
+    cache was made from, see make_sources) is stored in the shard and the manifest.
     """
     cache_dir = Path(cache_dir)
     path = cache_dir / shard_name(index, num_shards)
@@ -270,7 +276,7 @@ def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample]
              "settings": json.dumps(settings, sort_keys=True), "shard_index": index,
              "num_shards": num_shards, "vocab_size": int(vocab_size), "K": K}
     tmp = _tmp_path(path)
-    _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs)
+    _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs, sources)
     _fsync_file(tmp)
     record = {"name": path.name, "n_samples": len(samples),
               "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
@@ -297,6 +303,7 @@ def _validate_samples(samples: list[RefSample], vocab_size: int, settings: Mappi
             raise ValueError("an empty shard needs settings['K']")
         return int(settings["K"])
     widths = {s.sample_id: _validate_sample(s, vocab_size) for s in samples}
+    _validate_draws(samples)
     if len(widths) != len(samples):
         ids = [s.sample_id for s in samples]
         raise ValueError(f"duplicate sample_id in shard: {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -329,6 +336,22 @@ def _validate_sample(s: RefSample, vocab_size: int) -> int:
     return idx.shape[1]
 
 
+def _validate_draws(samples: list[RefSample]) -> None:
+    """pool_indices: given for every sample or none, one length k, non-negative integers."""
+    draws = [s.pool_indices for s in samples]
+    if all(d is None for d in draws):
+        return
+    if any(d is None for d in draws):
+        raise ValueError("pool_indices given for some samples of a shard but not all")
+    shapes = {np.shape(d) for d in draws}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"pool_indices must all have one shape [k], got {sorted(shapes)}")
+    for s in samples:
+        d = np.asarray(s.pool_indices)
+        if d.dtype.kind not in "iu" or (d.size and d.min() < 0):
+            raise ValueError(f"sample {s.sample_id!r}: pool_indices must be non-negative integers")
+
+
 def _token_columns(samples: list[RefSample], K: int, idx_dtype: np.dtype) -> dict:
     def cat(name, dtype, width=None):
         shape = (0,) if width is None else (0, width)
@@ -339,7 +362,8 @@ def _token_columns(samples: list[RefSample], K: int, idx_dtype: np.dtype) -> dic
             "entropy": cat("entropy", np.float32)}
 
 
-def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype, attrs: dict) -> None:
+def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype, attrs: dict,
+              sources: Mapping | None = None) -> None:
     offsets = np.zeros(len(samples) + 1, np.int64)
     offsets[1:] = np.cumsum([s.num_tokens for s in samples])
     with h5py.File(path, "w") as f:
@@ -354,6 +378,21 @@ def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype,
             if any(v is not None for v in values):
                 f.create_dataset(name, data=np.array(
                     [np.nan if v is None else v for v in values], np.float32))
+        _write_provenance(f, samples, sources)
+
+
+def _write_provenance(f: h5py.File, samples: list[RefSample], sources: Mapping | None) -> None:
+    """Per-sample pool draws and questions, and the sources record: what an auditor needs."""
+    draws = [s.pool_indices for s in samples]
+    if samples and all(d is not None for d in draws):
+        f.create_dataset("pool_indices", data=np.stack([np.asarray(d, np.int32) for d in draws]))
+    questions = [s.question for s in samples]
+    if samples and all(q is not None for q in questions):
+        f.create_dataset("question", data=np.array(questions, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+    if sources is not None:  # a string dataset, not an attribute: attributes stop at 64 KiB
+        f.create_dataset("sources", data=json.dumps(sources, sort_keys=True),
+                         dtype=h5py.string_dtype("utf-8"))
 
 
 def _create_token_dataset(f: h5py.File, name: str, data: np.ndarray) -> None:
@@ -404,7 +443,7 @@ def finalize(cache_dir, num_shards: int, fingerprint: Mapping, settings: Mapping
     records = [_read_json(_sidecar_path(cache_dir / n)) for n in names]
     shards = [{k: r[k] for k in ("name", "n_samples", "n_tokens", "bytes", "sha256")} for r in records]
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
-                "settings": stored, "shards": shards,
+                "settings": stored, "sources": _shards_sources(cache_dir, names), "shards": shards,
                 "totals": {k: sum(s[k] for s in shards) for k in ("n_samples", "n_tokens", "bytes")}}
     _atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest
@@ -426,6 +465,17 @@ def _shards_settings(cache_dir: Path, names: list[str], settings: Mapping) -> di
     if differing:
         raise CacheError(f"settings given to finalize differ from the shards' on: {', '.join(differing)}")
     return stored[0]
+
+
+def _shards_sources(cache_dir: Path, names: list[str]) -> dict | None:
+    """The sources record all shards carry (None for shards written without one)."""
+    found = []
+    for name in names:
+        with _open_h5(cache_dir / name) as f:
+            found.append(json.loads(f["sources"].asstr()[()]) if "sources" in f else None)
+    if any(s != found[0] for s in found):
+        raise CacheError(f"shards in {cache_dir} record different sources (model, pool or template)")
+    return found[0]
 
 
 def merge(cache_dir) -> dict:
@@ -474,7 +524,8 @@ def _load_manifest(cache_dir: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"reference cache {cache_dir} has format version "
                          f"{manifest.get('format_version')}; this viker reads version "
-                         f"{FORMAT_VERSION}: run viker precompute again")
+                         f"{FORMAT_VERSION} (which records each sample's reference images): "
+                         f"recompute it with viker precompute")
     return manifest
 
 
@@ -512,11 +563,20 @@ def _structure_problems(f: h5py.File, entry: Mapping, digest: str) -> list[str]:
                  for name in ("topk_idx", "topk_prob") if f[name].shape[1:] != (K,)]
     problems += [f"{name} has {f[name].shape[0]} values for {n} samples"
                  for name in _SAMPLE_FIELDS if name in f and f[name].shape != (n,)]
+    problems += _provenance_problems(f, n)
     if f.attrs.get("fingerprint") != digest:
         problems.append("its fingerprint attribute differs from the manifest's")
     if (n, rows) != (entry.get("n_samples"), entry.get("n_tokens")):
         problems.append(f"holds {n} samples / {rows} tokens, the manifest says "
                         f"{entry.get('n_samples')} / {entry.get('n_tokens')}")
+    return problems
+
+
+def _provenance_problems(f: h5py.File, n: int) -> list[str]:
+    problems = [f"{name} has {f[name].shape[0]} rows for {n} samples"
+                for name in ("pool_indices", "question") if name in f and f[name].shape[0] != n]
+    if "pool_indices" in f and f["pool_indices"].ndim != 2:
+        problems.append(f"pool_indices has shape {f['pool_indices'].shape}, expected [samples, k]")
     return problems
 
 
@@ -587,6 +647,18 @@ class RefCacheReader:
     def fingerprint(self) -> dict:
         return self._manifest["fingerprint"]
 
+    @property
+    def sources(self) -> dict:
+        """What the cache was made from (make_sources); {} for a cache written without it."""
+        return self._manifest.get("sources") or {}
+
+    def locate(self, sample_id: str) -> tuple[int, int, int, int]:
+        """(shard position, row, first token row, end token row) of a sample."""
+        try:
+            return self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}") from None
+
     def get(self, sample_id: str) -> RefSample:
         try:
             pos, row, a, b = self._index[sample_id]
@@ -596,6 +668,8 @@ class RefCacheReader:
         try:
             cols = {name: f[name][a:b] for name in _TOKEN_FIELDS}
             logps = {name: _optional_float(f, name, row) for name in _SAMPLE_FIELDS}
+            logps["pool_indices"] = f["pool_indices"][row] if "pool_indices" in f else None
+            logps["question"] = f["question"].asstr()[row] if "question" in f else None
         except (OSError, ValueError) as err:  # a damaged compressed chunk surfaces here
             raise CacheError(f"shard {self._paths[pos].name} in {self.cache_dir} "
                              f"cannot be read: {err}") from err
@@ -832,3 +906,109 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# ---------------------------------------------------------------- sources: what a cache was made from
+
+# How to read the numbers without this code (recorded in every manifest).
+UNITS = {
+    "entropy": "nats (natural log) of the full averaged distribution R_i, before truncation",
+    "topk_prob": "probabilities of R_i (float16), most probable first; R_i = mean over the k images "
+                 "of softmax(logits) at answer position i, teacher-forced on the ground-truth prefix",
+    "topk_idx": "vocabulary ids of those probabilities",
+    "tail_mass": "1 - sum of the top-K probabilities of R_i (float32, before float16 rounding)",
+    "ref_logp_own": "nats: summed log-probability of the answer on the sample's own image",
+    "ref_logp_idk": "nats: summed log-probability of the idk answer on the sample's own image",
+    "pool_indices": "rows of sources.pool.files (sorted by name) whose images were averaged",
+}
+
+
+def pool_entries(paths: Iterable, root=None) -> list[list[str]]:
+    """[[name, sha256], ...] sorted by name: the pool as a cache records it (hash_files hashes this)."""
+    return sorted([_relative_name(p, root), hash_file(p)] for p in paths)
+
+
+def make_sources(model_path, model_parts: Mapping[str, str], pool_path, pool: list | None,
+                 template: Mapping) -> dict:
+    """The manifest's record of inputs: each path as given and as content hashes.
+
+    ``model_parts``: config / weights / tokenizer hashes (fingerprint.model_parts);
+    ``pool``: pool_entries() of the reference pool, or None (own-image references);
+    ``template``: the prompt template text and how it is tokenised.
+    """
+    return {"model": {"path": str(model_path), **{k: str(v) for k, v in model_parts.items()}},
+            "pool": None if pool is None else {"path": str(pool_path), "files": [list(e) for e in pool],
+                                               "sha256": hash_json([list(e) for e in pool])},
+            "prompt_template": dict(template), "units": dict(UNITS)}
+
+
+def source_problems(sources: Mapping, model_parts: Mapping[str, str] | None,
+                    pool: list | None) -> list[str]:
+    """Where this machine's model (its model_parts) and pool (pool_entries) differ from a cache's sources."""
+    if not sources:
+        return ["the manifest records no sources (written before format 2): recompute the cache"]
+    problems = []
+    if model_parts is not None:
+        recorded = sources.get("model") or {}
+        for name, value in sorted(model_parts.items()):
+            if recorded.get(name) != value:
+                problems.append(f"{_PART_LABELS.get(name, name)} differ from the cache's "
+                                f"(made from {recorded.get('path')!r})")
+    if pool is not None:
+        problems += _pool_problems(sources.get("pool"), pool)
+    return problems
+
+
+def _pool_problems(recorded: Mapping | None, pool: list) -> list[str]:
+    if recorded is None:
+        return ["the cache used each sample's own image (reference=own), not a pool"]
+    mine = {name: digest for name, digest in pool}
+    theirs = {name: digest for name, digest in recorded.get("files", [])}
+    problems = [f"pool image {n} is missing here" for n in sorted(set(theirs) - set(mine))]
+    problems += [f"pool image {n} is not in the cache's pool (it would shift every draw)"
+                 for n in sorted(set(mine) - set(theirs))]
+    problems += [f"pool image {n} differs (sha256 {mine[n][:12]} here, {theirs[n][:12]} in the cache)"
+                 for n in sorted(set(mine) & set(theirs)) if mine[n] != theirs[n]]
+    return problems
+
+
+# ---------------------------------------------------------------- show one sample
+
+
+def show_sample(cache_dir, sample_id: str, decode: Callable[[int], str] | None = None,
+                top: int = 5) -> dict:
+    """One sample's key-token view: per answer token its entropy, top alternatives and tail mass."""
+    decode = decode or (lambda i: f"#{i}")
+    with RefCacheReader(cache_dir) as reader:
+        ref = reader.get(sample_id)
+        sources = reader.sources
+    files = ((sources.get("pool") or {}).get("files")) or []
+    images = [{"index": int(i), "name": files[i][0] if i < len(files) else None,
+               "sha256": files[i][1] if i < len(files) else None}
+              for i in (ref.pool_indices if ref.pool_indices is not None else [])]
+    tokens = []
+    for t in range(ref.num_tokens):
+        alts = [{"token_id": int(ref.topk_idx[t, j]), "token": decode(int(ref.topk_idx[t, j])),
+                 "prob": float(ref.topk_prob[t, j])} for j in range(min(top, ref.topk_idx.shape[1]))]
+        tokens.append({"position": t, "token_id": int(ref.answer_ids[t]), "token": decode(int(ref.answer_ids[t])),
+                       "entropy": float(ref.entropy[t]), "tail_mass": float(ref.tail_mass[t]),
+                       "top": alts})
+    return {"sample_id": sample_id, "question": ref.question, "images": images, "tokens": tokens,
+            "ref_logp_own": ref.ref_logp_own, "ref_logp_idk": ref.ref_logp_idk}
+
+
+def format_show(view: Mapping) -> str:
+    lines = [f"sample {view['sample_id']}"]
+    if view.get("question"):
+        lines.append(f"  question: {view['question']!r}")
+    lines.append("  answer: " + repr("".join(t["token"] for t in view["tokens"])))
+    if view["images"]:
+        lines.append(f"  reference images ({len(view['images'])}):")
+        lines += [f"    [{im['index']}] {im['name']}  sha256 {str(im['sha256'])[:12]}" for im in view["images"]]
+    else:
+        lines.append("  reference images: the sample's own image (reference=own)")
+    lines.append(f"  {'pos':>3}  {'token':<16} {'H (nats)':>8} {'tail':>7}  top alternatives (probability)")
+    for t in view["tokens"]:
+        alts = "  ".join(f"{a['token']!r} {a['prob']:.3f}" for a in t["top"])
+        lines.append(f"  {t['position']:>3}  {t['token']!r:<16} {t['entropy']:>8.3f} {t['tail_mass']:>7.4f}  {alts}")
+    return "\n".join(lines)

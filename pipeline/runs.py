@@ -29,6 +29,40 @@ def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
                     lora_alpha=f.lora_alpha, dtype=cfg.model.dtype, device=cfg.model.device, extra_info=extra_info)
 
 
+def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log=print) -> dict:
+    """Set name -> [(where, image bytes)] of every image of the given splits, for precompute's leak check.
+
+    A split that is not on disk is skipped with a line in the log (a forget-only
+    dataset is still usable), never silently.
+    """
+    from .data.loaders import read_profiles
+    from .data.mllmu import DataError
+    out = {}
+    for name, split in splits.items():
+        if not split:
+            continue
+        try:
+            profiles = read_profiles(data_root, split, benchmark, check_images=False)
+        except (DataError, FileNotFoundError) as err:
+            log(f"[precompute] leak check: {name} split {split!r} not readable, skipped ({err})")
+            continue
+        out[name] = [(f"{split}/{p.id}" + (f"#{i}" if i else ""), data)
+                     for p in profiles for i, data in enumerate(p.all_images)]
+    return out
+
+
+def benchmark_splits(cfg: Config) -> dict[str, str]:
+    """The forget, retain, test and real splits of cfg.data (defaults filled in as evaluate fills them)."""
+    from .data.loaders import default_splits
+    d = cfg.data
+    try:
+        defaults = default_splits(d.benchmark, d.forget_split)
+    except ValueError:   # a custom forget split name: only what the config names explicitly
+        defaults = {}
+    return {"forget": d.forget_split, "retain": d.retain_split or defaults.get("retain", ""),
+            "test": d.test_split or defaults.get("test", ""), "real": d.real_split or defaults.get("real", "")}
+
+
 def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
                    rank: int = 0, world: int = 1, log=print) -> dict | None:
     """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
@@ -41,7 +75,9 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
                       k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                       prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
                       idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
-                      rank=rank, world=world, log=log)
+                      rank=rank, world=world, log=log, allow_benchmark_images=p.allow_benchmark_images,
+                      benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
+                                      else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)))
 
 
 def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False) -> dict:

@@ -311,10 +311,10 @@ def test_fingerprint_mismatch_names_the_parts_in_one_line(built):
 def test_diff_fingerprints_labels():
     base = rc.make_fingerprint({"model_config": "a" * 64, "tokenizer": "b" * 64, "dtype": "float32"})
     other = rc.make_fingerprint({"model_config": "c" * 64, "tokenizer": "b" * 64, "dtype": "bfloat16",
-                                 "format_version": 2, "lora_rank": "8\n9"})
+                                 "format_version": 3, "lora_rank": "8\n9"})
     assert rc.diff_fingerprints(other, base) == [
         "dtype differs (cache float32, expected bfloat16)",
-        "cache format version differs (cache 1, expected 2)",
+        "cache format version differs (cache 2, expected 3)",
         "lora_rank differs (not recorded in the cache)",
         "model config differs",
     ]
