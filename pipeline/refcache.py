@@ -597,14 +597,29 @@ class RefCacheReader:
         if expected_fingerprint is not None:
             check_fingerprint(self.cache_dir, expected_fingerprint, self._manifest["fingerprint"])
         self._paths = [_check_shard_file(self.cache_dir, e, verify) for e in self._manifest["shards"]]
-        self._index: dict[str, tuple[int, int, int, int]] = {}
-        self._ids: list[str] = []
+        # A compact index (sorted utf-8 ids + int arrays, ~40 bytes per sample instead of a dict's
+        # ~300), so a reader over millions of samples stays small in every DataLoader worker.
+        ids, shard, row, self._offsets = [], [], [], []
         for pos, entry in enumerate(self._manifest["shards"]):
-            self._index_shard(pos, entry)
+            shard_ids, offsets = self._index_shard(pos, entry)
+            ids.append(shard_ids)
+            shard.append(np.full(len(shard_ids), pos, np.int32))
+            row.append(np.arange(len(shard_ids), dtype=np.int32))
+            self._offsets.append(offsets)
+        ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[order]
+        self._shard = np.concatenate(shard)[order] if shard else np.zeros(0, np.int32)
+        self._row = np.concatenate(row)[order] if row else np.zeros(0, np.int32)
+        dup = np.flatnonzero(self._sorted_ids[1:] == self._sorted_ids[:-1])
+        if dup.size:
+            sid = self._sorted_ids[dup[0]].decode("utf-8")
+            raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
 
-    def _index_shard(self, pos: int, entry: Mapping) -> None:
+    def _index_shard(self, pos: int, entry: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        """(ids as fixed-width utf-8 bytes, offsets) of one shard, after checking its structure."""
         path = self._paths[pos]
         try:
             with _open_h5(path) as f:
@@ -612,28 +627,36 @@ class RefCacheReader:
                 if problems:
                     raise CacheError(f"shard {path.name} in {self.cache_dir} is corrupt: "
                                      + "; ".join(problems))
-                ids, offsets = f["sample_id"].asstr()[()], f["offsets"][()]
+                raw, offsets = f["sample_id"][()], f["offsets"][()]
         except (OSError, KeyError, ValueError) as err:
             raise CacheError(f"shard {path.name} in {self.cache_dir} cannot be read: {err}") from err
-        for row, sid in enumerate(ids):
-            if sid in self._index:
-                raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
-            self._index[sid] = (pos, row, int(offsets[row]), int(offsets[row + 1]))
-            self._ids.append(sid)
+        encoded = [x if isinstance(x, bytes) else str(x).encode("utf-8") for x in raw]
+        return np.array(encoded, dtype="S") if encoded else np.zeros(0, "S1"), offsets.astype(np.int64)
+
+    def _find(self, sample_id) -> int | None:
+        if not isinstance(sample_id, str):
+            return None
+        key = sample_id.encode("utf-8")
+        i = int(np.searchsorted(self._sorted_ids, key))
+        if i < len(self._sorted_ids) and self._sorted_ids[i] == key and not key.endswith(b"\0"):
+            return i
+        return None
 
     # -- mapping-like access
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._sorted_ids)
 
     def __contains__(self, sample_id) -> bool:
-        return sample_id in self._index
+        return self._find(sample_id) is not None
 
     def __iter__(self):
-        return iter(self._ids)
+        return iter(self.sample_ids)
 
     @property
     def sample_ids(self) -> list[str]:
-        return list(self._ids)
+        """Every id in shard order (built on demand: the reader keeps only the compact index)."""
+        order = np.lexsort((self._row, self._shard))
+        return [x.decode("utf-8") for x in self._sorted_ids[order]]
 
     @property
     def manifest(self) -> dict:
@@ -654,16 +677,14 @@ class RefCacheReader:
 
     def locate(self, sample_id: str) -> tuple[int, int, int, int]:
         """(shard position, row, first token row, end token row) of a sample."""
-        try:
-            return self._index[sample_id]
-        except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}") from None
+        i = self._find(sample_id)
+        if i is None:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}")
+        pos, row = int(self._shard[i]), int(self._row[i])
+        return pos, row, int(self._offsets[pos][row]), int(self._offsets[pos][row + 1])
 
     def get(self, sample_id: str) -> RefSample:
-        try:
-            pos, row, a, b = self._index[sample_id]
-        except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}") from None
+        pos, row, a, b = self.locate(sample_id)
         f = self._file(pos)
         try:
             cols = {name: f[name][a:b] for name in _TOKEN_FIELDS}
