@@ -126,6 +126,7 @@ class TrainConfig:
     seed: int = 0
     online_reference: bool = False
     merge: bool = False
+    data_workers: int = 2          # DataLoader processes reading references and images on demand (0: in the loop)
 
 
 @dataclass

@@ -683,6 +683,11 @@ class RefCacheReader:
         pos, row = int(self._shard[i]), int(self._row[i])
         return pos, row, int(self._offsets[pos][row]), int(self._offsets[pos][row + 1])
 
+    def shard_column(self, pos: int, name: str) -> np.ndarray | None:
+        """One whole dataset of shard `pos` (e.g. answer_ids, offsets), or None where it is absent."""
+        f = self._file(pos)
+        return f[name][()] if name in f else None
+
     def get(self, sample_id: str) -> RefSample:
         pos, row, a, b = self.locate(sample_id)
         f = self._file(pos)
