@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -50,6 +51,9 @@ _TOKEN_FIELDS = ("answer_ids", "topk_idx", "topk_prob", "tail_mass", "entropy")
 _SAMPLE_FIELDS = ("ref_logp_own", "ref_logp_idk")
 _CHUNK_ROWS = 1024
 _READ_CACHE_BYTES = 4 << 20  # a few decompressed chunks per dataset: sequential reads hit it
+_BLOCK_SAMPLES = 64  # samples read together by RefCacheReader.get (train.Stream's window size)
+_MAX_BLOCKS = 8
+_MAX_OPEN_FILES = 4
 _PART_LABELS = {
     "model_config": "model config",
     "model_weights": "model weights",
@@ -616,6 +620,7 @@ class RefCacheReader:
             sid = self._sorted_ids[dup[0]].decode("utf-8")
             raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
         self._files: dict[int, h5py.File] = {}
+        self._blocks: OrderedDict = OrderedDict()
         self._pid = os.getpid()
 
     def _index_shard(self, pos: int, entry: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -689,26 +694,64 @@ class RefCacheReader:
         return f[name][()] if name in f else None
 
     def get(self, sample_id: str) -> RefSample:
-        pos, row, a, b = self.locate(sample_id)
+        pos, row, _, _ = self.locate(sample_id)
+        block = self._block(pos, row // _BLOCK_SAMPLES)
+        i = row - block["first"]
+        a, b = block["offsets"][i] - block["offsets"][0], block["offsets"][i + 1] - block["offsets"][0]
+        extra = {name: _nan_to_none(block[name][i]) if block[name] is not None else None
+                 for name in _SAMPLE_FIELDS}
+        extra["pool_indices"] = block["pool_indices"][i] if block["pool_indices"] is not None else None
+        extra["question"] = block["question"][i] if block["question"] is not None else None
+        return RefSample(sample_id, block["answer_ids"][a:b], block["topk_idx"][a:b].astype(np.int64),
+                         block["topk_prob"][a:b].astype(np.float32), block["tail_mass"][a:b],
+                         block["entropy"][a:b], **extra)
+
+    def _block(self, pos: int, number: int) -> dict:
+        """Rows [number * B, (number + 1) * B) of shard `pos`, every dataset read in one slice.
+
+        One h5py read costs ~0.1-0.5 ms whatever its size, so per-sample reads
+        cap streaming at a few hundred samples/s; the shuffle visits a block's
+        samples together (train.Stream windows), so one read serves them all.
+        """
+        self._check_process()
+        key = (pos, number)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
         f = self._file(pos)
+        first = number * _BLOCK_SAMPLES
+        offsets = self._offsets[pos][first: first + _BLOCK_SAMPLES + 1]
+        a, b = int(offsets[0]), int(offsets[-1])
+        last = first + len(offsets) - 1
         try:
-            cols = {name: f[name][a:b] for name in _TOKEN_FIELDS}
-            logps = {name: _optional_float(f, name, row) for name in _SAMPLE_FIELDS}
-            logps["pool_indices"] = f["pool_indices"][row] if "pool_indices" in f else None
-            logps["question"] = f["question"].asstr()[row] if "question" in f else None
+            block = {name: f[name][a:b] for name in _TOKEN_FIELDS}
+            for name in (*_SAMPLE_FIELDS, "pool_indices"):
+                block[name] = f[name][first:last] if name in f else None
+            block["question"] = f["question"].asstr()[first:last] if "question" in f else None
         except (OSError, ValueError) as err:  # a damaged compressed chunk surfaces here
             raise CacheError(f"shard {self._paths[pos].name} in {self.cache_dir} "
                              f"cannot be read: {err}") from err
-        return RefSample(sample_id, cols["answer_ids"], cols["topk_idx"].astype(np.int64),
-                         cols["topk_prob"].astype(np.float32), cols["tail_mass"],
-                         cols["entropy"], **logps)
+        block.update(first=first, offsets=offsets)
+        self._blocks[key] = block
+        while len(self._blocks) > _MAX_BLOCKS:
+            self._blocks.popitem(last=False)
+        return block
 
     # -- handles
-    def _file(self, pos: int) -> h5py.File:
+    def _check_process(self) -> None:
         if self._pid != os.getpid():  # inherited handles belong to the parent: never share them
             self._close_handles()
+            self._blocks = OrderedDict()
             self._pid = os.getpid()
+
+    def _file(self, pos: int) -> h5py.File:
+        self._check_process()
         if pos not in self._files:
+            # Each open file holds a chunk cache per dataset: keep a few open, so memory
+            # does not grow with the number of shards a run has touched.
+            while len(self._files) >= _MAX_OPEN_FILES:
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).close()
             self._files[pos] = _open_h5(self._paths[pos])
         return self._files[pos]
 
@@ -731,14 +774,12 @@ class RefCacheReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_pid"], state["_blocks"] = {}, None, OrderedDict()
         return state
 
 
-def _optional_float(f: h5py.File, name: str, row: int) -> float | None:
-    if name not in f:
-        return None
-    value = float(f[name][row])
+def _nan_to_none(value) -> float | None:
+    value = float(value)
     return None if np.isnan(value) else value
 
 
