@@ -142,7 +142,9 @@ class _RefsOnly:
         from pipeline import train as tr
         rows = [i for i, _, _ in items]
         width = max(len(self.examples[i].ids) - self.examples[i].start for i in rows)
-        return {"rows": rows, "refs": tr.pad_references([r for _, _, r in items], width)}
+        refs = tr.pad_references([r for _, _, r in items], width)
+        return {"rows": rows, "refs": [refs.topk_idx.numpy(), refs.topk_prob.numpy(), refs.tail_mass.numpy(),
+                                       refs.entropy.numpy()]}
 
 
 def run_child(*args) -> dict:
