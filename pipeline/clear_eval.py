@@ -73,9 +73,11 @@ from .data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, r
 from .data.loaders import default_splits
 from .data.mllmu import DataError
 from .encoding import encode_pair, load_image, max_positions, pixel_values
+from .evaluate import default_samples_path, load_for_eval
 from .forward import answer_logits, make_text_batch
 from .generation import generate
 from .prompts import multiple_choice_prompt, train_prompt
+from .results import append_result, write_jsonl
 
 CLEAR_PROTOCOL = (
     "viker-clear-v1: CLEAR (therem/CLEAR) scored as its authors' mm/eval.py: greedy caption for a fixed "
@@ -312,7 +314,6 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
     budget, seed, model, adapter, metrics: {forget, retain, real}) plus
     `benchmark`, `protocol` (CLEAR_PROTOCOL) and `eval_splits`.
     """
-    from .evaluate import append_result, default_samples_path, load_for_eval, write_jsonl
     names = parse_clear_sets(sets)
     splits = clear_eval_splits(data_root, forget_split, retain_split, test_split, real_split)
     rows = read_clear_sets(data_root, splits, names, max_profiles)   # bad data fails before the model loads

@@ -204,7 +204,7 @@ def evaluate(config_path, adapter, method, budget, overrides):
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
     coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
     """
-    from .clear_eval import format_clear_row
+    from .clear_eval import evaluate_clear, format_clear_row
     from .evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
     setting, fingerprint, seed = {}, "", 0
@@ -216,11 +216,15 @@ def evaluate(config_path, adapter, method, budget, overrides):
         seed = info.get("seed", 0)
         budget = budget if budget is not None else info.get("steps", 0)
     e, d = cfg.evaluate, cfg.data
-    row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, adapter=adapter, method=method or "Vanilla",
-              setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
-              few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-              coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
-              dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
+    common = dict(adapter=adapter, method=method or "Vanilla", setting=setting, budget=budget or 0, seed=seed,
+                  cache_fingerprint=fingerprint, sets=e.sets, max_new_tokens=e.max_new_tokens,
+                  batch_size=e.batch_size, results_path=e.results, max_profiles=e.max_profiles,
+                  dtype=cfg.model.dtype, device=cfg.model.device)
+    if d.benchmark == "clear":
+        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, **common)
+    else:
+        row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
+                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
 

@@ -19,8 +19,6 @@ answer "US US US".
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -36,6 +34,7 @@ from .factcheck import fact_accuracy
 from .generation import generate
 from .modeling import ModelError, load_model, resolve_device
 from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from .results import append_result, flatten, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
 
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
@@ -277,15 +276,12 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
              dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
 
-    `benchmark="clear"` runs CLEAR's own protocol instead (clear_eval.evaluate_clear).
+    CLEAR is evaluated by clear_eval.evaluate_clear (its own protocol and row layout).
     """
     if check_benchmark(benchmark) == "clear":
-        from .clear_eval import evaluate_clear
-        return evaluate_clear(model_dir, data_root, forget_split, retain_split, adapter=adapter, method=method,
-                              setting=setting, budget=budget, seed=seed, cache_fingerprint=cache_fingerprint,
-                              sets=sets, max_new_tokens=max_new_tokens, max_profiles=max_profiles,
-                              batch_size=batch_size, results_path=results_path, samples_path=samples_path,
-                              dtype=dtype, device=device)
+        # CLEAR has its own protocol and row layout; callers pick clear_eval.evaluate_clear (cli does),
+        # so that this module and clear_eval do not import each other.
+        raise DataError("benchmark clear is evaluated by clear_eval.evaluate_clear, not evaluate.evaluate")
     names = parse_sets(sets)
     chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
     classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
@@ -337,50 +333,6 @@ def _counts(profiles: list[Profile]) -> dict[str, int]:
 def default_samples_path(results_path: Path, method: str, forget_split: str, budget, seed) -> Path:
     # The forget split is in the name: one results file usually holds several splits' runs.
     return results_path.parent / f"samples-{method}-{forget_split}-{budget}-{seed}.jsonl"
-
-
-# ------------------------------------------------------------- files
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def append_result(results_path: Path, row: dict) -> Path:
-    """Append one row to the JSON-lines results, then rewrite the CSV view (same name, .csv) from all rows."""
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    with results_path.open("a") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
-    csv_path = results_path.with_suffix(".csv")
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    tmp.write_text(to_csv(rows))
-    tmp.replace(csv_path)
-    return csv_path
-
-
-def to_csv(rows: list[dict]) -> str:
-    flat = [flatten(r) for r in rows]
-    columns = list(dict.fromkeys(key for r in flat for key in r))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat)
-    return out.getvalue()
-
-
-def flatten(row: dict, prefix: str = "") -> dict:
-    """Nested dicts become dotted columns; `metrics` is dropped from names (forget.mc_acc, as report reads)."""
-    flat = {}
-    for key, value in row.items():
-        name = prefix if key == "metrics" and not prefix else f"{prefix}{key}."
-        if isinstance(value, dict):
-            flat.update(flatten(value, name))
-        else:
-            flat[name[:-1]] = json.dumps(value) if isinstance(value, list) else value
-    return flat
 
 
 # ------------------------------------------------------------- display

@@ -136,12 +136,13 @@ class MicroBatch:
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
-          benchmark: str = "mllmu") -> dict:
+          benchmark: str = "mllmu", train_root: str = "") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
-    reader. Returns steps, timings, final loss and paths.
+    reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
+    holding the training QA (data.train_root). Returns steps, timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
     spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
@@ -151,7 +152,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
-        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
         recorded = None
         if needs_cache(method, spec):
             # Refuse a cache for another model or forget set before paying for loading the model.
@@ -167,7 +168,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         retain = []
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
-            retain = forget_samples(read_profiles(data_root, retain_split, benchmark))
+            retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
         inputs = build_inputs(processor, forget, retain, max_positions(model),
                               idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device

@@ -325,16 +325,16 @@ def test_mllmu_malformed_rows_name_file_and_row(tmp_path):
         read_profiles(tmp_path, "forget_10")
     _one_line(e, path, "row 0: text choice 0", "'E' is not one of the options")
     rows = [mllmu_row("ada", 1)]
-    rows[0]["metadata"] = json.dumps([{"Question": "Who?", "Answer": ""}])
+    rows[0]["metadata"] = "[{not json"
     write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
     with pytest.raises(DataError) as e:
         read_profiles(tmp_path, "forget_10")
-    _one_line(e, path, "row 0: metadata item 0 has an empty answer")
-    table = pa.Table.from_pylist([mllmu_row("ada", 1)], schema=FORGET_SCHEMA).drop_columns(["Mask_Task"])
+    _one_line(e, path, "row 0: column metadata is not valid JSON")
+    table = pa.Table.from_pylist([mllmu_row("ada", 1)], schema=FORGET_SCHEMA).drop_columns(["ID"])
     pq.write_table(table, path)
     with pytest.raises(DataError) as e:
         read_profiles(tmp_path, "forget_10")
-    _one_line(e, path, "missing column(s) Mask_Task")
+    _one_line(e, path, "missing column(s) ID")
 
 
 # ======================================================================== CLEAR's metrics
@@ -477,10 +477,10 @@ def test_clear_end_to_end(world):
     root = world["clear"]
     runs = _unlearn(world, root, "clear", "forget10", "clear")
     results = world["base"] / "clear-results.jsonl"
-    # Through evaluate.evaluate, as `viker evaluate` calls it with data.benchmark=clear.
-    row = ev.evaluate(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"], method="ViKeR",
-                      results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
-                      benchmark="clear", sets="forget,test,retain,real")
+    # As `viker evaluate` calls it with data.benchmark=clear.
+    row = ce.evaluate_clear(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"],
+                            method="ViKeR", results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
+                            sets="forget,test,retain,real")
     assert row["protocol"] == ce.CLEAR_PROTOCOL and row["benchmark"] == "clear"
     assert row["eval_splits"] == {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real": "real_faces"}
     assert row["retain_split"] == "retain90"
