@@ -224,7 +224,8 @@ def evaluate(config_path, adapter, method, budget, overrides):
         row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, **common)
     else:
         row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
-                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, **common)
+                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
+                  eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
 

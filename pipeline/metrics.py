@@ -228,3 +228,19 @@ def _is_clean(output, clean: set[str], threshold: float) -> bool:
             f"classifier label {label!r} is generic; pass clean_labels naming the coherent class"
         )
     return label in clean
+
+
+def bleu_official(prediction: str, reference: str) -> float:
+    """MLLMU-Bench's BLEU (eval.py compute_bleu): NLTK sentence BLEU-4 on whitespace tokens, smoothing method1.
+
+    Used by the official protocol; `bleu_score` (sacrebleu) is viker's own.
+    """
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    hypothesis = prediction.split()
+    if not hypothesis:
+        return 0.0
+    with warnings.catch_warnings():       # NLTK warns on short sentences; the value is what the authors got
+        warnings.simplefilter("ignore")
+        return float(sentence_bleu([reference.split()], hypothesis, smoothing_function=SmoothingFunction().method1))
