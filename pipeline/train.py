@@ -51,8 +51,8 @@ from .data.records import Sample, forget_samples
 from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
 from .forward import TextBatch, answer_logits, make_text_batch
-from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
-                     sequence_logprob, viker_loss)
+from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_loss, idkpo_loss, idkpo_scale,
+                     kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
 from .precompute import draw_reference_images, encode_samples, summarise
 from .refcache import RefCacheReader, RefSample, check_fingerprint
@@ -103,6 +103,8 @@ class LossSpec:
     beta: float = 0.4
     retain_weight: float = 0.0
     online: bool = False
+    convention: str = "viker"      # losses.LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
+    idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
@@ -286,9 +288,13 @@ def needs_retain(method: str, retain_weight: float) -> bool:
 
 
 def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+    convention = str(cfg.convention).strip().lower()
+    if convention not in LOSS_CONVENTIONS:
+        raise TrainError(f"train.convention {cfg.convention!r} is not one of: {', '.join(LOSS_CONVENTIONS)}")
     return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
-                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed)
+                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed,
+                    convention=convention, idk_beta=cfg.idk_beta)
 
 
 def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
@@ -588,11 +594,15 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
         forget, d = viker_loss(logits, labels, mask, refs.topk_idx, refs.topk_prob, refs.tail_mass, spec.lam,
                                kind=spec.regulariser, use_ga=spec.use_ga, token_lambda=lam_t)
     elif method == "npo":
-        forget, d = npo_loss(sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+        ll_cur, ll_ref = sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev)
+        if spec.convention == "mllmu":      # per-token mean log-ratio (losses.LOSS_CONVENTIONS)
+            ll_cur, ll_ref = per_token(ll_cur, mask), per_token(ll_ref, mask)
+        forget, d = npo_loss(ll_cur, ll_ref, spec.beta)
     elif method == "idkpo":
         idk_logits, idk_labels, idk_mask = out["idk"]
+        beta, scale = idkpo_scale(spec.convention, spec.beta, spec.idk_beta)
         forget, d = idkpo_loss(sequence_logprob(idk_logits, idk_labels, idk_mask), mb.ref_logp_idk.to(dev),
-                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), beta, scale=scale)
     else:
         forget, d = ga_loss(logits, labels, mask)
     total = forget.mean()
@@ -604,7 +614,7 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
             kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
             total = total + kl.mean()
             diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
-        weight = spec.retain_weight or (1.0 if method == "graddiff" else 0.0)
+        weight = spec.retain_weight or retain_nll_weight(spec.convention, method)
         if weight > 0:
             nll, d = nll_loss(r_logits, r_labels, r_mask)
             total = total + weight * nll.mean()
