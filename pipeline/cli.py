@@ -196,13 +196,19 @@ def train(config_path, resume, overrides):
 @click.option("--adapter", default=None, help="A LoRA adapter directory (e.g. <train.output>/adapter).")
 @click.option("--method", default=None, help="Label of the row (default: from the adapter's training run, or Vanilla).")
 @click.option("--budget", type=float, default=None, help="The swept quantity (e.g. steps) for the trade-off plot.")
+@click.option("--gold", default=None,
+              help="CLEAR: a gold model directory (trained without the forget set) for Forget Quality "
+                   "(KS test of the forget truth ratios; evaluate.gold in the config).")
 @overrides_arg
 @one_line_errors
-def evaluate(config_path, adapter, method, budget, overrides):
+def evaluate(config_path, adapter, method, budget, gold, overrides):
     """Evaluate model.path (+ --adapter) on forget, test, retain and real sets; append a results row.
 
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
-    coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
+    coherence. evaluate.protocol official scores as each benchmark's authors do
+    (MLLMU-Bench eval.py; CLEAR mm/eval.py + calculate_metrics.py, with Forget
+    Quality when --gold is given); viker is our own protocol (the demo's).
+    Rows go to evaluate.results and record the protocol.
     """
     from .clear_eval import evaluate_clear, format_clear_row
     from .evaluate import evaluate as run, format_row
@@ -221,7 +227,8 @@ def evaluate(config_path, adapter, method, budget, overrides):
                   batch_size=e.batch_size, results_path=e.results, max_profiles=e.max_profiles,
                   dtype=cfg.model.dtype, device=cfg.model.device)
     if d.benchmark == "clear":
-        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, **common)
+        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, protocol=e.protocol,
+                             gold=gold or e.gold, eval_seed=e.seed, **common)
     else:
         row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
                   coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,

@@ -398,12 +398,19 @@ _SHOWN = (("MC", "mc_acc"), ("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"
           ("coher.", "coherence"))
 
 
+# The official protocol reports Image_Textual (img) and Pure_Text (txt) apart.
+_SHOWN_OFFICIAL = (("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"), ("cz img", "cloze_acc_image"),
+                   ("cz txt", "cloze_acc_text"), ("R-L img", "rougeL_image"), ("R-L txt", "rougeL_text"),
+                   ("BLEU img", "bleu_image"), ("BLEU txt", "bleu_text"), ("fact", "fact_acc"))
+
+
 def format_row(row: dict) -> str:
     """The row's metrics as a small table, percentages per set."""
     head = f"{row['method']} on {row['forget_split']} (budget {row['budget']}, seed {row['seed']})"
-    lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in _SHOWN)]
+    shown = _SHOWN_OFFICIAL if row.get("protocol") == "official" else _SHOWN
+    lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in shown)]
     for name, values in row["metrics"].items():
-        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in _SHOWN))
+        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in shown))
     lines.append(f"coherence: {row['coherence_kind']}")
     return "\n".join(lines)
 

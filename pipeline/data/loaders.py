@@ -42,7 +42,7 @@ def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_
     profiles: list[Profile] = []
     for name in names:
         if benchmark == "clear":
-            profiles += read_clear(root, name, check_images)
+            profiles += read_clear(root, name, check_images, notes)
         elif train_root:
             profiles += read_train_split(train_root, name, check_images, notes)
         else:
