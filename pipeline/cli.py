@@ -59,6 +59,7 @@ def main():
     \b
     viker demo                      everything, on the built-in miniature benchmark
     viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
+    viker data check ROOT           what viker reads (and skips) in a downloaded benchmark
     viker finetune                  knowledge injection: base model -> vanilla model
     viker precompute                stage one: reference distributions -> HDF5 shards
     viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
@@ -93,6 +94,25 @@ def demo(config_path, overrides):
 @main.group()
 def data():
     """Benchmark data."""
+
+
+@data.command("check")
+@click.argument("root", type=click.Path())
+@click.option("--benchmark", type=click.Choice(["mllmu", "clear", "train_split"]), default=None,
+              help="The layout to check against (default: guessed from the folder names).")
+def check_data_cmd(root, benchmark):
+    """Check a downloaded benchmark directory before running anything on it.
+
+    Prints each split found, its rows and columns, which columns viker uses for
+    what, what it skips while reading and why, and which required pieces are
+    missing; exits 1 when one is missing or a split does not read.
+    Run it first on MLLMU-Bench, its baseline_train_split, or CLEAR.
+    """
+    from .data.check import check_root
+    lines, ok = check_root(root, benchmark or "")
+    click.echo("\n".join(lines))
+    if not ok:
+        sys.exit(1)
 
 
 @data.command("make-mini")

@@ -677,3 +677,54 @@ def test_clear_official_end_to_end_with_gold(world, tmp_path):
     assert caption_prompts and all("<image>" not in p for p in caption_prompts), "captions without the image"
     assert all(any(q in p for q in co.CAPTION_QUESTIONS) for p in caption_prompts)
     assert "CLEAR: forget_metric" in ce.format_clear_row(row)
+
+
+# ======================================================== viker data check (issue 9)
+
+def _check(root, *args):
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    return CliRunner().invoke(main, ["data", "check", str(root), *args])
+
+
+def test_data_check_on_a_good_and_a_broken_mllmu_download(tmp_path):
+    import shutil
+    root = make_published_variants(tmp_path / "MLLMU-Bench")
+    good = _check(root)
+    assert good.exit_code == 0, good.output
+    out = good.output
+    assert out.startswith("MLLMU-Bench at ") and "6 split folder(s)" in out
+    assert "  forget_10: 1 file(s), 1 row(s); columns: Classification_Task, Directory," in out
+    assert "not used: Directory" in out and "metadata item 2 skipped (no Question" in out
+    assert "images               Test_Set: the person's other pictures" in out
+    assert out.rstrip().endswith("OK: every required piece is present and readable")
+    shutil.rmtree(root / "Test_Set")
+    shutil.rmtree(root / "Full_Set")
+    pq.write_table(pa.table({"ID": ["x"]}), root / "retain_90" / "train-00000-of-00001.parquet")
+    bad = _check(root)
+    assert bad.exit_code == 1
+    assert "MISSING (required): Test_Set (the test set)" in bad.output
+    assert "missing (optional): Full_Set (few-shot examples of evaluate.protocol official" in bad.output
+    assert "ERROR: " in bad.output and "missing column image (or images)" in bad.output
+    assert "FAILED" in bad.output
+
+
+def test_data_check_on_clear_and_the_training_split(tmp_path, world):
+    import shutil
+    root = tmp_path / "CLEAR"
+    shutil.copytree(world["clear"], root)
+    make_clear_variants(root)
+    out = _check(root)
+    assert out.exit_code == 0, out.output
+    assert "+tofu config: picture rows only" in out.output and "missing (optional): real_world" in out.output
+    shutil.rmtree(root / "real_faces")
+    assert _check(root).exit_code == 1 and "MISSING (required): real_faces" in _check(root).output
+    train = tmp_path / "baseline_train_split"
+    for split in ("forget_10", "retain_90"):
+        write_table(train / split / "train-00000-of-00001.parquet",
+                    [{"image": img(1), "metadata": json.dumps([{"Question": "Who?", "Answer": "Ada."}])}],
+                    TRAIN_SPLIT_SCHEMA)
+    out = _check(train)
+    assert out.exit_code == 0 and out.output.startswith("MLLMU-Bench baseline_train_split"), out.output
+    shutil.rmtree(train / "retain_90")
+    assert "MISSING (required): retain_90 (the retain split paired with forget_10)" in _check(train).output
