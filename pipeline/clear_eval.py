@@ -482,8 +482,8 @@ def format_clear_row(row: dict) -> str:
     for name, values in row["metrics"].items():
         cells = []
         for _, key, pct in shown:
-            value = values.get(key, values.get("name_prob") if key == "caption_prob" and row.get("protocol") != "official"
-                               else None)
+            fallback = values.get("name_prob") if key == "caption_prob" and row.get("protocol") != "official" else None
+            value = values.get(key, fallback)
             cells.append(f"{'-':>10s}" if value is None else (f"{100 * value:9.1f}%" if pct else f"{value:10.3f}"))
         lines.append(f"{name:8s}" + "".join(cells))
     if row.get("clear"):

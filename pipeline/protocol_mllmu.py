@@ -91,7 +91,9 @@ def cloze_prompt(question: str, kind: str, shots=()) -> str:
     """evaluate_fill_in_the_blank's prompt; `shots` are (question, ground truth) of the same kind."""
     body = ""
     for q, answer in shots:
-        body += ("USER:<image>\n" if kind == "image" else "USER:\n") + f"{cloze_question(q)}\nCorrect Answer: {answer}\n"
+        # The shot header has no space before <image> (eval.py), unlike the item's own header.
+        body += "USER:<image>\n" if kind == "image" else "USER:\n"
+        body += f"{cloze_question(q)}\nCorrect Answer: {answer}\n"
     head = "USER: <image>\n" if kind == "image" else "USER:\n"
     return f"{body}{head}{cloze_question(question)}\nASSISTANT:"
 
