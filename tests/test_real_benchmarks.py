@@ -728,3 +728,15 @@ def test_data_check_on_clear_and_the_training_split(tmp_path, world):
     assert out.exit_code == 0 and out.output.startswith("MLLMU-Bench baseline_train_split"), out.output
     shutil.rmtree(train / "retain_90")
     assert "MISSING (required): retain_90 (the retain split paired with forget_10)" in _check(train).output
+
+
+def test_protocol_choice_errors_are_one_line(world, tmp_path):
+    with pytest.raises(DataError, match="clear_eval.evaluate_clear"):
+        ev.evaluate(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+                    benchmark="clear")
+    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
+        ev.evaluate(str(world["model"]), str(world["mllmu"]), "forget_10", results_path=tmp_path / "r.jsonl",
+                    protocol="paper")
+    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
+        ce.evaluate_clear(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+                          protocol="paper")
