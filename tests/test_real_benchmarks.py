@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import pipeline.clear_eval as ce
+from pipeline import clear_official as co
+from pipeline import metrics as mt
 from pipeline import evaluate as ev
 from pipeline import precompute as pc
 from pipeline import prompts
@@ -593,9 +595,6 @@ def test_clear_tofu_and_empty_perturbed_lists_load(tmp_path):
 
 
 # ======================================================== CLEAR's headline metrics (issue 9)
-
-from pipeline import clear_official as co  # noqa: E402
-from pipeline import metrics as mt  # noqa: E402
 
 # scipy.stats.ks_2samp(a, b) (scipy 1.17.1, default method): (statistic, pvalue)
 KS_SCIPY = [
