@@ -1,10 +1,13 @@
 """MLLMU-Bench parquet files <-> `Profile` records.
 
 The layout is the published dataset's: one folder per split
-(`forget_10/train-00000-of-00001.parquet`, `Test_Set/...`), columns exactly as
-DESIGN.md 3.1 lists them. The miniature benchmark is written with the same
-writer and read back through the same reader, so the loader is exercised on
-every demo run.
+(`forget_10/train-00000-of-00001.parquet`, `Test_Set/...`), columns as
+DESIGN.md 3.1 lists them, of which only `ID` and a picture are required: the
+published variants (with or without `metadata`, Full_Set's `question`/`answer`,
+MLLMMU/baseline_train_split's image + metadata) all read, as the authors'
+readers read them (docs/REAL_BENCHMARKS.md section 2). The miniature benchmark
+is written with the same writer and read back through the same reader, so the
+loader is exercised on every demo run.
 """
 from __future__ import annotations
 
