@@ -28,14 +28,30 @@ def _known_errors() -> tuple:
             TrainingDiverged)
 
 
+def os_error_line(exc: OSError) -> str:
+    """'cannot write cache/refs/x/refs-00000-of-00002.h5.tmp: No space left on device': the path and the cause."""
+    cause = " ".join(str(exc.strerror or exc).split()) or type(exc).__name__
+    if exc.filename is None:
+        return f"file system error: {cause}"
+    target = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"cannot use {target}: {cause}"
+
+
 def one_line_errors(fn):
-    """Turn expected failures into a one-line message instead of a traceback."""
+    """Turn expected failures into a one-line message instead of a traceback.
+
+    OSError (a read-only directory, a full disk, a missing file) is expected too:
+    the line names the path and the cause. Commands remove their own temporary
+    files before the error reaches here.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _known_errors() as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
     return wrapper
 
 
@@ -150,9 +166,11 @@ def finetune(config_path, overrides):
 @click.option("--no-prefix-cache", is_flag=True, help="Naive path: a full forward per (sample, image) pair.")
 @click.option("--shard-index", type=int, default=None, help="This job's index, for independent batch jobs.")
 @click.option("--num-shards", type=int, default=None, help="How many independent jobs share the work.")
+@click.option("--overwrite", is_flag=True,
+              help="Remove shards of another run (other shard_size or fingerprint) from precompute.output first.")
 @overrides_arg
 @one_line_errors
-def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides):
+def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite, overrides):
     """Stage one: the frozen model's averaged distributions over k reference images -> HDF5 shards.
 
     \b
@@ -160,6 +178,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     Several GPUs:  torchrun --nproc_per_node 4 -m pipeline.cli precompute --config X
                    (or accelerate launch -m pipeline.cli precompute ...)
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
+    The output directory holds one cache: shards of another run there are refused (--overwrite removes them).
     """
     from .precompute import dist_env
     from .runs import run_precompute
@@ -180,11 +199,13 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     if shard_index is not None:
         if world > 1:
             raise click.UsageError("use either torchrun/accelerate or --shard-index, not both")
+        if num_shards < 1:
+            raise click.UsageError(f"--num-shards must be >= 1 (the number of jobs), got {num_shards}")
         if not 0 <= shard_index < num_shards:
-            raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
+            raise click.UsageError(f"--shard-index must be >= 0 and < --num-shards ({num_shards}), got {shard_index}")
         rank, world = shard_index, num_shards
     manifest = run_precompute(cfg, cfg.model.path, prefix_cache=p.prefix_cache and not no_prefix_cache,
-                              device=device, rank=rank, world=world, log=click.echo)
+                              device=device, rank=rank, world=world, overwrite=overwrite, log=click.echo)
     if manifest is not None:
         click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "
                    f"{manifest['totals']['n_tokens']} answer tokens, {manifest['totals']['bytes']} bytes)")
@@ -193,9 +214,11 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
 @main.command()
 @config_option
 @click.option("--resume", is_flag=True, help="Continue from train.output/checkpoint (same settings required).")
+@click.option("--overwrite", is_flag=True,
+              help="Remove another run's adapter/train_config.json/checkpoint from train.output before starting.")
 @overrides_arg
 @one_line_errors
-def train(config_path, resume, overrides):
+def train(config_path, resume, overwrite, overrides):
     """Stage two: LoRA unlearning of the forget split, streaming the reference cache.
 
     \b
@@ -203,10 +226,13 @@ def train(config_path, resume, overrides):
     Ablations: w/o Reg = train.method=ga; w/o GA = train.use_ga=false;
                w/o Vis = a cache made with precompute.reference=own.
     Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
+    A train.output holding another run's results is refused unless --overwrite or --resume;
+    a cache made with other precompute.k/top_k/seed/pool/reference is refused unless
+    train.use_cache_settings=true.
     """
     from .runs import run_train
     cfg = _load(config_path, overrides)
-    result = run_train(cfg, cfg.model.path, resume=resume)
+    result = run_train(cfg, cfg.model.path, resume=resume, overwrite=overwrite, log=click.echo)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
                f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
 
@@ -279,10 +305,21 @@ def _training_info(adapter: str) -> dict:
     """What the training run recorded beside its adapter (method, steps, lr, lambda, cache)."""
     import json
     from pathlib import Path
+    from .modeling import ModelError
+    from .train import adapter_files_digest
     path = Path(adapter).parent / "train_config.json"
     if not path.is_file():
         return {}
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise ModelError(f"{path} is not valid JSON: cannot tell which run made adapter {adapter}") from None
+    recorded = info.get("adapter_sha256")
+    if "result" not in info:
+        raise ModelError(f"{path} describes a run that did not finish: adapter {adapter} is not its result")
+    if recorded is not None and Path(adapter).is_dir() and adapter_files_digest(Path(adapter)) != recorded:
+        raise ModelError(f"adapter {adapter} does not match the digest recorded in {path}: it is not the "
+                         f"adapter that run produced")
     t = info.get("train", {})
     return {"method": method_label(info), "steps": info.get("result", {}).get("steps", info.get("steps")),
             "seed": t.get("seed", 0), "cache_fingerprint": info.get("cache_fingerprint", ""),

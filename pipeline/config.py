@@ -138,6 +138,9 @@ class TrainConfig:
     seed: int = 0
     online_reference: bool = False
     merge: bool = False
+    # The cache's k, K, seed, pool and reference differ from precompute.*: true trains with the
+    # cache's (one notice line); false refuses the run naming both values.
+    use_cache_settings: bool = False
 
 
 @dataclass
@@ -236,6 +239,53 @@ def _apply(cfg: Config, key: str, value) -> None:
     setattr(section, name, _coerce(key, value, types[name]))
 
 
+class Above(float):
+    """An exclusive lower bound in RANGES: Above(0) means "> 0"."""
+
+
+# Every numeric setting's allowed range, checked once the file and the overrides are applied:
+# (key, lowest, highest or None). Inclusive bounds unless written Above(x). A new numeric key
+# gets a row here. Bounds that need the model or the pool (k <= pool size, K <= vocabulary)
+# are checked where those are known (precompute.check_against_inputs).
+RANGES: tuple[tuple[str, float, float | None], ...] = (
+    ("mini.seed", 0, None), ("mini.n_fictitious", 1, None), ("mini.n_real", 0, None),
+    ("mini.train_images", 1, None), ("mini.test_images", 0, None), ("mini.pool_size", 1, None),
+    ("mini.image_size", 1, None),
+    ("tiny.vocab_size", 1, None), ("tiny.image_size", 1, None), ("tiny.patch_size", 1, None),
+    ("tiny.vision_hidden", 1, None), ("tiny.vision_layers", 1, None), ("tiny.text_hidden", 1, None),
+    ("tiny.text_layers", 1, None), ("tiny.text_heads", 1, None), ("tiny.max_positions", 1, None),
+    ("finetune.steps", 0, None), ("finetune.batch_size", 1, None), ("finetune.lr", 0, None),
+    ("finetune.warmup_steps", 0, None), ("finetune.weight_decay", 0, None),
+    ("finetune.max_grad_norm", 0, None), ("finetune.seed", 0, None), ("finetune.lora_r", 1, None),
+    ("finetune.lora_alpha", 1, None), ("finetune.gate_min_acc", 0, 1),
+    ("precompute.k", 1, None), ("precompute.top_k", 1, None), ("precompute.seed", 0, None),
+    ("precompute.shard_size", 1, None), ("precompute.batch_size", 1, None),
+    ("train.lam", 0, None), ("train.beta", Above(0), None), ("train.retain_weight", 0, None),
+    ("train.steps", 0, None), ("train.epochs", 0, None), ("train.batch_size", 1, None),
+    ("train.grad_accum", 1, None), ("train.lr", 0, None), ("train.warmup_steps", 0, None),
+    ("train.weight_decay", 0, None), ("train.max_grad_norm", 0, None), ("train.lora_r", 1, None),
+    ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
+    ("train.seed", 0, None),
+    ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
+    ("evaluate.max_profiles", 0, None),
+)
+
+
+def _bound_text(low, high) -> str:
+    low_text = f"> {low:g}" if isinstance(low, Above) else f">= {low:g}"
+    return f"{low_text} and <= {high:g}" if high is not None else low_text
+
+
+def check_ranges(cfg: Config) -> None:
+    """Refuse the first setting outside its RANGES row, with the allowed range in the message."""
+    for key, low, high in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        too_low = value <= low if isinstance(low, Above) else value < low
+        if too_low or (high is not None and value > high):
+            raise ConfigError(f"config key '{key}' must be {_bound_text(low, high)}, got {value!r}")
+
+
 def parse_override(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must be KEY=VALUE, e.g. train.lr=1e-4")
@@ -265,4 +315,5 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value)
+    check_ranges(cfg)
     return cfg

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -259,28 +260,37 @@ def dist_env() -> tuple[int, int, int]:
 def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir: str | None, reference: str = "pool",
                k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
                prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
-               device: str = "auto", rank: int = 0, world: int = 1, log=print) -> dict | None:
+               device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False,
+               log=print) -> dict | None:
     """Compute this rank's shards (shards rank::world) and, once all exist, the manifest.
 
     Finished shards (checksum and fingerprint match) are skipped, so a killed
-    run resumes where it stopped. Returns the manifest, or None while shards of
-    other ranks/jobs are still missing.
+    run resumes where it stopped. Shards of another layout (shard_size) or
+    fingerprint in `out_dir` are refused, or removed first with `overwrite`.
+    Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
     if reference not in ("pool", "own"):
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
     if not samples:
         raise ValueError("no forget samples to precompute")
+    check_settings(k=k, top_k=top_k, shard_size=shard_size, batch_size=batch_size, seed=seed)
     check_model_dir(model_dir)
     if reference == "own":
         k = 1
     dev = resolve_device(device)
     dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     pool = pool_files(pool_dir) if reference == "pool" else []
+    # Bounds that need the pool and the model: before hashing or loading anything large.
+    check_against_inputs(k=k, top_k=top_k, pool_size=len(pool) if reference == "pool" else None,
+                         vocab_size=config_vocab_size(model_dir), pool_dir=pool_dir, model_dir=model_dir)
     fingerprint = cache_fingerprint(model_dir, samples, pool_dir=pool_dir, reference=reference, k=k, top_k=top_k,
                                     seed=seed, dtype=dtype_name, idk_answer=idk_answer)
     num_shards = math.ceil(len(samples) / shard_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 or not _distributed():   # under torchrun rank 0 alone tidies, the others wait for it
+        claim_output(out, num_shards, fingerprint["digest"], overwrite, log)
+    _barrier(world)
     settings = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
                 "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
                 "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
@@ -309,6 +319,88 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     log(f"[precompute] rank {rank}: my shards are done; other jobs' shards are missing — "
         f"run `viker cache merge {out}` once they finish")
     return None
+
+
+def check_settings(*, k: int, top_k: int, shard_size: int, batch_size: int, seed: int) -> None:
+    """The ranges config.RANGES checks, again for callers that pass arguments directly."""
+    for name, value in (("k", k), ("top_k", top_k), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"precompute.{name} must be >= 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"precompute.seed must be >= 0, got {seed}")
+
+
+def config_vocab_size(model_dir) -> int | None:
+    """The language model's vocabulary size from config.json (LLaVA keeps it in text_config)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None   # load_model reports an unreadable config with its own message
+    size = (config.get("text_config") or {}).get("vocab_size", config.get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def check_against_inputs(*, k: int, top_k: int, pool_size: int | None, vocab_size: int | None,
+                         pool_dir=None, model_dir=None) -> None:
+    if pool_size is not None and k > pool_size:
+        raise ValueError(f"precompute.k must be <= the reference pool size {pool_size} ({pool_dir}), got {k}")
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"precompute.top_k must be <= the vocabulary size {vocab_size} of {model_dir}, "
+                         f"got {top_k}")
+
+
+_CACHE_FILE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.(h5|json)(\.tmp)?$")
+
+
+def foreign_files(out: Path, num_shards: int, digest: str) -> tuple[list[Path], list[Path]]:
+    """(cache files of another layout or fingerprint, files that belong to no cache) in `out`.
+
+    Ours: shards and completion records of this layout (`num_shards`) whose
+    record, where one exists, names this fingerprint, and manifest.json (it is
+    rewritten last). A shard of our layout without a record is an interrupted
+    write of ours or of another run: it is recomputed either way.
+    """
+    stale, unrelated = [], []
+    for path in sorted(out.iterdir()):
+        if path.name in (refcache.MANIFEST, refcache.MANIFEST + ".tmp"):
+            continue
+        m = _CACHE_FILE.match(path.name)
+        if m is None or not path.is_file():
+            unrelated.append(path)
+        elif int(m[2]) != num_shards:
+            stale.append(path)
+        elif m[3] == "json" and not m[4] and _record_digest(path) != digest:
+            stale += [path, path.with_suffix(".h5")]
+    stale = sorted(set(p for p in stale if p.exists()))
+    return stale, unrelated
+
+
+def _record_digest(path: Path) -> str | None:
+    try:
+        return (json.loads(path.read_text()).get("fingerprint") or {}).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _names(paths: list[Path], shown: int = 4) -> str:
+    names = ", ".join(p.name for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def claim_output(out: Path, num_shards: int, digest: str, overwrite: bool, log=print) -> None:
+    """The output directory holds this cache only: refuse (or, with overwrite, remove) other runs' shards."""
+    stale, unrelated = foreign_files(out, num_shards, digest)
+    if unrelated:
+        raise refcache.CacheError(f"precompute.output {out} holds files that are not part of a reference cache "
+                                  f"({_names(unrelated)}): choose an empty or cache-only directory")
+    if not stale:
+        return
+    if not overwrite:
+        raise refcache.CacheError(f"precompute.output {out} holds shards of another run (other shard_size or "
+                                  f"fingerprint): {_names(stale)}; pass --overwrite to remove them")
+    for path in stale + [out / refcache.MANIFEST]:
+        path.unlink(missing_ok=True)
+    log(f"[precompute] --overwrite: removed {len(stale)} file(s) of another run from {out}")
 
 
 def _distributed() -> bool:

@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Mapping
 import h5py
 import numpy as np
 
+from . import filememo  # standard library only
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -279,12 +281,16 @@ def _fsync_file(path: Path) -> None:
 
 def _atomic_write_json(path: Path, obj) -> None:
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)   # a full disk leaves nothing half-written behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -329,15 +335,26 @@ def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample]
              "settings": json.dumps(settings, sort_keys=True), "shard_index": index,
              "num_shards": num_shards, "vocab_size": int(vocab_size), "K": K}
     tmp = _tmp_path(path)
-    _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs)
-    _fsync_file(tmp)
-    record = {"name": path.name, "n_samples": len(samples),
-              "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
-              "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
-    os.replace(tmp, path)
-    _fsync_dir(cache_dir)
-    _atomic_write_json(sidecar, record)
+    try:
+        _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs)
+        _fsync_file(tmp)
+        record = {"name": path.name, "n_samples": len(samples),
+                  "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
+                  "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
+        os.replace(tmp, path)
+        _fsync_dir(cache_dir)
+        _atomic_write_json(sidecar, record)
+    except OSError as err:  # disk full, read-only directory: leave no half-written file behind
+        for leftover in (tmp, _tmp_path(sidecar)):
+            leftover.unlink(missing_ok=True)
+        raise CacheError(f"cannot write shard {path}: {os_cause(err)}") from err
     return record
+
+
+def os_cause(err: OSError) -> str:
+    """The cause of an OSError in a few words ("No space left on device"), without its traceback noise."""
+    cause = err.strerror or str(err)
+    return " ".join(str(cause).split()) or type(err).__name__
 
 
 def _complete_settings(settings: Mapping, vocab_size: int, K: int) -> dict:
@@ -403,25 +420,37 @@ def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype,
     offsets[1:] = np.cumsum([s.num_tokens for s in samples])
     with h5py.File(path, "w") as f:
         f.attrs.update(attrs)
-        f.create_dataset("sample_id", data=np.array([s.sample_id for s in samples], dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("offsets", data=offsets)
+        _create_checked(f, "sample_id", _sample_id_column(samples))
+        _create_checked(f, "offsets", offsets)
         for name, column in _token_columns(samples, K, idx_dtype).items():
             _create_token_dataset(f, name, column)
         for name in _SAMPLE_FIELDS:
             values = [getattr(s, name) for s in samples]
             if any(v is not None for v in values):
-                f.create_dataset(name, data=np.array(
-                    [np.nan if v is None else v for v in values], np.float32))
+                _create_checked(f, name, np.array([np.nan if v is None else v for v in values], np.float32))
+
+
+def _sample_id_column(samples: list[RefSample]) -> np.ndarray:
+    """Fixed-length utf-8 strings: HDF5 cannot checksum variable-length ones (they live in a heap)."""
+    encoded = [s.sample_id.encode("utf-8") for s in samples]
+    width = max((len(b) for b in encoded), default=1)
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", width))
+
+
+def _create_checked(f: h5py.File, name: str, data: np.ndarray, **filters) -> None:
+    """A chunked dataset with HDF5's Fletcher32 checksum on every chunk.
+
+    A damaged chunk then fails with an OSError wherever it is read, not only
+    when `viker cache verify` hashes the whole file. An empty extent cannot be
+    chunked unless the dataset is resizable, hence the maxshape.
+    """
+    rows = min(max(data.shape[0], 1), _CHUNK_ROWS)
+    f.create_dataset(name, data=data, chunks=(rows,) + data.shape[1:], maxshape=(None,) + data.shape[1:],
+                     fletcher32=True, **filters)
 
 
 def _create_token_dataset(f: h5py.File, name: str, data: np.ndarray) -> None:
-    if data.shape[0] == 0:  # HDF5 cannot chunk an empty extent
-        f.create_dataset(name, data=data)
-        return
-    chunks = (min(data.shape[0], _CHUNK_ROWS),) + data.shape[1:]
-    f.create_dataset(name, data=data, chunks=chunks, compression="gzip",
-                     compression_opts=4, shuffle=True)
+    _create_checked(f, name, data, compression="gzip", compression_opts=4, shuffle=True)
 
 
 # ---------------------------------------------------------------- resume & merge
@@ -537,7 +566,43 @@ def _load_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool) -> Path:
+def _check_directory(cache_dir: Path, manifest: dict) -> None:
+    """What verify rejects is not trained on: shards of another run or stray files beside the cache."""
+    problems = [p for p in _directory_problems(cache_dir, manifest) if not p.startswith("warning:")]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheError(f"reference cache {cache_dir}: {problems[0]}{more}; remove it or run viker cache verify")
+
+
+def _check_manifest_digest(cache_dir: Path, manifest: dict) -> None:
+    """A hand-edited fingerprint part (k, seed, ...) no longer hashes to the recorded digest."""
+    fp = manifest["fingerprint"]
+    if hash_json(fp.get("parts")) != fp.get("digest"):
+        raise CacheError(f"manifest.json in {cache_dir} was modified: its fingerprint digest does not "
+                         f"match its parts; run viker cache verify")
+
+
+def _attribute_problems(f: h5py.File, manifest: dict) -> list[str]:
+    """What the manifest says about the settings, against what the shard itself records."""
+    try:
+        stored = json.loads(f.attrs.get("settings", "null"))
+    except ValueError:
+        stored = None
+    if stored == manifest["settings"]:
+        return []
+    if not isinstance(stored, dict):
+        return ["its settings attribute is missing or unreadable"]
+    keys = sorted(k for k in set(stored) | set(manifest["settings"])
+                  if stored.get(k) != manifest["settings"].get(k))
+    shown = ", ".join(f"{k} (manifest {manifest['settings'].get(k)!r}, shard {stored.get(k)!r})" for k in keys[:3])
+    return [f"its settings attribute differs from the manifest's on {shown}"]
+
+
+def _shard_sha256(path: Path, verify: bool | str) -> str:
+    return filememo.memo_file_hash(path) if verify == "memo" else filememo.hash_file(path)
+
+
+def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool | str) -> Path:
     name = str(entry.get("name"))
     if not _SHARD_RE.match(name):
         raise CacheError(f"manifest of {cache_dir} lists {name!r}, not a shard file name")
@@ -548,8 +613,9 @@ def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool) -> Path:
     if size != entry.get("bytes"):
         raise CacheError(f"shard {name} in {cache_dir} is {size} bytes, the manifest says "
                          f"{entry.get('bytes')}: truncated or modified; run viker cache verify")
-    if verify and hash_file(path) != entry.get("sha256"):
-        raise CacheError(f"shard {name} in {cache_dir} does not match its sha256 in the manifest")
+    if verify and _shard_sha256(path, verify) != entry.get("sha256"):
+        raise CacheError(f"shard {name} in {cache_dir} does not match its sha256 in the manifest "
+                         f"(corrupted or modified): run viker cache verify")
     return path
 
 
@@ -586,16 +652,27 @@ class RefCacheReader:
     ``offsets`` datasets; ``get`` reads just that sample's rows. HDF5 handles
     open lazily and are reopened in a new process (DataLoader workers after
     fork), and the reader pickles without them. Shard sizes are always checked
-    against the manifest; ``verify=True`` also checks every sha256 (reads it all).
+    against the manifest, and so is every shard's sha256: hashed in full the
+    first time this file version is opened, then remembered by
+    ``filememo.memo_file_hash`` (path, size, mtime, inode), so a second run
+    pays one small JSON read per shard. ``verify=True`` hashes again regardless
+    of the memo; ``verify=False`` skips the sha256 (tools that only look).
+    Every dataset carries HDF5's Fletcher32 checksum, so a chunk damaged after
+    the sha256 was remembered still fails when it is read (``get`` raises
+    CacheError). The manifest's settings and fingerprint must equal each
+    shard's own attributes.
     """
 
     def __init__(self, cache_dir, expected_fingerprint: Mapping | None = None, *,
-                 verify: bool = False):
+                 verify: bool | str = "memo"):
         self.cache_dir = Path(cache_dir)
         self._manifest = _load_manifest(self.cache_dir)
+        _check_manifest_digest(self.cache_dir, self._manifest)
         if expected_fingerprint is not None:
             check_fingerprint(self.cache_dir, expected_fingerprint, self._manifest["fingerprint"])
         self._paths = [_check_shard_file(self.cache_dir, e, verify) for e in self._manifest["shards"]]
+        if verify:
+            _check_directory(self.cache_dir, self._manifest)
         self._index: dict[str, tuple[int, int, int, int]] = {}
         self._ids: list[str] = []
         for pos, entry in enumerate(self._manifest["shards"]):
@@ -608,6 +685,7 @@ class RefCacheReader:
         try:
             with _open_h5(path) as f:
                 problems = _structure_problems(f, entry, self._manifest["fingerprint"]["digest"])
+                problems += _attribute_problems(f, self._manifest)
                 if problems:
                     raise CacheError(f"shard {path.name} in {self.cache_dir} is corrupt: "
                                      + "; ".join(problems))
@@ -745,9 +823,7 @@ def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict) -> list[str
     try:
         with _open_h5(path) as f:
             problems = _structure_problems(f, entry, manifest["fingerprint"].get("digest"))
-            if json.loads(f.attrs.get("settings", "null")) != manifest["settings"]:
-                problems.append("its settings attribute differs from the manifest's")
-            return problems
+            return problems + _attribute_problems(f, manifest)
     except (OSError, KeyError, ValueError) as err:
         return [f"unreadable HDF5: {err}"]
 
@@ -767,11 +843,23 @@ def _duplicate_id_problems(cache_dir: Path, manifest: dict) -> list[str]:
 
 
 def _directory_problems(cache_dir: Path, manifest: dict) -> list[str]:
+    """Every file the manifest does not account for: a cache directory holds one cache and nothing else."""
     listed = {str(e.get("name")) for e in manifest["shards"]}
-    problems = [f"extra shard file {p.name} is not listed in the manifest"
-                for p in sorted(cache_dir.glob("refs-*.h5")) if p.name not in listed]
-    problems += [f"warning: stray temporary file {p.name} (left by an interrupted run; safe to delete)"
-                 for p in sorted(cache_dir.glob("*.tmp"))]
+    expected = {MANIFEST} | listed | {_sidecar_path(Path(n)).name for n in listed}
+    problems = []
+    for path in sorted(cache_dir.iterdir()):
+        if path.name in expected:
+            continue
+        if path.suffix == ".tmp":
+            problems.append(f"warning: stray temporary file {path.name} "
+                            f"(left by an interrupted run; safe to delete)")
+        elif _SHARD_RE.match(path.name):
+            problems.append(f"extra shard file {path.name} is not listed in the manifest")
+        elif _SIDECAR_RE.match(path.name):
+            problems.append(f"extra completion record {path.name} belongs to no shard in the manifest")
+        else:
+            kind = "directory" if path.is_dir() else "file"
+            problems.append(f"unexpected {kind} {path.name} is not part of the cache")
     return problems
 
 
@@ -784,7 +872,7 @@ def inspect_cache(cache_dir, decode: Callable[[int], str] | None = None, top_n: 
 
     Entropies are in nats. ``decode`` (token id -> text) labels the key tokens.
     """
-    with RefCacheReader(cache_dir) as reader:
+    with RefCacheReader(cache_dir, verify=False) as reader:   # looks only; Fletcher32 still guards reads
         columns = _gather_columns(reader)
         manifest = reader.manifest
     K, vocab = columns["K"], manifest["settings"].get("vocab_size")

@@ -36,7 +36,7 @@ def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
 
 
 def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
-                   rank: int = 0, world: int = 1, log=print) -> dict | None:
+                   rank: int = 0, world: int = 1, overwrite: bool = False, log=print) -> dict | None:
     """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
     from .data.loaders import read_profiles
     from .data.records import forget_samples
@@ -47,15 +47,22 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
                       k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                       prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
                       idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
-                      rank=rank, world=world, log=log)
+                      rank=rank, world=world, overwrite=overwrite, log=log)
 
 
-def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False) -> dict:
-    """Stage two with cfg.train (or a variant of it), reading the cache at cfg.precompute.output."""
+def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False,
+              overwrite: bool = False, log=print) -> dict:
+    """Stage two with cfg.train (or a variant of it), reading the cache at cfg.precompute.output.
+
+    The cache must have been made with cfg.precompute's k, top_k, seed, reference and pool
+    (train.use_cache_settings=true takes the cache's instead).
+    """
     from .train import train
     d, p = cfg.data, cfg.precompute
+    expected = {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
     return train(str(model_dir), d.root, d.forget_split, d.retain_split, p.output, train_cfg or cfg.train,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
                  device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
-                 benchmark=d.benchmark, train_root=d.train_root)
+                 benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
+                 train_root=d.train_root)
 

@@ -50,6 +50,7 @@ from .data.loaders import default_splits, read_profiles
 from .data.records import Sample, forget_samples
 from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
+from .refcache import hash_files
 from .forward import TextBatch, answer_logits, make_text_batch
 from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_loss, idkpo_loss, idkpo_scale,
                      kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
@@ -138,19 +139,26 @@ class MicroBatch:
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
-          benchmark: str = "mllmu", train_root: str = "") -> dict:
+          benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
+          log=print, train_root: str = "") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
     reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
-    holding the training QA (data.train_root). Returns steps, timings, final loss and paths.
+    holding the training QA (data.train_root). `expect_cache` ({k, K, seed, reference}, the config's precompute
+    settings): a cache made otherwise is refused unless cfg.use_cache_settings.
+    A directory holding another run's adapter or train_config.json is refused
+    unless `overwrite` (removes them first) or `resume`. The adapter and
+    train_config.json appear together at the end (after a NaN stop: the last
+    good adapter, with the steps done). Returns steps, timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
     spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
     check_options(cfg, method, cache_dir, pool_dir)
-    rank, world, dev, own_group = init_distributed(device)
     out = Path(cfg.output)
+    claim_output(out, resume, overwrite, remove=False)   # refuse before any work, remove on rank 0 below
+    rank, world, dev, own_group = init_distributed(device)
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
@@ -158,7 +166,8 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         recorded = None
         if needs_cache(method, spec):
             # Refuse a cache for another model or forget set before paying for loading the model.
-            recorded = check_cache(cache_dir, model_dir, forget, pool_dir)
+            recorded = check_cache(cache_dir, model_dir, forget, pool_dir, expected=expect_cache,
+                                   use_cache_settings=cfg.use_cache_settings, log=log if rank == 0 else None)
         model, processor = load_model(model_dir, dtype=dtype, device=str(dev))
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
@@ -199,6 +208,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         if resume:
             start = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, streams, run, rank, world)
         if rank == 0:
+            claim_output(out, resume, overwrite, remove=True)
             prepare_output(out, run, resume, start)
         log_path = out / "log.jsonl"
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
@@ -232,9 +242,11 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
             if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
                 # No optimizer step on a bad loss: the adapter in memory is still step-1's.
                 optimizer.zero_grad(set_to_none=True)
-                if rank == 0:
-                    save_adapter(model, out / "adapter")
                 what = f"loss is {last_loss}" if not math.isfinite(last_loss) else f"gradient norm is {grad_norm}"
+                if rank == 0:   # the steps done, recorded as such: never the steps planned
+                    publish(out, model, {**run, "steps": step - 1, "planned_steps": steps},
+                            {"method": method, "steps": step - 1, "start_step": start, "final_loss": None,
+                             "stopped": f"diverged at step {step}: {what}", "adapter": str(out / "adapter")})
                 raise TrainingDiverged(f"training stopped at step {step}: {what}; the adapter from step "
                                        f"{step - 1} is saved in {out / 'adapter'} (lower train.lr?)")
             lr = scheduler.get_last_lr()[0]
@@ -260,15 +272,16 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
                   "output": str(out), "adapter": str(out / "adapter"), "log": str(log_path),
                   "train_config": str(out / "train_config.json"), "adapter_digest": adapter_digest(model)}
         if rank == 0:
-            save_adapter(model, out / "adapter")
             if cfg.merge:
                 result["merged"] = str(save_merged(model, processor, out / "merged"))
+            result["adapter_sha256"] = publish(out, model, run, result)
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # the run is complete: nothing to resume
-            _atomic_json(out / "train_config.json", {**run, "result": result})
         if world > 1:
             dist.barrier()
         return result
     finally:
+        if rank == 0:
+            remove_temporary(out)   # a failed save (disk full) must not leave half an adapter behind
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -309,6 +322,8 @@ def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.output:
+        raise TrainError("train.output is empty: name the run's output directory")
     if cfg.steps <= 0 and cfg.epochs <= 0:
         raise TrainError("set train.steps > 0 or train.epochs > 0")
 
@@ -395,15 +410,48 @@ def needs_cache(method: str, spec) -> bool:
     return method in ("npo", "idkpo") or (method == "viker" and not spec.online)
 
 
-def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir) -> dict:
+def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir, expected: dict | None = None,
+                use_cache_settings: bool = False, log=print) -> dict:
     """The cache's recorded fingerprint, if it matches this model, prompts, forget set and pool.
 
+    Opening the cache checks every shard's sha256 (remembered per file version).
     Raises FingerprintMismatch naming the part (model weights, tokenizer, forget set, ...).
+    `expected` ({k, K, seed, reference}): the config's precompute settings; a cache
+    made with others is refused naming both values, unless `use_cache_settings`.
     """
     with RefCacheReader(cache_dir) as reader:
-        recorded = reader.fingerprint
+        recorded, settings = reader.fingerprint, reader.settings
+    if expected is not None:
+        differences = cache_setting_differences(settings, recorded, expected, pool_dir)
+        if differences and not use_cache_settings:
+            raise TrainError(f"reference cache {cache_dir} was made with other settings than the config: "
+                             f"{'; '.join(differences)}; run viker precompute with these settings, or set "
+                             f"train.use_cache_settings=true to train with the cache's")
+        if differences:
+            if log is not None:
+                log(f"[train] train.use_cache_settings: training with the cache's settings "
+                    f"({'; '.join(differences)})")
+            pool_dir = None   # the cache's pool is taken as recorded
     check_fingerprint(cache_dir, training_fingerprint(model_dir, samples, recorded, pool_dir), recorded)
     return recorded
+
+
+def cache_setting_differences(settings: dict, recorded: dict, expected: dict, pool_dir) -> list[str]:
+    """'k (config 3, cache 5)' for each of k, K, seed, reference and pool the cache was made otherwise."""
+    want = dict(expected)
+    if want.get("reference") == "own":
+        want["k"] = 1   # precompute forces k=1 for the own-image reference
+    found = []
+    for key, name in (("k", "precompute.k"), ("K", "precompute.top_k"), ("seed", "precompute.seed"),
+                      ("reference", "precompute.reference")):
+        if key in want and str(settings.get(key)) != str(want[key]):
+            found.append(f"{name} (config {want[key]}, cache {settings.get(key)})")
+    cached_pool = recorded.get("parts", {}).get("reference_pool")
+    if (want.get("reference", "pool") == "pool" and settings.get("reference") == "pool" and pool_dir
+            and Path(pool_dir).is_dir() and cached_pool is not None
+            and hash_files(pool_files(pool_dir)) != cached_pool):   # by content: a copied pool is the same pool
+        found.append(f"precompute.pool (config {pool_dir}, cache {settings.get('pool') or 'another pool'})")
+    return found
 
 
 def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
@@ -655,6 +703,63 @@ def _run_identity(run: dict) -> dict:
     return ident
 
 
+# A run's published results; another run's are refused (or removed by --overwrite) at the start.
+RESULTS = ("adapter", "train_config.json", "merged")
+# The run's temporary area: everything is written here first and renamed into place.
+TMP_AREA = ".tmp"
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool, remove: bool) -> None:
+    """Refuse an output directory holding another run's results; with overwrite remove them (remove=True)."""
+    if resume and overwrite:
+        raise TrainError("--resume continues the run in train.output, --overwrite discards it: choose one")
+    found = [name for name in RESULTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise TrainError(f"train.output {out} holds another run's results ({', '.join(found)}): pass "
+                         f"--overwrite to replace them, --resume to continue that run, or choose another "
+                         f"train.output")
+    if remove:
+        for name in RESULTS + (CHECKPOINT, "log.jsonl"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def remove_temporary(out: Path) -> None:
+    """The run's temporary area and any half-renamed directories it left."""
+    for path in [out / TMP_AREA] + [out / f"{name}.tmp" for name in ("adapter", "merged", CHECKPOINT)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def adapter_files_digest(adapter_dir: Path) -> str:
+    """sha256 over the adapter directory's files (names and contents), as viker evaluate recomputes it."""
+    return hash_files([p for p in Path(adapter_dir).iterdir() if p.is_file()], root=adapter_dir)
+
+
+def publish(out: Path, model, run: dict, result: dict) -> str:
+    """Write the adapter and train_config.json in the temporary area, then rename both into place.
+
+    train_config.json records the adapter's file digest, so an adapter that is
+    not the one it describes (a crash between the two renames, an older run's
+    adapter) is refused by viker evaluate instead of being mislabeled.
+    """
+    area = out / TMP_AREA
+    shutil.rmtree(area, ignore_errors=True)
+    area.mkdir(parents=True)
+    model.save_pretrained(str(area / "adapter"), safe_serialization=True)
+    digest = adapter_files_digest(area / "adapter")
+    _atomic_json(area / "train_config.json", {**run, "result": {**result, "adapter_sha256": digest},
+                                              "adapter_sha256": digest})
+    os.replace(area / "train_config.json", out / "train_config.json")
+    _replace_dir(area / "adapter", out / "adapter")
+    shutil.rmtree(area, ignore_errors=True)
+    return digest
+
+
 def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
@@ -666,7 +771,6 @@ def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
     else:
         log.write_text("")
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # a stale one must never be resumed later
-    _atomic_json(out / "train_config.json", run)
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -738,12 +842,17 @@ def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, streams,
         ranks = [None] * world
         dist.all_gather_object(ranks, _rank_state(streams))
     if rank == 0:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.parent / TMP_AREA / path.name
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         torch.save({"step": step, "run": _run_identity(run), "trainable": trainable_state(model),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks},
                    tmp / "state.pt")
+        # The checkpoint's adapter with its own description: evaluable, labeled with the steps it has.
+        digest = adapter_files_digest(tmp / "adapter")
+        _atomic_json(tmp / "train_config.json", {**run, "steps": step, "checkpoint": True,
+                                                 "result": {"steps": step, "adapter_sha256": digest},
+                                                 "adapter_sha256": digest})
         _replace_dir(tmp, path)
     if world > 1:
         dist.barrier()
