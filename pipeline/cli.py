@@ -76,6 +76,7 @@ def main():
     \b
     viker demo                      everything, on the built-in miniature benchmark
     viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
+    viker data check ROOT           what viker reads (and skips) in a downloaded benchmark
     viker finetune                  knowledge injection: base model -> vanilla model
     viker precompute                stage one: reference distributions -> HDF5 shards
     viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
@@ -111,6 +112,25 @@ def demo(config_path, overrides):
 @main.group()
 def data():
     """Benchmark data."""
+
+
+@data.command("check")
+@click.argument("root", type=click.Path())
+@click.option("--benchmark", type=click.Choice(["mllmu", "clear", "train_split"]), default=None,
+              help="The layout to check against (default: guessed from the folder names).")
+def check_data_cmd(root, benchmark):
+    """Check a downloaded benchmark directory before running anything on it.
+
+    Prints each split found, its rows and columns, which columns viker uses for
+    what, what it skips while reading and why, and which required pieces are
+    missing; exits 1 when one is missing or a split does not read.
+    Run it first on MLLMU-Bench, its baseline_train_split, or CLEAR.
+    """
+    from .data.check import check_root
+    lines, ok = check_root(root, benchmark or "")
+    click.echo("\n".join(lines))
+    if not ok:
+        sys.exit(1)
 
 
 @data.command("make-mini")
@@ -229,15 +249,21 @@ def train(config_path, resume, overwrite, overrides):
 @click.option("--adapter", default=None, help="A LoRA adapter directory (e.g. <train.output>/adapter).")
 @click.option("--method", default=None, help="Label of the row (default: from the adapter's training run, or Vanilla).")
 @click.option("--budget", type=float, default=None, help="The swept quantity (e.g. steps) for the trade-off plot.")
+@click.option("--gold", default=None,
+              help="CLEAR: a gold model directory (trained without the forget set) for Forget Quality "
+                   "(KS test of the forget truth ratios; evaluate.gold in the config).")
 @overrides_arg
 @one_line_errors
-def evaluate(config_path, adapter, method, budget, overrides):
+def evaluate(config_path, adapter, method, budget, gold, overrides):
     """Evaluate model.path (+ --adapter) on forget, test, retain and real sets; append a results row.
 
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
-    coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
+    coherence. evaluate.protocol official scores as each benchmark's authors do
+    (MLLMU-Bench eval.py; CLEAR mm/eval.py + calculate_metrics.py, with Forget
+    Quality when --gold is given); viker is our own protocol (the demo's).
+    Rows go to evaluate.results and record the protocol.
     """
-    from .clear_eval import format_clear_row
+    from .clear_eval import evaluate_clear, format_clear_row
     from .evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
     setting, fingerprint, seed = {}, "", 0
@@ -249,11 +275,17 @@ def evaluate(config_path, adapter, method, budget, overrides):
         seed = info.get("seed", 0)
         budget = budget if budget is not None else info.get("steps", 0)
     e, d = cfg.evaluate, cfg.data
-    row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, adapter=adapter, method=method or "Vanilla",
-              setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
-              few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-              coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
-              dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
+    common = dict(adapter=adapter, method=method or "Vanilla", setting=setting, budget=budget or 0, seed=seed,
+                  cache_fingerprint=fingerprint, sets=e.sets, max_new_tokens=e.max_new_tokens,
+                  batch_size=e.batch_size, results_path=e.results, max_profiles=e.max_profiles,
+                  dtype=cfg.model.dtype, device=cfg.model.device)
+    if d.benchmark == "clear":
+        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, protocol=e.protocol,
+                             gold=gold or e.gold, eval_seed=e.seed, **common)
+    else:
+        row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
+                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
+                  eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
 

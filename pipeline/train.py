@@ -52,8 +52,8 @@ from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
 from .refcache import hash_files
 from .forward import TextBatch, answer_logits, make_text_batch
-from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
-                     sequence_logprob, viker_loss)
+from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_loss, idkpo_loss, idkpo_scale,
+                     kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
 from .precompute import encode_samples, summarise
 from .refcache import RefCacheReader, RefSample, check_fingerprint
@@ -105,6 +105,8 @@ class LossSpec:
     beta: float = 0.4
     retain_weight: float = 0.0
     online: bool = False
+    convention: str = "viker"      # losses.LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
+    idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
@@ -148,12 +150,13 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
           benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
-          log=print) -> dict:
+          log=print, train_root: str = "") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
-    reader. `expect_cache` ({k, K, seed, reference}, the config's precompute
+    reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
+    holding the training QA (data.train_root). `expect_cache` ({k, K, seed, reference}, the config's precompute
     settings): a cache made otherwise is refused unless cfg.use_cache_settings.
     A directory holding another run's adapter or train_config.json is refused
     unless `overwrite` (removes them first) or `resume`. The adapter and
@@ -169,7 +172,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
-        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
         recorded = None
         if needs_cache(method, spec):
             # Refuse a cache for another model or forget set before paying for loading the model.
@@ -186,7 +189,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         retain = []
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
-            retain = forget_samples(read_profiles(data_root, retain_split, benchmark))
+            retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
         inputs = build_inputs(processor, forget, retain, max_positions(model),
                               idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
@@ -310,9 +313,13 @@ def needs_retain(method: str, retain_weight: float) -> bool:
 
 
 def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+    convention = str(cfg.convention).strip().lower()
+    if convention not in LOSS_CONVENTIONS:
+        raise TrainError(f"train.convention {cfg.convention!r} is not one of: {', '.join(LOSS_CONVENTIONS)}")
     return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
-                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed)
+                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed,
+                    convention=convention, idk_beta=cfg.idk_beta)
 
 
 def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
@@ -809,11 +816,15 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
         forget, d = viker_loss(logits, labels, mask, refs.topk_idx, refs.topk_prob, refs.tail_mass, spec.lam,
                                kind=spec.regulariser, use_ga=spec.use_ga, token_lambda=lam_t)
     elif method == "npo":
-        forget, d = npo_loss(sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+        ll_cur, ll_ref = sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev)
+        if spec.convention == "mllmu":      # per-token mean log-ratio (losses.LOSS_CONVENTIONS)
+            ll_cur, ll_ref = per_token(ll_cur, mask), per_token(ll_ref, mask)
+        forget, d = npo_loss(ll_cur, ll_ref, spec.beta)
     elif method == "idkpo":
         idk_logits, idk_labels, idk_mask = out["idk"]
+        beta, scale = idkpo_scale(spec.convention, spec.beta, spec.idk_beta)
         forget, d = idkpo_loss(sequence_logprob(idk_logits, idk_labels, idk_mask), mb.ref_logp_idk.to(dev),
-                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), beta, scale=scale)
     else:
         forget, d = ga_loss(logits, labels, mask)
     total = forget.mean()
@@ -825,7 +836,7 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
             kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
             total = total + kl.mean()
             diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
-        weight = spec.retain_weight or (1.0 if method == "graddiff" else 0.0)
+        weight = spec.retain_weight or retain_nll_weight(spec.convention, method)
         if weight > 0:
             nll, d = nll_loss(r_logits, r_labels, r_mask)
             total = total + weight * nll.mean()
