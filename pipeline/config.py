@@ -267,7 +267,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("train.grad_accum", 1, None), ("train.lr", 0, None), ("train.warmup_steps", 0, None),
     ("train.weight_decay", 0, None), ("train.max_grad_norm", 0, None), ("train.lora_r", 1, None),
     ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
-    ("train.seed", 0, None),
+    ("train.seed", 0, None), ("train.data_workers", 0, None),
     ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
     ("evaluate.max_profiles", 0, None),
 )
