@@ -40,6 +40,15 @@ class DataConfig:
     test_split: str = "Test_Set"
     real_split: str = "Retain_Set"
     finetune_split: str = "ft_Data"  # comma-separated lists are accepted (CLEAR: forget10,retain90)
+    # Where the *training* QA of forget/retain come from: a directory in MLLMU-Bench's
+    # `baseline_train_split` layout (<train_root>/forget_10/*.parquet: image + metadata), the
+    # data the authors' baselines learn from. Empty: each split's own metadata, else its
+    # question/answer columns (pipeline/data/mllmu.py).
+    train_root: str = ""
+    # Also learn the real set during knowledge injection (viker finetune). MLLMU-Bench's vanilla
+    # model learned ft_Data only (its real set is knowledge the base model already has): false
+    # for the real benchmark; the miniature benchmark's tiny model knows nobody, so true there.
+    finetune_real: bool = False
 
 
 @dataclass
@@ -96,6 +105,7 @@ class PrecomputeConfig:
     prefix_cache: bool = True
     idk_answer: str = "I don't know."
     dtype: str = "auto"
+    allow_benchmark_images: bool = False  # True: pool images may equal benchmark images (the paper's ablation)
 
 
 @dataclass
@@ -106,7 +116,11 @@ class TrainConfig:
     lam: float = 0.5               # ViKeR lambda
     use_ga: bool = True            # False: the "w/o GA" ablation
     token_lambda: bool = False     # experimental (ours): lambda_i from the reference entropy
-    beta: float = 0.4              # NPO / IdkPO
+    beta: float = 0.4              # NPO / IdkPO (convention viker: both; mllmu/openunlearning: NPO only)
+    # Loss conventions of the baselines (pipeline/losses.py, LOSS_CONVENTIONS): viker (ours, the
+    # demo's), mllmu (MLLMU-Bench's baselines/*.py) or openunlearning.
+    convention: str = "viker"
+    idk_beta: float = 0.1          # IdkPO's own beta (conventions mllmu/openunlearning)
     retain_weight: float = 0.0     # alpha of an added retain NLL term (GradDiff uses 1.0 when 0)
     steps: int = 0                 # 0: derive from epochs
     epochs: float = 1.0
@@ -128,6 +142,7 @@ class TrainConfig:
     # The cache's k, K, seed, pool and reference differ from precompute.*: true trains with the
     # cache's (one notice line); false refuses the run naming both values.
     use_cache_settings: bool = False
+    data_workers: int = 2          # DataLoader processes reading references and images on demand (0: in the loop)
 
 
 @dataclass
@@ -141,6 +156,14 @@ class EvalConfig:
     table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
     max_profiles: int = 0            # evaluate at most this many profiles per set (0: all)
     likelihood_sets: str = "forget,test,retain,real"  # sets scored by option likelihood (MC-LL, cloze-LL)
+    # official: each benchmark's authors' prompts, images and scoring (docs/REAL_BENCHMARKS.md,
+    # pipeline/protocol_mllmu.py, pipeline/clear_eval.py); viker: our own uniform protocol (the
+    # miniature benchmark's). Recorded in every results row.
+    protocol: str = "viker"
+    seed: int = 0                    # official protocol: few-shot profiles and Test_Set image draws
+    test_images: str = "random"      # official MLLMU Test_Set: random (one seeded picture per item) | all
+    gold: str = ""                   # CLEAR: a gold model (retain-only) directory for Forget Quality
+    few_shot_split: str = "Full_Set" # official MLLMU: the split few-shot examples come from (eval.py --few_shot_data)
 
 
 @dataclass
@@ -272,7 +295,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("train.grad_accum", 1, None), ("train.lr", 0, None), ("train.warmup_steps", 0, None),
     ("train.weight_decay", 0, None), ("train.max_grad_norm", 0, None), ("train.lora_r", 1, None),
     ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
-    ("train.seed", 0, None),
+    ("train.seed", 0, None), ("train.data_workers", 0, None),
     ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
     ("evaluate.max_profiles", 0, None),
 )

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +36,11 @@ from tqdm.auto import tqdm
 from . import refcache
 from .data.records import Sample
 from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .fingerprint import cache_fingerprint, pool_files
+from .fingerprint import cache_fingerprint, cache_sources, pool_files
 from .forward import answer_logits, make_text_batch, unwrap
 from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
-
-
-def draw_reference_images(sample_id: str, pool_size: int, k: int, seed: int) -> list[int]:
-    """The k pool images for one sample: seeded by (seed, sample id), so any rank or rerun draws the same."""
-    if k > pool_size:
-        raise ValueError(f"k={k} reference images requested but the pool holds only {pool_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
-    return rng.choice(pool_size, size=k, replace=False).tolist()
+from .references import benchmark_leaks, draw_reference_images
 
 
 @dataclass
@@ -82,14 +74,16 @@ def summarise(avg_probs: torch.Tensor, top_k: int):
     return idx, probs, tail, entropy
 
 
-def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None):
+def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None,
+                  pool_indices=None):
     idx, probs, tail, entropy = summarise(avg_probs, top_k)
     return refcache.RefSample(
         sample_id=enc.sample.sample_id,
         answer_ids=np.asarray(enc.ids[enc.answer_start:], dtype=np.int32),
         topk_idx=idx.cpu().numpy(), topk_prob=probs.cpu().numpy(),
         tail_mass=tail.float().cpu().numpy(), entropy=entropy.float().cpu().numpy(),
-        ref_logp_own=logp_own, ref_logp_idk=logp_idk)
+        ref_logp_own=logp_own, ref_logp_idk=logp_idk, question=enc.sample.question,
+        pool_indices=None if pool_indices is None else np.asarray(pool_indices, np.int32))
 
 
 # ---------------------------------------------------------------- naive path
@@ -246,7 +240,8 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
     out = []
     for r, enc in enumerate(encoded):
         avg = sums[r] / k if reference == "pool" else own_probs[r]
-        out.append(to_ref_sample(enc, avg, top_k, logp_own[r], logp_idk.get(r)))
+        out.append(to_ref_sample(enc, avg, top_k, logp_own[r], logp_idk.get(r),
+                                 pool_indices=draws[r] if reference == "pool" else None))
     return out
 
 
@@ -261,8 +256,11 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
                k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
                prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
                device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False,
-               log=print) -> dict | None:
+               log=print, benchmark_sets: dict | None = None, allow_benchmark_images: bool = False) -> dict | None:
     """Compute this rank's shards (shards rank::world) and, once all exist, the manifest.
+
+    `benchmark_sets` (set name -> [(where, image bytes)], e.g. from runs.benchmark_images):
+    a pool image equal to one of them is refused unless `allow_benchmark_images`.
 
     Finished shards (checksum and fingerprint match) are skipped, so a killed
     run resumes where it stopped. Shards of another layout (shard_size) or
@@ -283,6 +281,12 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     # Bounds that need the pool and the model: before hashing or loading anything large.
     check_against_inputs(k=k, top_k=top_k, pool_size=len(pool) if reference == "pool" else None,
                          vocab_size=config_vocab_size(model_dir), pool_dir=pool_dir, model_dir=model_dir)
+    if pool and benchmark_sets and not allow_benchmark_images:
+        leaks = benchmark_leaks(pool, benchmark_sets)
+        if leaks:
+            raise ValueError(f"{leaks[0]}" + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
+                             + ": reference images must be irrelevant to the benchmark; "
+                             "use --allow-benchmark-images only for that ablation")
     fingerprint = cache_fingerprint(model_dir, samples, pool_dir=pool_dir, reference=reference, k=k, top_k=top_k,
                                     seed=seed, dtype=dtype_name, idk_answer=idk_answer)
     num_shards = math.ceil(len(samples) / shard_size)
@@ -294,7 +298,8 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     settings = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
                 "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
                 "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
-                "shard_size": shard_size}
+                "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images)}
+    sources = cache_sources(model_dir, pool_dir if pool else None)
     done = refcache.finished_shards(out, num_shards, fingerprint["digest"])
     mine = [i for i in range(rank, num_shards, world) if i not in done]
     if (out / refcache.MANIFEST).is_file() and len(done) == num_shards:
@@ -306,7 +311,7 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
         _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, reference=reference,
                         k=k, top_k=top_k, seed=seed, shard_size=shard_size, batch_size=batch_size,
                         prefix_cache=prefix_cache, idk_answer=idk_answer, dtype=dtype, device=dev, log=log,
-                        skipped=len([i for i in range(rank, num_shards, world) if i in done]))
+                        skipped=len([i for i in range(rank, num_shards, world) if i in done]), sources=sources)
     elif world == 1 or rank == 0:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
@@ -413,7 +418,8 @@ def _barrier(world: int) -> None:
 
 
 def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, *, reference, k, top_k,
-                    seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped):
+                    seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped,
+                    sources=None):
     model, processor = load_model(model_dir, dtype=dtype, device=str(device))
     model.requires_grad_(False)
     mdtype = next(model.parameters()).dtype
@@ -440,7 +446,7 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
                              top_k=top_k, seed=seed, batch_size=batch_size, prefix=prefix,
                              own_pixels=own.to(mdtype), progress=bar)
         refcache.write_shard(out, index, num_shards, refs, vocab_size=vocab, fingerprint=fingerprint,
-                             settings=settings)
+                             settings=settings, sources=sources)
     bar.close()
     secs = time.time() - t0
     log(f"[precompute] {n_mine} samples in {secs:.1f}s ({n_mine / max(secs, 1e-9):.1f} samples/s, k={k}, "

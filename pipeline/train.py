@@ -52,11 +52,12 @@ from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
 from .refcache import hash_files
 from .forward import TextBatch, answer_logits, make_text_batch
-from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
-                     sequence_logprob, viker_loss)
+from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_loss, idkpo_loss, idkpo_scale,
+                     kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
-from .precompute import draw_reference_images, encode_samples, summarise
+from .precompute import encode_samples, summarise
 from .refcache import RefCacheReader, RefSample, check_fingerprint
+from .references import draw_reference_images
 
 METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
 CHECKPOINT = "checkpoint"
@@ -73,10 +74,10 @@ class TrainingDiverged(FloatingPointError):
 # ================================================================ small records
 
 
-@dataclass
+@dataclass(slots=True)   # one per forget sample: no per-object __dict__
 class Example:
     sample_id: str
-    ids: list[int]          # prompt + answer, image tokens expanded
+    ids: np.ndarray         # int32 prompt + answer ids, image tokens expanded
     start: int              # first answer token
     image: int              # row of the image bank
 
@@ -104,6 +105,8 @@ class LossSpec:
     beta: float = 0.4
     retain_weight: float = 0.0
     online: bool = False
+    convention: str = "viker"      # losses.LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
+    idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
@@ -111,14 +114,23 @@ class LossSpec:
 
 @dataclass
 class Inputs:
-    """Everything tokenised and decoded once at setup."""
+    """What the loop draws micro-batches from.
+
+    Token ids are made once at setup; references and images are read on demand
+    (see Loader), so memory does not grow with the number of cached samples.
+    """
     forget: list[Example]
     idk: list[Example] | None
     retain: list[Example] | None
-    refs: dict[str, RefSample]       # cached references by sample id (empty when none are used)
-    bank: torch.Tensor               # pixel values of every distinct sample image (CPU, float32)
+    refs: dict[str, RefSample]       # references held in memory (benchmarks); training streams `reader`
+    bank: torch.Tensor | None        # pixel values of the current micro-batch's images, rows = Example.image
     pool: torch.Tensor | None        # pixel values of the reference pool (online ViKeR)
     pad_id: int
+    images: list[bytes] = dataclasses.field(default_factory=list)  # distinct sample images, still encoded
+    reader: RefCacheReader | None = None   # the open reference cache, when the method uses one
+    processor: object = None
+    workers: int = 0
+    loaders: dict | None = None      # "forget"/"retain" -> Loader, made at the first micro-batch
 
 
 @dataclass
@@ -138,12 +150,13 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
           benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
-          log=print) -> dict:
+          log=print, train_root: str = "") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
-    reader. `expect_cache` ({k, K, seed, reference}, the config's precompute
+    reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
+    holding the training QA (data.train_root). `expect_cache` ({k, K, seed, reference}, the config's precompute
     settings): a cache made otherwise is refused unless cfg.use_cache_settings.
     A directory holding another run's adapter or train_config.json is refused
     unless `overwrite` (removes them first) or `resume`. The adapter and
@@ -159,7 +172,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
-        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
         recorded = None
         if needs_cache(method, spec):
             # Refuse a cache for another model or forget set before paying for loading the model.
@@ -176,15 +189,16 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         retain = []
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
-            retain = forget_samples(read_profiles(data_root, retain_split, benchmark))
+            retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
         inputs = build_inputs(processor, forget, retain, max_positions(model),
                               idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
             inputs.pool = inputs.pool.to(dev, _dtype_of(model))
         cache = {}
         if needs_cache(method, spec):
-            inputs.refs, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
-                                                 idk_answer, recorded)
+            inputs.reader, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
+                                                   idk_answer, recorded)
+        inputs.workers = cfg.data_workers
         if len(forget) < world:
             raise TrainError(f"{len(forget)} forget samples cannot be split over {world} processes")
 
@@ -192,7 +206,8 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = linear_schedule(optimizer, cfg.warmup_steps, steps)
-        streams = {"forget": Stream(len(inputs.forget), cfg.seed, rank, world),
+        streams = {"forget": Stream(len(inputs.forget), cfg.seed, rank, world,
+                                    groups=shard_groups(inputs.reader, inputs.forget)),
                    "retain": Stream(len(inputs.retain or []), cfg.seed + 1, rank, world)}
         net = AnswerLogits(model)
         if world > 1:
@@ -298,9 +313,13 @@ def needs_retain(method: str, retain_weight: float) -> bool:
 
 
 def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+    convention = str(cfg.convention).strip().lower()
+    if convention not in LOSS_CONVENTIONS:
+        raise TrainError(f"train.convention {cfg.convention!r} is not one of: {', '.join(LOSS_CONVENTIONS)}")
     return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
-                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed)
+                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed,
+                    convention=convention, idk_beta=cfg.idk_beta)
 
 
 def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
@@ -370,7 +389,7 @@ def init_distributed(device: str):
 
 def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_length, idk_answer: str,
                  pool_dir) -> Inputs:
-    """Tokenise every sample and decode every image once: they are small and reused each epoch."""
+    """Tokenise every sample once; images stay encoded and are decoded per micro-batch by the loader."""
     if not forget:
         raise TrainError("the forget split holds no samples")
     images: list = []
@@ -378,25 +397,31 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
 
     def row(sample: Sample) -> int:
         if sample.image not in image_row:
+            load_image(sample.image, f"sample {sample.sample_id}")   # refuse a bad image at setup, not mid-run
             image_row[sample.image] = len(images)
-            images.append(load_image(sample.image, f"sample {sample.sample_id}"))
+            images.append(sample.image)
         return image_row[sample.image]
 
     # Stage one's tokenisation, reused so that cached answer ids can only match by construction.
     enc = encode_samples(processor, forget, idk_answer, max_length)
-    forget_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample)) for e in enc]
-    idk_ex = ([Example(e.sample.sample_id, e.idk_ids, e.idk_start, row(e.sample)) for e in enc]
+    forget_ex = [Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample)) for e in enc]
+    idk_ex = ([Example(e.sample.sample_id, _compact(e.idk_ids), e.idk_start, row(e.sample)) for e in enc]
               if idk_answer else None)
     retain_ex = None
     if retain:
-        retain_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample))
+        retain_ex = [Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample))
                      for e in encode_samples(processor, retain, "", max_length)]
     pool = None
     if pool_dir:
         pool = pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool_files(pool_dir)])
     pad_id = processor.tokenizer.pad_token_id
-    return Inputs(forget_ex, idk_ex, retain_ex, {}, pixel_values(processor, images), pool,
-                  0 if pad_id is None else pad_id)
+    return Inputs(forget_ex, idk_ex, retain_ex, {}, None, pool, 0 if pad_id is None else pad_id,
+                  images=images, processor=processor)
+
+
+def _compact(ids: list[int]) -> np.ndarray:
+    """int32 token ids: a tenth of a Python list's memory (LLaVA prompts carry ~600 image tokens each)."""
+    return np.asarray(ids, np.int32)
 
 
 def needs_cache(method: str, spec) -> bool:
@@ -448,75 +473,231 @@ def cache_setting_differences(settings: dict, recorded: dict, expected: dict, po
 
 
 def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
-                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[dict[str, RefSample], dict]:
-    """Load and check the cached references of every forget sample; (refs by id, what the cache is).
+                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
+    """Open the cache and check it covers every forget sample; (the open reader, what the cache is).
 
-    `recorded`: the fingerprint an earlier `check_cache` already accepted (skips hashing again).
+    Checked one shard at a time (memory bounded by a shard, not the forget set):
+    every forget sample is cached with this run's answer tokens, and carries the
+    reference log-likelihoods the method needs. The references themselves are
+    read later, on demand. `recorded`: the fingerprint an earlier `check_cache`
+    already accepted (skips hashing again).
     """
     if recorded is None:
         recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
-    reader = RefCacheReader(cache_dir)
     cached_idk = recorded.get("parts", {}).get("idk_answer")
     if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
         raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
                          f"this run uses {idk_answer!r}")
-    refs = {}
-    with reader:
-        for ex in examples:
-            if ex.sample_id not in reader:
-                raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
-            ref = reader.get(ex.sample_id)
-            if not np.array_equal(ref.answer_ids, np.asarray(ex.ids[ex.start:])):
-                raise TrainError(f"reference cache {cache_dir}: the answer tokens of {ex.sample_id!r} differ "
-                                 f"from this run's tokenisation ({ref.num_tokens} vs {len(ex.ids) - ex.start})")
-            refs[ex.sample_id] = ref
+    reader = RefCacheReader(cache_dir)
+    by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
+    for ex in examples:
+        if ex.sample_id not in reader:
+            reader.close()
+            raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
+        pos, row, _, _ = reader.locate(ex.sample_id)
+        by_shard[pos].append((row, ex))
     needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
+    try:
+        for pos, rows in sorted(by_shard.items()):
+            _check_shard_rows(reader, pos, rows, needed, method, cache_dir)
+    except TrainError:
+        reader.close()
+        raise
+    return reader, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
+def _check_shard_rows(reader: RefCacheReader, pos: int, rows: list[tuple[int, Example]], needed, method: str,
+                      cache_dir) -> None:
+    offsets = reader.shard_column(pos, "offsets")
+    answers = reader.shard_column(pos, "answer_ids")
+    for row, ex in rows:
+        cached = answers[offsets[row]:offsets[row + 1]]
+        if not np.array_equal(cached, np.asarray(ex.ids[ex.start:])):
+            raise TrainError(f"reference cache {cache_dir}: the answer tokens of {ex.sample_id!r} differ "
+                             f"from this run's tokenisation ({len(cached)} vs {len(ex.ids) - ex.start})")
     for name in needed:
-        missing = [sid for sid, r in refs.items() if getattr(r, name) is None]
+        values = reader.shard_column(pos, name)
+        missing = [ex.sample_id for row, ex in rows if values is None or np.isnan(values[row])]
         if missing:
             raise TrainError(f"method {method} needs {name} but reference cache {cache_dir} lacks it for "
                              f"{len(missing)} sample(s), e.g. {missing[0]!r}")
-    return refs, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
+def shard_groups(reader: RefCacheReader | None, examples: list[Example]) -> list[np.ndarray] | None:
+    """Example indices grouped by cache shard, in row order: what a sequential-read shuffle needs."""
+    if reader is None:
+        return None
+    shard = np.empty(len(examples), np.int32)
+    row = np.empty(len(examples), np.int32)
+    for i, ex in enumerate(examples):
+        shard[i], row[i] = reader.locate(ex.sample_id)[:2]
+    order = np.lexsort((row, shard))
+    cuts = np.flatnonzero(np.diff(shard[order])) + 1
+    return [part.astype(np.int64) for part in np.split(order, cuts)]
 
 
 class Stream:
-    """Seeded shuffled epochs over n items; this rank keeps items rank::world of each epoch's order."""
+    """Seeded shuffled epochs over n items; this rank keeps items rank::world of each epoch's order.
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.rank, self.world = n, rank, world
+    With `groups` (item indices per cache shard, in row order) an epoch shuffles
+    the shards, then windows of `window` neighbouring items within each shard,
+    then the items within a window: every order is reachable at window scale
+    while reads stay near each other on disk. Batches never straddle epochs, so
+    the last batch of an epoch may be short. Under several processes each epoch
+    is cut to a multiple of `world`, so every rank sees the same number of batches.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, groups: list | None = None,
+                 window: int = 64):
+        self.n, self.rank, self.world, self.window = n, rank, world, window
+        self.groups = groups
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[int] = []
+        self.pending = np.zeros(0, np.int64)
+
+    def _epoch(self) -> np.ndarray:
+        if self.groups is None:
+            order = torch.randperm(self.n, generator=self.generator).numpy()
+        else:
+            parts = []
+            for g in torch.randperm(len(self.groups), generator=self.generator).tolist():
+                items = self.groups[g]
+                starts = list(range(0, len(items), self.window))
+                for w in torch.randperm(len(starts), generator=self.generator).tolist():
+                    win = items[starts[w]: starts[w] + self.window]
+                    parts.append(win[torch.randperm(len(win), generator=self.generator).numpy()])
+            order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if self.world > 1:
+            order = order[: len(order) - len(order) % self.world]
+        return order[self.rank::self.world].astype(np.int64)
 
     def take(self, count: int) -> list[int]:
-        while len(self.pending) < count:   # batches may straddle epochs: every batch is full
-            order = torch.randperm(self.n, generator=self.generator).tolist()
-            self.pending += order[self.rank::self.world]
+        if len(self.pending) == 0:
+            self.pending = self._epoch()
+            if len(self.pending) == 0:
+                raise TrainError(f"{self.n} items cannot be split over {self.world} processes")
         taken, self.pending = self.pending[:count], self.pending[count:]
-        return taken
+        return taken.tolist()
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "pending": list(self.pending)}
+        return {"generator": self.generator.get_state(), "pending": self.pending.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.pending = list(state["pending"])
+        self.pending = np.asarray(state["pending"], np.int64)
+
+    def copy(self) -> "Stream":
+        twin = Stream(self.n, 0, self.rank, self.world, self.groups, self.window)
+        twin.load_state_dict(self.state_dict())
+        return twin
+
+
+class ExampleData(torch.utils.data.Dataset):
+    """Item i: (i, the encoded image of example i, its cached references or None)."""
+
+    def __init__(self, examples: list[Example], images: list[bytes], reader: RefCacheReader | None):
+        self.examples, self.images, self.reader = examples, images, reader
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        ex = self.examples[i]
+        return i, self.images[ex.image], (self.reader.get(ex.sample_id) if self.reader is not None else None)
+
+
+class Collate:
+    """Decode a batch's images and pad its references (in the DataLoader worker, off the training loop)."""
+
+    def __init__(self, examples: list[Example], processor, method: str):
+        self.examples, self.processor, self.method = examples, processor, method
+
+    def __call__(self, items) -> dict:
+        # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
+        # which costs more than pickling these few arrays (measured: 1.6k vs ... samples/s).
+        rows = [i for i, _, _ in items]
+        images = [load_image(data, f"sample {self.examples[i].sample_id}") for i, data, _ in items]
+        out = {"rows": rows, "pixels": pixel_values(self.processor, images).numpy()}
+        cached = [ref for _, _, ref in items]
+        if cached and cached[0] is not None:
+            forget = [self.examples[i] for i in rows]
+            if self.method == "viker":
+                refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
+                out["refs"] = [t.numpy() for t in dataclasses.astuple(refs)]
+            if self.method in ("npo", "idkpo"):
+                out["ref_logp_own"] = np.array([r.ref_logp_own for r in cached], np.float32)
+            if self.method == "idkpo":
+                out["ref_logp_idk"] = np.array([r.ref_logp_idk for r in cached], np.float32)
+        return out
+
+
+def _tensor(value):
+    return None if value is None else torch.from_numpy(value)
+
+
+class _Lookahead:
+    """The batch sampler of a Loader: a copy of the stream running ahead of the loop by the prefetch depth."""
+
+    def __init__(self, stream: Stream, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self):
+        while True:
+            yield self.stream.take(self.batch_size)
+
+
+class Loader:
+    """Batches of one stream read by a torch DataLoader (workers decode images and read references).
+
+    The loop's own Stream decides what comes next and is what checkpoints save;
+    the DataLoader follows a copy of it, so prefetching never moves the saved
+    position, and every batch is checked to be the one the stream asked for.
+    """
+
+    def __init__(self, dataset: ExampleData, collate: Collate, stream: Stream, batch_size: int, workers: int):
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=_Lookahead(stream.copy(), batch_size), collate_fn=collate,
+            num_workers=workers, prefetch_factor=2 if workers > 0 else None,
+            # Its own generator: starting an iterator draws a seed, which must not move the global RNG
+            # (dropout masks), or a resumed run would diverge from the uninterrupted one.
+            generator=torch.Generator().manual_seed(0))
+        self.iterator = iter(self.loader)
+
+    def next(self, rows: list[int]) -> dict:
+        got = next(self.iterator)
+        if got["rows"] != rows:
+            raise RuntimeError(f"data loader out of step with its stream ({got['rows'][:4]} vs {rows[:4]})")
+        return got
+
+
+def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> dict[str, Loader]:
+    loaders = {"forget": Loader(ExampleData(inputs.forget, inputs.images, inputs.reader),
+                                Collate(inputs.forget, inputs.processor, method), streams["forget"],
+                                batch_size, inputs.workers)}
+    if inputs.retain:
+        loaders["retain"] = Loader(ExampleData(inputs.retain, inputs.images, None),
+                                   Collate(inputs.retain, inputs.processor, method), streams["retain"],
+                                   batch_size, inputs.workers)
+    return loaders
 
 
 def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> MicroBatch:
+    """The next micro-batch; leaves its images in inputs.bank, rows renumbered from 0 (forget, then retain)."""
+    if inputs.loaders is None:   # made here, after a resumed run has restored the streams
+        inputs.loaders = make_loaders(inputs, streams, batch_size, method)
     rows = streams["forget"].take(batch_size)
-    forget = [inputs.forget[i] for i in rows]
-    mb = MicroBatch(forget)
+    got = inputs.loaders["forget"].next(rows)
+    forget = [dataclasses.replace(inputs.forget[i], image=j) for j, i in enumerate(rows)]
+    refs = Refs(*(torch.from_numpy(a) for a in got["refs"])) if "refs" in got else None
+    mb = MicroBatch(forget, refs=refs, ref_logp_own=_tensor(got.get("ref_logp_own")),
+                    ref_logp_idk=_tensor(got.get("ref_logp_idk")))
+    pixels = [torch.from_numpy(got["pixels"])]
     if inputs.idk is not None:
-        mb.idk = [inputs.idk[i] for i in rows]
+        mb.idk = [dataclasses.replace(inputs.idk[i], image=j) for j, i in enumerate(rows)]
     if inputs.retain:
-        mb.retain = [inputs.retain[j] for j in streams["retain"].take(batch_size)]
-    cached = [inputs.refs[ex.sample_id] for ex in forget] if inputs.refs else None
-    if cached and method == "viker":
-        mb.refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
-    if cached and method in ("npo", "idkpo"):
-        mb.ref_logp_own = torch.tensor([r.ref_logp_own for r in cached], dtype=torch.float32)
-    if cached and method == "idkpo":
-        mb.ref_logp_idk = torch.tensor([r.ref_logp_idk for r in cached], dtype=torch.float32)
+        rrows = streams["retain"].take(batch_size)
+        pixels.append(torch.from_numpy(inputs.loaders["retain"].next(rrows)["pixels"]))
+        mb.retain = [dataclasses.replace(inputs.retain[i], image=len(rows) + j) for j, i in enumerate(rrows)]
+    inputs.bank = torch.cat(pixels)
     return mb
 
 
@@ -635,11 +816,15 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
         forget, d = viker_loss(logits, labels, mask, refs.topk_idx, refs.topk_prob, refs.tail_mass, spec.lam,
                                kind=spec.regulariser, use_ga=spec.use_ga, token_lambda=lam_t)
     elif method == "npo":
-        forget, d = npo_loss(sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+        ll_cur, ll_ref = sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev)
+        if spec.convention == "mllmu":      # per-token mean log-ratio (losses.LOSS_CONVENTIONS)
+            ll_cur, ll_ref = per_token(ll_cur, mask), per_token(ll_ref, mask)
+        forget, d = npo_loss(ll_cur, ll_ref, spec.beta)
     elif method == "idkpo":
         idk_logits, idk_labels, idk_mask = out["idk"]
+        beta, scale = idkpo_scale(spec.convention, spec.beta, spec.idk_beta)
         forget, d = idkpo_loss(sequence_logprob(idk_logits, idk_labels, idk_mask), mb.ref_logp_idk.to(dev),
-                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), beta, scale=scale)
     else:
         forget, d = ga_loss(logits, labels, mask)
     total = forget.mean()
@@ -651,7 +836,7 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
             kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
             total = total + kl.mean()
             diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
-        weight = spec.retain_weight or (1.0 if method == "graddiff" else 0.0)
+        weight = spec.retain_weight or retain_nll_weight(spec.convention, method)
         if weight > 0:
             nll, d = nll_loss(r_logits, r_labels, r_mask)
             total = total + weight * nll.mean()
