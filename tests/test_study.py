@@ -1,6 +1,7 @@
 """`viker study`: the maths on synthetic results with known answers, run keys, reuse and resume."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -175,6 +176,8 @@ def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
     logs = []
     second = study.run_study(cfg, command="viker study --quick", log=logs.append)
     assert second["runs"] == first["runs"]
-    assert any(f"{second['runs'] - 4} runs" in line or "reused" in line for line in logs)
-    assert all(", 0 reused" not in line for line in logs if "runs," in line)
-    assert second["wall_seconds"] < first["wall_seconds"] / 2
+    # Every phase found all its runs finished: "[study] selection: 23 runs, 23 reused".
+    counts = [re.search(r": (\d+) runs, (\d+) reused", line) for line in logs]
+    counts = [(int(m.group(1)), int(m.group(2))) for m in counts if m]
+    assert len(counts) == 2 and all(n == reused for n, reused in counts), counts
+    assert second["wall_seconds"] < first["wall_seconds"]
