@@ -41,7 +41,8 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
                       k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                       prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
                       idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
-                      rank=rank, world=world, log=log)
+                      rank=rank, world=world, log=log, scores=p.scores,
+                      prefix_cache_images=p.prefix_cache_images)
 
 
 def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False) -> dict:
