@@ -97,7 +97,7 @@ class PrecomputeConfig:
     # Which fields stage one scores: reference (R), own (log-lik. on the sample's own image, NPO/IdkPO),
     # idk (log-lik. of idk_answer, IdkPO). A ViKeR-only cache may drop own,idk; train refuses what is missing.
     scores: str = "reference,own,idk"
-    prefix_cache_images: int = 0   # image prefixes kept at once; 0: sized from free GPU memory, 16 on CPU
+    prefix_cache_images: int = 0   # image prefixes kept at once; 0: sized from free GPU memory, 32 on CPU
     idk_answer: str = "I don't know."
     dtype: str = "auto"
 

@@ -143,7 +143,7 @@ def _forward_kwarg(language_model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-CPU_PREFIX_IMAGES = 16      # small prefixes on CPU; more would only hold memory
+CPU_PREFIX_IMAGES = 32      # CPU runs are small models: a 24-image pool plus a shard's own images fit
 PREFIX_PASS_IMAGES = 8      # images per prefix forward (the vision tower and the prefix run batched)
 
 
@@ -192,8 +192,13 @@ class PrefixCache:
             if key in self.layers:
                 self.layers.move_to_end(key)
         missing = list(dict.fromkeys(k for k in keys if k not in self.layers))
-        while self.layers and len(self.layers) + len(missing) > self.capacity:
-            self.layers.popitem(last=False)
+        # Own images leave first (least recently used among them): a shard's own images are not asked
+        # for again, while the pool's serve every shard.
+        for victim in [k for k in self.layers if not isinstance(k, int)] + [k for k in self.layers if isinstance(k, int)]:
+            if len(self.layers) + len(missing) <= self.capacity:
+                break
+            if victim not in keys:
+                del self.layers[victim]
         for b in range(0, len(missing), PREFIX_PASS_IMAGES):
             chunk = missing[b: b + PREFIX_PASS_IMAGES]
             pix = torch.stack([self.pool_pixels[k] if isinstance(k, int) else pixels_of(k) for k in chunk])
@@ -219,13 +224,16 @@ class PrefixCache:
         cache = DynamicCache()
         one = len(set(keys)) == 1
         for layer in range(len(self.layers[keys[0]])):
-            if one:   # expand() is a view: the cache's first concatenation is then the only copy
+            if one:   # expand() is a view: the forward's concatenation is then the only copy
                 k, v = self.layers[keys[0]][layer]
                 k, v = k.expand(len(keys), -1, -1, -1), v.expand(len(keys), -1, -1, -1)
             else:
                 k = torch.cat([self.layers[key][layer][0] for key in keys])
                 v = torch.cat([self.layers[key][layer][1] for key in keys])
-            cache.update(k, v, layer)
+            # An empty update creates and types the layer; the prefix is then set, not concatenated
+            # onto an empty tensor (which would copy it once more).
+            cache.update(k[:, :, :0], v[:, :, :0], layer)
+            cache.layers[layer].keys, cache.layers[layer].values = k, v
         return cache
 
 
