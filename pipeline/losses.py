@@ -30,6 +30,30 @@ Ours, not the paper's: the per-example normalisation (mean over answer tokens,
 then the loop's batch mean; NPO/IdkPO use summed log-likelihoods as in their
 papers), the floors that keep padded or saturated positions finite, and the
 optional per-token lambda (`token_lambda`, `entropy_token_lambda`).
+
+Baseline conventions (train.convention; LOSS_CONVENTIONS, applied in
+train.micro_batch_loss). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
+
+    method   viker (ours; the demo)          mllmu (MLLMU-Bench baselines/)          openunlearning
+    GA       mean_t log Q                    same (GA.py: -outputs.loss)              same
+    GradDiff GA + NLL(retain)                same (GA_Difference.py)                  same (alpha 1)
+    KL_Min   GA + KL(P_van||P_cur)           GA + NLL(retain) + KL (KL_Min.py:        GA + KL (GradDiff with
+                                             loss_retain = outputs.loss + kl_div)     retain_loss_type KL)
+    NPO      -(2/b) logsig(-b (ll - ll_ref)) -(2/b) logsig(-b (lbar - lbar_ref))     as viker (utils.py
+             b = train.beta (0.4)            b = 0.4 (NPO.py: outputs.loss are        compute_dpo_loss, summed
+                                             per-token means)                          compute_batch_nll); add
+                                                                                      train.retain_weight=1
+    IdkPO    -logsig(b * margin), b = beta   -(2/b') logsig(b' * margin), b' =        same as mllmu (utils.py
+                                             train.idk_beta (0.1); retain term with   compute_dpo_loss; DPO
+                                             train.retain_weight > 0 (MLLMU-Bench     class: gamma * forget +
+                                             has no IdkPO: OpenUnlearning's form)     alpha * retain)
+
+where margin = (ll - ll_ref)[idk] - (ll - ll_ref)[gt]. Differences that remain
+in every convention: our GA/NLL/KL average over *answer* tokens (the authors'
+HF `outputs.loss` also covers the prompt; KL_Min.py's kl_div(reduction=
+"batchmean") sums over tokens per example), and NPO's reference is the vanilla
+model cached by stage one (MLLMU-Bench's NPO.py uses an "oracle" model
+fine-tuned on the retain set).
 """
 from __future__ import annotations
 
@@ -37,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("kl", "jsd", "cos")
+LOSS_CONVENTIONS = ("viker", "mllmu", "openunlearning")
 
 # Floor for probabilities inside a log. Softmax in float32 underflows to 0 once
 # logits drift ~100 apart (GA drives them there); the smallest normal float32
@@ -149,25 +174,48 @@ def kl_retain_loss(cur_logits, ref_logits, mask):
 def npo_loss(ll_cur: torch.Tensor, ll_ref: torch.Tensor, beta: float = 0.4):
     """Negative Preference Optimisation: -(2/beta) * logsigmoid(-beta * log ratio).
 
-    `ll_*` are summed answer log-likelihoods [B]; `ll_ref` is cached from stage one.
+    `ll_*` are answer log-likelihoods [B], summed (conventions viker, openunlearning)
+    or per-token means (mllmu: `per_token`); `ll_ref` is cached from stage one.
     """
     log_ratio = ll_cur.float() - ll_ref.float()
     loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)
     return loss, _diag(log_ratio=log_ratio)
 
 
-def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1):
-    """DPO with chosen = the "I don't know" answer, rejected = the ground truth."""
+def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1, scale: float = 1.0):
+    """DPO with chosen = the "I don't know" answer, rejected = the ground truth: -scale * logsigmoid(margin).
+
+    scale = 1 is DPO's paper form (convention viker); OpenUnlearning writes 2/beta (`idkpo_scale`).
+    """
     chosen = beta * (ll_cur_idk.float() - ll_ref_idk.float())
     rejected = beta * (ll_cur_gt.float() - ll_ref_gt.float())
     margin = chosen - rejected
-    loss = -F.logsigmoid(margin)
+    loss = -scale * F.logsigmoid(margin)
     return loss, _diag(
         chosen_rewards=chosen,
         rejected_rewards=rejected,
         reward_margin=margin,
         reward_accuracy=(margin > 0).float(),
     )
+
+
+def per_token(ll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A summed answer log-likelihood [B] as a per-token mean (mask: the answer tokens it summed)."""
+    return ll.float() / mask.to(torch.float32).sum(-1).clamp_min(1.0)
+
+
+def idkpo_scale(convention: str, beta: float, idk_beta: float) -> tuple[float, float]:
+    """(beta, scale) of IdkPO: viker shares NPO's beta with scale 1; mllmu/openunlearning use idk_beta and 2/beta."""
+    if convention == "viker":
+        return beta, 1.0
+    return idk_beta, 2.0 / idk_beta
+
+
+def retain_nll_weight(convention: str, method: str) -> float:
+    """Weight of the retain NLL term when train.retain_weight is 0 (the table in the module doc)."""
+    if method == "graddiff" or (method == "kl_min" and convention == "mllmu"):
+        return 1.0
+    return 0.0
 
 
 # ----------------------------------------------------------------- ViKeR

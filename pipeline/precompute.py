@@ -25,8 +25,8 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +38,11 @@ from tqdm.auto import tqdm
 from . import refcache
 from .data.records import Sample
 from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .fingerprint import cache_fingerprint, pool_files
+from .fingerprint import cache_fingerprint, cache_sources, pool_files
 from .forward import answer_logits, language_model, make_text_batch, multimodal_model, output_head, unwrap
 from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
-
-
-def draw_reference_images(sample_id: str, pool_size: int, k: int, seed: int) -> list[int]:
-    """The k pool images for one sample: seeded by (seed, sample id), so any rank or rerun draws the same."""
-    if k > pool_size:
-        raise ValueError(f"k={k} reference images requested but the pool holds only {pool_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
-    return rng.choice(pool_size, size=k, replace=False).tolist()
+from .references import benchmark_leaks, draw_reference_images
 
 
 @dataclass
@@ -83,14 +76,16 @@ def summarise(avg_probs: torch.Tensor, top_k: int):
     return idx, probs, tail, entropy
 
 
-def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None):
+def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None,
+                  pool_indices=None):
     idx, probs, tail, entropy = summarise(avg_probs, top_k)
     return refcache.RefSample(
         sample_id=enc.sample.sample_id,
         answer_ids=np.asarray(enc.ids[enc.answer_start:], dtype=np.int32),
         topk_idx=idx.cpu().numpy(), topk_prob=probs.cpu().numpy(),
         tail_mass=tail.float().cpu().numpy(), entropy=entropy.float().cpu().numpy(),
-        ref_logp_own=logp_own, ref_logp_idk=logp_idk)
+        ref_logp_own=logp_own, ref_logp_idk=logp_idk, question=enc.sample.question,
+        pool_indices=None if pool_indices is None else np.asarray(pool_indices, np.int32))
 
 
 # ---------------------------------------------------------------- naive path
@@ -429,7 +424,7 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
     for r, enc in enumerate(encoded):
         avg = got.sums[r] / k if reference == "pool" else got.own_probs[r]
         out.append(to_ref_sample(enc, avg, top_k, got.logp_own.get(r) if "own" in scores else None,
-                                 got.logp_idk.get(r)))
+                                 got.logp_idk.get(r), pool_indices=draws[r] if reference == "pool" else None))
     return out
 
 
@@ -443,18 +438,24 @@ def dist_env() -> tuple[int, int, int]:
 def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir: str | None, reference: str = "pool",
                k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
                prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
-               device: str = "auto", rank: int = 0, world: int = 1, log=print, scores: str = "reference,own,idk",
-               prefix_cache_images: int = 0) -> dict | None:
+               device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False,
+               log=print, benchmark_sets: dict | None = None, allow_benchmark_images: bool = False,
+               scores: str = "reference,own,idk", prefix_cache_images: int = 0) -> dict | None:
     """Compute this rank's shards (shards rank::world) and, once all exist, the manifest.
 
+    `benchmark_sets` (set name -> [(where, image bytes)], e.g. from runs.benchmark_images):
+    a pool image equal to one of them is refused unless `allow_benchmark_images`.
+
     Finished shards (checksum and fingerprint match) are skipped, so a killed
-    run resumes where it stopped. Returns the manifest, or None while shards of
-    other ranks/jobs are still missing.
+    run resumes where it stopped. Shards of another layout (shard_size) or
+    fingerprint in `out_dir` are refused, or removed first with `overwrite`.
+    Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
     if reference not in ("pool", "own"):
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
     if not samples:
         raise ValueError("no forget samples to precompute")
+    check_settings(k=k, top_k=top_k, shard_size=shard_size, batch_size=batch_size, seed=seed)
     check_model_dir(model_dir)
     score_names = parse_scores(scores)
     if reference == "own":
@@ -462,16 +463,30 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     dev = resolve_device(device)
     dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     pool = pool_files(pool_dir) if reference == "pool" else []
+    # Bounds that need the pool and the model: before hashing or loading anything large.
+    check_against_inputs(k=k, top_k=top_k, pool_size=len(pool) if reference == "pool" else None,
+                         vocab_size=config_vocab_size(model_dir), pool_dir=pool_dir, model_dir=model_dir)
+    if pool and benchmark_sets and not allow_benchmark_images:
+        leaks = benchmark_leaks(pool, benchmark_sets)
+        if leaks:
+            raise ValueError(f"{leaks[0]}" + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
+                             + ": reference images must be irrelevant to the benchmark; "
+                             "use --allow-benchmark-images only for that ablation")
     fingerprint = cache_fingerprint(model_dir, samples, pool_dir=pool_dir, reference=reference, k=k, top_k=top_k,
                                     seed=seed, dtype=dtype_name, idk_answer=idk_answer,
                                     scores=None if score_names == SCORES else ",".join(score_names))
     num_shards = math.ceil(len(samples) / shard_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 or not _distributed():   # under torchrun rank 0 alone tidies, the others wait for it
+        claim_output(out, num_shards, fingerprint["digest"], overwrite, log)
+    _barrier(world)
     settings = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
                 "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
                 "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
-                "shard_size": shard_size, "scores": list(score_names)}
+                "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
+                "scores": list(score_names)}
+    sources = cache_sources(model_dir, pool_dir if pool else None)
     done = refcache.finished_shards(out, num_shards, fingerprint["digest"])
     mine = [i for i in range(rank, num_shards, world) if i not in done]
     if (out / refcache.MANIFEST).is_file() and len(done) == num_shards:
@@ -484,7 +499,7 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
                         k=k, top_k=top_k, seed=seed, shard_size=shard_size, batch_size=batch_size,
                         prefix_cache=prefix_cache, idk_answer=idk_answer, dtype=dtype, device=dev, log=log,
                         scores=score_names, prefix_cache_images=prefix_cache_images,
-                        skipped=len([i for i in range(rank, num_shards, world) if i in done]))
+                        skipped=len([i for i in range(rank, num_shards, world) if i in done]), sources=sources)
     elif world == 1 or rank == 0:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
@@ -499,6 +514,88 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     return None
 
 
+def check_settings(*, k: int, top_k: int, shard_size: int, batch_size: int, seed: int) -> None:
+    """The ranges config.RANGES checks, again for callers that pass arguments directly."""
+    for name, value in (("k", k), ("top_k", top_k), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"precompute.{name} must be >= 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"precompute.seed must be >= 0, got {seed}")
+
+
+def config_vocab_size(model_dir) -> int | None:
+    """The language model's vocabulary size from config.json (LLaVA keeps it in text_config)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None   # load_model reports an unreadable config with its own message
+    size = (config.get("text_config") or {}).get("vocab_size", config.get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def check_against_inputs(*, k: int, top_k: int, pool_size: int | None, vocab_size: int | None,
+                         pool_dir=None, model_dir=None) -> None:
+    if pool_size is not None and k > pool_size:
+        raise ValueError(f"precompute.k must be <= the reference pool size {pool_size} ({pool_dir}), got {k}")
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"precompute.top_k must be <= the vocabulary size {vocab_size} of {model_dir}, "
+                         f"got {top_k}")
+
+
+_CACHE_FILE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.(h5|json)(\.tmp)?$")
+
+
+def foreign_files(out: Path, num_shards: int, digest: str) -> tuple[list[Path], list[Path]]:
+    """(cache files of another layout or fingerprint, files that belong to no cache) in `out`.
+
+    Ours: shards and completion records of this layout (`num_shards`) whose
+    record, where one exists, names this fingerprint, and manifest.json (it is
+    rewritten last). A shard of our layout without a record is an interrupted
+    write of ours or of another run: it is recomputed either way.
+    """
+    stale, unrelated = [], []
+    for path in sorted(out.iterdir()):
+        if path.name in (refcache.MANIFEST, refcache.MANIFEST + ".tmp"):
+            continue
+        m = _CACHE_FILE.match(path.name)
+        if m is None or not path.is_file():
+            unrelated.append(path)
+        elif int(m[2]) != num_shards:
+            stale.append(path)
+        elif m[3] == "json" and not m[4] and _record_digest(path) != digest:
+            stale += [path, path.with_suffix(".h5")]
+    stale = sorted(set(p for p in stale if p.exists()))
+    return stale, unrelated
+
+
+def _record_digest(path: Path) -> str | None:
+    try:
+        return (json.loads(path.read_text()).get("fingerprint") or {}).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _names(paths: list[Path], shown: int = 4) -> str:
+    names = ", ".join(p.name for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def claim_output(out: Path, num_shards: int, digest: str, overwrite: bool, log=print) -> None:
+    """The output directory holds this cache only: refuse (or, with overwrite, remove) other runs' shards."""
+    stale, unrelated = foreign_files(out, num_shards, digest)
+    if unrelated:
+        raise refcache.CacheError(f"precompute.output {out} holds files that are not part of a reference cache "
+                                  f"({_names(unrelated)}): choose an empty or cache-only directory")
+    if not stale:
+        return
+    if not overwrite:
+        raise refcache.CacheError(f"precompute.output {out} holds shards of another run (other shard_size or "
+                                  f"fingerprint): {_names(stale)}; pass --overwrite to remove them")
+    for path in stale + [out / refcache.MANIFEST]:
+        path.unlink(missing_ok=True)
+    log(f"[precompute] --overwrite: removed {len(stale)} file(s) of another run from {out}")
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -510,7 +607,7 @@ def _barrier(world: int) -> None:
 
 def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, *, reference, k, top_k,
                     seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped,
-                    scores=SCORES, prefix_cache_images=0):
+                    sources=None, scores=SCORES, prefix_cache_images=0):
     model, processor = load_model(model_dir, dtype=dtype, device=str(device))
     model.requires_grad_(False)
     mdtype = next(model.parameters()).dtype
@@ -538,7 +635,7 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
                              top_k=top_k, seed=seed, batch_size=batch_size, prefix=prefix,
                              own_pixels=own.to(mdtype), progress=bar, scores=scores)
         refcache.write_shard(out, index, num_shards, refs, vocab_size=vocab, fingerprint=fingerprint,
-                             settings=settings)
+                             settings=settings, sources=sources)
     bar.close()
     secs = time.time() - t0
     log(f"[precompute] {n_mine} samples in {secs:.1f}s ({n_mine / max(secs, 1e-9):.1f} samples/s, k={k}, "

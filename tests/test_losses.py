@@ -305,3 +305,41 @@ def test_entropy_token_lambda():
     torch.testing.assert_close(lam_t, torch.tensor([[0.5, 0.25, 0.0]]), atol=1e-7, rtol=0)
     with pytest.raises(ValueError):
         L.entropy_token_lambda(entropy, mask, lam=0.5, scale=0.0)
+
+
+# ------------------------------------------------------- baseline conventions (losses.LOSS_CONVENTIONS)
+
+def test_npo_per_token_convention_by_hand():
+    from pipeline.losses import npo_loss, per_token
+    mask = torch.tensor([[1, 1, 1, 0]])
+    ll_cur, ll_ref = torch.tensor([-6.0]), torch.tensor([-3.0])
+    # mllmu: per-token means -2 and -1, log ratio -1: -(2/0.4) * log(sigmoid(0.4))
+    loss, d = npo_loss(per_token(ll_cur, mask), per_token(ll_ref, mask), 0.4)
+    assert loss.item() == pytest.approx(-5.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+    assert d["log_ratio"].item() == pytest.approx(-1.0)
+    # viker / openunlearning: summed, log ratio -3: three times the argument of the sigmoid
+    summed, _ = npo_loss(ll_cur, ll_ref, 0.4)
+    assert summed.item() == pytest.approx(-5.0 * math.log(1 / (1 + math.exp(-1.2))), rel=1e-6)
+
+
+def test_idkpo_conventions_by_hand():
+    from pipeline.losses import idkpo_loss, idkpo_scale, retain_nll_weight
+    assert idkpo_scale("viker", 0.4, 0.1) == (0.4, 1.0)
+    assert idkpo_scale("mllmu", 0.4, 0.1) == (0.1, pytest.approx(20.0))
+    assert idkpo_scale("openunlearning", 0.4, 0.1) == (0.1, pytest.approx(20.0))
+    beta, scale = idkpo_scale("mllmu", 0.4, 0.1)
+    # margin = 0.1 * ((-2 - -4) - (-5 - -3)) = 0.4
+    loss, d = idkpo_loss(torch.tensor([-2.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-3.0]),
+                         beta, scale=scale)
+    assert d["reward_margin"].item() == pytest.approx(0.4)
+    assert loss.item() == pytest.approx(-20.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+    assert [retain_nll_weight(c, "kl_min") for c in ("viker", "mllmu", "openunlearning")] == [0.0, 1.0, 0.0]
+    assert retain_nll_weight("viker", "graddiff") == 1.0 and retain_nll_weight("mllmu", "npo") == 0.0
+
+
+def test_unknown_convention_is_one_line():
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainError, loss_spec
+    with pytest.raises(TrainError, match="train.convention 'tofu' is not one of: viker, mllmu, openunlearning"):
+        loss_spec(TrainConfig(convention="tofu"), "npo", 5, 64, 0)
+    assert loss_spec(TrainConfig(convention="MLLMU"), "npo", 5, 64, 0).convention == "mllmu"

@@ -328,8 +328,10 @@ def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tm
     enc = pc.encode_samples(processor, samples, "I don't know.", None)
     examples = [Example(e.sample.sample_id, e.ids, e.answer_start, 0) for e in enc]
     pool = str(root / "pools" / "people")
-    refs, _ = open_references(out, model_dir, samples, examples, "viker", pool, "I don't know.")
-    assert all(r.ref_logp_own is None and r.ref_logp_idk is None for r in refs.values())
+    reader, _ = open_references(out, model_dir, samples, examples, "viker", pool, "I don't know.")
+    with reader:
+        assert all(reader.get(s.sample_id).ref_logp_own is None for s in samples)
+        assert all(reader.get(s.sample_id).ref_logp_idk is None for s in samples)
     for method in ("npo", "idkpo"):
         with pytest.raises(TrainError, match=f"method {method} needs ref_logp_own"):
             open_references(out, model_dir, samples, examples, method, pool, "I don't know.")
