@@ -139,7 +139,8 @@ def _forward_kwarg(language_model) -> str:
 
 
 CPU_PREFIX_IMAGES = 32      # CPU runs are small models: a 24-image pool plus a shard's own images fit
-PREFIX_PASS_IMAGES = 8      # images per prefix forward (the vision tower and the prefix run batched)
+PREFIX_PASS_IMAGES = 1      # images per prefix forward: one, so a prefix's bits never depend on which
+                            # images share its batch (split jobs must write the same shards as one job)
 
 
 def prefix_capacity(model, prefix_len: int, requested: int = 0) -> int:
@@ -154,7 +155,7 @@ def prefix_capacity(model, prefix_len: int, requested: int = 0) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_image = 2 * cfg.num_hidden_layers * heads * head_dim * prefix_len * p.element_size()
     free, _ = torch.cuda.mem_get_info(p.device)
-    return max(PREFIX_PASS_IMAGES, min(4096, int(0.25 * free // per_image)))
+    return max(8, min(4096, int(0.25 * free // per_image)))
 
 
 class PrefixCache:
