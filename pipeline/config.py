@@ -103,6 +103,10 @@ class PrecomputeConfig:
     shard_size: int = 64           # samples per shard
     batch_size: int = 64           # (sample, image) pairs per forward
     prefix_cache: bool = True
+    # Which fields stage one scores: reference (R), own (log-lik. on the sample's own image, NPO/IdkPO),
+    # idk (log-lik. of idk_answer, IdkPO). A ViKeR-only cache may drop own,idk; train refuses what is missing.
+    scores: str = "reference,own,idk"
+    prefix_cache_images: int = 0   # image prefixes kept at once; 0: sized from free GPU memory, 32 on CPU
     idk_answer: str = "I don't know."
     dtype: str = "auto"
     allow_benchmark_images: bool = False  # True: pool images may equal benchmark images (the paper's ablation)
@@ -289,7 +293,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("finetune.max_grad_norm", 0, None), ("finetune.seed", 0, None), ("finetune.lora_r", 1, None),
     ("finetune.lora_alpha", 1, None), ("finetune.gate_min_acc", 0, 1),
     ("precompute.k", 1, None), ("precompute.top_k", 1, None), ("precompute.seed", 0, None),
-    ("precompute.shard_size", 1, None), ("precompute.batch_size", 1, None),
+    ("precompute.shard_size", 1, None), ("precompute.batch_size", 1, None), ("precompute.prefix_cache_images", 0, None),
     ("train.lam", 0, None), ("train.beta", Above(0), None), ("train.retain_weight", 0, None),
     ("train.steps", 0, None), ("train.epochs", 0, None), ("train.batch_size", 1, None),
     ("train.grad_accum", 1, None), ("train.lr", 0, None), ("train.warmup_steps", 0, None),

@@ -71,13 +71,17 @@ def samples_hash(samples) -> str:
 
 
 def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: str, k: int, top_k: int,
-                      seed: int, dtype: str, idk_answer: str) -> dict:
+                      seed: int, dtype: str, idk_answer: str, scores: str | None = None) -> dict:
     parts = {**model_parts(model_dir),
              "prompt_template": template_hash(),
              "reference_pool": hash_files(pool_files(pool_dir)) if reference == "pool" else "own-image",
              "forget_samples": samples_hash(samples),
              "reference": reference, "k": str(k), "K": str(top_k), "seed": str(seed), "dtype": dtype,
              "idk_answer": idk_answer}
+    if scores is not None:
+        # Only a subset is recorded, so caches scoring everything keep their earlier fingerprint;
+        # shards that lack a field are then never resumed into a cache that promises it.
+        parts["scores"] = scores
     return make_fingerprint(parts)
 
 

@@ -84,7 +84,8 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
                       rank=rank, world=world, overwrite=overwrite, log=log,
                       allow_benchmark_images=p.allow_benchmark_images,
                       benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
-                                      else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)))
+                                      else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)),
+                      scores=p.scores, prefix_cache_images=p.prefix_cache_images)
 
 
 def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False,
