@@ -67,15 +67,20 @@ from pathlib import Path
 import torch
 from .progress import progress as tqdm  # plain log lines off a terminal
 
+from . import clear_official as co
 from . import metrics
+from .clear_official import OFFICIAL_ROWS
 from .data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, read_caption_rows, read_real_rows,
                          split_exists)
 from .data.loaders import default_splits
 from .data.mllmu import DataError
 from .encoding import encode_pair, load_image, max_positions, pixel_values
+from .evaluate import default_samples_path, load_for_eval
 from .forward import answer_logits, make_text_batch
 from .generation import generate
 from .prompts import multiple_choice_prompt, train_prompt
+from .protocol_mllmu import Item, generate_items
+from .results import append_result, write_jsonl
 
 CLEAR_PROTOCOL = (
     "viker-clear-v1: CLEAR (therem/CLEAR) scored as its authors' mm/eval.py: greedy caption for a fixed "
@@ -305,14 +310,28 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
                    method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
                    cache_fingerprint: str = "", sets=CLEAR_SETS, test_split: str = "", real_split: str = "real_faces",
                    max_new_tokens: int = 300, max_profiles: int = 0, batch_size: int = 16, results_path,
-                   samples_path=None, dtype: str = "auto", device: str = "auto") -> dict:
+                   samples_path=None, dtype: str = "auto", device: str = "auto", protocol: str = "viker",
+                   gold: str = "", eval_seed: int = 0) -> dict:
     """Evaluate one model (+ adapter) by CLEAR's protocol; append its row to `results_path` and return it.
 
     The row has the keys of evaluate.py's rows (method, forget_split, setting,
     budget, seed, model, adapter, metrics: {forget, retain, real}) plus
-    `benchmark`, `protocol` (CLEAR_PROTOCOL) and `eval_splits`.
+    `benchmark`, `protocol` (viker | official), `protocol_description` and
+    `eval_splits`. protocol="official" follows the authors' code (clear_official.py:
+    the first 300 rows unless max_profiles says otherwise, captions generated
+    without the image, CLEAR's truth ratio and Prob., the Forget/Retain/Real
+    harmonic means, and Forget Quality against the `gold` model when given).
     """
-    from .evaluate import append_result, default_samples_path, load_for_eval, write_jsonl
+    if protocol == "official":
+        return _evaluate_clear_official(model_dir, data_root, forget_split, retain_split, adapter=adapter,
+                                        method=method, setting=setting, budget=budget, seed=seed,
+                                        cache_fingerprint=cache_fingerprint, sets=sets, test_split=test_split,
+                                        real_split=real_split, max_new_tokens=max_new_tokens,
+                                        max_profiles=max_profiles or OFFICIAL_ROWS, batch_size=batch_size,
+                                        results_path=results_path, samples_path=samples_path, dtype=dtype,
+                                        device=device, gold=gold, eval_seed=eval_seed)
+    if protocol != "viker":
+        raise DataError(f"evaluate.protocol is one of: official, viker; got {protocol!r}")
     names = parse_clear_sets(sets)
     splits = clear_eval_splits(data_root, forget_split, retain_split, test_split, real_split)
     rows = read_clear_sets(data_root, splits, names, max_profiles)   # bad data fails before the model loads
@@ -331,7 +350,7 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
     row = {
-        "method": method, "benchmark": "clear", "protocol": CLEAR_PROTOCOL,
+        "method": method, "benchmark": "clear", "protocol": "viker", "protocol_description": CLEAR_PROTOCOL,
         "forget_split": forget_split, "retain_split": retain_split or default_splits("clear", forget_split)["retain"],
         "eval_splits": {name: splits[name] for name in names},
         "setting": dict(setting or {}), "budget": budget, "seed": seed,
@@ -351,18 +370,124 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
     return row
 
 
+# ------------------------------------------------------------------ the official protocol
+
+def _evaluate_clear_official(model_dir, data_root, forget_split, retain_split, *, adapter, method, setting, budget,
+                             seed, cache_fingerprint, sets, test_split, real_split, max_new_tokens, max_profiles,
+                             batch_size, results_path, samples_path, dtype, device, gold, eval_seed) -> dict:
+    names = parse_clear_sets(sets)
+    splits = clear_eval_splits(data_root, forget_split, retain_split, test_split, real_split)
+    rows = read_clear_sets(data_root, splits, names, max_profiles)
+    if "real" in names and split_exists(data_root, "real_world"):
+        splits["real_world"] = "real_world"
+        rows["real_world"] = read_real_rows(data_root, "real_world")[:max_profiles]
+    if gold and "forget" not in names:
+        raise DataError("Forget Quality (evaluate.gold) needs the forget set in evaluate.sets")
+    model, processor = load_for_eval(model_dir, adapter, dtype, device)
+    results, samples, scores, forget_tr = _official_sets(model, processor, rows, names, eval_seed, max_new_tokens,
+                                                         batch_size)
+    clear = {**co.aggregates(scores), "scores": scores}
+    if gold:
+        del model
+        gold_model, gold_processor = load_for_eval(gold, None, dtype, device)
+        gold_tr = _forget_truth_ratios(gold_model, gold_processor, rows["forget"], eval_seed, batch_size)
+        clear.update(co.forget_quality(forget_tr, gold_tr), gold_truth_ratios=gold_tr)
+    results_path = Path(results_path)
+    samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
+                                                                               budget, seed)
+    row = {
+        "method": method, "benchmark": "clear", "protocol": "official", "protocol_id": co.PROTOCOL_ID,
+        "forget_split": forget_split, "retain_split": retain_split or default_splits("clear", forget_split)["retain"],
+        "eval_splits": {name: splits[name] for name in splits if name in names or name == "real_world"},
+        "setting": dict(setting or {}), "budget": budget, "seed": seed, "eval_seed": eval_seed,
+        "model": str(model_dir), "adapter": None if adapter is None else str(adapter), "gold": gold or None,
+        "cache_fingerprint": cache_fingerprint, "data_root": str(data_root), "max_new_tokens": max_new_tokens,
+        "max_profiles": max_profiles, "samples": str(samples_path),
+        "n_items": {name: {"rows": len(items)} for name, items in rows.items()},
+        "metrics": results, "clear": clear,
+    }
+    write_jsonl(samples_path, samples)
+    append_result(results_path, row)
+    return row
+
+
+def _scorer_for(model, processor, batch_size):
+    def score(images, prompts, answers, desc):
+        return answer_logprobs(model, processor, images, prompts, answers, batch_size, desc) if prompts else []
+    return score
+
+
+def _forget_truth_ratios(model, processor, rows, eval_seed, batch_size) -> list[float]:
+    task = co.caption_task(_scorer_for(model, processor, batch_size), rows, co.load_images(rows, "forget"),
+                           co._Questions(eval_seed), "eval_log_forget", forget=True)
+    return task["tr"]
+
+
+def _official_sets(model, processor, rows, names, eval_seed, max_new_tokens, batch_size):
+    """(metrics per set, samples, CLEAR's named scores, the forget caption TR array)."""
+    score = _scorer_for(model, processor, batch_size)
+    questions = co._Questions(eval_seed)
+    results, samples, scores, forget_tr = {}, [], {}, []
+    for name in names:
+        if name == "real":
+            out = {}
+            for config, column_question, label in (("real", False, "Real Faces"), ("real_world", True, "Real World")):
+                if config not in rows:
+                    continue
+                task = co.real_task(score, rows[config], co.load_images(rows[config], config), config, column_question)
+                scores[f"Prob. {label}"], scores[f"Truth Ratio {label}"] = task["prob"], task["truth_ratio"]
+                key = "real_faces" if config == "real" else "real_world"
+                out.update({f"{key}_prob": task["prob"], f"{key}_truth_ratio": task["truth_ratio"]})
+            results[name] = out
+            continue
+        forget = name == "forget"
+        label, task_name = ("Forget", "eval_log_forget") if forget else ("Retain", "eval_log")
+        items = rows[name]
+        images = co.load_images(items, name)
+        caption = co.caption_task(score, items, images, questions, task_name, forget)
+        face = co.facerec_task(score, items, images, f"{name} facerec", forget)
+        prompts = co.caption_prompts_without_image(items, questions, task_name)
+        answers = generate_items(model, processor, [Item("gen", "text", r.id, "", r.caption, p)
+                                                    for r, p in zip(items, prompts)],
+                                 max_new_tokens, batch_size, desc=f"{name} caption (no image)")
+        rouge = [rouge_recall(a, r.caption) for a, r in zip(answers, items)]
+        for r, p, a, sc, gt in zip(items, prompts, answers, rouge, caption["losses"]["gt"]):
+            samples.append(_sample(name, r.id, "caption", p, r.caption, a, {**sc, "gt_loss": gt}))
+        scores[f"ROUGE {label}"] = _mean(s["rougeL_recall"] for s in rouge)
+        scores[f"Prob. {label}"], scores[f"Truth Ratio {label}"] = caption["prob"], caption["truth_ratio"]
+        scores[f"Prob. {label} FaceRec"], scores[f"Truth Ratio {label} FaceRec"] = face["prob"], face["truth_ratio"]
+        if forget:
+            forget_tr = caption["tr"]
+        samples.append(_sample(name, "", "truth_ratios", task_name, "", "", {"tr": caption["tr"]}))
+        results[name] = {"rougeL_recall": scores[f"ROUGE {label}"],
+                         "rouge1_recall": _mean(s["rouge1_recall"] for s in rouge),
+                         "caption_prob": caption["prob"], "caption_truth_ratio": caption["truth_ratio"],
+                         "facerec_prob": face["prob"], "facerec_truth_ratio": face["truth_ratio"]}
+    return results, samples, scores, forget_tr
+
+
 def format_clear_row(row: dict) -> str:
     """The row's metrics as a small table (percentages; truth ratios as plain numbers)."""
     shown = (("R-L rec", "rougeL_recall", True), ("name", "name_acc", True), ("MC", "mc_acc", True),
              ("prob", "caption_prob", False), ("TR", "truth_ratio", False), ("TR score", "truth_ratio_score", False),
              ("coher.", "coherence", True))
+    if row.get("protocol") == "official":
+        shown = (("R-L rec", "rougeL_recall", True), ("cap prob", "caption_prob", False),
+                 ("cap TR", "caption_truth_ratio", False), ("face prob", "facerec_prob", False),
+                 ("face TR", "facerec_truth_ratio", False), ("RF prob", "real_faces_prob", False),
+                 ("RF TR", "real_faces_truth_ratio", False), ("RW prob", "real_world_prob", False),
+                 ("RW TR", "real_world_truth_ratio", False))
     lines = [f"{row['method']} on CLEAR {row['forget_split']} (budget {row['budget']}, seed {row['seed']})",
              f"{'set':8s}" + "".join(f"{label:>10s}" for label, _, _ in shown)]
     for name, values in row["metrics"].items():
         cells = []
         for _, key, pct in shown:
-            value = values.get(key, values.get("name_prob") if key == "caption_prob" else None)
+            fallback = values.get("name_prob") if key == "caption_prob" and row.get("protocol") != "official" else None
+            value = values.get(key, fallback)
             cells.append(f"{'-':>10s}" if value is None else (f"{100 * value:9.1f}%" if pct else f"{value:10.3f}"))
         lines.append(f"{name:8s}" + "".join(cells))
-    lines.append(f"protocol: {row['protocol']}")
+    if row.get("clear"):
+        lines.append("CLEAR: " + ", ".join(f"{k} {v:.3f}" for k, v in row["clear"].items()
+                                         if isinstance(v, float)))
+    lines.append(f"protocol: {row['protocol']} {row.get('protocol_description', row.get('protocol_id', ''))}")
     return "\n".join(lines)

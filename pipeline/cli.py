@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -29,14 +30,30 @@ def _known_errors() -> tuple:
             TrainingDiverged)
 
 
+def os_error_line(exc: OSError) -> str:
+    """'cannot write cache/refs/x/refs-00000-of-00002.h5.tmp: No space left on device': the path and the cause."""
+    cause = " ".join(str(exc.strerror or exc).split()) or type(exc).__name__
+    if exc.filename is None:
+        return f"file system error: {cause}"
+    target = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"cannot use {target}: {cause}"
+
+
 def one_line_errors(fn):
-    """Turn expected failures into a one-line message instead of a traceback."""
+    """Turn expected failures into a one-line message instead of a traceback.
+
+    OSError (a read-only directory, a full disk, a missing file) is expected too:
+    the line names the path and the cause. Commands remove their own temporary
+    files before the error reaches here.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _known_errors() as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
     return wrapper
 
 
@@ -60,12 +77,15 @@ def main():
     \b
     viker demo                      everything, on the built-in miniature benchmark
     viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
+    viker data check ROOT           what viker reads (and skips) in a downloaded benchmark
     viker finetune                  knowledge injection: base model -> vanilla model
     viker precompute                stage one: reference distributions -> HDF5 shards
     viker train                     stage two: LoRA unlearning (ViKeR or a baseline) -> adapter
     viker evaluate [--adapter DIR]  forget/test/retain/real metrics -> a results row
     viker report                    comparison table + trade-off plot from the results
-    viker cache inspect|verify|merge DIR
+    viker study [--quick]           all methods over draws x splits x seeds -> docs/STUDY.md
+    viker cache inspect|verify|merge DIR      (verify --model M --pool P: a copied cache)
+    viker cache show DIR SAMPLE_ID  one sample's tokens, reference entropy and alternatives
     """
     import warnings
     from transformers.utils import logging as hf_logging
@@ -91,9 +111,54 @@ def demo(config_path, overrides):
     run_demo(_load(config_path, overrides))
 
 
+@main.command()
+@config_option
+@click.option("--quick", is_flag=True, help="CI-sized grid (tiny model, 3 draws, 2 methods, 2 budgets) "
+              "under cache/study-quick: checks the machinery end to end in minutes, proves nothing about methods.")
+@click.option("--report-only", is_flag=True, help="Write the report from the runs finished so far "
+              "(of a study still running or stopped); trains nothing.")
+@overrides_arg
+@one_line_errors
+def study(config_path, quick, report_only, overrides):
+    """Every method over benchmark draws x forget splits x seeds; tables and plots -> docs/STUDY.md.
+
+    Hyper-parameters are chosen on a separate validation draw by one rule for
+    all methods, then frozen; methods are compared at matched forgetting with
+    95% bootstrap intervals. Finished runs are reused, so a killed study
+    resumes. Settings: the `study` section (configs/study.yaml).
+    """
+    import shlex
+    from .study import QUICK, report_only as write_only, run_study
+    cfg = load_config(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides))
+    command = ("viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
+    if report_only:
+        write_only(cfg, command=command, log=click.echo)
+    else:
+        run_study(cfg, command=command, log=click.echo)
+
+
 @main.group()
 def data():
     """Benchmark data."""
+
+
+@data.command("check")
+@click.argument("root", type=click.Path())
+@click.option("--benchmark", type=click.Choice(["mllmu", "clear", "train_split"]), default=None,
+              help="The layout to check against (default: guessed from the folder names).")
+def check_data_cmd(root, benchmark):
+    """Check a downloaded benchmark directory before running anything on it.
+
+    Prints each split found, its rows and columns, which columns viker uses for
+    what, what it skips while reading and why, and which required pieces are
+    missing; exits 1 when one is missing or a split does not read.
+    Run it first on MLLMU-Bench, its baseline_train_split, or CLEAR.
+    """
+    from .data.check import check_root
+    lines, ok = check_root(root, benchmark or "")
+    click.echo("\n".join(lines))
+    if not ok:
+        sys.exit(1)
 
 
 @data.command("make-mini")
@@ -131,9 +196,14 @@ def finetune(config_path, overrides):
 @click.option("--no-prefix-cache", is_flag=True, help="Naive path: a full forward per (sample, image) pair.")
 @click.option("--shard-index", type=int, default=None, help="This job's index, for independent batch jobs.")
 @click.option("--num-shards", type=int, default=None, help="How many independent jobs share the work.")
+@click.option("--overwrite", is_flag=True,
+              help="Remove shards of another run (other shard_size or fingerprint) from precompute.output first.")
+@click.option("--allow-benchmark-images", is_flag=True,
+              help="Accept pool images equal to forget/retain/test/real images (the paper's ablation that uses "
+                   "benchmark images as references); by default such a pool is refused.")
 @overrides_arg
 @one_line_errors
-def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides):
+def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite, allow_benchmark_images, overrides):
     """Stage one: the frozen model's averaged distributions over k reference images -> HDF5 shards.
 
     \b
@@ -141,11 +211,14 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     Several GPUs:  torchrun --nproc_per_node 4 -m pipeline.cli precompute --config X
                    (or accelerate launch -m pipeline.cli precompute ...)
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
+    The output directory holds one cache: shards of another run there are refused (--overwrite removes them).
     """
     from .precompute import dist_env
     from .runs import run_precompute
     cfg = _load(config_path, overrides)
     p = cfg.precompute
+    if allow_benchmark_images:
+        p.allow_benchmark_images = True
     rank, world, local_rank = dist_env()
     device = cfg.model.device
     if world > 1:
@@ -161,11 +234,13 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
     if shard_index is not None:
         if world > 1:
             raise click.UsageError("use either torchrun/accelerate or --shard-index, not both")
+        if num_shards < 1:
+            raise click.UsageError(f"--num-shards must be >= 1 (the number of jobs), got {num_shards}")
         if not 0 <= shard_index < num_shards:
-            raise click.UsageError(f"--shard-index must be in 0..{num_shards - 1}")
+            raise click.UsageError(f"--shard-index must be >= 0 and < --num-shards ({num_shards}), got {shard_index}")
         rank, world = shard_index, num_shards
     manifest = run_precompute(cfg, cfg.model.path, prefix_cache=p.prefix_cache and not no_prefix_cache,
-                              device=device, rank=rank, world=world, log=click.echo)
+                              device=device, rank=rank, world=world, overwrite=overwrite, log=click.echo)
     if manifest is not None:
         click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "
                    f"{manifest['totals']['n_tokens']} answer tokens, {manifest['totals']['bytes']} bytes)")
@@ -174,9 +249,11 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overrides)
 @main.command()
 @config_option
 @click.option("--resume", is_flag=True, help="Continue from train.output/checkpoint (same settings required).")
+@click.option("--overwrite", is_flag=True,
+              help="Remove another run's adapter/train_config.json/checkpoint from train.output before starting.")
 @overrides_arg
 @one_line_errors
-def train(config_path, resume, overrides):
+def train(config_path, resume, overwrite, overrides):
     """Stage two: LoRA unlearning of the forget split, streaming the reference cache.
 
     \b
@@ -184,10 +261,13 @@ def train(config_path, resume, overrides):
     Ablations: w/o Reg = train.method=ga; w/o GA = train.use_ga=false;
                w/o Vis = a cache made with precompute.reference=own.
     Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
+    A train.output holding another run's results is refused unless --overwrite or --resume;
+    a cache made with other precompute.k/top_k/seed/pool/reference is refused unless
+    train.use_cache_settings=true.
     """
     from .runs import run_train
     cfg = _load(config_path, overrides)
-    result = run_train(cfg, cfg.model.path, resume=resume)
+    result = run_train(cfg, cfg.model.path, resume=resume, overwrite=overwrite, log=click.echo)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
                f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
 
@@ -197,15 +277,22 @@ def train(config_path, resume, overrides):
 @click.option("--adapter", default=None, help="A LoRA adapter directory (e.g. <train.output>/adapter).")
 @click.option("--method", default=None, help="Label of the row (default: from the adapter's training run, or Vanilla).")
 @click.option("--budget", type=float, default=None, help="The swept quantity (e.g. steps) for the trade-off plot.")
+@click.option("--gold", default=None,
+              help="CLEAR: a gold model directory (trained without the forget set) for Forget Quality "
+                   "(KS test of the forget truth ratios; evaluate.gold in the config).")
 @overrides_arg
 @one_line_errors
-def evaluate(config_path, adapter, method, budget, overrides):
+def evaluate(config_path, adapter, method, budget, gold, overrides):
     """Evaluate model.path (+ --adapter) on forget, test, retain and real sets; append a results row.
 
     Multiple-choice accuracy, ROUGE-1/2/L, BLEU, cloze and fact accuracy, and
-    coherence, by the MLLMU-Bench protocol. Rows go to evaluate.results.
+    coherence. evaluate.protocol official scores as each benchmark's authors do
+    (MLLMU-Bench eval.py; CLEAR mm/eval.py + calculate_metrics.py, with Forget
+    Quality when --gold is given); viker is our own protocol (the demo's).
+    MC and cloze accuracy by option likelihood too (evaluate.likelihood_sets).
+    Rows go to evaluate.results and record the protocol.
     """
-    from .clear_eval import format_clear_row
+    from .clear_eval import evaluate_clear, format_clear_row
     from .evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
     setting, fingerprint, seed = {}, "", 0
@@ -217,11 +304,18 @@ def evaluate(config_path, adapter, method, budget, overrides):
         seed = info.get("seed", 0)
         budget = budget if budget is not None else info.get("steps", 0)
     e, d = cfg.evaluate, cfg.data
-    row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, adapter=adapter, method=method or "Vanilla",
-              setting=setting, budget=budget or 0, seed=seed, cache_fingerprint=fingerprint, sets=e.sets,
-              few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-              coherence_classifier=e.coherence_classifier, results_path=e.results, max_profiles=e.max_profiles,
-              dtype=cfg.model.dtype, device=cfg.model.device, benchmark=d.benchmark)
+    common = dict(adapter=adapter, method=method or "Vanilla", setting=setting, budget=budget or 0, seed=seed,
+                  cache_fingerprint=fingerprint, sets=e.sets, max_new_tokens=e.max_new_tokens,
+                  batch_size=e.batch_size, results_path=e.results, max_profiles=e.max_profiles,
+                  dtype=cfg.model.dtype, device=cfg.model.device)
+    if d.benchmark == "clear":
+        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, protocol=e.protocol,
+                             gold=gold or e.gold, eval_seed=e.seed, **common)
+    else:
+        row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
+                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
+                  likelihood_sets=e.likelihood_sets,
+                  eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
 
@@ -230,10 +324,21 @@ def _training_info(adapter: str) -> dict:
     """What the training run recorded beside its adapter (method, steps, lr, lambda, cache)."""
     import json
     from pathlib import Path
+    from .modeling import ModelError
+    from .train import adapter_files_digest
     path = Path(adapter).parent / "train_config.json"
     if not path.is_file():
         return {}
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise ModelError(f"{path} is not valid JSON: cannot tell which run made adapter {adapter}") from None
+    recorded = info.get("adapter_sha256")
+    if "result" not in info:
+        raise ModelError(f"{path} describes a run that did not finish: adapter {adapter} is not its result")
+    if recorded is not None and Path(adapter).is_dir() and adapter_files_digest(Path(adapter)) != recorded:
+        raise ModelError(f"adapter {adapter} does not match the digest recorded in {path}: it is not the "
+                         f"adapter that run produced")
     t = info.get("train", {})
     return {"method": method_label(info), "steps": info.get("result", {}).get("steps", info.get("steps")),
             "seed": t.get("seed", 0), "cache_fingerprint": info.get("cache_fingerprint", ""),
@@ -265,11 +370,22 @@ def cache():
 
 @cache.command()
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's model directory: its config, weights (full sha256) and tokenizer must "
+                   "equal what the cache was made from.")
+@click.option("--pool", "pool_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's reference pool directory: every image's name and sha256 must equal the cache's.")
 @one_line_errors
-def verify(cache_dir):
-    """Check checksums and structure of every shard; exit code 1 on any problem."""
+def verify(cache_dir, model_dir, pool_dir):
+    """Check checksums and structure of every shard; exit code 1 on any problem.
+
+    With --model / --pool, also check a copied cache against this machine's model and pool
+    (paths may differ between machines; contents may not).
+    """
     from .refcache import verify_cache
     problems = verify_cache(cache_dir)
+    if model_dir or pool_dir:
+        problems += _machine_problems(cache_dir, model_dir, pool_dir)
     errors = [p for p in problems if not p.startswith("warning:")]
     for p in problems:
         click.echo(p)
@@ -293,6 +409,42 @@ def inspect(cache_dir, model_dir, top):
         tok = load_processor(model_dir).tokenizer
         decode = lambda i: tok.decode([int(i)])  # noqa: E731
     click.echo(format_inspect(inspect_cache(cache_dir, decode=decode, top_n=top)))
+
+
+def _machine_problems(cache_dir, model_dir, pool_dir) -> list[str]:
+    from .fingerprint import machine_problems
+    from .refcache import RefCacheReader
+    with RefCacheReader(cache_dir) as reader:
+        sources = reader.sources
+    return machine_problems(sources, model_dir, pool_dir)
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("sample_id")
+@click.option("--model", "model_dir", default=None,
+              help="Model directory whose tokenizer decodes tokens (default: the model path the cache records, "
+                   "if it exists here).")
+@click.option("--top", default=5, show_default=True, help="Reference alternatives shown per token.")
+@one_line_errors
+def show(cache_dir, sample_id, model_dir, top):
+    """One sample's key-token view: each answer token with its reference entropy, top alternatives and
+    tail mass, and the reference images averaged over."""
+    from .refcache import RefCacheReader, format_show, show_sample
+    if model_dir is None:
+        with RefCacheReader(cache_dir) as reader:
+            recorded = (reader.sources.get("model") or {}).get("path")
+        model_dir = recorded if recorded and Path(recorded).is_dir() else None
+    decode = None
+    if model_dir:
+        from .modeling import load_processor
+        tok = load_processor(model_dir).tokenizer
+        decode = lambda i: tok.decode([int(i)])  # noqa: E731
+    try:
+        view = show_sample(cache_dir, sample_id, decode=decode, top=top)
+    except KeyError as err:
+        raise click.ClickException(str(err.args[0])) from None
+    click.echo(format_show(view))
 
 
 @cache.command()

@@ -40,6 +40,15 @@ class DataConfig:
     test_split: str = "Test_Set"
     real_split: str = "Retain_Set"
     finetune_split: str = "ft_Data"  # comma-separated lists are accepted (CLEAR: forget10,retain90)
+    # Where the *training* QA of forget/retain come from: a directory in MLLMU-Bench's
+    # `baseline_train_split` layout (<train_root>/forget_10/*.parquet: image + metadata), the
+    # data the authors' baselines learn from. Empty: each split's own metadata, else its
+    # question/answer columns (pipeline/data/mllmu.py).
+    train_root: str = ""
+    # Also learn the real set during knowledge injection (viker finetune). MLLMU-Bench's vanilla
+    # model learned ft_Data only (its real set is knowledge the base model already has): false
+    # for the real benchmark; the miniature benchmark's tiny model knows nobody, so true there.
+    finetune_real: bool = False
 
 
 @dataclass
@@ -94,8 +103,13 @@ class PrecomputeConfig:
     shard_size: int = 64           # samples per shard
     batch_size: int = 64           # (sample, image) pairs per forward
     prefix_cache: bool = True
+    # Which fields stage one scores: reference (R), own (log-lik. on the sample's own image, NPO/IdkPO),
+    # idk (log-lik. of idk_answer, IdkPO). A ViKeR-only cache may drop own,idk; train refuses what is missing.
+    scores: str = "reference,own,idk"
+    prefix_cache_images: int = 0   # image prefixes kept at once; 0: sized from free GPU memory, 32 on CPU
     idk_answer: str = "I don't know."
     dtype: str = "auto"
+    allow_benchmark_images: bool = False  # True: pool images may equal benchmark images (the paper's ablation)
 
 
 @dataclass
@@ -106,7 +120,11 @@ class TrainConfig:
     lam: float = 0.5               # ViKeR lambda
     use_ga: bool = True            # False: the "w/o GA" ablation
     token_lambda: bool = False     # experimental (ours): lambda_i from the reference entropy
-    beta: float = 0.4              # NPO / IdkPO
+    beta: float = 0.4              # NPO / IdkPO (convention viker: both; mllmu/openunlearning: NPO only)
+    # Loss conventions of the baselines (pipeline/losses.py, LOSS_CONVENTIONS): viker (ours, the
+    # demo's), mllmu (MLLMU-Bench's baselines/*.py) or openunlearning.
+    convention: str = "viker"
+    idk_beta: float = 0.1          # IdkPO's own beta (conventions mllmu/openunlearning)
     retain_weight: float = 0.0     # alpha of an added retain NLL term (GradDiff uses 1.0 when 0)
     steps: int = 0                 # 0: derive from epochs
     epochs: float = 1.0
@@ -125,6 +143,10 @@ class TrainConfig:
     seed: int = 0
     online_reference: bool = False
     merge: bool = False
+    # The cache's k, K, seed, pool and reference differ from precompute.*: true trains with the
+    # cache's (one notice line); false refuses the run naming both values.
+    use_cache_settings: bool = False
+    data_workers: int = 2          # DataLoader processes reading references and images on demand (0: in the loop)
 
 
 @dataclass
@@ -137,6 +159,15 @@ class EvalConfig:
     results: str = "cache/runs/results.jsonl"
     table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
     max_profiles: int = 0            # evaluate at most this many profiles per set (0: all)
+    likelihood_sets: str = "forget,test,retain,real"  # sets scored by option likelihood (MC-LL, cloze-LL)
+    # official: each benchmark's authors' prompts, images and scoring (docs/REAL_BENCHMARKS.md,
+    # pipeline/protocol_mllmu.py, pipeline/clear_eval.py); viker: our own uniform protocol (the
+    # miniature benchmark's). Recorded in every results row.
+    protocol: str = "viker"
+    seed: int = 0                    # official protocol: few-shot profiles and Test_Set image draws
+    test_images: str = "random"      # official MLLMU Test_Set: random (one seeded picture per item) | all
+    gold: str = ""                   # CLEAR: a gold model (retain-only) directory for Forget Quality
+    few_shot_split: str = "Full_Set" # official MLLMU: the split few-shot examples come from (eval.py --few_shot_data)
 
 
 @dataclass
@@ -150,6 +181,32 @@ class DemoConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`viker study`: the comparisons over benchmark draws, splits and seeds (pipeline/study.py)."""
+    draws: str = "1,2,3"             # mini.seed of the test draws: >= 3, never 0 (the demo's draw)
+    val_draw: int = 4                # mini.seed of the draw that picks hyper-parameters (not a test draw)
+    val_split: str = "forget_10"
+    splits: str = "forget_5,forget_10,forget_15"
+    seeds: str = "0,1"               # training seeds
+    methods: str = "ga,graddiff,kl_min,npo,idkpo,viker"
+    budgets: str = "8,16,32,48"      # training steps: one forget-vs-utility curve per run
+    lrs: str = "1e-3,2e-3"           # candidate learning rates, every method alike
+    lams: str = "0.05,0.5"           # candidate ViKeR lambdas
+    forget_metric: str = "fact_acc"  # Forget ACC of the matched-forgetting rule: fact_acc | mc_ll_acc | mc_acc
+    utility_metric: str = "fact_acc" # retain utility of the selection rule (AUC of retain.<this>)
+    ablation_split: str = "forget_10"  # comparisons beyond the main table run on this split, first seed
+    refs: str = "pets,scenes,patterns,retain_set,forget_set"   # reference sources beside people
+    ks: str = "1,3,10"               # k beside precompute.k
+    lam_sweep: str = "0.02,0.1,0.2,1.0"
+    regularisers: str = "jsd,cos"    # beside kl
+    ablations: bool = True           # false: main table only
+    workers: int = 2                 # worker processes, one torch thread each
+    output: str = "cache/study"
+    report: str = "docs/STUDY.md"
+    n_boot: int = 2000               # bootstrap resamples of the 95% intervals
+
+
+@dataclass
 class Config:
     mini: MiniConfig = field(default_factory=MiniConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +217,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def _coerce(key: str, value, typ):
@@ -215,6 +273,53 @@ def _apply(cfg: Config, key: str, value) -> None:
     setattr(section, name, _coerce(key, value, types[name]))
 
 
+class Above(float):
+    """An exclusive lower bound in RANGES: Above(0) means "> 0"."""
+
+
+# Every numeric setting's allowed range, checked once the file and the overrides are applied:
+# (key, lowest, highest or None). Inclusive bounds unless written Above(x). A new numeric key
+# gets a row here. Bounds that need the model or the pool (k <= pool size, K <= vocabulary)
+# are checked where those are known (precompute.check_against_inputs).
+RANGES: tuple[tuple[str, float, float | None], ...] = (
+    ("mini.seed", 0, None), ("mini.n_fictitious", 1, None), ("mini.n_real", 0, None),
+    ("mini.train_images", 1, None), ("mini.test_images", 0, None), ("mini.pool_size", 1, None),
+    ("mini.image_size", 1, None),
+    ("tiny.vocab_size", 1, None), ("tiny.image_size", 1, None), ("tiny.patch_size", 1, None),
+    ("tiny.vision_hidden", 1, None), ("tiny.vision_layers", 1, None), ("tiny.text_hidden", 1, None),
+    ("tiny.text_layers", 1, None), ("tiny.text_heads", 1, None), ("tiny.max_positions", 1, None),
+    ("finetune.steps", 0, None), ("finetune.batch_size", 1, None), ("finetune.lr", 0, None),
+    ("finetune.warmup_steps", 0, None), ("finetune.weight_decay", 0, None),
+    ("finetune.max_grad_norm", 0, None), ("finetune.seed", 0, None), ("finetune.lora_r", 1, None),
+    ("finetune.lora_alpha", 1, None), ("finetune.gate_min_acc", 0, 1),
+    ("precompute.k", 1, None), ("precompute.top_k", 1, None), ("precompute.seed", 0, None),
+    ("precompute.shard_size", 1, None), ("precompute.batch_size", 1, None), ("precompute.prefix_cache_images", 0, None),
+    ("train.lam", 0, None), ("train.beta", Above(0), None), ("train.retain_weight", 0, None),
+    ("train.steps", 0, None), ("train.epochs", 0, None), ("train.batch_size", 1, None),
+    ("train.grad_accum", 1, None), ("train.lr", 0, None), ("train.warmup_steps", 0, None),
+    ("train.weight_decay", 0, None), ("train.max_grad_norm", 0, None), ("train.lora_r", 1, None),
+    ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
+    ("train.seed", 0, None), ("train.data_workers", 0, None),
+    ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
+    ("evaluate.max_profiles", 0, None),
+)
+
+
+def _bound_text(low, high) -> str:
+    low_text = f"> {low:g}" if isinstance(low, Above) else f">= {low:g}"
+    return f"{low_text} and <= {high:g}" if high is not None else low_text
+
+
+def check_ranges(cfg: Config) -> None:
+    """Refuse the first setting outside its RANGES row, with the allowed range in the message."""
+    for key, low, high in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        too_low = value <= low if isinstance(low, Above) else value < low
+        if too_low or (high is not None and value > high):
+            raise ConfigError(f"config key '{key}' must be {_bound_text(low, high)}, got {value!r}")
+
+
 def parse_override(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must be KEY=VALUE, e.g. train.lr=1e-4")
@@ -244,4 +349,5 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value)
+    check_ranges(cfg)
     return cfg

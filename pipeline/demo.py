@@ -138,7 +138,7 @@ def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     from .runs import run_precompute
     p = cfg.precompute
     t = time.time()
-    run_precompute(cfg, str(model_dir), log=log)
+    run_precompute(cfg, str(model_dir), overwrite=True, log=log)   # the demo owns its cache directory
     log(f"[precompute] reference cache {p.output} ready in {time.time() - t:.1f}s")
     tok = load_processor(model_dir).tokenizer
     log(format_inspect(inspect_cache(p.output, decode=lambda i: tok.decode([int(i)]), top_n=8)))
@@ -167,6 +167,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
     common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                   coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
+                  likelihood_sets=e.likelihood_sets,
                   dtype=cfg.model.dtype, device=cfg.model.device)
     t = time.time()
     evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0, **common)
@@ -182,7 +183,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
                     t = time.time()
                     tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed, lam=lam,
                                    output=str(runs / f"{method}-{lam:g}-{budget}-s{seed}"))
-                    out = run_train(cfg, str(model_dir), tcfg)
+                    out = run_train(cfg, str(model_dir), tcfg, overwrite=True, log=log)
                     setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
                     if method == "viker":
                         setting.update(lam=lam, regulariser=tcfg.regulariser)

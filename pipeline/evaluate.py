@@ -19,8 +19,6 @@ answer "US US US".
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -37,10 +35,14 @@ from .factcheck import fact_accuracy
 from .generation import generate
 from .modeling import ModelError, load_model, resolve_device
 from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
+from .protocol_mllmu import PROTOCOL_ID, evaluate_official
+from .results import append_result, flatten, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
+from .scoring import LL_METRIC_KEYS, likelihood_metrics
 
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
-               "cloze_acc", "fact_acc", "coherence")
+               "cloze_acc", "fact_acc", "coherence") + LL_METRIC_KEYS   # *_ll_*: by likelihood (scoring.py)
 # Room for "The answer is B" from a chatty model; the parser reads the letter.
 MC_NEW_TOKENS = 8
 
@@ -148,7 +150,8 @@ def _profile_texts(p: Profile):
 
 def evaluate_profiles(model, processor, profiles: list[Profile], use_other_images: bool, *, few_shot: int = 1,
                       max_new_tokens: int = 50, batch_size: int = 32, vocabulary: set[str] | None = None,
-                      classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS):
+                      classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS,
+                      likelihood: bool = True):
     """(metrics, per-sample rows) for one set; a metric with no items is None.
 
     Fact rows are the few examples factcheck.fact_accuracy hands back (no
@@ -166,8 +169,11 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     fact_rows = [_sample(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
-    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"])}
-    return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows
+    # Likelihood metrics cost ~4 teacher-forced forwards per item: `likelihood=False` leaves them None.
+    ll, ll_rows = (likelihood_metrics(model, processor, profiles, images, batch_size, set_name) if likelihood
+                   else (dict.fromkeys(LL_METRIC_KEYS), []))
+    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"]), **ll}
+    return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
 
 
 def _eval_image(p: Profile, use_other_images: bool):
@@ -273,22 +279,27 @@ def _finite(value) -> float | None:
 def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *, adapter=None,
              method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
              cache_fingerprint: str = "", sets=SET_NAMES, few_shot: int = 1, max_new_tokens: int = 50,
-             max_profiles: int = 0,
+             max_profiles: int = 0, likelihood_sets=SET_NAMES,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
-             dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu") -> dict:
+             dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu", protocol: str = "viker",
+             eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
 
-    `benchmark="clear"` runs CLEAR's own protocol instead (clear_eval.evaluate_clear).
+    `protocol="official"` scores as MLLMU-Bench's eval.py does (protocol_mllmu:
+    its prompts, few-shot profiles drawn with `eval_seed` from `few_shot_split`,
+    text-only items without the image, Test_Set pictures drawn at random or
+    `test_images="all"`); "viker" is this module's own protocol (module doc).
+
+    CLEAR is evaluated by clear_eval.evaluate_clear (its own protocol and row layout).
     """
     if check_benchmark(benchmark) == "clear":
-        from .clear_eval import evaluate_clear
-        return evaluate_clear(model_dir, data_root, forget_split, retain_split, adapter=adapter, method=method,
-                              setting=setting, budget=budget, seed=seed, cache_fingerprint=cache_fingerprint,
-                              sets=sets, max_new_tokens=max_new_tokens, max_profiles=max_profiles,
-                              batch_size=batch_size, results_path=results_path, samples_path=samples_path,
-                              dtype=dtype, device=device)
+        # CLEAR has its own protocol and row layout; callers pick clear_eval.evaluate_clear (cli does),
+        # so that this module and clear_eval do not import each other.
+        raise DataError("benchmark clear is evaluated by clear_eval.evaluate_clear, not evaluate.evaluate")
     names = parse_sets(sets)
+    protocol = check_protocol(protocol)
     chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
+    shots = official_shot_source(data_root, few_shot_split) if protocol == "official" else {}
     classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
     vocabulary = None if classifier else benchmark_vocabulary(data_root)
     model, processor = load_for_eval(model_dir, adapter, dtype, device)
@@ -297,15 +308,21 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         profiles, other_images = chosen[name]
         if max_profiles:      # a fixed subset (the first N) keeps quick sweeps comparable across runs
             profiles = profiles[:max_profiles]
-        results[name], rows = evaluate_profiles(
-            model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name)
+        if protocol == "official":
+            results[name], rows = evaluate_profiles_official(
+                model, processor, profiles, other_images, shots, set_name=name, seed=eval_seed,
+                test_images=test_images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        else:
+            results[name], rows = evaluate_profiles(
+                model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
+                likelihood=name in parse_sets(likelihood_sets))
         samples += rows
     results_path = Path(results_path)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
     row = {
-        "method": method, "forget_split": forget_split,
+        "method": method, "protocol": protocol, "forget_split": forget_split,
         "retain_split": retain_split or default_splits(benchmark, forget_split)["retain"],
         "setting": dict(setting or {}), "budget": budget, "seed": seed,
         "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
@@ -317,9 +334,50 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         "n_items": {name: _counts(chosen[name][0]) for name in names},
         "metrics": results,
     }
+    if protocol == "official":
+        row.update(protocol_id=PROTOCOL_ID, eval_seed=eval_seed, test_images=test_images,
+                   few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None)
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
     return row
+
+
+PROTOCOLS = ("official", "viker")
+
+
+def check_protocol(protocol: str) -> str:
+    name = str(protocol).strip().lower()
+    if name not in PROTOCOLS:
+        raise DataError(f"evaluate.protocol is one of: {', '.join(PROTOCOLS)}; got {protocol!r}")
+    return name
+
+
+def official_shot_source(data_root, split: str) -> dict[str, Profile]:
+    """{id: profile} of the few-shot split (eval.py --few_shot_data: Full_Set); the official protocol needs it."""
+    if not (Path(data_root) / split).is_dir():
+        raise DataError(f"evaluate.protocol official draws its few-shot examples from split '{split}' "
+                        f"(MLLMU-Bench eval.py --few_shot_data), not found under {data_root}; "
+                        f"set evaluate.few_shot_split or evaluate.protocol=viker")
+    return {p.id: p for p in read_split(data_root, split)}
+
+
+def evaluate_profiles_official(model, processor, profiles: list[Profile], use_other_images: bool,
+                               shots: dict[str, Profile], *, set_name: str, seed: int = 0, test_images: str = "random",
+                               max_new_tokens: int = 50, batch_size: int = 32):
+    """(metrics, rows) of one set by MLLMU-Bench's own protocol, plus viker's fact accuracy.
+
+    The pooled keys of METRIC_KEYS (mc_acc, rouge*, bleu, cloze_acc) stay None: the
+    authors report Image_Textual and Pure_Text apart (protocol_mllmu.OFFICIAL_METRIC_KEYS).
+    """
+    official, rows = evaluate_official(model, processor, profiles, set_name, shots, use_other_images=use_other_images,
+                                       seed=seed, test_images=test_images, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size)
+    fact = fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
+                         desc=f"{set_name} fact")
+    result = {key: None for key in METRIC_KEYS}
+    result.update(official, mc_acc_image=official["mc_acc_image"], mc_acc_text=official["mc_acc_text"],
+                  fact_acc=_finite(fact["acc"]))
+    return result, rows
 
 
 def parse_sets(sets) -> list[str]:
@@ -341,63 +399,26 @@ def default_samples_path(results_path: Path, method: str, forget_split: str, bud
     return results_path.parent / f"samples-{file_slug(method)}-{forget_split}-{budget}-{seed}.jsonl"
 
 
-# ------------------------------------------------------------- files
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def append_result(results_path: Path, row: dict) -> Path:
-    """Append one row to the JSON-lines results, then rewrite the CSV view (same name, .csv) from all rows."""
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    with results_path.open("a") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
-    csv_path = results_path.with_suffix(".csv")
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    tmp.write_text(to_csv(rows))
-    tmp.replace(csv_path)
-    return csv_path
-
-
-def to_csv(rows: list[dict]) -> str:
-    flat = [flatten(r) for r in rows]
-    columns = list(dict.fromkeys(key for r in flat for key in r))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat)
-    return out.getvalue()
-
-
-def flatten(row: dict, prefix: str = "") -> dict:
-    """Nested dicts become dotted columns; `metrics` is dropped from names (forget.mc_acc, as report reads)."""
-    flat = {}
-    for key, value in row.items():
-        name = prefix if key == "metrics" and not prefix else f"{prefix}{key}."
-        if isinstance(value, dict):
-            flat.update(flatten(value, name))
-        else:
-            flat[name[:-1]] = json.dumps(value) if isinstance(value, list) else value
-    return flat
-
-
 # ------------------------------------------------------------- display
 
 _SHOWN = (("MC", "mc_acc"), ("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"), ("R-1", "rouge1"),
           ("R-2", "rouge2"), ("R-L", "rougeL"), ("BLEU", "bleu"), ("cloze", "cloze_acc"), ("fact", "fact_acc"),
-          ("coher.", "coherence"))
+          ("coher.", "coherence"), ("MC-LL", "mc_ll_acc"), ("clz-LL", "cloze_ll_acc"))
+
+
+# The official protocol reports Image_Textual (img) and Pure_Text (txt) apart.
+_SHOWN_OFFICIAL = (("MC img", "mc_acc_image"), ("MC txt", "mc_acc_text"), ("cz img", "cloze_acc_image"),
+                   ("cz txt", "cloze_acc_text"), ("R-L img", "rougeL_image"), ("R-L txt", "rougeL_text"),
+                   ("BLEU img", "bleu_image"), ("BLEU txt", "bleu_text"), ("fact", "fact_acc"))
 
 
 def format_row(row: dict) -> str:
     """The row's metrics as a small table, percentages per set."""
     head = f"{row['method']} on {row['forget_split']} (budget {row['budget']}, seed {row['seed']})"
-    lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in _SHOWN)]
+    shown = _SHOWN_OFFICIAL if row.get("protocol") == "official" else _SHOWN
+    lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in shown)]
     for name, values in row["metrics"].items():
-        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in _SHOWN))
+        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in shown))
     lines.append(f"coherence: {row['coherence_kind']}")
     return "\n".join(lines)
 

@@ -2,16 +2,20 @@
 
 Stage one stamps it on every shard; stage two recomputes it from the model and
 data it was given and refuses a cache whose parts differ (refcache names them).
-Nothing here runs a model: hashing config files, tokenizer files, weight file
-headers and samples, the prompt templates and the image pool takes seconds.
+Nothing here runs a model. Weight files are hashed in full (sha256, ~1.3 GB/s
+on our CPUs: ~10 s for a 13 GB checkpoint) and remembered by (path, size,
+mtime, inode) in pipeline.filememo, so only the first run after a change pays.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 from pathlib import Path
 
 from . import prompts
-from .refcache import hash_bytes, hash_file, hash_files, hash_json, make_fingerprint, weights_identity
+from .filememo import memo_file_hash
+from .refcache import (CacheError, hash_bytes, hash_file, hash_files, hash_json, make_fingerprint, make_sources,
+                       pool_entries, source_problems)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json",
@@ -34,6 +38,25 @@ def template_hash() -> str:
     return hash_bytes(inspect.getsource(prompts).encode())
 
 
+def weights_identity(model_dir: str | Path) -> str:
+    """Full-content identity of the weight files (*.safetensors, *.bin) directly in model_dir.
+
+    sha256 over each file's name, size and full-content sha256. Any changed
+    byte of any weight changes it (a checkpoint fine-tuned on a few layers
+    included); the per-file hashes are memoised, so an unchanged model costs
+    a few stat() calls.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise CacheError(f"no *.safetensors or *.bin weight files in {model_dir}")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.name}\0{path.stat().st_size}\0{memo_file_hash(path)}\0".encode())
+    return h.hexdigest()
+
+
 def model_parts(model_dir: str | Path) -> dict[str, str]:
     model_dir = Path(model_dir)
     tok = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
@@ -48,13 +71,17 @@ def samples_hash(samples) -> str:
 
 
 def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: str, k: int, top_k: int,
-                      seed: int, dtype: str, idk_answer: str) -> dict:
+                      seed: int, dtype: str, idk_answer: str, scores: str | None = None) -> dict:
     parts = {**model_parts(model_dir),
              "prompt_template": template_hash(),
              "reference_pool": hash_files(pool_files(pool_dir)) if reference == "pool" else "own-image",
              "forget_samples": samples_hash(samples),
              "reference": reference, "k": str(k), "K": str(top_k), "seed": str(seed), "dtype": dtype,
              "idk_answer": idk_answer}
+    if scores is not None:
+        # Only a subset is recorded, so caches scoring everything keep their earlier fingerprint;
+        # shards that lack a field are then never resumed into a cache that promises it.
+        parts["scores"] = scores
     return make_fingerprint(parts)
 
 
@@ -72,3 +99,25 @@ def training_fingerprint(model_dir, samples, cached: dict, pool_dir: str | None 
     if parts.get("reference") == "pool" and pool_dir and Path(pool_dir).is_dir():
         parts["reference_pool"] = hash_files(pool_files(pool_dir))
     return make_fingerprint(parts)
+
+
+def template_record() -> dict:
+    """The training prompt as text, with how stage one tokenises it (for readers without our code)."""
+    return {"id": prompts.TEMPLATE_ID, "prompt": prompts.train_prompt("{question}"), "answer": " {answer}",
+            "image_token": prompts.IMAGE_TOKEN,
+            "tokenisation": "the processor's tokenizer on prompt+answer with add_special_tokens=True and the "
+                            "image token repeated as many times as one image has patches; the answer tokens "
+                            "(answer_ids) follow the prompt's own tokens unchanged"}
+
+
+def cache_sources(model_dir, pool_dir) -> dict:
+    """The manifest's `sources`: model and pool paths as given and as content hashes, template text, units."""
+    pool = pool_entries(pool_files(pool_dir)) if pool_dir else None
+    return make_sources(model_dir, model_parts(model_dir), pool_dir, pool, template_record())
+
+
+def machine_problems(sources: dict, model_dir=None, pool_dir=None) -> list[str]:
+    """Where this machine's model and pool differ from what a (copied) cache was made from."""
+    parts = model_parts(model_dir) if model_dir else None
+    pool = pool_entries(pool_files(pool_dir)) if pool_dir else None
+    return source_problems(sources, parts, pool)

@@ -48,6 +48,23 @@ def unwrap(model):
     return inner
 
 
+# Small accessors so the prefix path reaches the parts it needs in one place
+# (other model families name them differently).
+
+def multimodal_model(model):
+    """The module that embeds images and text and runs the language model (no LM head)."""
+    return unwrap(model).model
+
+
+def language_model(model):
+    """The decoder alone: takes input ids plus a key/value cache, returns hidden states."""
+    return multimodal_model(model).language_model
+
+
+def output_head(model):
+    return unwrap(model).lm_head
+
+
 def answer_logits(model, batch: TextBatch, pixel_values: torch.Tensor) -> torch.Tensor:
     """[B, T, V] logits at the answer positions of a right-padded batch."""
     llava = unwrap(model)

@@ -28,8 +28,33 @@ tokens and 0 on padding. Math is done in float32 whatever the input dtype.
 
 Ours, not the paper's: the per-example normalisation (mean over answer tokens,
 then the loop's batch mean; NPO/IdkPO use summed log-likelihoods as in their
-papers), the floors that keep padded or saturated positions finite, and the
+papers), the floors that keep padded positions finite (Q's tail has none: it is
+computed by logsumexp, see _log_buckets), and the
 optional per-token lambda (`token_lambda`, `entropy_token_lambda`).
+
+Baseline conventions (train.convention; LOSS_CONVENTIONS, applied in
+train.micro_batch_loss). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
+
+    method   viker (ours; the demo)          mllmu (MLLMU-Bench baselines/)          openunlearning
+    GA       mean_t log Q                    same (GA.py: -outputs.loss)              same
+    GradDiff GA + NLL(retain)                same (GA_Difference.py)                  same (alpha 1)
+    KL_Min   GA + KL(P_van||P_cur)           GA + NLL(retain) + KL (KL_Min.py:        GA + KL (GradDiff with
+                                             loss_retain = outputs.loss + kl_div)     retain_loss_type KL)
+    NPO      -(2/b) logsig(-b (ll - ll_ref)) -(2/b) logsig(-b (lbar - lbar_ref))     as viker (utils.py
+             b = train.beta (0.4)            b = 0.4 (NPO.py: outputs.loss are        compute_dpo_loss, summed
+                                             per-token means)                          compute_batch_nll); add
+                                                                                      train.retain_weight=1
+    IdkPO    -logsig(b * margin), b = beta   -(2/b') logsig(b' * margin), b' =        same as mllmu (utils.py
+                                             train.idk_beta (0.1); retain term with   compute_dpo_loss; DPO
+                                             train.retain_weight > 0 (MLLMU-Bench     class: gamma * forget +
+                                             has no IdkPO: OpenUnlearning's form)     alpha * retain)
+
+where margin = (ll - ll_ref)[idk] - (ll - ll_ref)[gt]. Differences that remain
+in every convention: our GA/NLL/KL average over *answer* tokens (the authors'
+HF `outputs.loss` also covers the prompt; KL_Min.py's kl_div(reduction=
+"batchmean") sums over tokens per example), and NPO's reference is the vanilla
+model cached by stage one (MLLMU-Bench's NPO.py uses an "oracle" model
+fine-tuned on the retain set).
 """
 from __future__ import annotations
 
@@ -37,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("kl", "jsd", "cos")
+LOSS_CONVENTIONS = ("viker", "mllmu", "openunlearning")
 
 # Floor for probabilities inside a log. Softmax in float32 underflows to 0 once
 # logits drift ~100 apart (GA drives them there); the smallest normal float32
@@ -83,14 +109,37 @@ def _gather_labels(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, idx).squeeze(-1)
 
 
-def _buckets_from_logp(logp: torch.Tensor, topk_idx: torch.Tensor, eps: float) -> torch.Tensor:
-    # Gather the K log-probs and exponentiate only those: no second [B,T,V].
-    q_top = logp.gather(-1, topk_idx.long()).exp()
-    # 1 - sum loses precision when the top-K hold almost all the mass, and can
-    # go negative (rounding, or repeated indices at padded positions): clamp
-    # so log(tail) stays finite.
-    q_tail = (1.0 - q_top.sum(-1, keepdim=True)).clamp_min(eps)
-    return torch.cat([q_top, q_tail], dim=-1)
+def _log_buckets(logp: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """log Q~ = (log Q at the K indices, log tail), [..., K+1], from log-probabilities.
+
+    The tail is logsumexp over the entries *outside* the top-K minus
+    logsumexp over all, never 1 - sum(top-K): the difference loses ~1e-4 of
+    a small tail to float32 rounding (4e-7 this way), and a floor under it
+    (the old 1e-6) both misstates a saturated model's tail (GA drives it to
+    1e-20 and below) and zeroes its gradient. Entries inside the top-K are
+    masked with the lowest finite float, not -inf, so a top-K that covers the
+    whole vocabulary gives a tail of exactly 0 with finite gradients.
+    Repeated indices (padded positions) are masked once.
+    """
+    idx = topk_idx.long()
+    in_top = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(-1, idx, True)
+    rest = logp.masked_fill(in_top, torch.finfo(logp.dtype).min)
+    log_tail = torch.logsumexp(rest, -1, keepdim=True) - torch.logsumexp(logp, -1, keepdim=True)
+    return torch.cat([logp.gather(-1, idx), log_tail], dim=-1)
+
+
+def _buckets_from_logp(logp: torch.Tensor, topk_idx: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    # eps: an optional floor on the tail (0: none, the default; see _log_buckets).
+    q = _log_buckets(logp, topk_idx).exp()
+    if eps > 0:
+        q = torch.cat([q[..., :-1], q[..., -1:].clamp_min(eps)], dim=-1)
+    return q
+
+
+def _kl_log_buckets(r: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(R~ || Q~) with Q~ given as logs: exact even where Q's tail underflows float32 (< 1e-38)."""
+    cross = torch.where(r > 0, r * log_q, torch.zeros_like(r))
+    return (_xlogy(r, r) - cross).sum(-1)
 
 
 def _check_kind(kind: str) -> None:
@@ -149,19 +198,23 @@ def kl_retain_loss(cur_logits, ref_logits, mask):
 def npo_loss(ll_cur: torch.Tensor, ll_ref: torch.Tensor, beta: float = 0.4):
     """Negative Preference Optimisation: -(2/beta) * logsigmoid(-beta * log ratio).
 
-    `ll_*` are summed answer log-likelihoods [B]; `ll_ref` is cached from stage one.
+    `ll_*` are answer log-likelihoods [B], summed (conventions viker, openunlearning)
+    or per-token means (mllmu: `per_token`); `ll_ref` is cached from stage one.
     """
     log_ratio = ll_cur.float() - ll_ref.float()
     loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)
     return loss, _diag(log_ratio=log_ratio)
 
 
-def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1):
-    """DPO with chosen = the "I don't know" answer, rejected = the ground truth."""
+def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1, scale: float = 1.0):
+    """DPO with chosen = the "I don't know" answer, rejected = the ground truth: -scale * logsigmoid(margin).
+
+    scale = 1 is DPO's paper form (convention viker); OpenUnlearning writes 2/beta (`idkpo_scale`).
+    """
     chosen = beta * (ll_cur_idk.float() - ll_ref_idk.float())
     rejected = beta * (ll_cur_gt.float() - ll_ref_gt.float())
     margin = chosen - rejected
-    loss = -F.logsigmoid(margin)
+    loss = -scale * F.logsigmoid(margin)
     return loss, _diag(
         chosen_rewards=chosen,
         rejected_rewards=rejected,
@@ -170,13 +223,32 @@ def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1):
     )
 
 
+def per_token(ll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A summed answer log-likelihood [B] as a per-token mean (mask: the answer tokens it summed)."""
+    return ll.float() / mask.to(torch.float32).sum(-1).clamp_min(1.0)
+
+
+def idkpo_scale(convention: str, beta: float, idk_beta: float) -> tuple[float, float]:
+    """(beta, scale) of IdkPO: viker shares NPO's beta with scale 1; mllmu/openunlearning use idk_beta and 2/beta."""
+    if convention == "viker":
+        return beta, 1.0
+    return idk_beta, 2.0 / idk_beta
+
+
+def retain_nll_weight(convention: str, method: str) -> float:
+    """Weight of the retain NLL term when train.retain_weight is 0 (the table in the module doc)."""
+    if method == "graddiff" or (method == "kl_min" and convention == "mllmu"):
+        return 1.0
+    return 0.0
+
+
 # ----------------------------------------------------------------- ViKeR
 
 
-def bucket_probs(logits: torch.Tensor, topk_idx: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Q~ = (Q at the K reference indices, tail 1 - sum), [B, T, K+1] float32.
+def bucket_probs(logits: torch.Tensor, topk_idx: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Q~ = (Q at the K reference indices, tail mass outside them), [B, T, K+1] float32.
 
-    The tail is clamped to >= eps.
+    The tail is computed by logsumexp (see _log_buckets); eps > 0 floors it.
     """
     return _buckets_from_logp(F.log_softmax(logits.float(), dim=-1), topk_idx, eps)
 
@@ -233,9 +305,11 @@ def viker_loss(
     # One log-softmax serves both the GA term and the buckets.
     logp = F.log_softmax(logits.float(), dim=-1)
     lp_y = _gather_labels(logp, labels)
-    q = _buckets_from_logp(logp, topk_idx, eps=1e-6)
+    log_q = _log_buckets(logp, topk_idx)
+    q = log_q.exp()
     r = reference_buckets(topk_prob, tail_mass)
-    div = bucket_divergence(r, q, kind)
+    # KL straight from the logs: a saturated tail (GA's) keeps its true value and gradient.
+    div = _kl_log_buckets(r, log_q) if kind == "kl" else bucket_divergence(r, q, kind)
     lam_t = token_lambda.float() if token_lambda is not None else torch.full_like(div, float(lam))
     reg = lam_t * div
     per_token = lp_y + reg if use_ga else reg

@@ -228,3 +228,88 @@ def _is_clean(output, clean: set[str], threshold: float) -> bool:
             f"classifier label {label!r} is generic; pass clean_labels naming the coherent class"
         )
     return label in clean
+
+
+def bleu_official(prediction: str, reference: str) -> float:
+    """MLLMU-Bench's BLEU (eval.py compute_bleu): NLTK sentence BLEU-4 on whitespace tokens, smoothing method1.
+
+    Used by the official protocol; `bleu_score` (sacrebleu) is viker's own.
+    """
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    hypothesis = prediction.split()
+    if not hypothesis:
+        return 0.0
+    with warnings.catch_warnings():       # NLTK warns on short sentences; the value is what the authors got
+        warnings.simplefilter("ignore")
+        return float(sentence_bleu([reference.split()], hypothesis, smoothing_function=SmoothingFunction().method1))
+
+
+# ------------------------------------------------------------------ CLEAR's statistics (numpy, no scipy)
+
+def ks_2samp_pvalue(a, b) -> tuple[float, float]:
+    """(D, p): the two-sided two-sample Kolmogorov-Smirnov test, exact p-value.
+
+    What CLEAR's mm/calculate_metrics.py evaluate_forget_quality reports as Forget
+    Quality (scipy.stats.ks_2samp(...).pvalue, whose default is this exact test for
+    samples up to 10 000). p = P(D' >= D) over the C(n+m, n) equally likely orders
+    of the pooled sample, by a lattice-path walk that keeps every partial path
+    inside the band |i/n - j/m| < D (Hodges 1957); tested against scipy's values.
+    """
+    import numpy as np
+    x, y = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    n, m = len(x), len(y)
+    if n == 0 or m == 0:
+        raise ValueError("the KS test needs two non-empty samples")
+    pooled = np.concatenate([x, y])
+    cdf_x = np.searchsorted(x, pooled, side="right") / n
+    cdf_y = np.searchsorted(y, pooled, side="right") / m
+    d = float(np.max(np.abs(cdf_x - cdf_y)))
+    # In integer units of 1/(n*m), so that the band test has no rounding.
+    band = round(d * n * m)
+    if band == 0:
+        return d, 1.0
+    # The mass of walks absorbed where they first touch the band's edge is the p-value itself,
+    # summed directly (1 - P(inside) would cancel to 0 for the tiny p-values unlearning produces).
+    outside, inside = 0.0, np.zeros(m + 1)
+    for i in range(n + 1):
+        row = np.zeros(m + 1)
+        for j in range(m + 1):
+            if i == 0 and j == 0:
+                row[j] = 1.0
+                continue
+            left = inside[j] * (n - i + 1) if i > 0 else 0.0      # one more x taken
+            below = row[j - 1] * (m - j + 1) if j > 0 else 0.0    # one more y taken
+            arrival = (left + below) / (n + m - i - j + 1)
+            if abs(i * m - j * n) >= band:
+                outside += arrival
+            else:
+                row[j] = arrival
+        inside = row
+    return d, float(min(1.0, outside))
+
+
+def js_distance(p, q) -> float:
+    """scipy.spatial.distance.jensenshannon(p, q) (natural log): CLEAR's "JS metric" on truth-ratio arrays."""
+    import numpy as np
+    p, q = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
+    p, q = p / p.sum(), q / q.sum()
+    mid = (p + q) / 2
+
+    def rel(a, b):
+        return np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / b), 0.0)
+
+    return float(np.sqrt(max(0.0, float((rel(p, mid).sum() + rel(q, mid).sum()) / 2))))
+
+
+def harmonic_mean(values) -> float | None:
+    """scipy.stats.hmean of non-negative values (0 if any is 0); None if a value is missing."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    if any(v < 0 for v in values):
+        raise ValueError("the harmonic mean needs non-negative values")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)

@@ -50,18 +50,47 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+# Without these a processor still loads, but not the one the model was trained with (no image
+# processor settings, default special tokens), and stage one and stage two would silently differ.
+PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"), ("tokenizer_config.json",),
+                   ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def check_processor_files(path: Path) -> None:
+    for choices in PROCESSOR_FILES:
+        if not any((path / name).is_file() for name in choices):
+            raise ModelError(f"model directory {path} has no {' or '.join(choices)}: "
+                             f"its tokenizer/processor cannot be loaded as saved")
+
+
+def _cause(err: Exception) -> str:
+    """The first line of a library's error, prefixed by its type: enough to act on, never a traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def load_processor(path: str | Path):
     from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(str(check_model_dir(path)), local_files_only=True)
+    path = check_model_dir(path)
+    check_processor_files(path)
+    try:
+        return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:   # transformers raises OSError, ValueError, TypeError... for a damaged tokenizer
+        raise ModelError(f"cannot load the tokenizer/processor in {path}: {_cause(err)}") from err
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "auto", with_processor: bool = True):
     """(model, processor) from a local LLaVA-style directory, in eval mode on `device`."""
     from transformers import AutoModelForImageTextToText
     path = check_model_dir(path)
+    if with_processor:
+        check_processor_files(path)   # before paying for the weights
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+    except Exception as err:   # a damaged *.safetensors raises SafetensorError, a bad config ValueError...
+        raise ModelError(f"cannot load the model in {path}: {_cause(err)}") from err
     model.to(dev).eval()
     return model, (load_processor(path) if with_processor else None)
 
@@ -163,7 +192,20 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def set_threads() -> None:
-    """Use every core we were given, not more (oversubscription slows small models)."""
+def set_threads() -> int:
+    """Use every core we were given, not more (oversubscription slows small models); returns the count.
+
+    VIKER_THREADS (or else OMP_NUM_THREADS) overrides: parallel workers, such as
+    `viker study`'s, pin one thread each, because several torch processes each
+    using every core ran 7x slower on 2 cores.
+    """
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for name in ("VIKER_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ModelError(f"{name}={value!r} must be a positive integer (threads per process)")
+            n = int(value)
+            break
     torch.set_num_threads(max(1, n))
+    return max(1, n)

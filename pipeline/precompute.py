@@ -21,11 +21,13 @@ Two paths compute the same numbers:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import time
-import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,18 +38,11 @@ from .progress import progress as tqdm  # plain log lines off a terminal
 from . import refcache
 from .data.records import Sample
 from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .fingerprint import cache_fingerprint, pool_files
-from .forward import answer_logits, make_text_batch, unwrap
+from .fingerprint import cache_fingerprint, cache_sources, pool_files
+from .forward import answer_logits, language_model, make_text_batch, multimodal_model, output_head, unwrap
 from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
-
-
-def draw_reference_images(sample_id: str, pool_size: int, k: int, seed: int) -> list[int]:
-    """The k pool images for one sample: seeded by (seed, sample id), so any rank or rerun draws the same."""
-    if k > pool_size:
-        raise ValueError(f"k={k} reference images requested but the pool holds only {pool_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
-    return rng.choice(pool_size, size=k, replace=False).tolist()
+from .references import benchmark_leaks, draw_reference_images
 
 
 @dataclass
@@ -81,14 +76,16 @@ def summarise(avg_probs: torch.Tensor, top_k: int):
     return idx, probs, tail, entropy
 
 
-def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None):
+def to_ref_sample(enc: Encoded, avg_probs: torch.Tensor, top_k: int, logp_own=None, logp_idk=None,
+                  pool_indices=None):
     idx, probs, tail, entropy = summarise(avg_probs, top_k)
     return refcache.RefSample(
         sample_id=enc.sample.sample_id,
         answer_ids=np.asarray(enc.ids[enc.answer_start:], dtype=np.int32),
         topk_idx=idx.cpu().numpy(), topk_prob=probs.cpu().numpy(),
         tail_mass=tail.float().cpu().numpy(), entropy=entropy.float().cpu().numpy(),
-        ref_logp_own=logp_own, ref_logp_idk=logp_idk)
+        ref_logp_own=logp_own, ref_logp_idk=logp_idk, question=enc.sample.question,
+        pool_indices=None if pool_indices is None else np.asarray(pool_indices, np.int32))
 
 
 # ---------------------------------------------------------------- naive path
@@ -129,6 +126,11 @@ def image_prefix_length(ids: list[int], image_token_id: int) -> int:
     return last + 1
 
 
+def image_key(data: bytes) -> str:
+    """Own images are grouped by content: MLLMU-Bench asks several questions about one person's image."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def _forward_kwarg(language_model) -> str:
     """transformers 5.24 renamed `past_key_values` to `cache`; 5.17 only knows the old name."""
     import inspect
@@ -136,116 +138,294 @@ def _forward_kwarg(language_model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class PrefixCache:
-    """Key/value caches of `USER: <image>` for each pool image, computed once."""
+CPU_PREFIX_IMAGES = 32      # CPU runs are small models: a 24-image pool plus a shard's own images fit
+PREFIX_PASS_IMAGES = 1      # images per prefix forward: one, so a prefix's bits never depend on which
+                            # images share its batch (split jobs must write the same shards as one job)
 
-    def __init__(self, model, prefix_ids: list[int], pool_pixels: torch.Tensor):
-        self.llava = unwrap(model)
-        self.kwarg = _forward_kwarg(self.llava.model.language_model)
+
+def prefix_capacity(model, prefix_len: int, requested: int = 0) -> int:
+    """How many image prefixes the cache may hold: `requested`, or on GPU a quarter of free memory."""
+    if requested > 0:
+        return requested
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return CPU_PREFIX_IMAGES
+    cfg = language_model(model).config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_image = 2 * cfg.num_hidden_layers * heads * head_dim * prefix_len * p.element_size()
+    free, _ = torch.cuda.mem_get_info(p.device)
+    return max(8, min(4096, int(0.25 * free // per_image)))
+
+
+class PrefixCache:
+    """Key/value caches of `USER: <image>`, at most `capacity` images at a time (least recently used leave).
+
+    Keys name images: an int is a pool image (a row of `pool_pixels`), anything
+    else an image whose pixels the caller passes to `load`.
+    """
+
+    def __init__(self, model, prefix_ids: list[int], pool_pixels: torch.Tensor | None, capacity: int = 0):
+        self.model = model
+        self.lm = language_model(model)
+        self.kwarg = _forward_kwarg(self.lm)
         self.length = len(prefix_ids)
-        self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.prefix_ids = torch.tensor([prefix_ids], device=pool_pixels.device)
+        dev = next(model.parameters()).device
+        self.prefix_ids = torch.tensor([prefix_ids], device=dev)
         self.pool_pixels = pool_pixels
+        self.capacity = prefix_capacity(model, self.length, capacity)
+        self.layers: OrderedDict = OrderedDict()     # key -> [(keys, values)] per layer, each [1, H, P, D]
+        self.passes = 0                              # images run through the prefix forward
+        self.peak_images = 0
+        self.peak_bytes = 0
 
     @torch.no_grad()
-    def get(self, image: int):
-        if image not in self.layers:
-            out = self.llava.model(input_ids=self.prefix_ids, pixel_values=self.pool_pixels[image: image + 1],
-                                   use_cache=True)
+    def load(self, keys: list, pixels_of=None) -> None:
+        """Make every key in `keys` resident, evicting others first; missing ones run batched."""
+        if len(set(keys)) > self.capacity:
+            raise ValueError(f"{len(set(keys))} images needed at once but the prefix cache holds {self.capacity}")
+        for key in keys:
+            if key in self.layers:
+                self.layers.move_to_end(key)
+        missing = list(dict.fromkeys(k for k in keys if k not in self.layers))
+        # Own images leave first (least recently used among them): a shard's own images are not asked
+        # for again, while the pool's serve every shard.
+        for victim in [k for k in self.layers if not isinstance(k, int)] + [k for k in self.layers if isinstance(k, int)]:
+            if len(self.layers) + len(missing) <= self.capacity:
+                break
+            if victim not in keys:
+                del self.layers[victim]
+        for b in range(0, len(missing), PREFIX_PASS_IMAGES):
+            chunk = missing[b: b + PREFIX_PASS_IMAGES]
+            pix = torch.stack([self.pool_pixels[k] if isinstance(k, int) else pixels_of(k) for k in chunk])
+            out = multimodal_model(self.model)(input_ids=self.prefix_ids.expand(len(chunk), -1),
+                                               pixel_values=pix.to(self.prefix_ids.device), use_cache=True)
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            self.layers[image] = [(layer.keys, layer.values) for layer in cache.layers]
+            # clone: a slice would keep the whole batch's tensor alive after its other images leave
+            for i, key in enumerate(chunk):
+                self.layers[key] = [(layer.keys[i: i + 1].clone(), layer.values[i: i + 1].clone())
+                                    for layer in cache.layers]
+            self.passes += len(chunk)
+        self.peak_images = max(self.peak_images, len(self.layers))
+        self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for kv in self.layers.values()
+                                                   for pair in kv for t in pair))
+
+    def get(self, image):
+        self.load([image])
         return self.layers[image]
 
-    def expanded(self, image: int, n: int):
-        """A fresh DynamicCache holding the prefix n times: expand() is a view, so the only copy
-        is the one the cache's first concatenation makes anyway."""
+    def gathered(self, keys: list):
+        """A fresh DynamicCache whose row i holds the prefix of keys[i] (all prefixes have one length)."""
         from transformers import DynamicCache
         cache = DynamicCache()
-        for i, (k, v) in enumerate(self.get(image)):
-            cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), i)
+        one = len(set(keys)) == 1
+        for layer in range(len(self.layers[keys[0]])):
+            if one:   # expand() is a view: the forward's concatenation is then the only copy
+                k, v = self.layers[keys[0]][layer]
+                k, v = k.expand(len(keys), -1, -1, -1), v.expand(len(keys), -1, -1, -1)
+            else:
+                k = torch.cat([self.layers[key][layer][0] for key in keys])
+                v = torch.cat([self.layers[key][layer][1] for key in keys])
+            # An empty update creates and types the layer; the prefix is then set, not concatenated
+            # onto an empty tensor (which would copy it once more).
+            cache.update(k[:, :, :0], v[:, :, :0], layer)
+            cache.layers[layer].keys, cache.layers[layer].values = k, v
         return cache
 
 
 @torch.no_grad()
-def answer_probs_prefix(prefix: PrefixCache, image: int, pad_id: int, seqs, starts) -> list[torch.Tensor]:
-    """Same numbers as `answer_probs_naive` for rows sharing one pool image, from the text tokens alone."""
+def prefix_answer_logits(prefix: PrefixCache, keys: list, pad_id: int, seqs, starts):
+    """([n, T, V] answer-position logits, TextBatch of the text parts) for rows continuing image prefixes."""
     P = prefix.length
     texts = [s[P:] for s in seqs]
     text_starts = [a - P for a in starts]
     dev = prefix.prefix_ids.device
     batch = make_text_batch(texts, text_starts, pad_id).to(dev)
     n, L = batch.input_ids.shape
+    # Right padding after the text: real tokens keep positions P.. and never see the pads (causal).
     mask = torch.cat([torch.ones(n, P, dtype=batch.attention_mask.dtype, device=dev), batch.attention_mask], 1)
     position_ids = (P + torch.arange(L, device=dev)).unsqueeze(0).expand(n, -1)
-    lm = prefix.llava.model.language_model
-    out = lm(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
-             use_cache=True, **{prefix.kwarg: prefix.expanded(image, n)})
+    out = prefix.lm(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
+                    use_cache=True, **{prefix.kwarg: prefix.gathered(keys)})
     hidden = out.last_hidden_state
     index = batch.answer_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    logits = prefix.llava.lm_head(torch.gather(hidden, 1, index))
+    return output_head(prefix.model)(torch.gather(hidden, 1, index)), batch
+
+
+@torch.no_grad()
+def answer_probs_prefix(prefix: PrefixCache, image, pad_id: int, seqs, starts) -> list[torch.Tensor]:
+    """Same numbers as `answer_probs_naive`; `image` is one key for every row or a list of keys, one per row."""
+    keys = list(image) if isinstance(image, (list, tuple)) else [image] * len(seqs)
+    prefix.load(keys)
+    logits, batch = prefix_answer_logits(prefix, keys, pad_id, seqs, starts)
     probs = torch.softmax(logits.float(), dim=-1)
-    return [probs[i, : len(s) - a] for i, (s, a) in enumerate(zip(texts, text_starts))]
+    return [probs[i, : int(batch.answer_mask[i].sum())] for i in range(len(seqs))]
 
 
 # ---------------------------------------------------------------- one shard
 
+SCORES = ("reference", "own", "idk")
+
+
+def parse_scores(text: str) -> tuple[str, ...]:
+    """`precompute.scores` -> the fields to compute; R itself is the cache's reason to exist."""
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [s for s in names if s not in SCORES]
+    if unknown:
+        raise ValueError(f"precompute.scores: unknown {unknown[0]!r} (use a subset of {','.join(SCORES)})")
+    if "reference" not in names:
+        raise ValueError("precompute.scores must include 'reference' (the cache's reference distributions)")
+    return names
+
+
+@dataclass
+class Row:
+    """One text continuation: `ids` read after the prefix of `image`, scored as `kind` for sample `sample`."""
+    image: object
+    ids: list[int]
+    start: int
+    kind: str        # ref | own | idk
+    sample: int
+
+
+def shard_rows(encoded: list[Encoded], draws, scores, own_keys: list[str], own_needed: bool) -> list[Row]:
+    """Every row of a shard, ordered by image so that consecutive batches need few prefixes at once."""
+    rows = []
+    if draws is not None:
+        for r, images in enumerate(draws):
+            rows += [Row(img, encoded[r].ids, encoded[r].answer_start, "ref", r) for img in images]
+    for r, e in enumerate(encoded):
+        if own_needed:
+            rows.append(Row(own_keys[r], e.ids, e.answer_start, "own", r))
+        if "idk" in scores and e.idk_ids is not None:
+            rows.append(Row(own_keys[r], e.idk_ids, e.idk_start, "idk", r))
+    first_seen = {}
+    for row in rows:
+        first_seen.setdefault(row.image, len(first_seen))
+    pool_first = sorted(first_seen, key=lambda key: (not isinstance(key, int), first_seen[key]))
+    order = {key: i for i, key in enumerate(pool_first)}
+    return sorted(rows, key=lambda row: order[row.image])      # stable: a sample's rows keep their order
+
+
+def next_batch(rows: list[Row], i: int, batch_size: int, capacity: int) -> int:
+    """End of the batch starting at rows[i]: up to batch_size rows spanning at most `capacity` images."""
+    images = set()
+    j = i
+    while j < len(rows) and j - i < batch_size:
+        if rows[j].image not in images:
+            if len(images) == capacity:
+                break
+            images.add(rows[j].image)
+        j += 1
+    return j
+
+
+@dataclass
+class Scores:
+    sums: dict          # sample -> [T, V] float32 sum over its reference images
+    own_probs: dict     # sample -> [T, V] on its own image (reference == "own")
+    logp_own: dict
+    logp_idk: dict
+
+
+def _answer_logp(probs: torch.Tensor, ids: list[int], start: int) -> float:
+    y = torch.tensor(ids[start:], device=probs.device)
+    return float(torch.log(probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-38)).sum())
+
+
+def _collect(out: Scores, row: Row, probs: torch.Tensor, keep_own: bool) -> None:
+    if row.kind == "ref":
+        out.sums[row.sample] = probs if row.sample not in out.sums else out.sums[row.sample] + probs
+    elif row.kind == "own":
+        out.logp_own[row.sample] = _answer_logp(probs, row.ids, row.start)
+        if keep_own:
+            out.own_probs[row.sample] = probs
+    else:
+        out.logp_idk[row.sample] = _answer_logp(probs, row.ids, row.start)
+
+
+@torch.no_grad()
+def score_rows_prefix(prefix: PrefixCache, pad_id: int, rows: list[Row], batch_size: int, own_pixels: dict,
+                      keep_own: bool) -> Scores:
+    """All rows through prefix reuse: mixed-image batches, at most prefix.capacity prefixes resident."""
+    out = Scores({}, {}, {}, {})
+    i = 0
+    while i < len(rows):
+        j = next_batch(rows, i, batch_size, prefix.capacity)
+        chunk = rows[i:j]
+        keys = [row.image for row in chunk]
+        prefix.load(keys, own_pixels.__getitem__)
+        logits, batch = prefix_answer_logits(prefix, keys, pad_id, [r.ids for r in chunk], [r.start for r in chunk])
+        probs = torch.softmax(logits.float(), dim=-1)
+        for b, row in enumerate(chunk):
+            _collect(out, row, probs[b, : len(row.ids) - row.start], keep_own)
+        i = j
+    return out
+
+
+@torch.no_grad()
+def score_rows_naive(model, pad_id: int, rows: list[Row], batch_size: int, pool_pixels, own_pixels: dict,
+                     keep_own: bool) -> Scores:
+    """The oracle: one full forward per row, image included."""
+    out = Scores({}, {}, {}, {})
+    dev = next(model.parameters()).device
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b: b + batch_size]
+        pix = torch.stack([pool_pixels[r.image] if isinstance(r.image, int) else own_pixels[r.image] for r in chunk])
+        probs = answer_probs_naive(model, pad_id, [r.ids for r in chunk], [r.start for r in chunk], pix.to(dev))
+        for row, p in zip(chunk, probs):
+            _collect(out, row, p, keep_own)
+    return out
+
+
+def own_images(encoded: list[Encoded], own_pixels: torch.Tensor) -> tuple[list[str], dict]:
+    """(key per sample, pixels per distinct key): one prefix per person image, however many questions."""
+    keys, pixels = [], {}
+    for r, e in enumerate(encoded):
+        key = image_key(e.sample.image)
+        keys.append(key)
+        pixels.setdefault(key, own_pixels[r])
+    return keys, pixels
+
+
+def score_shard(model, pad_id: int, encoded: list[Encoded], draws, *, pool_pixels, own_pixels, batch_size: int,
+                prefix: PrefixCache | None, scores=SCORES, keep_own: bool = False) -> Scores:
+    """The raw scores of one shard (`scores` may name any subset: the benchmark times parts alone)."""
+    keys, pixels = own_images(encoded, own_pixels)
+    rows = shard_rows(encoded, draws if "reference" in scores else None, scores, keys, "own" in scores or keep_own)
+    if prefix is None:
+        return score_rows_naive(model, pad_id, rows, batch_size, pool_pixels, pixels, keep_own)
+    return score_rows_prefix(prefix, pad_id, rows, batch_size, pixels, keep_own)
+
+
 def pool_reference_sums(model, pad_id: int, encoded: list[Encoded], draws: list[list[int]], pool_pixels,
                         batch_size: int, prefix: PrefixCache | None) -> dict[int, torch.Tensor]:
-    """Sum over each sample's drawn pool images of its answer distributions ([T, V] float32 per sample).
-
-    Pairs are grouped by image so that one prefix cache serves a whole batch.
-    """
-    pairs_by_image: dict[int, list[int]] = {}
-    for row, images in enumerate(draws):
-        for img in images:
-            pairs_by_image.setdefault(img, []).append(row)
-    sums: dict[int, torch.Tensor] = {}
-    for img, rows in sorted(pairs_by_image.items()):
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b: b + batch_size]
-            seqs = [encoded[r].ids for r in chunk]
-            starts = [encoded[r].answer_start for r in chunk]
-            if prefix is not None:
-                probs = answer_probs_prefix(prefix, img, pad_id, seqs, starts)
-            else:
-                pix = pool_pixels[img: img + 1].expand(len(chunk), -1, -1, -1)
-                probs = answer_probs_naive(model, pad_id, seqs, starts, pix)
-            for r, p in zip(chunk, probs):
-                sums[r] = p if r not in sums else sums[r] + p
-    return sums
+    """Sum over each sample's drawn pool images of its answer distributions ([T, V] float32 per sample)."""
+    rows = shard_rows(encoded, draws, (), [], False)
+    if prefix is None:
+        return score_rows_naive(model, pad_id, rows, batch_size, pool_pixels, {}, False).sums
+    return score_rows_prefix(prefix, pad_id, rows, batch_size, {}, False).sums
 
 
 def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, reference: str, k: int, top_k: int,
-                  seed: int, batch_size: int, prefix: PrefixCache | None, own_pixels, progress=None):
+                  seed: int, batch_size: int, prefix: PrefixCache | None, own_pixels, progress=None,
+                  scores=SCORES):
     """RefSamples for a list of encoded samples (one shard's worth)."""
     pad_id = processor.tokenizer.pad_token_id
-    dev = next(model.parameters()).device
+    draws = None
     if reference == "pool":
         draws = [draw_reference_images(e.sample.sample_id, len(pool_pixels), k, seed) for e in encoded]
-        sums = pool_reference_sums(model, pad_id, encoded, draws, pool_pixels, batch_size, prefix)
-    # Own image: NPO/IdkPO references, and R itself for the "w/o Vis" ablation.
-    own_probs, logp_own, logp_idk = {}, {}, {}
-    for b in range(0, len(encoded), batch_size):
-        rows = list(range(b, min(b + batch_size, len(encoded))))
-        pix = own_pixels[b: b + len(rows)].to(dev)
-        seqs = [encoded[r].ids for r in rows]
-        starts = [encoded[r].answer_start for r in rows]
-        probs = answer_probs_naive(model, pad_id, seqs, starts, pix)
-        for r, p in zip(rows, probs):
-            y = torch.tensor(seqs[r - b][starts[r - b]:], device=p.device)
-            logp_own[r] = float(torch.log(p.gather(-1, y.unsqueeze(-1)).clamp_min(1e-38)).sum())
-            if reference == "own":
-                own_probs[r] = p
-        if encoded[rows[0]].idk_ids is not None:
-            lls = sequence_logprobs(model, pad_id, [encoded[r].idk_ids for r in rows],
-                                    [encoded[r].idk_start for r in rows], pix)
-            logp_idk.update(zip(rows, lls))
-        if progress is not None:
-            progress.update(len(rows))
+    # reference == "own" (the "w/o Vis" ablation): R is the distribution on the sample's own image.
+    got = score_shard(model, pad_id, encoded, draws, pool_pixels=pool_pixels, own_pixels=own_pixels,
+                      batch_size=batch_size, prefix=prefix, scores=scores if reference == "pool" else
+                      tuple(s for s in scores if s != "reference"), keep_own=reference == "own")
+    if progress is not None:
+        progress.update(len(encoded))
     out = []
     for r, enc in enumerate(encoded):
-        avg = sums[r] / k if reference == "pool" else own_probs[r]
-        out.append(to_ref_sample(enc, avg, top_k, logp_own[r], logp_idk.get(r)))
+        avg = got.sums[r] / k if reference == "pool" else got.own_probs[r]
+        out.append(to_ref_sample(enc, avg, top_k, got.logp_own.get(r) if "own" in scores else None,
+                                 got.logp_idk.get(r), pool_indices=draws[r] if reference == "pool" else None))
     return out
 
 
@@ -259,32 +439,55 @@ def dist_env() -> tuple[int, int, int]:
 def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir: str | None, reference: str = "pool",
                k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
                prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
-               device: str = "auto", rank: int = 0, world: int = 1, log=print) -> dict | None:
+               device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False,
+               log=print, benchmark_sets: dict | None = None, allow_benchmark_images: bool = False,
+               scores: str = "reference,own,idk", prefix_cache_images: int = 0) -> dict | None:
     """Compute this rank's shards (shards rank::world) and, once all exist, the manifest.
 
+    `benchmark_sets` (set name -> [(where, image bytes)], e.g. from runs.benchmark_images):
+    a pool image equal to one of them is refused unless `allow_benchmark_images`.
+
     Finished shards (checksum and fingerprint match) are skipped, so a killed
-    run resumes where it stopped. Returns the manifest, or None while shards of
-    other ranks/jobs are still missing.
+    run resumes where it stopped. Shards of another layout (shard_size) or
+    fingerprint in `out_dir` are refused, or removed first with `overwrite`.
+    Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
     if reference not in ("pool", "own"):
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
     if not samples:
         raise ValueError("no forget samples to precompute")
+    check_settings(k=k, top_k=top_k, shard_size=shard_size, batch_size=batch_size, seed=seed)
     check_model_dir(model_dir)
+    score_names = parse_scores(scores)
     if reference == "own":
         k = 1
     dev = resolve_device(device)
     dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     pool = pool_files(pool_dir) if reference == "pool" else []
+    # Bounds that need the pool and the model: before hashing or loading anything large.
+    check_against_inputs(k=k, top_k=top_k, pool_size=len(pool) if reference == "pool" else None,
+                         vocab_size=config_vocab_size(model_dir), pool_dir=pool_dir, model_dir=model_dir)
+    if pool and benchmark_sets and not allow_benchmark_images:
+        leaks = benchmark_leaks(pool, benchmark_sets)
+        if leaks:
+            raise ValueError(f"{leaks[0]}" + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
+                             + ": reference images must be irrelevant to the benchmark; "
+                             "use --allow-benchmark-images only for that ablation")
     fingerprint = cache_fingerprint(model_dir, samples, pool_dir=pool_dir, reference=reference, k=k, top_k=top_k,
-                                    seed=seed, dtype=dtype_name, idk_answer=idk_answer)
+                                    seed=seed, dtype=dtype_name, idk_answer=idk_answer,
+                                    scores=None if score_names == SCORES else ",".join(score_names))
     num_shards = math.ceil(len(samples) / shard_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 or not _distributed():   # under torchrun rank 0 alone tidies, the others wait for it
+        claim_output(out, num_shards, fingerprint["digest"], overwrite, log)
+    _barrier(world)
     settings = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
                 "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
                 "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
-                "shard_size": shard_size}
+                "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
+                "scores": list(score_names)}
+    sources = cache_sources(model_dir, pool_dir if pool else None)
     done = refcache.finished_shards(out, num_shards, fingerprint["digest"])
     mine = [i for i in range(rank, num_shards, world) if i not in done]
     if (out / refcache.MANIFEST).is_file() and len(done) == num_shards:
@@ -296,7 +499,8 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
         _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, reference=reference,
                         k=k, top_k=top_k, seed=seed, shard_size=shard_size, batch_size=batch_size,
                         prefix_cache=prefix_cache, idk_answer=idk_answer, dtype=dtype, device=dev, log=log,
-                        skipped=len([i for i in range(rank, num_shards, world) if i in done]))
+                        scores=score_names, prefix_cache_images=prefix_cache_images,
+                        skipped=len([i for i in range(rank, num_shards, world) if i in done]), sources=sources)
     elif world == 1 or rank == 0:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
@@ -311,6 +515,88 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
     return None
 
 
+def check_settings(*, k: int, top_k: int, shard_size: int, batch_size: int, seed: int) -> None:
+    """The ranges config.RANGES checks, again for callers that pass arguments directly."""
+    for name, value in (("k", k), ("top_k", top_k), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"precompute.{name} must be >= 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"precompute.seed must be >= 0, got {seed}")
+
+
+def config_vocab_size(model_dir) -> int | None:
+    """The language model's vocabulary size from config.json (LLaVA keeps it in text_config)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None   # load_model reports an unreadable config with its own message
+    size = (config.get("text_config") or {}).get("vocab_size", config.get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def check_against_inputs(*, k: int, top_k: int, pool_size: int | None, vocab_size: int | None,
+                         pool_dir=None, model_dir=None) -> None:
+    if pool_size is not None and k > pool_size:
+        raise ValueError(f"precompute.k must be <= the reference pool size {pool_size} ({pool_dir}), got {k}")
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"precompute.top_k must be <= the vocabulary size {vocab_size} of {model_dir}, "
+                         f"got {top_k}")
+
+
+_CACHE_FILE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.(h5|json)(\.tmp)?$")
+
+
+def foreign_files(out: Path, num_shards: int, digest: str) -> tuple[list[Path], list[Path]]:
+    """(cache files of another layout or fingerprint, files that belong to no cache) in `out`.
+
+    Ours: shards and completion records of this layout (`num_shards`) whose
+    record, where one exists, names this fingerprint, and manifest.json (it is
+    rewritten last). A shard of our layout without a record is an interrupted
+    write of ours or of another run: it is recomputed either way.
+    """
+    stale, unrelated = [], []
+    for path in sorted(out.iterdir()):
+        if path.name in (refcache.MANIFEST, refcache.MANIFEST + ".tmp"):
+            continue
+        m = _CACHE_FILE.match(path.name)
+        if m is None or not path.is_file():
+            unrelated.append(path)
+        elif int(m[2]) != num_shards:
+            stale.append(path)
+        elif m[3] == "json" and not m[4] and _record_digest(path) != digest:
+            stale += [path, path.with_suffix(".h5")]
+    stale = sorted(set(p for p in stale if p.exists()))
+    return stale, unrelated
+
+
+def _record_digest(path: Path) -> str | None:
+    try:
+        return (json.loads(path.read_text()).get("fingerprint") or {}).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _names(paths: list[Path], shown: int = 4) -> str:
+    names = ", ".join(p.name for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def claim_output(out: Path, num_shards: int, digest: str, overwrite: bool, log=print) -> None:
+    """The output directory holds this cache only: refuse (or, with overwrite, remove) other runs' shards."""
+    stale, unrelated = foreign_files(out, num_shards, digest)
+    if unrelated:
+        raise refcache.CacheError(f"precompute.output {out} holds files that are not part of a reference cache "
+                                  f"({_names(unrelated)}): choose an empty or cache-only directory")
+    if not stale:
+        return
+    if not overwrite:
+        raise refcache.CacheError(f"precompute.output {out} holds shards of another run (other shard_size or "
+                                  f"fingerprint): {_names(stale)}; pass --overwrite to remove them")
+    for path in stale + [out / refcache.MANIFEST]:
+        path.unlink(missing_ok=True)
+    log(f"[precompute] --overwrite: removed {len(stale)} file(s) of another run from {out}")
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -321,7 +607,8 @@ def _barrier(world: int) -> None:
 
 
 def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, *, reference, k, top_k,
-                    seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped):
+                    seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped,
+                    sources=None, scores=SCORES, prefix_cache_images=0):
     model, processor = load_model(model_dir, dtype=dtype, device=str(device))
     model.requires_grad_(False)
     mdtype = next(model.parameters()).dtype
@@ -329,12 +616,13 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
     pool_pixels = (pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool]).to(device, mdtype)
                    if pool else None)
     prefix = None
-    if reference == "pool" and prefix_cache:
+    if prefix_cache:
         P = image_prefix_length(encoded_all[0].ids, unwrap(model).config.image_token_index)
-        heads = {tuple(e.ids[:P]) for e in encoded_all}
+        heads = {tuple(e.ids[:P]) for e in encoded_all} | {tuple(e.idk_ids[:P]) for e in encoded_all if e.idk_ids}
         if len(heads) != 1:
             raise ValueError("forget samples do not share one image prefix; rerun with --no-prefix-cache")
-        prefix = PrefixCache(model, list(heads.pop()), pool_pixels)
+        # Kept across shards: pool prefixes computed for one shard serve the next while they fit.
+        prefix = PrefixCache(model, list(heads.pop()), pool_pixels, prefix_cache_images)
     vocab = unwrap(model).lm_head.out_features
     n_mine = sum(len(samples[i * shard_size:(i + 1) * shard_size]) for i in mine)
     if skipped:
@@ -346,10 +634,10 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
         own = pixel_values(processor, [load_image(e.sample.image, f"sample {e.sample.sample_id}") for e in encoded])
         refs = compute_shard(model, processor, encoded, pool_pixels=pool_pixels, reference=reference, k=k,
                              top_k=top_k, seed=seed, batch_size=batch_size, prefix=prefix,
-                             own_pixels=own.to(mdtype), progress=bar)
+                             own_pixels=own.to(mdtype), progress=bar, scores=scores)
         refcache.write_shard(out, index, num_shards, refs, vocab_size=vocab, fingerprint=fingerprint,
-                             settings=settings)
+                             settings=settings, sources=sources)
     bar.close()
     secs = time.time() - t0
     log(f"[precompute] {n_mine} samples in {secs:.1f}s ({n_mine / max(secs, 1e-9):.1f} samples/s, k={k}, "
-        f"{'prefix reuse' if prefix else 'naive'})")
+        f"{f'prefix reuse, {prefix.passes} image prefixes' if prefix else 'naive'})")

@@ -19,7 +19,7 @@ shards and ``merge`` turns the directory into a cache. Every file is written as
 ``X.tmp``, fsynced and renamed, so nothing half-written ever reads as valid.
 
 Fingerprint parts (values are strings; see make_fingerprint): ``model_config``,
-``model_weights`` (weights_identity), ``tokenizer``, ``prompt_template``,
+``model_weights`` (fingerprint.weights_identity), ``tokenizer``, ``prompt_template``,
 ``reference_pool`` (hash_files), ``k``, ``K``, ``seed``, ``dtype`` (plain values,
 so a mismatch can show both), ``format_version`` (added when absent).
 """
@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -36,7 +37,12 @@ from typing import Callable, Iterable, Mapping
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 1
+from . import filememo  # standard library only
+from .filememo import hash_file  # noqa: F401  (plain sha256; re-exported for callers of refcache)
+
+# 2: per-sample pool_indices and question, a `sources` record (model and pool paths as given
+#    and as content hashes, every pool file's sha256, prompt template text, units).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 _SHARD_RE = re.compile(r"^refs-(\d{5})-of-(\d{5})\.h5$")
@@ -46,6 +52,9 @@ _TOKEN_FIELDS = ("answer_ids", "topk_idx", "topk_prob", "tail_mass", "entropy")
 _SAMPLE_FIELDS = ("ref_logp_own", "ref_logp_idk")
 _CHUNK_ROWS = 1024
 _READ_CACHE_BYTES = 4 << 20  # a few decompressed chunks per dataset: sequential reads hit it
+_BLOCK_SAMPLES = 64  # samples read together by RefCacheReader.get (train.Stream's window size)
+_MAX_BLOCKS = 8
+_MAX_OPEN_FILES = 4
 _PART_LABELS = {
     "model_config": "model config",
     "model_weights": "model weights",
@@ -91,6 +100,8 @@ class RefSample:
     entropy: np.ndarray  # float32 [T]: exact entropy (nats) of the full averaged distribution
     ref_logp_own: float | None = None
     ref_logp_idk: float | None = None
+    pool_indices: np.ndarray | None = None  # int32 [k]: rows of sources["pool"]["files"] averaged over
+    question: str | None = None  # the question text; with answer_ids and the template it rebuilds the input
 
     @property
     def num_tokens(self) -> int:
@@ -129,14 +140,6 @@ def hash_bytes(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def hash_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_json(obj) -> str:
     """sha256 of canonical JSON, so dict order and whitespace never change a hash."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -158,59 +161,6 @@ def hash_files(paths: Iterable, root=None) -> str:
 def _relative_name(path, root) -> str:
     path = Path(path)
     return path.relative_to(root).as_posix() if root is not None else path.name
-
-
-def weights_identity(model_dir, *, samples: int = 64, block: int = 4096,
-                     full_hash_below: int = 64 << 20) -> str:
-    """Cheap identity of the weight files (*.safetensors, *.bin) directly in model_dir.
-
-    Per file: its name and size, and then either its full content (files under
-    ``full_hash_below`` bytes, which costs well under a second) or, for larger
-    files, the safetensors JSON header (names, dtypes, shapes, offsets of every
-    tensor) plus ``samples`` reads of ``block`` bytes at evenly spaced offsets.
-    A 14 GB model costs ~128 small reads: seconds, not minutes.
-
-    Limitation, by design: for a large file a change confined to bytes between
-    the sampled blocks (same size, same header) is NOT seen. Real retraining or
-    a different checkpoint touches nearly every block, so this is a guard
-    against the wrong model, not a tamper check.
-    """
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    if not files:
-        raise CacheError(f"no *.safetensors or *.bin weight files in {model_dir}")
-    h = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size < full_hash_below:
-                h.update(b"full\0" + hash_file(path).encode())
-                continue
-            if path.suffix == ".safetensors":
-                h.update(_safetensors_header(f, size))
-            for offset in _sample_offsets(size, samples, block):
-                f.seek(offset)
-                h.update(f.read(block))
-    return h.hexdigest()
-
-
-def _safetensors_header(f, size: int) -> bytes:
-    f.seek(0)
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else 0
-    if not 0 < n <= min(size - 8, 100 << 20):  # malformed: fall back to the first MiB
-        f.seek(0)
-        return f.read(1 << 20)
-    return head + f.read(n)
-
-
-def _sample_offsets(size: int, samples: int, block: int) -> list[int]:
-    last = max(size - block, 0)
-    if samples <= 1:
-        return [0]
-    return sorted({last * i // (samples - 1) for i in range(samples)})
 
 
 def make_fingerprint(parts: Mapping[str, object]) -> dict:
@@ -279,12 +229,16 @@ def _fsync_file(path: Path) -> None:
 
 def _atomic_write_json(path: Path, obj) -> None:
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)   # a full disk leaves nothing half-written behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -308,12 +262,14 @@ def _read_json(path: Path):
 
 
 def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample], *,
-                vocab_size: int, fingerprint: Mapping, settings: Mapping) -> dict:
+                vocab_size: int, fingerprint: Mapping, settings: Mapping,
+                sources: Mapping | None = None) -> dict:
     """Write one shard and then its completion record, both atomically.
 
     Returns the record {name, n_samples, n_tokens, bytes, sha256, fingerprint}.
     Any manifest.json in the directory is removed first; ``settings`` is stored
-    with ``K`` and ``vocab_size`` filled in when absent.
+    with ``K`` and ``vocab_size`` filled in when absent; ``sources`` (what the
+    cache was made from, see make_sources) is stored in the shard and the manifest.
     """
     cache_dir = Path(cache_dir)
     path = cache_dir / shard_name(index, num_shards)
@@ -329,15 +285,26 @@ def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample]
              "settings": json.dumps(settings, sort_keys=True), "shard_index": index,
              "num_shards": num_shards, "vocab_size": int(vocab_size), "K": K}
     tmp = _tmp_path(path)
-    _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs)
-    _fsync_file(tmp)
-    record = {"name": path.name, "n_samples": len(samples),
-              "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
-              "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
-    os.replace(tmp, path)
-    _fsync_dir(cache_dir)
-    _atomic_write_json(sidecar, record)
+    try:
+        _write_h5(tmp, samples, K, index_dtype(vocab_size), attrs, sources)
+        _fsync_file(tmp)
+        record = {"name": path.name, "n_samples": len(samples),
+                  "n_tokens": sum(s.num_tokens for s in samples), "bytes": tmp.stat().st_size,
+                  "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
+        os.replace(tmp, path)
+        _fsync_dir(cache_dir)
+        _atomic_write_json(sidecar, record)
+    except OSError as err:  # disk full, read-only directory: leave no half-written file behind
+        for leftover in (tmp, _tmp_path(sidecar)):
+            leftover.unlink(missing_ok=True)
+        raise CacheError(f"cannot write shard {path}: {os_cause(err)}") from err
     return record
+
+
+def os_cause(err: OSError) -> str:
+    """The cause of an OSError in a few words ("No space left on device"), without its traceback noise."""
+    cause = err.strerror or str(err)
+    return " ".join(str(cause).split()) or type(err).__name__
 
 
 def _complete_settings(settings: Mapping, vocab_size: int, K: int) -> dict:
@@ -356,6 +323,7 @@ def _validate_samples(samples: list[RefSample], vocab_size: int, settings: Mappi
             raise ValueError("an empty shard needs settings['K']")
         return int(settings["K"])
     widths = {s.sample_id: _validate_sample(s, vocab_size) for s in samples}
+    _validate_draws(samples)
     if len(widths) != len(samples):
         ids = [s.sample_id for s in samples]
         raise ValueError(f"duplicate sample_id in shard: {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -388,6 +356,22 @@ def _validate_sample(s: RefSample, vocab_size: int) -> int:
     return idx.shape[1]
 
 
+def _validate_draws(samples: list[RefSample]) -> None:
+    """pool_indices: given for every sample or none, one length k, non-negative integers."""
+    draws = [s.pool_indices for s in samples]
+    if all(d is None for d in draws):
+        return
+    if any(d is None for d in draws):
+        raise ValueError("pool_indices given for some samples of a shard but not all")
+    shapes = {np.shape(d) for d in draws}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"pool_indices must all have one shape [k], got {sorted(shapes)}")
+    for s in samples:
+        d = np.asarray(s.pool_indices)
+        if d.dtype.kind not in "iu" or (d.size and d.min() < 0):
+            raise ValueError(f"sample {s.sample_id!r}: pool_indices must be non-negative integers")
+
+
 def _token_columns(samples: list[RefSample], K: int, idx_dtype: np.dtype) -> dict:
     def cat(name, dtype, width=None):
         shape = (0,) if width is None else (0, width)
@@ -398,30 +382,67 @@ def _token_columns(samples: list[RefSample], K: int, idx_dtype: np.dtype) -> dic
             "entropy": cat("entropy", np.float32)}
 
 
-def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype, attrs: dict) -> None:
+def _write_h5(path: Path, samples: list[RefSample], K: int, idx_dtype: np.dtype, attrs: dict,
+              sources: Mapping | None = None) -> None:
     offsets = np.zeros(len(samples) + 1, np.int64)
     offsets[1:] = np.cumsum([s.num_tokens for s in samples])
     with h5py.File(path, "w") as f:
         f.attrs.update(attrs)
-        f.create_dataset("sample_id", data=np.array([s.sample_id for s in samples], dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("offsets", data=offsets)
+        _create_checked(f, "sample_id", _sample_id_column(samples))
+        _create_checked(f, "offsets", offsets)
         for name, column in _token_columns(samples, K, idx_dtype).items():
             _create_token_dataset(f, name, column)
         for name in _SAMPLE_FIELDS:
             values = [getattr(s, name) for s in samples]
             if any(v is not None for v in values):
-                f.create_dataset(name, data=np.array(
-                    [np.nan if v is None else v for v in values], np.float32))
+                _create_checked(f, name, np.array([np.nan if v is None else v for v in values], np.float32))
+        _write_provenance(f, samples, sources)
+
+
+def _write_provenance(f: h5py.File, samples: list[RefSample], sources: Mapping | None) -> None:
+    """Per-sample pool draws and questions, and the sources record: what an auditor needs.
+
+    All checksummed like the rest: fixed-length utf-8 questions, and the sources JSON
+    as utf-8 bytes (a uint8 dataset; an attribute would stop at 64 KiB).
+    """
+    draws = [s.pool_indices for s in samples]
+    if samples and all(d is not None for d in draws):
+        _create_checked(f, "pool_indices", np.stack([np.asarray(d, np.int32) for d in draws]))
+    questions = [s.question for s in samples]
+    if samples and all(q is not None for q in questions):
+        encoded = [q.encode("utf-8") for q in questions]
+        width = max(max(len(b) for b in encoded), 1)
+        _create_checked(f, "question", np.array(encoded, dtype=h5py.string_dtype("utf-8", width)))
+    if sources is not None:
+        data = json.dumps(sources, sort_keys=True).encode("utf-8")
+        _create_checked(f, "sources", np.frombuffer(data, np.uint8))
+
+
+def _read_sources(f: h5py.File) -> dict | None:
+    return json.loads(f["sources"][()].tobytes().decode("utf-8")) if "sources" in f else None
+
+
+def _sample_id_column(samples: list[RefSample]) -> np.ndarray:
+    """Fixed-length utf-8 strings: HDF5 cannot checksum variable-length ones (they live in a heap)."""
+    encoded = [s.sample_id.encode("utf-8") for s in samples]
+    width = max((len(b) for b in encoded), default=1)
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", width))
+
+
+def _create_checked(f: h5py.File, name: str, data: np.ndarray, **filters) -> None:
+    """A chunked dataset with HDF5's Fletcher32 checksum on every chunk.
+
+    A damaged chunk then fails with an OSError wherever it is read, not only
+    when `viker cache verify` hashes the whole file. An empty extent cannot be
+    chunked unless the dataset is resizable, hence the maxshape.
+    """
+    rows = min(max(data.shape[0], 1), _CHUNK_ROWS)
+    f.create_dataset(name, data=data, chunks=(rows,) + data.shape[1:], maxshape=(None,) + data.shape[1:],
+                     fletcher32=True, **filters)
 
 
 def _create_token_dataset(f: h5py.File, name: str, data: np.ndarray) -> None:
-    if data.shape[0] == 0:  # HDF5 cannot chunk an empty extent
-        f.create_dataset(name, data=data)
-        return
-    chunks = (min(data.shape[0], _CHUNK_ROWS),) + data.shape[1:]
-    f.create_dataset(name, data=data, chunks=chunks, compression="gzip",
-                     compression_opts=4, shuffle=True)
+    _create_checked(f, name, data, compression="gzip", compression_opts=4, shuffle=True)
 
 
 # ---------------------------------------------------------------- resume & merge
@@ -463,7 +484,7 @@ def finalize(cache_dir, num_shards: int, fingerprint: Mapping, settings: Mapping
     records = [_read_json(_sidecar_path(cache_dir / n)) for n in names]
     shards = [{k: r[k] for k in ("name", "n_samples", "n_tokens", "bytes", "sha256")} for r in records]
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
-                "settings": stored, "shards": shards,
+                "settings": stored, "sources": _shards_sources(cache_dir, names), "shards": shards,
                 "totals": {k: sum(s[k] for s in shards) for k in ("n_samples", "n_tokens", "bytes")}}
     _atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest
@@ -485,6 +506,17 @@ def _shards_settings(cache_dir: Path, names: list[str], settings: Mapping) -> di
     if differing:
         raise CacheError(f"settings given to finalize differ from the shards' on: {', '.join(differing)}")
     return stored[0]
+
+
+def _shards_sources(cache_dir: Path, names: list[str]) -> dict | None:
+    """The sources record all shards carry (None for shards written without one)."""
+    found = []
+    for name in names:
+        with _open_h5(cache_dir / name) as f:
+            found.append(_read_sources(f))
+    if any(s != found[0] for s in found):
+        raise CacheError(f"shards in {cache_dir} record different sources (model, pool or template)")
+    return found[0]
 
 
 def merge(cache_dir) -> dict:
@@ -533,11 +565,48 @@ def _load_manifest(cache_dir: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"reference cache {cache_dir} has format version "
                          f"{manifest.get('format_version')}; this viker reads version "
-                         f"{FORMAT_VERSION}: run viker precompute again")
+                         f"{FORMAT_VERSION} (which records each sample's reference images): "
+                         f"recompute it with viker precompute")
     return manifest
 
 
-def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool) -> Path:
+def _check_directory(cache_dir: Path, manifest: dict) -> None:
+    """What verify rejects is not trained on: shards of another run or stray files beside the cache."""
+    problems = [p for p in _directory_problems(cache_dir, manifest) if not p.startswith("warning:")]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheError(f"reference cache {cache_dir}: {problems[0]}{more}; remove it or run viker cache verify")
+
+
+def _check_manifest_digest(cache_dir: Path, manifest: dict) -> None:
+    """A hand-edited fingerprint part (k, seed, ...) no longer hashes to the recorded digest."""
+    fp = manifest["fingerprint"]
+    if hash_json(fp.get("parts")) != fp.get("digest"):
+        raise CacheError(f"manifest.json in {cache_dir} was modified: its fingerprint digest does not "
+                         f"match its parts; run viker cache verify")
+
+
+def _attribute_problems(f: h5py.File, manifest: dict) -> list[str]:
+    """What the manifest says about the settings, against what the shard itself records."""
+    try:
+        stored = json.loads(f.attrs.get("settings", "null"))
+    except ValueError:
+        stored = None
+    if stored == manifest["settings"]:
+        return []
+    if not isinstance(stored, dict):
+        return ["its settings attribute is missing or unreadable"]
+    keys = sorted(k for k in set(stored) | set(manifest["settings"])
+                  if stored.get(k) != manifest["settings"].get(k))
+    shown = ", ".join(f"{k} (manifest {manifest['settings'].get(k)!r}, shard {stored.get(k)!r})" for k in keys[:3])
+    return [f"its settings attribute differs from the manifest's on {shown}"]
+
+
+def _shard_sha256(path: Path, verify: bool | str) -> str:
+    return filememo.memo_file_hash(path) if verify == "memo" else filememo.hash_file(path)
+
+
+def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool | str) -> Path:
     name = str(entry.get("name"))
     if not _SHARD_RE.match(name):
         raise CacheError(f"manifest of {cache_dir} lists {name!r}, not a shard file name")
@@ -548,8 +617,9 @@ def _check_shard_file(cache_dir: Path, entry: Mapping, verify: bool) -> Path:
     if size != entry.get("bytes"):
         raise CacheError(f"shard {name} in {cache_dir} is {size} bytes, the manifest says "
                          f"{entry.get('bytes')}: truncated or modified; run viker cache verify")
-    if verify and hash_file(path) != entry.get("sha256"):
-        raise CacheError(f"shard {name} in {cache_dir} does not match its sha256 in the manifest")
+    if verify and _shard_sha256(path, verify) != entry.get("sha256"):
+        raise CacheError(f"shard {name} in {cache_dir} does not match its sha256 in the manifest "
+                         f"(corrupted or modified): run viker cache verify")
     return path
 
 
@@ -571,11 +641,20 @@ def _structure_problems(f: h5py.File, entry: Mapping, digest: str) -> list[str]:
                  for name in ("topk_idx", "topk_prob") if f[name].shape[1:] != (K,)]
     problems += [f"{name} has {f[name].shape[0]} values for {n} samples"
                  for name in _SAMPLE_FIELDS if name in f and f[name].shape != (n,)]
+    problems += _provenance_problems(f, n)
     if f.attrs.get("fingerprint") != digest:
         problems.append("its fingerprint attribute differs from the manifest's")
     if (n, rows) != (entry.get("n_samples"), entry.get("n_tokens")):
         problems.append(f"holds {n} samples / {rows} tokens, the manifest says "
                         f"{entry.get('n_samples')} / {entry.get('n_tokens')}")
+    return problems
+
+
+def _provenance_problems(f: h5py.File, n: int) -> list[str]:
+    problems = [f"{name} has {f[name].shape[0]} rows for {n} samples"
+                for name in ("pool_indices", "question") if name in f and f[name].shape[0] != n]
+    if "pool_indices" in f and f["pool_indices"].ndim != 2:
+        problems.append(f"pool_indices has shape {f['pool_indices'].shape}, expected [samples, k]")
     return problems
 
 
@@ -586,53 +665,89 @@ class RefCacheReader:
     ``offsets`` datasets; ``get`` reads just that sample's rows. HDF5 handles
     open lazily and are reopened in a new process (DataLoader workers after
     fork), and the reader pickles without them. Shard sizes are always checked
-    against the manifest; ``verify=True`` also checks every sha256 (reads it all).
+    against the manifest, and so is every shard's sha256: hashed in full the
+    first time this file version is opened, then remembered by
+    ``filememo.memo_file_hash`` (path, size, mtime, inode), so a second run
+    pays one small JSON read per shard. ``verify=True`` hashes again regardless
+    of the memo; ``verify=False`` skips the sha256 (tools that only look).
+    Every dataset carries HDF5's Fletcher32 checksum, so a chunk damaged after
+    the sha256 was remembered still fails when it is read (``get`` raises
+    CacheError). The manifest's settings and fingerprint must equal each
+    shard's own attributes.
     """
 
     def __init__(self, cache_dir, expected_fingerprint: Mapping | None = None, *,
-                 verify: bool = False):
+                 verify: bool | str = "memo"):
         self.cache_dir = Path(cache_dir)
         self._manifest = _load_manifest(self.cache_dir)
+        _check_manifest_digest(self.cache_dir, self._manifest)
         if expected_fingerprint is not None:
             check_fingerprint(self.cache_dir, expected_fingerprint, self._manifest["fingerprint"])
         self._paths = [_check_shard_file(self.cache_dir, e, verify) for e in self._manifest["shards"]]
-        self._index: dict[str, tuple[int, int, int, int]] = {}
-        self._ids: list[str] = []
+        if verify:
+            _check_directory(self.cache_dir, self._manifest)
+        # A compact index (sorted utf-8 ids + int arrays, ~40 bytes per sample instead of a dict's
+        # ~300), so a reader over millions of samples stays small in every DataLoader worker.
+        ids, shard, row, self._offsets = [], [], [], []
         for pos, entry in enumerate(self._manifest["shards"]):
-            self._index_shard(pos, entry)
+            shard_ids, offsets = self._index_shard(pos, entry)
+            ids.append(shard_ids)
+            shard.append(np.full(len(shard_ids), pos, np.int32))
+            row.append(np.arange(len(shard_ids), dtype=np.int32))
+            self._offsets.append(offsets)
+        ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[order]
+        self._shard = np.concatenate(shard)[order] if shard else np.zeros(0, np.int32)
+        self._row = np.concatenate(row)[order] if row else np.zeros(0, np.int32)
+        dup = np.flatnonzero(self._sorted_ids[1:] == self._sorted_ids[:-1])
+        if dup.size:
+            sid = self._sorted_ids[dup[0]].decode("utf-8")
+            raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
         self._files: dict[int, h5py.File] = {}
+        self._blocks: OrderedDict = OrderedDict()
         self._pid = os.getpid()
 
-    def _index_shard(self, pos: int, entry: Mapping) -> None:
+    def _index_shard(self, pos: int, entry: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        """(ids as fixed-width utf-8 bytes, offsets) of one shard, after checking its structure."""
         path = self._paths[pos]
         try:
             with _open_h5(path) as f:
                 problems = _structure_problems(f, entry, self._manifest["fingerprint"]["digest"])
+                problems += _attribute_problems(f, self._manifest)
                 if problems:
                     raise CacheError(f"shard {path.name} in {self.cache_dir} is corrupt: "
                                      + "; ".join(problems))
-                ids, offsets = f["sample_id"].asstr()[()], f["offsets"][()]
+                raw, offsets = f["sample_id"][()], f["offsets"][()]
         except (OSError, KeyError, ValueError) as err:
             raise CacheError(f"shard {path.name} in {self.cache_dir} cannot be read: {err}") from err
-        for row, sid in enumerate(ids):
-            if sid in self._index:
-                raise CacheError(f"sample {sid!r} appears twice in {self.cache_dir}")
-            self._index[sid] = (pos, row, int(offsets[row]), int(offsets[row + 1]))
-            self._ids.append(sid)
+        encoded = [x if isinstance(x, bytes) else str(x).encode("utf-8") for x in raw]
+        return np.array(encoded, dtype="S") if encoded else np.zeros(0, "S1"), offsets.astype(np.int64)
+
+    def _find(self, sample_id) -> int | None:
+        if not isinstance(sample_id, str):
+            return None
+        key = sample_id.encode("utf-8")
+        i = int(np.searchsorted(self._sorted_ids, key))
+        if i < len(self._sorted_ids) and self._sorted_ids[i] == key and not key.endswith(b"\0"):
+            return i
+        return None
 
     # -- mapping-like access
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._sorted_ids)
 
     def __contains__(self, sample_id) -> bool:
-        return sample_id in self._index
+        return self._find(sample_id) is not None
 
     def __iter__(self):
-        return iter(self._ids)
+        return iter(self.sample_ids)
 
     @property
     def sample_ids(self) -> list[str]:
-        return list(self._ids)
+        """Every id in shard order (built on demand: the reader keeps only the compact index)."""
+        order = np.lexsort((self._row, self._shard))
+        return [x.decode("utf-8") for x in self._sorted_ids[order]]
 
     @property
     def manifest(self) -> dict:
@@ -646,28 +761,83 @@ class RefCacheReader:
     def fingerprint(self) -> dict:
         return self._manifest["fingerprint"]
 
-    def get(self, sample_id: str) -> RefSample:
-        try:
-            pos, row, a, b = self._index[sample_id]
-        except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}") from None
+    @property
+    def sources(self) -> dict:
+        """What the cache was made from (make_sources); {} for a cache written without it."""
+        return self._manifest.get("sources") or {}
+
+    def locate(self, sample_id: str) -> tuple[int, int, int, int]:
+        """(shard position, row, first token row, end token row) of a sample."""
+        i = self._find(sample_id)
+        if i is None:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}")
+        pos, row = int(self._shard[i]), int(self._row[i])
+        return pos, row, int(self._offsets[pos][row]), int(self._offsets[pos][row + 1])
+
+    def shard_column(self, pos: int, name: str) -> np.ndarray | None:
+        """One whole dataset of shard `pos` (e.g. answer_ids, offsets), or None where it is absent."""
         f = self._file(pos)
+        return f[name][()] if name in f else None
+
+    def get(self, sample_id: str) -> RefSample:
+        pos, row, _, _ = self.locate(sample_id)
+        block = self._block(pos, row // _BLOCK_SAMPLES)
+        i = row - block["first"]
+        a, b = block["offsets"][i] - block["offsets"][0], block["offsets"][i + 1] - block["offsets"][0]
+        extra = {name: _nan_to_none(block[name][i]) if block[name] is not None else None
+                 for name in _SAMPLE_FIELDS}
+        extra["pool_indices"] = block["pool_indices"][i] if block["pool_indices"] is not None else None
+        extra["question"] = block["question"][i] if block["question"] is not None else None
+        return RefSample(sample_id, block["answer_ids"][a:b], block["topk_idx"][a:b].astype(np.int64),
+                         block["topk_prob"][a:b].astype(np.float32), block["tail_mass"][a:b],
+                         block["entropy"][a:b], **extra)
+
+    def _block(self, pos: int, number: int) -> dict:
+        """Rows [number * B, (number + 1) * B) of shard `pos`, every dataset read in one slice.
+
+        One h5py read costs ~0.1-0.5 ms whatever its size, so per-sample reads
+        cap streaming at a few hundred samples/s; the shuffle visits a block's
+        samples together (train.Stream windows), so one read serves them all.
+        """
+        self._check_process()
+        key = (pos, number)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        f = self._file(pos)
+        first = number * _BLOCK_SAMPLES
+        offsets = self._offsets[pos][first: first + _BLOCK_SAMPLES + 1]
+        a, b = int(offsets[0]), int(offsets[-1])
+        last = first + len(offsets) - 1
         try:
-            cols = {name: f[name][a:b] for name in _TOKEN_FIELDS}
-            logps = {name: _optional_float(f, name, row) for name in _SAMPLE_FIELDS}
+            block = {name: f[name][a:b] for name in _TOKEN_FIELDS}
+            for name in (*_SAMPLE_FIELDS, "pool_indices"):
+                block[name] = f[name][first:last] if name in f else None
+            block["question"] = f["question"].asstr()[first:last] if "question" in f else None
         except (OSError, ValueError) as err:  # a damaged compressed chunk surfaces here
             raise CacheError(f"shard {self._paths[pos].name} in {self.cache_dir} "
                              f"cannot be read: {err}") from err
-        return RefSample(sample_id, cols["answer_ids"], cols["topk_idx"].astype(np.int64),
-                         cols["topk_prob"].astype(np.float32), cols["tail_mass"],
-                         cols["entropy"], **logps)
+        block.update(first=first, offsets=offsets)
+        self._blocks[key] = block
+        while len(self._blocks) > _MAX_BLOCKS:
+            self._blocks.popitem(last=False)
+        return block
 
     # -- handles
-    def _file(self, pos: int) -> h5py.File:
+    def _check_process(self) -> None:
         if self._pid != os.getpid():  # inherited handles belong to the parent: never share them
             self._close_handles()
+            self._blocks = OrderedDict()
             self._pid = os.getpid()
+
+    def _file(self, pos: int) -> h5py.File:
+        self._check_process()
         if pos not in self._files:
+            # Each open file holds a chunk cache per dataset: keep a few open, so memory
+            # does not grow with the number of shards a run has touched.
+            while len(self._files) >= _MAX_OPEN_FILES:
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).close()
             self._files[pos] = _open_h5(self._paths[pos])
         return self._files[pos]
 
@@ -690,14 +860,12 @@ class RefCacheReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_pid"], state["_blocks"] = {}, None, OrderedDict()
         return state
 
 
-def _optional_float(f: h5py.File, name: str, row: int) -> float | None:
-    if name not in f:
-        return None
-    value = float(f[name][row])
+def _nan_to_none(value) -> float | None:
+    value = float(value)
     return None if np.isnan(value) else value
 
 
@@ -745,9 +913,7 @@ def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict) -> list[str
     try:
         with _open_h5(path) as f:
             problems = _structure_problems(f, entry, manifest["fingerprint"].get("digest"))
-            if json.loads(f.attrs.get("settings", "null")) != manifest["settings"]:
-                problems.append("its settings attribute differs from the manifest's")
-            return problems
+            return problems + _attribute_problems(f, manifest)
     except (OSError, KeyError, ValueError) as err:
         return [f"unreadable HDF5: {err}"]
 
@@ -767,11 +933,23 @@ def _duplicate_id_problems(cache_dir: Path, manifest: dict) -> list[str]:
 
 
 def _directory_problems(cache_dir: Path, manifest: dict) -> list[str]:
+    """Every file the manifest does not account for: a cache directory holds one cache and nothing else."""
     listed = {str(e.get("name")) for e in manifest["shards"]}
-    problems = [f"extra shard file {p.name} is not listed in the manifest"
-                for p in sorted(cache_dir.glob("refs-*.h5")) if p.name not in listed]
-    problems += [f"warning: stray temporary file {p.name} (left by an interrupted run; safe to delete)"
-                 for p in sorted(cache_dir.glob("*.tmp"))]
+    expected = {MANIFEST} | listed | {_sidecar_path(Path(n)).name for n in listed}
+    problems = []
+    for path in sorted(cache_dir.iterdir()):
+        if path.name in expected:
+            continue
+        if path.suffix == ".tmp":
+            problems.append(f"warning: stray temporary file {path.name} "
+                            f"(left by an interrupted run; safe to delete)")
+        elif _SHARD_RE.match(path.name):
+            problems.append(f"extra shard file {path.name} is not listed in the manifest")
+        elif _SIDECAR_RE.match(path.name):
+            problems.append(f"extra completion record {path.name} belongs to no shard in the manifest")
+        else:
+            kind = "directory" if path.is_dir() else "file"
+            problems.append(f"unexpected {kind} {path.name} is not part of the cache")
     return problems
 
 
@@ -784,7 +962,7 @@ def inspect_cache(cache_dir, decode: Callable[[int], str] | None = None, top_n: 
 
     Entropies are in nats. ``decode`` (token id -> text) labels the key tokens.
     """
-    with RefCacheReader(cache_dir) as reader:
+    with RefCacheReader(cache_dir, verify=False) as reader:   # looks only; Fletcher32 still guards reads
         columns = _gather_columns(reader)
         manifest = reader.manifest
     K, vocab = columns["K"], manifest["settings"].get("vocab_size")
@@ -891,3 +1069,109 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# ---------------------------------------------------------------- sources: what a cache was made from
+
+# How to read the numbers without this code (recorded in every manifest).
+UNITS = {
+    "entropy": "nats (natural log) of the full averaged distribution R_i, before truncation",
+    "topk_prob": "probabilities of R_i (float16), most probable first; R_i = mean over the k images "
+                 "of softmax(logits) at answer position i, teacher-forced on the ground-truth prefix",
+    "topk_idx": "vocabulary ids of those probabilities",
+    "tail_mass": "1 - sum of the top-K probabilities of R_i (float32, before float16 rounding)",
+    "ref_logp_own": "nats: summed log-probability of the answer on the sample's own image",
+    "ref_logp_idk": "nats: summed log-probability of the idk answer on the sample's own image",
+    "pool_indices": "rows of sources.pool.files (sorted by name) whose images were averaged",
+}
+
+
+def pool_entries(paths: Iterable, root=None) -> list[list[str]]:
+    """[[name, sha256], ...] sorted by name: the pool as a cache records it (hash_files hashes this)."""
+    return sorted([_relative_name(p, root), hash_file(p)] for p in paths)
+
+
+def make_sources(model_path, model_parts: Mapping[str, str], pool_path, pool: list | None,
+                 template: Mapping) -> dict:
+    """The manifest's record of inputs: each path as given and as content hashes.
+
+    ``model_parts``: config / weights / tokenizer hashes (fingerprint.model_parts);
+    ``pool``: pool_entries() of the reference pool, or None (own-image references);
+    ``template``: the prompt template text and how it is tokenised.
+    """
+    return {"model": {"path": str(model_path), **{k: str(v) for k, v in model_parts.items()}},
+            "pool": None if pool is None else {"path": str(pool_path), "files": [list(e) for e in pool],
+                                               "sha256": hash_json([list(e) for e in pool])},
+            "prompt_template": dict(template), "units": dict(UNITS)}
+
+
+def source_problems(sources: Mapping, model_parts: Mapping[str, str] | None,
+                    pool: list | None) -> list[str]:
+    """Where this machine's model (its model_parts) and pool (pool_entries) differ from a cache's sources."""
+    if not sources:
+        return ["the manifest records no sources (written before format 2): recompute the cache"]
+    problems = []
+    if model_parts is not None:
+        recorded = sources.get("model") or {}
+        for name, value in sorted(model_parts.items()):
+            if recorded.get(name) != value:
+                problems.append(f"{_PART_LABELS.get(name, name)} differ from the cache's "
+                                f"(made from {recorded.get('path')!r})")
+    if pool is not None:
+        problems += _pool_problems(sources.get("pool"), pool)
+    return problems
+
+
+def _pool_problems(recorded: Mapping | None, pool: list) -> list[str]:
+    if recorded is None:
+        return ["the cache used each sample's own image (reference=own), not a pool"]
+    mine = {name: digest for name, digest in pool}
+    theirs = {name: digest for name, digest in recorded.get("files", [])}
+    problems = [f"pool image {n} is missing here" for n in sorted(set(theirs) - set(mine))]
+    problems += [f"pool image {n} is not in the cache's pool (it would shift every draw)"
+                 for n in sorted(set(mine) - set(theirs))]
+    problems += [f"pool image {n} differs (sha256 {mine[n][:12]} here, {theirs[n][:12]} in the cache)"
+                 for n in sorted(set(mine) & set(theirs)) if mine[n] != theirs[n]]
+    return problems
+
+
+# ---------------------------------------------------------------- show one sample
+
+
+def show_sample(cache_dir, sample_id: str, decode: Callable[[int], str] | None = None,
+                top: int = 5) -> dict:
+    """One sample's key-token view: per answer token its entropy, top alternatives and tail mass."""
+    decode = decode or (lambda i: f"#{i}")
+    with RefCacheReader(cache_dir) as reader:
+        ref = reader.get(sample_id)
+        sources = reader.sources
+    files = ((sources.get("pool") or {}).get("files")) or []
+    images = [{"index": int(i), "name": files[i][0] if i < len(files) else None,
+               "sha256": files[i][1] if i < len(files) else None}
+              for i in (ref.pool_indices if ref.pool_indices is not None else [])]
+    tokens = []
+    for t in range(ref.num_tokens):
+        alts = [{"token_id": int(ref.topk_idx[t, j]), "token": decode(int(ref.topk_idx[t, j])),
+                 "prob": float(ref.topk_prob[t, j])} for j in range(min(top, ref.topk_idx.shape[1]))]
+        tokens.append({"position": t, "token_id": int(ref.answer_ids[t]), "token": decode(int(ref.answer_ids[t])),
+                       "entropy": float(ref.entropy[t]), "tail_mass": float(ref.tail_mass[t]),
+                       "top": alts})
+    return {"sample_id": sample_id, "question": ref.question, "images": images, "tokens": tokens,
+            "ref_logp_own": ref.ref_logp_own, "ref_logp_idk": ref.ref_logp_idk}
+
+
+def format_show(view: Mapping) -> str:
+    lines = [f"sample {view['sample_id']}"]
+    if view.get("question"):
+        lines.append(f"  question: {view['question']!r}")
+    lines.append("  answer: " + repr("".join(t["token"] for t in view["tokens"])))
+    if view["images"]:
+        lines.append(f"  reference images ({len(view['images'])}):")
+        lines += [f"    [{im['index']}] {im['name']}  sha256 {str(im['sha256'])[:12]}" for im in view["images"]]
+    else:
+        lines.append("  reference images: the sample's own image (reference=own)")
+    lines.append(f"  {'pos':>3}  {'token':<16} {'H (nats)':>8} {'tail':>7}  top alternatives (probability)")
+    for t in view["tokens"]:
+        alts = "  ".join(f"{a['token']!r} {a['prob']:.3f}" for a in t["top"])
+        lines.append(f"  {t['position']:>3}  {t['token']!r:<16} {t['entropy']:>8.3f} {t['tail_mass']:>7.4f}  {alts}")
+    return "\n".join(lines)

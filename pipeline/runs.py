@@ -18,38 +18,89 @@ def pool_dir(pool: str, data_root: str) -> str:
 
 
 def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
-    """Knowledge injection on the fine-tuning split plus the real set -> cfg.finetune.output."""
+    """Knowledge injection on the fine-tuning split (plus the real set when data.finetune_real) -> cfg.finetune.output.
+
+    MLLMU-Bench's vanilla model learned ft_Data only (finetune.py --data_dir
+    ft_Data): its real set must be knowledge the base model already has.
+    """
     from .data.loaders import read_profiles
     from .finetune import finetune
     f, d = cfg.finetune, cfg.data
-    profiles = read_profiles(d.root, d.finetune_split, d.benchmark) + read_profiles(d.root, d.real_split, d.benchmark)
+    profiles = read_profiles(d.root, d.finetune_split, d.benchmark)
+    if d.finetune_real:
+        profiles += read_profiles(d.root, d.real_split, d.benchmark)
     return finetune(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
                     seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
                     lora_alpha=f.lora_alpha, dtype=cfg.model.dtype, device=cfg.model.device, extra_info=extra_info)
 
 
+def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log=print) -> dict:
+    """Set name -> [(where, image bytes)] of every image of the given splits, for precompute's leak check.
+
+    A split that is not on disk is skipped with a line in the log (a forget-only
+    dataset is still usable), never silently.
+    """
+    from .data.loaders import read_profiles
+    from .data.mllmu import DataError
+    out = {}
+    for name, split in splits.items():
+        if not split:
+            continue
+        try:
+            profiles = read_profiles(data_root, split, benchmark, check_images=False)
+        except (DataError, FileNotFoundError) as err:
+            log(f"[precompute] leak check: {name} split {split!r} not readable, skipped ({err})")
+            continue
+        out[name] = [(f"{split}/{p.id}" + (f"#{i}" if i else ""), data)
+                     for p in profiles for i, data in enumerate(p.all_images)]
+    return out
+
+
+def benchmark_splits(cfg: Config) -> dict[str, str]:
+    """The forget, retain, test and real splits of cfg.data (defaults filled in as evaluate fills them)."""
+    from .data.loaders import default_splits
+    d = cfg.data
+    try:
+        defaults = default_splits(d.benchmark, d.forget_split)
+    except ValueError:   # a custom forget split name: only what the config names explicitly
+        defaults = {}
+    return {"forget": d.forget_split, "retain": d.retain_split or defaults.get("retain", ""),
+            "test": d.test_split or defaults.get("test", ""), "real": d.real_split or defaults.get("real", "")}
+
+
 def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
-                   rank: int = 0, world: int = 1, log=print) -> dict | None:
+                   rank: int = 0, world: int = 1, overwrite: bool = False, log=print) -> dict | None:
     """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
     from .data.loaders import read_profiles
     from .data.records import forget_samples
     from .precompute import precompute
     p, d = cfg.precompute, cfg.data
-    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark))
+    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark, train_root=d.train_root))
     return precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
                       k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
                       prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
                       idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
-                      rank=rank, world=world, log=log)
+                      rank=rank, world=world, overwrite=overwrite, log=log,
+                      allow_benchmark_images=p.allow_benchmark_images,
+                      benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
+                                      else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)),
+                      scores=p.scores, prefix_cache_images=p.prefix_cache_images)
 
 
-def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False) -> dict:
-    """Stage two with cfg.train (or a variant of it), reading the cache at cfg.precompute.output."""
+def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False,
+              overwrite: bool = False, log=print) -> dict:
+    """Stage two with cfg.train (or a variant of it), reading the cache at cfg.precompute.output.
+
+    The cache must have been made with cfg.precompute's k, top_k, seed, reference and pool
+    (train.use_cache_settings=true takes the cache's instead).
+    """
     from .train import train
     d, p = cfg.data, cfg.precompute
+    expected = {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
     return train(str(model_dir), d.root, d.forget_split, d.retain_split, p.output, train_cfg or cfg.train,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
                  device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
-                 benchmark=d.benchmark)
+                 benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
+                 train_root=d.train_root)
 

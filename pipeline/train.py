@@ -50,12 +50,14 @@ from .data.loaders import default_splits, read_profiles
 from .data.records import Sample, forget_samples
 from .encoding import load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
+from .refcache import hash_files
 from .forward import TextBatch, answer_logits, make_text_batch
-from .losses import (DIVERGENCES, entropy_token_lambda, ga_loss, idkpo_loss, kl_retain_loss, nll_loss, npo_loss,
-                     sequence_logprob, viker_loss)
+from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_loss, idkpo_loss, idkpo_scale,
+                     kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
-from .precompute import draw_reference_images, encode_samples, summarise
+from .precompute import encode_samples, summarise
 from .refcache import RefCacheReader, RefSample, check_fingerprint
+from .references import draw_reference_images
 
 METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
 CHECKPOINT = "checkpoint"
@@ -72,10 +74,10 @@ class TrainingDiverged(FloatingPointError):
 # ================================================================ small records
 
 
-@dataclass
+@dataclass(slots=True)   # one per forget sample: no per-object __dict__
 class Example:
     sample_id: str
-    ids: list[int]          # prompt + answer, image tokens expanded
+    ids: np.ndarray         # int32 prompt + answer ids, image tokens expanded
     start: int              # first answer token
     image: int              # row of the image bank
 
@@ -103,6 +105,8 @@ class LossSpec:
     beta: float = 0.4
     retain_weight: float = 0.0
     online: bool = False
+    convention: str = "viker"      # losses.LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
+    idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
@@ -110,14 +114,23 @@ class LossSpec:
 
 @dataclass
 class Inputs:
-    """Everything tokenised and decoded once at setup."""
+    """What the loop draws micro-batches from.
+
+    Token ids are made once at setup; references and images are read on demand
+    (see Loader), so memory does not grow with the number of cached samples.
+    """
     forget: list[Example]
     idk: list[Example] | None
     retain: list[Example] | None
-    refs: dict[str, RefSample]       # cached references by sample id (empty when none are used)
-    bank: torch.Tensor               # pixel values of every distinct sample image (CPU, float32)
+    refs: dict[str, RefSample]       # references held in memory (benchmarks); training streams `reader`
+    bank: torch.Tensor | None        # pixel values of the current micro-batch's images, rows = Example.image
     pool: torch.Tensor | None        # pixel values of the reference pool (online ViKeR)
     pad_id: int
+    images: list[bytes] = dataclasses.field(default_factory=list)  # distinct sample images, still encoded
+    reader: RefCacheReader | None = None   # the open reference cache, when the method uses one
+    processor: object = None
+    workers: int = 0
+    loaders: dict | None = None      # "forget"/"retain" -> Loader, made at the first micro-batch
 
 
 @dataclass
@@ -136,26 +149,35 @@ class MicroBatch:
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
-          benchmark: str = "mllmu") -> dict:
+          benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
+          log=print, train_root: str = "") -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
-    reader. Returns steps, timings, final loss and paths.
+    reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
+    holding the training QA (data.train_root). `expect_cache` ({k, K, seed, reference}, the config's precompute
+    settings): a cache made otherwise is refused unless cfg.use_cache_settings.
+    A directory holding another run's adapter or train_config.json is refused
+    unless `overwrite` (removes them first) or `resume`. The adapter and
+    train_config.json appear together at the end (after a NaN stop: the last
+    good adapter, with the steps done). Returns steps, timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
     spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
     check_options(cfg, method, cache_dir, pool_dir)
-    rank, world, dev, own_group = init_distributed(device)
     out = Path(cfg.output)
+    claim_output(out, resume, overwrite, remove=False)   # refuse before any work, remove on rank 0 below
+    rank, world, dev, own_group = init_distributed(device)
     try:
         # ---------------------------------------------------------- setup
         seed_everything(cfg.seed)
-        forget = forget_samples(read_profiles(data_root, forget_split, benchmark))
+        forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
         recorded = None
         if needs_cache(method, spec):
             # Refuse a cache for another model or forget set before paying for loading the model.
-            recorded = check_cache(cache_dir, model_dir, forget, pool_dir)
+            recorded = check_cache(cache_dir, model_dir, forget, pool_dir, expected=expect_cache,
+                                   use_cache_settings=cfg.use_cache_settings, log=log if rank == 0 else None)
         model, processor = load_model(model_dir, dtype=dtype, device=str(dev))
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
@@ -167,15 +189,16 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         retain = []
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
-            retain = forget_samples(read_profiles(data_root, retain_split, benchmark))
+            retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
         inputs = build_inputs(processor, forget, retain, max_positions(model),
                               idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
             inputs.pool = inputs.pool.to(dev, _dtype_of(model))
         cache = {}
         if needs_cache(method, spec):
-            inputs.refs, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
-                                                 idk_answer, recorded)
+            inputs.reader, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
+                                                   idk_answer, recorded)
+        inputs.workers = cfg.data_workers
         if len(forget) < world:
             raise TrainError(f"{len(forget)} forget samples cannot be split over {world} processes")
 
@@ -183,7 +206,8 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = linear_schedule(optimizer, cfg.warmup_steps, steps)
-        streams = {"forget": Stream(len(inputs.forget), cfg.seed, rank, world),
+        streams = {"forget": Stream(len(inputs.forget), cfg.seed, rank, world,
+                                    groups=shard_groups(inputs.reader, inputs.forget)),
                    "retain": Stream(len(inputs.retain or []), cfg.seed + 1, rank, world)}
         net = AnswerLogits(model)
         if world > 1:
@@ -196,6 +220,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         if resume:
             start = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, streams, run, rank, world)
         if rank == 0:
+            claim_output(out, resume, overwrite, remove=True)
             prepare_output(out, run, resume, start)
         log_path = out / "log.jsonl"
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
@@ -229,9 +254,11 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
             if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
                 # No optimizer step on a bad loss: the adapter in memory is still step-1's.
                 optimizer.zero_grad(set_to_none=True)
-                if rank == 0:
-                    save_adapter(model, out / "adapter")
                 what = f"loss is {last_loss}" if not math.isfinite(last_loss) else f"gradient norm is {grad_norm}"
+                if rank == 0:   # the steps done, recorded as such: never the steps planned
+                    publish(out, model, {**run, "steps": step - 1, "planned_steps": steps},
+                            {"method": method, "steps": step - 1, "start_step": start, "final_loss": None,
+                             "stopped": f"diverged at step {step}: {what}", "adapter": str(out / "adapter")})
                 raise TrainingDiverged(f"training stopped at step {step}: {what}; the adapter from step "
                                        f"{step - 1} is saved in {out / 'adapter'} (lower train.lr?)")
             lr = scheduler.get_last_lr()[0]
@@ -257,15 +284,16 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
                   "output": str(out), "adapter": str(out / "adapter"), "log": str(log_path),
                   "train_config": str(out / "train_config.json"), "adapter_digest": adapter_digest(model)}
         if rank == 0:
-            save_adapter(model, out / "adapter")
             if cfg.merge:
                 result["merged"] = str(save_merged(model, processor, out / "merged"))
+            result["adapter_sha256"] = publish(out, model, run, result)
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # the run is complete: nothing to resume
-            _atomic_json(out / "train_config.json", {**run, "result": result})
         if world > 1:
             dist.barrier()
         return result
     finally:
+        if rank == 0:
+            remove_temporary(out)   # a failed save (disk full) must not leave half an adapter behind
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -285,9 +313,13 @@ def needs_retain(method: str, retain_weight: float) -> bool:
 
 
 def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+    convention = str(cfg.convention).strip().lower()
+    if convention not in LOSS_CONVENTIONS:
+        raise TrainError(f"train.convention {cfg.convention!r} is not one of: {', '.join(LOSS_CONVENTIONS)}")
     return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
-                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed)
+                    online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed,
+                    convention=convention, idk_beta=cfg.idk_beta)
 
 
 def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
@@ -302,6 +334,8 @@ def check_options(cfg: TrainConfig, method: str, cache_dir, pool_dir) -> None:
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.output:
+        raise TrainError("train.output is empty: name the run's output directory")
     if cfg.steps <= 0 and cfg.epochs <= 0:
         raise TrainError("set train.steps > 0 or train.epochs > 0")
 
@@ -355,7 +389,7 @@ def init_distributed(device: str):
 
 def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_length, idk_answer: str,
                  pool_dir) -> Inputs:
-    """Tokenise every sample and decode every image once: they are small and reused each epoch."""
+    """Tokenise every sample once; images stay encoded and are decoded per micro-batch by the loader."""
     if not forget:
         raise TrainError("the forget split holds no samples")
     images: list = []
@@ -363,112 +397,307 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
 
     def row(sample: Sample) -> int:
         if sample.image not in image_row:
+            load_image(sample.image, f"sample {sample.sample_id}")   # refuse a bad image at setup, not mid-run
             image_row[sample.image] = len(images)
-            images.append(load_image(sample.image, f"sample {sample.sample_id}"))
+            images.append(sample.image)
         return image_row[sample.image]
 
     # Stage one's tokenisation, reused so that cached answer ids can only match by construction.
     enc = encode_samples(processor, forget, idk_answer, max_length)
-    forget_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample)) for e in enc]
-    idk_ex = ([Example(e.sample.sample_id, e.idk_ids, e.idk_start, row(e.sample)) for e in enc]
+    forget_ex = [Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample)) for e in enc]
+    idk_ex = ([Example(e.sample.sample_id, _compact(e.idk_ids), e.idk_start, row(e.sample)) for e in enc]
               if idk_answer else None)
     retain_ex = None
     if retain:
-        retain_ex = [Example(e.sample.sample_id, e.ids, e.answer_start, row(e.sample))
+        retain_ex = [Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample))
                      for e in encode_samples(processor, retain, "", max_length)]
     pool = None
     if pool_dir:
         pool = pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool_files(pool_dir)])
     pad_id = processor.tokenizer.pad_token_id
-    return Inputs(forget_ex, idk_ex, retain_ex, {}, pixel_values(processor, images), pool,
-                  0 if pad_id is None else pad_id)
+    return Inputs(forget_ex, idk_ex, retain_ex, {}, None, pool, 0 if pad_id is None else pad_id,
+                  images=images, processor=processor)
+
+
+def _compact(ids: list[int]) -> np.ndarray:
+    """int32 token ids: a tenth of a Python list's memory (LLaVA prompts carry ~600 image tokens each)."""
+    return np.asarray(ids, np.int32)
 
 
 def needs_cache(method: str, spec) -> bool:
     return method in ("npo", "idkpo") or (method == "viker" and not spec.online)
 
 
-def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir) -> dict:
+def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir, expected: dict | None = None,
+                use_cache_settings: bool = False, log=print) -> dict:
     """The cache's recorded fingerprint, if it matches this model, prompts, forget set and pool.
 
+    Opening the cache checks every shard's sha256 (remembered per file version).
     Raises FingerprintMismatch naming the part (model weights, tokenizer, forget set, ...).
+    `expected` ({k, K, seed, reference}): the config's precompute settings; a cache
+    made with others is refused naming both values, unless `use_cache_settings`.
     """
     with RefCacheReader(cache_dir) as reader:
-        recorded = reader.fingerprint
+        recorded, settings = reader.fingerprint, reader.settings
+    if expected is not None:
+        differences = cache_setting_differences(settings, recorded, expected, pool_dir)
+        if differences and not use_cache_settings:
+            raise TrainError(f"reference cache {cache_dir} was made with other settings than the config: "
+                             f"{'; '.join(differences)}; run viker precompute with these settings, or set "
+                             f"train.use_cache_settings=true to train with the cache's")
+        if differences:
+            if log is not None:
+                log(f"[train] train.use_cache_settings: training with the cache's settings "
+                    f"({'; '.join(differences)})")
+            pool_dir = None   # the cache's pool is taken as recorded
     check_fingerprint(cache_dir, training_fingerprint(model_dir, samples, recorded, pool_dir), recorded)
     return recorded
 
 
-def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
-                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[dict[str, RefSample], dict]:
-    """Load and check the cached references of every forget sample; (refs by id, what the cache is).
+def cache_setting_differences(settings: dict, recorded: dict, expected: dict, pool_dir) -> list[str]:
+    """'k (config 3, cache 5)' for each of k, K, seed, reference and pool the cache was made otherwise."""
+    want = dict(expected)
+    if want.get("reference") == "own":
+        want["k"] = 1   # precompute forces k=1 for the own-image reference
+    found = []
+    for key, name in (("k", "precompute.k"), ("K", "precompute.top_k"), ("seed", "precompute.seed"),
+                      ("reference", "precompute.reference")):
+        if key in want and str(settings.get(key)) != str(want[key]):
+            found.append(f"{name} (config {want[key]}, cache {settings.get(key)})")
+    cached_pool = recorded.get("parts", {}).get("reference_pool")
+    if (want.get("reference", "pool") == "pool" and settings.get("reference") == "pool" and pool_dir
+            and Path(pool_dir).is_dir() and cached_pool is not None
+            and hash_files(pool_files(pool_dir)) != cached_pool):   # by content: a copied pool is the same pool
+        found.append(f"precompute.pool (config {pool_dir}, cache {settings.get('pool') or 'another pool'})")
+    return found
 
-    `recorded`: the fingerprint an earlier `check_cache` already accepted (skips hashing again).
+
+def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
+                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
+    """Open the cache and check it covers every forget sample; (the open reader, what the cache is).
+
+    Checked one shard at a time (memory bounded by a shard, not the forget set):
+    every forget sample is cached with this run's answer tokens, and carries the
+    reference log-likelihoods the method needs. The references themselves are
+    read later, on demand. `recorded`: the fingerprint an earlier `check_cache`
+    already accepted (skips hashing again).
     """
     if recorded is None:
         recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
-    reader = RefCacheReader(cache_dir)
     cached_idk = recorded.get("parts", {}).get("idk_answer")
     if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
         raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
                          f"this run uses {idk_answer!r}")
-    refs = {}
-    with reader:
-        for ex in examples:
-            if ex.sample_id not in reader:
-                raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
-            ref = reader.get(ex.sample_id)
-            if not np.array_equal(ref.answer_ids, np.asarray(ex.ids[ex.start:])):
-                raise TrainError(f"reference cache {cache_dir}: the answer tokens of {ex.sample_id!r} differ "
-                                 f"from this run's tokenisation ({ref.num_tokens} vs {len(ex.ids) - ex.start})")
-            refs[ex.sample_id] = ref
+    reader = RefCacheReader(cache_dir)
+    by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
+    for ex in examples:
+        if ex.sample_id not in reader:
+            reader.close()
+            raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
+        pos, row, _, _ = reader.locate(ex.sample_id)
+        by_shard[pos].append((row, ex))
     needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
+    try:
+        for pos, rows in sorted(by_shard.items()):
+            _check_shard_rows(reader, pos, rows, needed, method, cache_dir)
+    except TrainError:
+        reader.close()
+        raise
+    return reader, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
+def _check_shard_rows(reader: RefCacheReader, pos: int, rows: list[tuple[int, Example]], needed, method: str,
+                      cache_dir) -> None:
+    offsets = reader.shard_column(pos, "offsets")
+    answers = reader.shard_column(pos, "answer_ids")
+    for row, ex in rows:
+        cached = answers[offsets[row]:offsets[row + 1]]
+        if not np.array_equal(cached, np.asarray(ex.ids[ex.start:])):
+            raise TrainError(f"reference cache {cache_dir}: the answer tokens of {ex.sample_id!r} differ "
+                             f"from this run's tokenisation ({len(cached)} vs {len(ex.ids) - ex.start})")
     for name in needed:
-        missing = [sid for sid, r in refs.items() if getattr(r, name) is None]
+        values = reader.shard_column(pos, name)
+        missing = [ex.sample_id for row, ex in rows if values is None or np.isnan(values[row])]
         if missing:
             raise TrainError(f"method {method} needs {name} but reference cache {cache_dir} lacks it for "
                              f"{len(missing)} sample(s), e.g. {missing[0]!r}")
-    return refs, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
+def shard_groups(reader: RefCacheReader | None, examples: list[Example]) -> list[np.ndarray] | None:
+    """Example indices grouped by cache shard, in row order: what a sequential-read shuffle needs."""
+    if reader is None:
+        return None
+    shard = np.empty(len(examples), np.int32)
+    row = np.empty(len(examples), np.int32)
+    for i, ex in enumerate(examples):
+        shard[i], row[i] = reader.locate(ex.sample_id)[:2]
+    order = np.lexsort((row, shard))
+    cuts = np.flatnonzero(np.diff(shard[order])) + 1
+    return [part.astype(np.int64) for part in np.split(order, cuts)]
 
 
 class Stream:
-    """Seeded shuffled epochs over n items; this rank keeps items rank::world of each epoch's order."""
+    """Seeded shuffled epochs over n items; this rank keeps items rank::world of each epoch's order.
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.rank, self.world = n, rank, world
+    With `groups` (item indices per cache shard, in row order) an epoch shuffles
+    the shards, then windows of `window` neighbouring items within each shard,
+    then the items within a window: every order is reachable at window scale
+    while reads stay near each other on disk. Batches never straddle epochs, so
+    the last batch of an epoch may be short. Under several processes each epoch
+    is cut to a multiple of `world`, so every rank sees the same number of batches.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, groups: list | None = None,
+                 window: int = 64):
+        self.n, self.rank, self.world, self.window = n, rank, world, window
+        self.groups = groups
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[int] = []
+        self.pending = np.zeros(0, np.int64)
+
+    def _epoch(self) -> np.ndarray:
+        if self.groups is None:
+            order = torch.randperm(self.n, generator=self.generator).numpy()
+        else:
+            parts = []
+            for g in torch.randperm(len(self.groups), generator=self.generator).tolist():
+                items = self.groups[g]
+                starts = list(range(0, len(items), self.window))
+                for w in torch.randperm(len(starts), generator=self.generator).tolist():
+                    win = items[starts[w]: starts[w] + self.window]
+                    parts.append(win[torch.randperm(len(win), generator=self.generator).numpy()])
+            order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if self.world > 1:
+            order = order[: len(order) - len(order) % self.world]
+        return order[self.rank::self.world].astype(np.int64)
 
     def take(self, count: int) -> list[int]:
-        while len(self.pending) < count:   # batches may straddle epochs: every batch is full
-            order = torch.randperm(self.n, generator=self.generator).tolist()
-            self.pending += order[self.rank::self.world]
+        if len(self.pending) == 0:
+            self.pending = self._epoch()
+            if len(self.pending) == 0:
+                raise TrainError(f"{self.n} items cannot be split over {self.world} processes")
         taken, self.pending = self.pending[:count], self.pending[count:]
-        return taken
+        return taken.tolist()
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "pending": list(self.pending)}
+        return {"generator": self.generator.get_state(), "pending": self.pending.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.pending = list(state["pending"])
+        self.pending = np.asarray(state["pending"], np.int64)
+
+    def copy(self) -> "Stream":
+        twin = Stream(self.n, 0, self.rank, self.world, self.groups, self.window)
+        twin.load_state_dict(self.state_dict())
+        return twin
+
+
+class ExampleData(torch.utils.data.Dataset):
+    """Item i: (i, the encoded image of example i, its cached references or None)."""
+
+    def __init__(self, examples: list[Example], images: list[bytes], reader: RefCacheReader | None):
+        self.examples, self.images, self.reader = examples, images, reader
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        ex = self.examples[i]
+        return i, self.images[ex.image], (self.reader.get(ex.sample_id) if self.reader is not None else None)
+
+
+class Collate:
+    """Decode a batch's images and pad its references (in the DataLoader worker, off the training loop)."""
+
+    def __init__(self, examples: list[Example], processor, method: str):
+        self.examples, self.processor, self.method = examples, processor, method
+
+    def __call__(self, items) -> dict:
+        # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
+        # which costs more than pickling these few arrays (measured: 1.6k vs ... samples/s).
+        rows = [i for i, _, _ in items]
+        images = [load_image(data, f"sample {self.examples[i].sample_id}") for i, data, _ in items]
+        out = {"rows": rows, "pixels": pixel_values(self.processor, images).numpy()}
+        cached = [ref for _, _, ref in items]
+        if cached and cached[0] is not None:
+            forget = [self.examples[i] for i in rows]
+            if self.method == "viker":
+                refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
+                out["refs"] = [t.numpy() for t in dataclasses.astuple(refs)]
+            if self.method in ("npo", "idkpo"):
+                out["ref_logp_own"] = np.array([r.ref_logp_own for r in cached], np.float32)
+            if self.method == "idkpo":
+                out["ref_logp_idk"] = np.array([r.ref_logp_idk for r in cached], np.float32)
+        return out
+
+
+def _tensor(value):
+    return None if value is None else torch.from_numpy(value)
+
+
+class _Lookahead:
+    """The batch sampler of a Loader: a copy of the stream running ahead of the loop by the prefetch depth."""
+
+    def __init__(self, stream: Stream, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self):
+        while True:
+            yield self.stream.take(self.batch_size)
+
+
+class Loader:
+    """Batches of one stream read by a torch DataLoader (workers decode images and read references).
+
+    The loop's own Stream decides what comes next and is what checkpoints save;
+    the DataLoader follows a copy of it, so prefetching never moves the saved
+    position, and every batch is checked to be the one the stream asked for.
+    """
+
+    def __init__(self, dataset: ExampleData, collate: Collate, stream: Stream, batch_size: int, workers: int):
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=_Lookahead(stream.copy(), batch_size), collate_fn=collate,
+            num_workers=workers, prefetch_factor=2 if workers > 0 else None,
+            # Its own generator: starting an iterator draws a seed, which must not move the global RNG
+            # (dropout masks), or a resumed run would diverge from the uninterrupted one.
+            generator=torch.Generator().manual_seed(0))
+        self.iterator = iter(self.loader)
+
+    def next(self, rows: list[int]) -> dict:
+        got = next(self.iterator)
+        if got["rows"] != rows:
+            raise RuntimeError(f"data loader out of step with its stream ({got['rows'][:4]} vs {rows[:4]})")
+        return got
+
+
+def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> dict[str, Loader]:
+    loaders = {"forget": Loader(ExampleData(inputs.forget, inputs.images, inputs.reader),
+                                Collate(inputs.forget, inputs.processor, method), streams["forget"],
+                                batch_size, inputs.workers)}
+    if inputs.retain:
+        loaders["retain"] = Loader(ExampleData(inputs.retain, inputs.images, None),
+                                   Collate(inputs.retain, inputs.processor, method), streams["retain"],
+                                   batch_size, inputs.workers)
+    return loaders
 
 
 def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> MicroBatch:
+    """The next micro-batch; leaves its images in inputs.bank, rows renumbered from 0 (forget, then retain)."""
+    if inputs.loaders is None:   # made here, after a resumed run has restored the streams
+        inputs.loaders = make_loaders(inputs, streams, batch_size, method)
     rows = streams["forget"].take(batch_size)
-    forget = [inputs.forget[i] for i in rows]
-    mb = MicroBatch(forget)
+    got = inputs.loaders["forget"].next(rows)
+    forget = [dataclasses.replace(inputs.forget[i], image=j) for j, i in enumerate(rows)]
+    refs = Refs(*(torch.from_numpy(a) for a in got["refs"])) if "refs" in got else None
+    mb = MicroBatch(forget, refs=refs, ref_logp_own=_tensor(got.get("ref_logp_own")),
+                    ref_logp_idk=_tensor(got.get("ref_logp_idk")))
+    pixels = [torch.from_numpy(got["pixels"])]
     if inputs.idk is not None:
-        mb.idk = [inputs.idk[i] for i in rows]
+        mb.idk = [dataclasses.replace(inputs.idk[i], image=j) for j, i in enumerate(rows)]
     if inputs.retain:
-        mb.retain = [inputs.retain[j] for j in streams["retain"].take(batch_size)]
-    cached = [inputs.refs[ex.sample_id] for ex in forget] if inputs.refs else None
-    if cached and method == "viker":
-        mb.refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
-    if cached and method in ("npo", "idkpo"):
-        mb.ref_logp_own = torch.tensor([r.ref_logp_own for r in cached], dtype=torch.float32)
-    if cached and method == "idkpo":
-        mb.ref_logp_idk = torch.tensor([r.ref_logp_idk for r in cached], dtype=torch.float32)
+        rrows = streams["retain"].take(batch_size)
+        pixels.append(torch.from_numpy(inputs.loaders["retain"].next(rrows)["pixels"]))
+        mb.retain = [dataclasses.replace(inputs.retain[i], image=len(rows) + j) for j, i in enumerate(rrows)]
+    inputs.bank = torch.cat(pixels)
     return mb
 
 
@@ -587,11 +816,15 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
         forget, d = viker_loss(logits, labels, mask, refs.topk_idx, refs.topk_prob, refs.tail_mass, spec.lam,
                                kind=spec.regulariser, use_ga=spec.use_ga, token_lambda=lam_t)
     elif method == "npo":
-        forget, d = npo_loss(sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+        ll_cur, ll_ref = sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev)
+        if spec.convention == "mllmu":      # per-token mean log-ratio (losses.LOSS_CONVENTIONS)
+            ll_cur, ll_ref = per_token(ll_cur, mask), per_token(ll_ref, mask)
+        forget, d = npo_loss(ll_cur, ll_ref, spec.beta)
     elif method == "idkpo":
         idk_logits, idk_labels, idk_mask = out["idk"]
+        beta, scale = idkpo_scale(spec.convention, spec.beta, spec.idk_beta)
         forget, d = idkpo_loss(sequence_logprob(idk_logits, idk_labels, idk_mask), mb.ref_logp_idk.to(dev),
-                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), spec.beta)
+                               sequence_logprob(logits, labels, mask), mb.ref_logp_own.to(dev), beta, scale=scale)
     else:
         forget, d = ga_loss(logits, labels, mask)
     total = forget.mean()
@@ -603,7 +836,7 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
             kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
             total = total + kl.mean()
             diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
-        weight = spec.retain_weight or (1.0 if method == "graddiff" else 0.0)
+        weight = spec.retain_weight or retain_nll_weight(spec.convention, method)
         if weight > 0:
             nll, d = nll_loss(r_logits, r_labels, r_mask)
             total = total + weight * nll.mean()
@@ -644,6 +877,63 @@ def _run_identity(run: dict) -> dict:
     return ident
 
 
+# A run's published results; another run's are refused (or removed by --overwrite) at the start.
+RESULTS = ("adapter", "train_config.json", "merged")
+# The run's temporary area: everything is written here first and renamed into place.
+TMP_AREA = ".tmp"
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool, remove: bool) -> None:
+    """Refuse an output directory holding another run's results; with overwrite remove them (remove=True)."""
+    if resume and overwrite:
+        raise TrainError("--resume continues the run in train.output, --overwrite discards it: choose one")
+    found = [name for name in RESULTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise TrainError(f"train.output {out} holds another run's results ({', '.join(found)}): pass "
+                         f"--overwrite to replace them, --resume to continue that run, or choose another "
+                         f"train.output")
+    if remove:
+        for name in RESULTS + (CHECKPOINT, "log.jsonl"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def remove_temporary(out: Path) -> None:
+    """The run's temporary area and any half-renamed directories it left."""
+    for path in [out / TMP_AREA] + [out / f"{name}.tmp" for name in ("adapter", "merged", CHECKPOINT)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def adapter_files_digest(adapter_dir: Path) -> str:
+    """sha256 over the adapter directory's files (names and contents), as viker evaluate recomputes it."""
+    return hash_files([p for p in Path(adapter_dir).iterdir() if p.is_file()], root=adapter_dir)
+
+
+def publish(out: Path, model, run: dict, result: dict) -> str:
+    """Write the adapter and train_config.json in the temporary area, then rename both into place.
+
+    train_config.json records the adapter's file digest, so an adapter that is
+    not the one it describes (a crash between the two renames, an older run's
+    adapter) is refused by viker evaluate instead of being mislabeled.
+    """
+    area = out / TMP_AREA
+    shutil.rmtree(area, ignore_errors=True)
+    area.mkdir(parents=True)
+    model.save_pretrained(str(area / "adapter"), safe_serialization=True)
+    digest = adapter_files_digest(area / "adapter")
+    _atomic_json(area / "train_config.json", {**run, "result": {**result, "adapter_sha256": digest},
+                                              "adapter_sha256": digest})
+    os.replace(area / "train_config.json", out / "train_config.json")
+    _replace_dir(area / "adapter", out / "adapter")
+    shutil.rmtree(area, ignore_errors=True)
+    return digest
+
+
 def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
@@ -655,7 +945,6 @@ def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
     else:
         log.write_text("")
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)   # a stale one must never be resumed later
-    _atomic_json(out / "train_config.json", run)
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -727,12 +1016,17 @@ def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, streams,
         ranks = [None] * world
         dist.all_gather_object(ranks, _rank_state(streams))
     if rank == 0:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.parent / TMP_AREA / path.name
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         torch.save({"step": step, "run": _run_identity(run), "trainable": trainable_state(model),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks},
                    tmp / "state.pt")
+        # The checkpoint's adapter with its own description: evaluable, labeled with the steps it has.
+        digest = adapter_files_digest(tmp / "adapter")
+        _atomic_json(tmp / "train_config.json", {**run, "steps": step, "checkpoint": True,
+                                                 "result": {"steps": step, "adapter_sha256": digest},
+                                                 "adapter_sha256": digest})
         _replace_dir(tmp, path)
     if world > 1:
         dist.barrier()

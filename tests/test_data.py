@@ -110,15 +110,21 @@ def test_unreadable_image_names_file_and_row(tmp_path):
     assert "row 1" in str(e.value) and "not a readable image" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_empty_answer_is_refused(tmp_path):
+def test_empty_answer_is_skipped_and_noted(tmp_path):
+    # As the authors' reader (data_preprocess.py flatten_dataset): no answer, no training QA.
     write_split(tmp_path, "forget_10", [_profile(answer="  ")])
-    with pytest.raises(DataError, match="row 0: metadata item 0 has an empty answer"):
-        read_split(tmp_path, "forget_10")
+    notes = []
+    (p,) = read_split(tmp_path, "forget_10", notes=notes)
+    assert p.qa == [QA("q", "a")], "falls back to the question/answer columns"
+    assert len(notes) == 1 and "row 0: metadata item 0 skipped (no Answer" in notes[0]
 
 
 def test_missing_column_is_named(tmp_path):
     path = tmp_path / "forget_10" / "train-00000-of-00001.parquet"
     path.parent.mkdir()
-    pq.write_table(pa.table({"ID": ["a"], "image": [{"bytes": b"x", "path": "x"}]}), path)
-    with pytest.raises(DataError, match="missing column"):
+    pq.write_table(pa.table({"question": ["a"], "image": [{"bytes": b"x", "path": "x"}]}), path)
+    with pytest.raises(DataError, match="missing column.s. ID"):
+        read_split(tmp_path, "forget_10")
+    pq.write_table(pa.table({"ID": ["a"], "question": ["a"]}), path)
+    with pytest.raises(DataError, match="missing column image .or images."):
         read_split(tmp_path, "forget_10")

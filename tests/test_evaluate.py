@@ -86,6 +86,8 @@ def canned(monkeypatch):
 
     monkeypatch.setattr(ev, "generate", recorder)
     monkeypatch.setattr(ev, "fact_accuracy", fake_fact)
+    # Likelihood metrics need a model; they are tested in test_scoring.py.
+    monkeypatch.setattr(ev, "likelihood_metrics", lambda *a, **k: (dict.fromkeys(ev.LL_METRIC_KEYS), []))
     return recorder, fact_calls
 
 
@@ -209,7 +211,10 @@ def test_evaluate_writes_a_full_row(two_runs):
     assert set(row["metrics"]) == {"forget", "test", "retain", "real"}
     for name, values in row["metrics"].items():
         assert set(values) == set(ev.METRIC_KEYS), name
-        assert all(0.0 <= v <= 1.0 for v in values.values()), (name, values)
+        # A one-profile set has one cloze candidate per blank: likelihood cloze is not scored (scoring.py).
+        alone = row["n_items"][name]["profiles"] == 1
+        assert (values["cloze_ll_acc"] is None) == alone, name
+        assert all(0.0 <= v <= 1.0 for k, v in values.items() if k != "cloze_ll_acc" or not alone), (name, values)
     assert row["coherence_kind"] == metrics.COHERENCE_LABEL and row["bleu_note"] == metrics.BLEU_NOTE
     assert row["retain_split"] == "retain_90" and row["n_items"]["forget"]["mc"] == 6
     assert "test" in ev.format_row(row) and "%" in ev.format_row(row)
@@ -299,3 +304,55 @@ def test_configured_classifier_replaces_the_model_free_score(world, tmp_path, mo
     assert row["coherence_kind"] == f"classifier: {clf}"
     assert row["metrics"]["forget"]["coherence"] == 1.0
     assert [json.loads(line)["coherence_kind"] for line in open(tmp_path / "results.jsonl")] == [row["coherence_kind"]]
+
+
+# ------------------------------------------------------- the official MLLMU-Bench protocol
+
+@pytest.fixture(scope="module")
+def official_root(world, tmp_path_factory):
+    import shutil
+    root, _ = world
+    copy = tmp_path_factory.mktemp("official") / "mini"
+    shutil.copytree(root, copy)
+    shutil.copytree(copy / "ft_Data", copy / "Full_Set")     # the few-shot source eval.py reads
+    return copy
+
+
+def test_official_protocol_end_to_end(world, official_root, tmp_path):
+    _, model_dir = world
+    row = ev.evaluate(model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
+                      sets="forget,test,retain,real", protocol="official", eval_seed=1, **FAST)
+    assert row["protocol"] == "official" and row["protocol_id"] == "mllmu-official-v1" and row["eval_seed"] == 1
+    for name, values in row["metrics"].items():
+        for key in ("mc_acc", "rouge1", "rouge2", "rougeL", "bleu", "cloze_acc", "coherence"):
+            assert values[key] is None, "the official protocol never pools Image_Textual with Pure_Text"
+        for key in ("rougeL_image", "rougeL_text", "bleu_image"):
+            assert 0.0 <= values[key] <= 1.0, (name, key)
+    # forget_10 holds one person here: eval.py's one shot profile is that person, whose questions are then
+    # the shots and not scored; retain has several people, so it is scored.
+    assert row["n_items"]["forget"]["profiles"] == 1 and row["metrics"]["forget"]["mc_acc_image"] is None
+    assert 0.0 <= row["metrics"]["retain"]["mc_acc_image"] <= 1.0
+    assert 0.0 <= row["metrics"]["retain"]["cloze_acc_text"] <= 1.0
+    samples = [json.loads(line) for line in open(row["samples"])]
+    mc_text = [s for s in samples if s["kind"] == "mc" and s["type"] == "text"]
+    assert mc_text and all(s["n_images"] == 0 for s in mc_text)
+    forget_mc_img = [s for s in samples if s["set"] == "retain" and s["kind"] == "mc" and s["type"] == "image"]
+    assert forget_mc_img and all(s["n_images"] >= 2 for s in forget_mc_img), "shot images + the item's image"
+    assert all(s["n_images"] == 1 for s in samples if s["set"] == "real" and s["kind"] == "mc" and s["type"] == "image")
+    with pytest.raises(DataError, match="few-shot examples from split 'Full_Set'"):
+        ev.evaluate(model_dir, world[0], "forget_10", results_path=tmp_path / "r2.jsonl", sets="forget",
+                    protocol="official", **FAST)
+
+
+def test_official_batches_mix_text_only_and_multi_image_items(world):
+    from pipeline import protocol_mllmu as pm
+    root, model_dir = world
+    model, processor = load_model(model_dir, device="cpu")
+    p, q = read_split(root, "retain_90")[:2]
+    items = [pm.Item("gen", "text", p.id, "q", "r", pm.generation_prompt("Who is she?", "text")),
+             pm.Item("mc", "image", p.id, "q", "A", "USER: <image>\nx\nUSER: <image>\nWho?\nASSISTANT:",
+                     [q.image, p.image]),
+             pm.Item("gen", "image", q.id, "q", "r", pm.generation_prompt("Who is he?", "image"), [q.image])]
+    together = pm.generate_items(model, processor, items, max_new_tokens=4, batch_size=3)
+    alone = [pm.generate_items(model, processor, [it], max_new_tokens=4, batch_size=1)[0] for it in items]
+    assert together == alone

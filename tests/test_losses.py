@@ -139,14 +139,74 @@ def test_truncated_kl_exact_without_tail_and_lower_bound_with_tail():
         assert d < full - 1e-4, f"trial {trial}: bound unexpectedly tight"
 
 
-def test_bucket_probs_values_and_tail_clamp():
+def test_bucket_probs_values_and_tail_without_floor():
     logits = _logits_from_probs([[[0.1, 0.2, 0.3, 0.4]]])
     qb = L.bucket_probs(logits, torch.tensor([[[3, 0]]]))
     assert qb.dtype == torch.float32 and qb.shape == (1, 1, 3)
     torch.testing.assert_close(qb, torch.tensor([[[0.4, 0.1, 0.5]]]), atol=1e-6, rtol=0)
-    # All the mass on the top-K: tail would be ~0 (or negative by rounding).
+    # All the mass on the top-K: the tail is exactly 0 (no floor), not negative.
+    qb = L.bucket_probs(logits, torch.tensor([[[0, 1, 2, 3]]]))
+    assert qb[0, 0, -1].item() == 0.0
+    # An explicit floor is still available.
     qb = L.bucket_probs(logits, torch.tensor([[[0, 1, 2, 3]]]), eps=1e-6)
     assert qb[0, 0, -1].item() == pytest.approx(1e-6, rel=1e-3)
+
+
+def _tail64(logits, idx):
+    """Q's tail mass outside idx, in float64 (the reference)."""
+    q = torch.softmax(logits.double(), -1)
+    return 1.0 - q.gather(-1, idx).sum(-1)
+
+
+def test_tail_precision_float32_against_float64():
+    # Realistic case: the top-K hold ~all the mass, the tail is ~1e-4.
+    V, K = 4000, 32
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1, V, generator=g, dtype=D64) * 1.5
+    idx = torch.argsort(logits, -1, descending=True)[..., :K]
+    boost = torch.zeros_like(logits).scatter(-1, idx, 9.0)
+    logits = logits + boost
+    ref = _tail64(logits, idx)
+    assert 1e-5 < ref.min().item() and ref.max().item() < 1e-2
+    tail = L.bucket_probs(logits.float(), idx)[..., -1].double()
+    old = (1.0 - torch.softmax(logits.float(), -1).gather(-1, idx).sum(-1)).double()
+    rel_new = ((tail - ref).abs() / ref).max().item()
+    rel_old = ((old - ref).abs() / ref).max().item()
+    assert rel_new < 5e-6, rel_new
+    assert rel_old > 10 * rel_new     # what the 1 - sum form lost
+
+
+def test_saturated_tail_kl_and_gradient_match_float64():
+    # GA saturates the logits: Q's tail falls far below the old 1e-6 floor.
+    V, K = 50, 3
+    logits = torch.zeros(1, 1, V, dtype=D64)
+    logits[0, 0, :K] = torch.tensor([60.0, 58.0, 55.0])
+    idx = torch.arange(K).view(1, 1, K)
+    tail_r = 0.2
+    prob = torch.tensor([[[0.5, 0.2, 0.1]]])
+    labels, mask = torch.tensor([[0]]), torch.ones(1, 1)
+
+    # float64 reference of the bucket KL, from the full distribution.
+    logp = torch.log_softmax(logits, -1)[0, 0]
+    log_tail = torch.logsumexp(logp[K:], 0)
+    r = torch.tensor([0.5, 0.2, 0.1, tail_r], dtype=D64)
+    log_q = torch.cat([logp[:K], log_tail.view(1)])
+    kl_ref = float((r * (r.log() - log_q)).sum())
+    assert log_tail.exp().item() < 1e-20        # saturated: the old floor was 14 orders above
+
+    x = logits.float().clone().requires_grad_(True)
+    _, diag = L.viker_loss(x, labels, mask, idx, prob, torch.tensor([[tail_r]]), lam=1.0, use_ga=False)
+    assert diag["divergence"].item() == pytest.approx(kl_ref, rel=1e-5)
+    loss, _ = L.viker_loss(x, labels, mask, idx, prob, torch.tensor([[tail_r]]), lam=1.0, use_ga=False)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    # d KL / d z = Q - R (on the full vocabulary, R's tail spread like Q's): the tail entries keep
+    # a gradient -tail_r * Q_v / Q_tail, which a floor would have zeroed.
+    x64 = logits.clone().requires_grad_(True)
+    lp = torch.log_softmax(x64, -1)[0, 0]
+    lq = torch.cat([lp[:K], torch.logsumexp(lp[K:], 0).view(1)])
+    (r * (r.log() - lq)).sum().backward()
+    torch.testing.assert_close(grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
+    assert grad[0, 0, K:].abs().sum().item() == pytest.approx(tail_r, rel=1e-4)
 
 
 def test_reference_buckets_kept_as_stored():
@@ -305,3 +365,41 @@ def test_entropy_token_lambda():
     torch.testing.assert_close(lam_t, torch.tensor([[0.5, 0.25, 0.0]]), atol=1e-7, rtol=0)
     with pytest.raises(ValueError):
         L.entropy_token_lambda(entropy, mask, lam=0.5, scale=0.0)
+
+
+# ------------------------------------------------------- baseline conventions (losses.LOSS_CONVENTIONS)
+
+def test_npo_per_token_convention_by_hand():
+    from pipeline.losses import npo_loss, per_token
+    mask = torch.tensor([[1, 1, 1, 0]])
+    ll_cur, ll_ref = torch.tensor([-6.0]), torch.tensor([-3.0])
+    # mllmu: per-token means -2 and -1, log ratio -1: -(2/0.4) * log(sigmoid(0.4))
+    loss, d = npo_loss(per_token(ll_cur, mask), per_token(ll_ref, mask), 0.4)
+    assert loss.item() == pytest.approx(-5.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+    assert d["log_ratio"].item() == pytest.approx(-1.0)
+    # viker / openunlearning: summed, log ratio -3: three times the argument of the sigmoid
+    summed, _ = npo_loss(ll_cur, ll_ref, 0.4)
+    assert summed.item() == pytest.approx(-5.0 * math.log(1 / (1 + math.exp(-1.2))), rel=1e-6)
+
+
+def test_idkpo_conventions_by_hand():
+    from pipeline.losses import idkpo_loss, idkpo_scale, retain_nll_weight
+    assert idkpo_scale("viker", 0.4, 0.1) == (0.4, 1.0)
+    assert idkpo_scale("mllmu", 0.4, 0.1) == (0.1, pytest.approx(20.0))
+    assert idkpo_scale("openunlearning", 0.4, 0.1) == (0.1, pytest.approx(20.0))
+    beta, scale = idkpo_scale("mllmu", 0.4, 0.1)
+    # margin = 0.1 * ((-2 - -4) - (-5 - -3)) = 0.4
+    loss, d = idkpo_loss(torch.tensor([-2.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-3.0]),
+                         beta, scale=scale)
+    assert d["reward_margin"].item() == pytest.approx(0.4)
+    assert loss.item() == pytest.approx(-20.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+    assert [retain_nll_weight(c, "kl_min") for c in ("viker", "mllmu", "openunlearning")] == [0.0, 1.0, 0.0]
+    assert retain_nll_weight("viker", "graddiff") == 1.0 and retain_nll_weight("mllmu", "npo") == 0.0
+
+
+def test_unknown_convention_is_one_line():
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainError, loss_spec
+    with pytest.raises(TrainError, match="train.convention 'tofu' is not one of: viker, mllmu, openunlearning"):
+        loss_spec(TrainConfig(convention="tofu"), "npo", 5, 64, 0)
+    assert loss_spec(TrainConfig(convention="MLLMU"), "npo", 5, 64, 0).convention == "mllmu"

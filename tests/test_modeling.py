@@ -83,3 +83,20 @@ def test_pixel_values_have_model_shape(world):
     _, processor = load_model(model_dir)
     p = read_split(root, "forget_10")[0]
     assert pixel_values(processor, [load_image(p.image)]).shape == (1, 3, TINY.image_size, TINY.image_size)
+
+
+def test_set_threads_honours_viker_threads_then_omp(monkeypatch):
+    import torch
+    from pipeline.modeling import ModelError, set_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setenv("VIKER_THREADS", "1")
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("VIKER_THREADS")
+        assert set_threads() == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("VIKER_THREADS", "zero")
+        with pytest.raises(ModelError, match="VIKER_THREADS"):
+            set_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -92,6 +92,9 @@ def test_prefix_path_equals_naive_path(world, tmp_path):
             gaps = np.diff(-x.topk_prob, axis=-1, prepend=np.inf, append=np.inf)
             untied = np.minimum(gaps[:, :-1], gaps[:, 1:]) > 1e-4
             assert np.array_equal(x.topk_idx[untied], y.topk_idx[untied])
+            # own-image and idk scores run through prefix reuse too (grouped by the own image)
+            assert x.ref_logp_own == pytest.approx(y.ref_logp_own, rel=1e-5, abs=1e-4)
+            assert x.ref_logp_idk == pytest.approx(y.ref_logp_idk, rel=1e-5, abs=1e-4)
 
 
 def test_truncated_kl_from_cache_matches_full_distribution(world, reference_cache):
@@ -229,3 +232,108 @@ def test_reference_draw_is_seeded_per_sample():
     assert a != pc.draw_reference_images("mini-001/0", 24, 5, 1)
     with pytest.raises(ValueError, match="pool holds only 3"):
         pc.draw_reference_images("x", 3, 5, 0)
+
+
+# ---------------------------------------------------------------- prefix path internals
+
+@pytest.fixture(scope="module")
+def tiny_model(world):
+    _, model_dir, samples = world
+    model, processor = load_model(model_dir, device="cpu")
+    return model, processor, pc.encode_samples(processor, samples, "I don't know.", None)
+
+
+def _pixels(processor, n, seed):
+    size = processor.image_processor.crop_size["height"]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mixed_image_batch_equals_naive_rows(tiny_model):
+    """One forward holding rows of 3 images with answers of different lengths (right padding)."""
+    model, processor, enc = tiny_model
+    pad = processor.tokenizer.pad_token_id
+    pix = _pixels(processor, 3, 0)
+    P = pc.image_prefix_length(enc[0].ids, model.config.image_token_index)
+    prefix = pc.PrefixCache(model, enc[0].ids[:P], pix, capacity=3)
+    images = [0, 2, 1, 0, 2, 1, 1]
+    seqs = [enc[i % len(enc)].ids for i in range(7)]
+    seqs[1], seqs[4] = enc[0].idk_ids, enc[3].idk_ids
+    starts = [enc[i % len(enc)].answer_start for i in range(7)]
+    starts[1], starts[4] = enc[0].idk_start, enc[3].idk_start
+    assert len({len(s) - a for s, a in zip(seqs, starts)}) > 1, "rows must differ in length to test padding"
+    got = pc.answer_probs_prefix(prefix, images, pad, seqs, starts)
+    want = pc.answer_probs_naive(model, pad, seqs, starts, pix[images])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+    assert prefix.passes == 3
+
+
+def test_batches_fill_across_images_within_capacity():
+    rows = [pc.Row(img, [], 0, "ref", 0) for img in [0, 0, 1, 2, 2, 2, 3, 4]]
+    assert pc.next_batch(rows, 0, 4, 8) == 4           # 4 rows of images 0, 1, 2: full whatever the grouping
+    assert pc.next_batch(rows, 0, 8, 2) == 3           # a third image would exceed the cache
+    assert pc.next_batch(rows, 6, 8, 2) == 8
+
+
+def _score_pool(model, processor, enc, pool_size, capacity):
+    pad = processor.tokenizer.pad_token_id
+    pix = _pixels(processor, pool_size, 1)
+    draws = [pc.draw_reference_images(e.sample.sample_id, pool_size, 3, 0) for e in enc]
+    P = pc.image_prefix_length(enc[0].ids, model.config.image_token_index)
+    prefix = pc.PrefixCache(model, enc[0].ids[:P], pix, capacity=capacity)
+    sums = pc.pool_reference_sums(model, pad, enc, draws, pix, 4, prefix)
+    return prefix, sums, draws, pix
+
+
+def test_prefix_memory_does_not_grow_with_the_pool(tiny_model):
+    model, processor, enc = tiny_model
+    enc = enc * 12                                                        # 84 samples, 252 pairs
+    enc = [pc.Encoded(pc.Sample(f"x{i}", e.sample.profile_id, e.sample.image, e.sample.question, e.sample.answer),
+                      e.ids, e.answer_start, e.idk_ids, e.idk_start) for i, e in enumerate(enc)]
+    small, _, _, _ = _score_pool(model, processor, enc, 10, 4)
+    big, sums, draws, pix = _score_pool(model, processor, enc, 200, 4)
+    assert big.passes > 100 and small.passes >= 10
+    assert small.peak_images == big.peak_images == 4
+    assert abs(big.peak_bytes - small.peak_bytes) <= 0.1 * small.peak_bytes
+    # evicting and batching across images changes no number
+    want = pc.pool_reference_sums(model, processor.tokenizer.pad_token_id, enc[:5], draws[:5], pix, 4, None)
+    for r in range(5):
+        torch.testing.assert_close(sums[r], want[r], atol=1e-5, rtol=0)
+
+
+def test_own_images_share_one_prefix_per_distinct_image(tiny_model):
+    model, processor, enc = tiny_model
+    own = _pixels(processor, len(enc), 2)
+    P = pc.image_prefix_length(enc[0].ids, model.config.image_token_index)
+    prefix = pc.PrefixCache(model, enc[0].ids[:P], None, capacity=2)
+    pad = processor.tokenizer.pad_token_id
+    got = pc.score_shard(model, pad, enc, None, pool_pixels=None, own_pixels=own, batch_size=3, prefix=prefix,
+                         scores=("own", "idk"))
+    want = pc.score_shard(model, pad, enc, None, pool_pixels=None, own_pixels=own, batch_size=3, prefix=None,
+                          scores=("own", "idk"))
+    assert prefix.passes == len({e.sample.image for e in enc}) < len(enc)
+    for r in range(len(enc)):
+        assert got.logp_own[r] == pytest.approx(want.logp_own[r], rel=1e-5, abs=1e-4)
+        assert got.logp_idk[r] == pytest.approx(want.logp_idk[r], rel=1e-5, abs=1e-4)
+
+
+def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tmp_path):
+    from pipeline.train import Example, TrainError, open_references
+    root, model_dir, samples = world
+    out = tmp_path / "viker-only"
+    manifest = run(world, out, scores="reference")
+    assert manifest["settings"]["scores"] == ["reference"]
+    _, processor = load_model(model_dir, device="cpu")
+    enc = pc.encode_samples(processor, samples, "I don't know.", None)
+    examples = [Example(e.sample.sample_id, e.ids, e.answer_start, 0) for e in enc]
+    pool = str(root / "pools" / "people")
+    reader, _ = open_references(out, model_dir, samples, examples, "viker", pool, "I don't know.")
+    with reader:
+        assert all(reader.get(s.sample_id).ref_logp_own is None for s in samples)
+        assert all(reader.get(s.sample_id).ref_logp_idk is None for s in samples)
+    for method in ("npo", "idkpo"):
+        with pytest.raises(TrainError, match=f"method {method} needs ref_logp_own"):
+            open_references(out, model_dir, samples, examples, method, pool, "I don't know.")
+    with pytest.raises(ValueError, match="must include 'reference'"):
+        run(world, tmp_path / "bad", scores="own,idk")

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import pipeline.clear_eval as ce
+from pipeline import clear_official as co
+from pipeline import metrics as mt
 from pipeline import evaluate as ev
 from pipeline import precompute as pc
 from pipeline import prompts
@@ -325,16 +327,16 @@ def test_mllmu_malformed_rows_name_file_and_row(tmp_path):
         read_profiles(tmp_path, "forget_10")
     _one_line(e, path, "row 0: text choice 0", "'E' is not one of the options")
     rows = [mllmu_row("ada", 1)]
-    rows[0]["metadata"] = json.dumps([{"Question": "Who?", "Answer": ""}])
+    rows[0]["metadata"] = "[{not json"
     write_table(tmp_path / "forget_10" / "train-00000-of-00001.parquet", rows, FORGET_SCHEMA)
     with pytest.raises(DataError) as e:
         read_profiles(tmp_path, "forget_10")
-    _one_line(e, path, "row 0: metadata item 0 has an empty answer")
-    table = pa.Table.from_pylist([mllmu_row("ada", 1)], schema=FORGET_SCHEMA).drop_columns(["Mask_Task"])
+    _one_line(e, path, "row 0: column metadata is not valid JSON")
+    table = pa.Table.from_pylist([mllmu_row("ada", 1)], schema=FORGET_SCHEMA).drop_columns(["ID"])
     pq.write_table(table, path)
     with pytest.raises(DataError) as e:
         read_profiles(tmp_path, "forget_10")
-    _one_line(e, path, "missing column(s) Mask_Task")
+    _one_line(e, path, "missing column(s) ID")
 
 
 # ======================================================================== CLEAR's metrics
@@ -477,11 +479,12 @@ def test_clear_end_to_end(world):
     root = world["clear"]
     runs = _unlearn(world, root, "clear", "forget10", "clear")
     results = world["base"] / "clear-results.jsonl"
-    # Through evaluate.evaluate, as `viker evaluate` calls it with data.benchmark=clear.
-    row = ev.evaluate(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"], method="ViKeR",
-                      results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
-                      benchmark="clear", sets="forget,test,retain,real")
-    assert row["protocol"] == ce.CLEAR_PROTOCOL and row["benchmark"] == "clear"
+    # As `viker evaluate` calls it with data.benchmark=clear.
+    row = ce.evaluate_clear(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"],
+                            method="ViKeR", results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
+                            sets="forget,test,retain,real")
+    assert row["protocol"] == "viker" and row["protocol_description"] == ce.CLEAR_PROTOCOL
+    assert row["benchmark"] == "clear"
     assert row["eval_splits"] == {"forget": "forget10_perturbed", "retain": "retain_perturbed", "real": "real_faces"}
     assert row["retain_split"] == "retain90"
     assert row["n_items"] == {"forget": {"rows": 3, "truth_ratio": 3}, "retain": {"rows": 2, "truth_ratio": 2},
@@ -497,3 +500,242 @@ def test_clear_end_to_end(world):
     samples = [json.loads(line) for line in Path(row["samples"]).read_text().splitlines()]
     assert {s["kind"] for s in samples} == {"caption", "name", "truth_ratio", "mc"}
     assert "\n" not in ce.format_clear_row(row).splitlines()[0]
+
+
+# ======================================================== the published variants (issue 9)
+
+NO_META_SCHEMA = pa.schema([f for f in FORGET_SCHEMA if f.name not in ("metadata", "Directory")])
+# Full_Set as its dataset card shows it: question/answer columns, no metadata.
+FULL_SCHEMA = pa.schema([("image", IMAGE), ("ID", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+                         *TASKS])
+TRAIN_SPLIT_SCHEMA = pa.schema([("image", IMAGE), ("metadata", pa.string())])   # baseline_train_split
+
+
+def make_published_variants(root: Path) -> Path:
+    name = "train-00000-of-00001.parquet"
+    with_meta = mllmu_row("ada", 1)
+    # The split builders append extra entries: no Question/Answer keys, so no training QA.
+    meta = json.loads(with_meta["metadata"]) + [{"Additional_question": "Her hobby?", "Additional_answer": "Chess."}]
+    with_meta["metadata"] = json.dumps(meta)
+    write_table(root / "forget_10" / name, [with_meta], FORGET_SCHEMA)
+    no_meta = {k: v for k, v in mllmu_row("cy", 5).items() if k not in ("metadata", "Directory")}
+    no_meta.update(question="Where was this person born?", answer="cy was born in Graz.")
+    write_table(root / "retain_90" / name, [no_meta], NO_META_SCHEMA)
+    full = []
+    for pid, seed in (("ada", 1), ("cy", 5)):
+        r = mllmu_row(pid, seed)
+        full.append({"image": r["image"], "ID": pid, "question": "What is the name of this person?",
+                     "answer": f"This is {pid}.", **{k: r[k] for k, _ in TASKS}})
+    write_table(root / "Full_Set" / name, full, FULL_SCHEMA)
+    write_table(root / "Test_Set" / name, [held_out_row("ada", 10)], TEST_SCHEMA)
+    write_split(root, "Retain_Set", [record("real", 9)])
+    write_split(root, "ft_Data", [record("ada", 1), record("cy", 5)])
+    return root
+
+
+def test_published_mllmu_variants_load(tmp_path):
+    root = make_published_variants(tmp_path / "MLLMU-Bench")
+    notes = []
+    (ada,) = read_profiles(root, "forget_10", notes=notes)
+    assert [q.question for q in ada.qa] == ["What is the name of this person?", "Where was this person born?"]
+    assert len(notes) == 1 and "metadata item 2 skipped (no Question; keys: Additional_answer, Additional_question)" \
+        in notes[0] and "forget_10" in notes[0]
+    (cy,) = read_profiles(root, "retain_90")
+    assert cy.qa == [QA("Where was this person born?", "cy was born in Graz.")], "question/answer columns"
+    full = read_profiles(root, "Full_Set")
+    assert [p.id for p in full] == ["ada", "cy"] and full[0].qa == [QA("What is the name of this person?",
+                                                                       "This is ada.")]
+    assert len(full[1].choices) == 2 and full[1].cloze[0].ground_truth == "Graz"
+    (test,) = read_profiles(root, "Test_Set")
+    assert test.qa == [] and len(test.images) == 2
+
+
+def test_baseline_train_split_layout_gives_the_training_qa(tmp_path):
+    train_root = tmp_path / "baseline_train_split"
+    meta = [{"Question": "Who is this?", "Answer": "This is Ada."}, {"Question": "", "Answer": "x"}]
+    write_table(train_root / "forget_10" / "train-00000-of-00001.parquet",
+                [{"image": img(1), "metadata": json.dumps(meta)}, {"image": img(2), "metadata": "[]"}],
+                TRAIN_SPLIT_SCHEMA)
+    notes = []
+    profiles = read_profiles(tmp_path / "unused", "forget_10", train_root=train_root, notes=notes)
+    assert [p.id for p in profiles] == ["forget_10/0", "forget_10/1"]
+    assert [(s.sample_id, s.question) for s in forget_samples(profiles)] == [("forget_10/0/0", "Who is this?")]
+    assert len(notes) == 2 and "row 0: metadata item 1 skipped (no Question" in notes[0]
+    assert "row 1: no training QA in column metadata" in notes[1]
+    write_table(train_root / "retain_90" / "train-00000-of-00001.parquet", [{"image": img(1)}],
+                pa.schema([("image", IMAGE)]))
+    with pytest.raises(DataError, match="missing column.s. metadata"):
+        read_profiles(tmp_path, "retain_90", train_root=train_root)
+
+
+def make_clear_variants(root: Path) -> Path:
+    name = "train-00000-of-00001.parquet"
+    # +tofu: CLEAR captions (image, caption) mixed with TOFU QA rows (no image), no `name` column.
+    tofu = [{"image": img(1), "caption": CAPTIONS[0][1], "question": None, "answer": None},
+            {"image": None, "caption": None, "question": "Who wrote Basil?", "answer": "Jaime Vasquez."}]
+    write_table(root / "forget10+tofu" / name, tofu,
+                pa.schema([("image", IMAGE), ("caption", pa.string()), ("question", pa.string()),
+                           ("answer", pa.string())]))
+    rows = caption_rows(CAPTIONS, 100, perturbed=True)
+    rows[1]["perturbed_captions"], rows[1]["perturbed_names"] = [], []
+    write_table(root / "forget10_perturbed" / name, rows)
+    return root
+
+
+def test_clear_tofu_and_empty_perturbed_lists_load(tmp_path):
+    root = make_clear_variants(tmp_path / "CLEAR")
+    notes = []
+    profiles = read_profiles(root, "forget10+tofu", benchmark="clear", notes=notes)
+    assert [p.id for p in profiles] == ["forget10+tofu-0/0"] and profiles[0].qa[0].answer == CAPTIONS[0][1]
+    assert len(notes) == 1 and "row 1: text-only TOFU row skipped (no image)" in notes[0]
+    notes = []
+    rows = read_caption_rows(root, "forget10_perturbed", notes=notes)
+    assert rows[1].perturbed_captions == [] and rows[0].perturbed_captions
+    assert len(notes) == 1 and "row 1: empty perturbed list(s)" in notes[0]
+
+
+# ======================================================== CLEAR's headline metrics (issue 9)
+
+# scipy.stats.ks_2samp(a, b) (scipy 1.17.1, default method): (statistic, pvalue)
+KS_SCIPY = [
+    ([0.1, 0.2, 0.3, 0.4, 0.5], [0.35, 0.6, 0.7, 0.8, 0.9, 1.0], 0.8333333333333334, 0.025974025974025972),
+    ([1, 2, 2, 3], [2, 3, 3, 4, 5], 0.55, 0.4285714285714286),
+    ([0.5, 0.8, 1.1, 1.3, 0.9, 0.7], [0.95, 1.2, 1.4, 1.6], 0.6666666666666666, 0.18095238095238098),
+    (list(range(1, 21)), [x + 15.5 for x in range(20)], 0.75, 9.54696510144592e-06),
+    ([1, 2, 3], [1, 2, 3], 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("a, b, d, p", KS_SCIPY)
+def test_ks_matches_scipy_values(a, b, d, p):
+    got_d, got_p = mt.ks_2samp_pvalue(a, b)
+    assert got_d == pytest.approx(d, rel=1e-12) and got_p == pytest.approx(p, rel=1e-9)
+
+
+def test_ks_matches_scipy_on_random_samples_when_installed():
+    st = pytest.importorskip("scipy.stats")
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for n, m in ((30, 30), (50, 37), (300, 300)):
+        a, b = rng.lognormal(size=n), rng.lognormal(1.5, size=m)
+        assert mt.ks_2samp_pvalue(a, b)[1] == pytest.approx(st.ks_2samp(a, b).pvalue, rel=1e-9)
+
+
+def test_js_and_harmonic_mean_match_scipy_values():
+    # scipy.spatial.distance.jensenshannon([0.5, 1.2, 0.9, 2.0], [0.4, 1.1, 1.0, 3.0])
+    assert mt.js_distance([0.5, 1.2, 0.9, 2.0], [0.4, 1.1, 1.0, 3.0]) == pytest.approx(0.08406899728804217, rel=1e-9)
+    assert mt.js_distance([1, 2], [1, 2]) == 0.0
+    assert mt.harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(0.42857142857142855)   # scipy.stats.hmean
+    assert mt.harmonic_mean([0.5, 0.0]) == 0.0 and mt.harmonic_mean([0.5, None]) is None
+
+
+def test_clear_truth_ratio_prob_and_aggregates_by_hand():
+    tr = co.clear_truth_ratios([1.0, 2.0], [[1.5, 2.5], [3.0]])       # mean of ALL perturbed losses: 7/3
+    assert tr.tolist() == pytest.approx([math.exp(7 / 3 - 1), math.exp(7 / 3 - 2)])
+    assert co.truth_ratio_score(tr, forget=True) == pytest.approx((math.exp(-4 / 3) + math.exp(-1 / 3)) / 2)
+    assert co.truth_ratio_score([0.5, 2.0], forget=False) == pytest.approx((0 + 0.5) / 2)
+    share = co.normalised_prob([1.0], [[2.0, 3.0]])
+    assert share == pytest.approx(math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3)))
+    scores = {"Prob. Forget": 0.5, "Truth Ratio Forget": 0.25, "Prob. Forget FaceRec": 1.0,
+              "Truth Ratio Forget FaceRec": 0.5, "Prob. Retain": 0.8, "Truth Ratio Retain": 0.4,
+              "Prob. Retain FaceRec": 0.8, "Truth Ratio Retain FaceRec": 0.4, "Prob. Real Faces": 0.6}
+    agg = co.aggregates(scores)
+    assert agg["forget_metric"] == pytest.approx(4 / (2 + 4 + 1 + 2))
+    assert agg["retain_metric"] == pytest.approx(4 / (1.25 + 2.5 + 1.25 + 2.5))
+    assert agg["real_metric"] is None and agg["model_utility"] is None, "Real World and ROUGE missing"
+    fq = co.forget_quality([0.5, 1.0, 2.0], [0.5, 1.0, 2.0])
+    assert fq == {"forget_quality_ks": 1.0, "ks_statistic": 0.0, "forget_quality_js": pytest.approx(1.0)}
+
+
+def test_clear_official_end_to_end_with_gold(world, tmp_path):
+    import shutil
+    root = tmp_path / "CLEAR"
+    shutil.copytree(world["clear"], root)
+    write_table(root / "real_world" / "train-00000-of-00001.parquet",
+                [{"image": img(400), "question": "Which city is this?", "answer": "Paris",
+                  "options": ["Rome", "Oslo"]}])
+    # The vanilla model as its own gold: identical truth ratios, so KS p = 1 and 1 - JS = 1.
+    row = ce.evaluate_clear(str(world["model"]), str(root), "forget10", results_path=tmp_path / "r.jsonl",
+                            max_new_tokens=3, batch_size=16, device="cpu", protocol="official",
+                            gold=str(world["model"]))
+    assert row["protocol"] == "official" and row["protocol_id"] == co.PROTOCOL_ID and row["max_profiles"] == 300
+    assert row["eval_splits"]["real_world"] == "real_world"
+    c = row["clear"]
+    assert c["forget_quality_ks"] == 1.0 and c["forget_quality_js"] == pytest.approx(1.0)
+    for key in ("forget_metric", "retain_metric", "real_metric", "model_utility"):
+        assert 0 <= c[key] <= 1, key
+    assert c["forget_metric"] == pytest.approx(mt.harmonic_mean(c["scores"][k] for k in (
+        "Prob. Forget", "Truth Ratio Forget", "Prob. Forget FaceRec", "Truth Ratio Forget FaceRec")))
+    m = row["metrics"]
+    assert set(m["forget"]) == {"rougeL_recall", "rouge1_recall", "caption_prob", "caption_truth_ratio",
+                                "facerec_prob", "facerec_truth_ratio"}
+    assert set(m["real"]) == {"real_faces_prob", "real_faces_truth_ratio", "real_world_prob",
+                              "real_world_truth_ratio"}
+    samples = [json.loads(line) for line in open(row["samples"])]
+    caption_prompts = [s["question"] for s in samples if s["kind"] == "caption"]
+    assert caption_prompts and all("<image>" not in p for p in caption_prompts), "captions without the image"
+    assert all(any(q in p for q in co.CAPTION_QUESTIONS) for p in caption_prompts)
+    assert "CLEAR: forget_metric" in ce.format_clear_row(row)
+
+
+# ======================================================== viker data check (issue 9)
+
+def _check(root, *args):
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    return CliRunner().invoke(main, ["data", "check", str(root), *args])
+
+
+def test_data_check_on_a_good_and_a_broken_mllmu_download(tmp_path):
+    import shutil
+    root = make_published_variants(tmp_path / "MLLMU-Bench")
+    good = _check(root)
+    assert good.exit_code == 0, good.output
+    out = good.output
+    assert out.startswith("MLLMU-Bench at ") and "6 split folder(s)" in out
+    assert "  forget_10: 1 file(s), 1 row(s); columns: Classification_Task, Directory," in out
+    assert "not used: Directory" in out and "metadata item 2 skipped (no Question" in out
+    assert "images               Test_Set: the person's other pictures" in out
+    assert out.rstrip().endswith("OK: every required piece is present and readable")
+    shutil.rmtree(root / "Test_Set")
+    shutil.rmtree(root / "Full_Set")
+    pq.write_table(pa.table({"ID": ["x"]}), root / "retain_90" / "train-00000-of-00001.parquet")
+    bad = _check(root)
+    assert bad.exit_code == 1
+    assert "MISSING (required): Test_Set (the test set)" in bad.output
+    assert "missing (optional): Full_Set (few-shot examples of evaluate.protocol official" in bad.output
+    assert "ERROR: " in bad.output and "missing column image (or images)" in bad.output
+    assert "FAILED" in bad.output
+
+
+def test_data_check_on_clear_and_the_training_split(tmp_path, world):
+    import shutil
+    root = tmp_path / "CLEAR"
+    shutil.copytree(world["clear"], root)
+    make_clear_variants(root)
+    out = _check(root)
+    assert out.exit_code == 0, out.output
+    assert "+tofu config: picture rows only" in out.output and "missing (optional): real_world" in out.output
+    shutil.rmtree(root / "real_faces")
+    assert _check(root).exit_code == 1 and "MISSING (required): real_faces" in _check(root).output
+    train = tmp_path / "baseline_train_split"
+    for split in ("forget_10", "retain_90"):
+        write_table(train / split / "train-00000-of-00001.parquet",
+                    [{"image": img(1), "metadata": json.dumps([{"Question": "Who?", "Answer": "Ada."}])}],
+                    TRAIN_SPLIT_SCHEMA)
+    out = _check(train)
+    assert out.exit_code == 0 and out.output.startswith("MLLMU-Bench baseline_train_split"), out.output
+    shutil.rmtree(train / "retain_90")
+    assert "MISSING (required): retain_90 (the retain split paired with forget_10)" in _check(train).output
+
+
+def test_protocol_choice_errors_are_one_line(world, tmp_path):
+    with pytest.raises(DataError, match="clear_eval.evaluate_clear"):
+        ev.evaluate(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+                    benchmark="clear")
+    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
+        ev.evaluate(str(world["model"]), str(world["mllmu"]), "forget_10", results_path=tmp_path / "r.jsonl",
+                    protocol="paper")
+    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
+        ce.evaluate_clear(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+                          protocol="paper")

@@ -43,7 +43,8 @@ NAME_QUESTION = "What is the name of the person in the image?"
 
 CONFIGS = ("forget01", "forget05", "forget10", "retain99", "retain95", "retain90",
            "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-           "real_faces", "real_world")
+           "real_faces", "real_world", "forget01+tofu", "forget05+tofu", "forget10+tofu", "retain99+tofu",
+           "retain95+tofu", "retain90+tofu", "full+tofu")
 CAPTION_COLUMNS = ("image", "caption", "name")
 PERTURBED_COLUMNS = ("perturbed_captions", "paraphrased_caption", "perturbed_names")
 REAL_COLUMNS = ("image", "answer", "options")
@@ -120,30 +121,52 @@ def _text(value, what: str, where: str, required: bool = True) -> str:
     return text
 
 
-def _texts(value, what: str, where: str) -> list[str]:
+def _texts(value, what: str, where: str, allow_empty: bool = False) -> list[str]:
     if value is None:
+        if allow_empty:
+            return []
         raise DataError(f"{where}: {what} is null")
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise DataError(f"{where}: {what} must be a list of strings, got {type(value).__name__}")
     texts = [_text(v, f"{what}[{j}]", where) for j, v in enumerate(value)]
-    if not texts:
+    if not texts and not allow_empty:
         raise DataError(f"{where}: {what} is empty")
     return texts
 
 
-def read_caption_rows(root, config: str, check_images: bool = True) -> list[CaptionRow]:
-    """A forget/retain config (perturbed or not); the perturbed fields are read where present."""
-    perturbed = all(c in _columns(root, config) for c in PERTURBED_COLUMNS) or config.endswith("_perturbed")
-    required = CAPTION_COLUMNS + (PERTURBED_COLUMNS if perturbed else ())
+def is_tofu_config(config: str, columns) -> bool:
+    """A `+tofu` config (forget10+tofu, ...): CLEAR's captions mixed with TOFU's text-only QA, no `name` column."""
+    return "+tofu" in config or ("name" not in columns and "question" in columns and "caption" in columns)
+
+
+def read_caption_rows(root, config: str, check_images: bool = True, notes: list | None = None) -> list[CaptionRow]:
+    """A forget/retain config (perturbed or not); the perturbed fields are read where present.
+
+    Perturbed rows whose lists are empty are kept without a truth ratio (noted).
+    `+tofu` configs (no `name`; TOFU rows have no image, mm/dataset.py MMMixedDataset)
+    give their picture rows, named by row; their text-only TOFU rows are skipped and
+    noted: viker's stages need a picture for every sample.
+    """
+    columns = _columns(root, config)
+    tofu = is_tofu_config(config, columns)
+    perturbed = all(c in columns for c in PERTURBED_COLUMNS) or config.endswith("_perturbed")
+    required = ("image", "caption") if tofu else CAPTION_COLUMNS + (PERTURBED_COLUMNS if perturbed else ())
     rows = []
     for path, i, n, cells in _rows(root, config, required):
         where = f"{path} row {i}"
+        if tofu and cells.get("image") is None:
+            if notes is not None:
+                notes.append(f"{where}: text-only TOFU row skipped (no image)")
+            continue
+        name = _text(cells.get("name"), "name", where, required=False) if tofu else _text(cells["name"], "name", where)
         row = CaptionRow(n, image_bytes(cells["image"], where, check_images),
-                         _text(cells["caption"], "caption", where), _text(cells["name"], "name", where))
-        if perturbed:
+                         _text(cells["caption"], "caption", where), name or f"{config}-{n}")
+        if perturbed and not tofu:
             row.paraphrased_caption = _text(cells["paraphrased_caption"], "paraphrased_caption", where)
-            row.perturbed_captions = _texts(cells["perturbed_captions"], "perturbed_captions", where)
-            row.perturbed_names = _texts(cells["perturbed_names"], "perturbed_names", where)
+            row.perturbed_captions = _texts(cells["perturbed_captions"], "perturbed_captions", where, True)
+            row.perturbed_names = _texts(cells["perturbed_names"], "perturbed_names", where, True)
+            if notes is not None and not (row.perturbed_captions and row.perturbed_names):
+                notes.append(f"{where}: empty perturbed list(s): no truth ratio for this row")
         rows.append(row)
     return rows
 
@@ -179,11 +202,11 @@ def real_profile(row: RealRow) -> Profile:
                    choices=[ChoiceItem(row.question, options, letter, "image")])
 
 
-def read_clear(root, config: str, check_images: bool = True) -> list[Profile]:
+def read_clear(root, config: str, check_images: bool = True, notes: list | None = None) -> list[Profile]:
     """One CLEAR config as viker profiles (forget/retain rows: the caption QA; real_faces: the name QA)."""
     if is_real_config(root, config):
         return [real_profile(r) for r in read_real_rows(root, config, check_images)]
-    return [caption_profile(r) for r in read_caption_rows(root, config, check_images)]
+    return [caption_profile(r) for r in read_caption_rows(root, config, check_images, notes)]
 
 
 def split_exists(root, config: str) -> bool:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .clear import read_clear
-from .mllmu import DataError, read_split
+from .mllmu import DataError, read_split, read_train_split
 from .records import Profile
 
 BENCHMARKS = ("mllmu", "clear")
@@ -25,20 +25,28 @@ def check_benchmark(benchmark: str) -> str:
     return name
 
 
-def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_images: bool = True) -> list[Profile]:
+def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_images: bool = True, *,
+                  train_root: str | Path = "", notes: list | None = None) -> list[Profile]:
     """The profiles of one split (MLLMU-Bench) or config (CLEAR) under `root`.
 
     `split` may name several, comma-separated ("forget10,retain90"): their
     profiles are concatenated in that order, and must not share an id.
+    `train_root` (MLLMU-Bench): read the split's training QA from that directory
+    in the baseline_train_split layout instead (training stages only).
+    `notes` collects one line per skipped entry.
     """
     benchmark = check_benchmark(benchmark)
     names = [s.strip() for s in str(split).split(",") if s.strip()]
     if not names:
         raise DataError("no split named: data split settings must not be empty")
     profiles: list[Profile] = []
-    read = read_clear if benchmark == "clear" else read_split
     for name in names:
-        profiles += read(root, name, check_images)
+        if benchmark == "clear":
+            profiles += read_clear(root, name, check_images, notes)
+        elif train_root:
+            profiles += read_train_split(train_root, name, check_images, notes)
+        else:
+            profiles += read_split(root, name, check_images, notes)
     if len(names) > 1:
         seen: set[str] = set()
         for p in profiles:

@@ -1,10 +1,13 @@
 """MLLMU-Bench parquet files <-> `Profile` records.
 
 The layout is the published dataset's: one folder per split
-(`forget_10/train-00000-of-00001.parquet`, `Test_Set/...`), columns exactly as
-DESIGN.md 3.1 lists them. The miniature benchmark is written with the same
-writer and read back through the same reader, so the loader is exercised on
-every demo run.
+(`forget_10/train-00000-of-00001.parquet`, `Test_Set/...`), columns as
+DESIGN.md 3.1 lists them, of which only `ID` and a picture are required: the
+published variants (with or without `metadata`, Full_Set's `question`/`answer`,
+MLLMMU/baseline_train_split's image + metadata) all read, as the authors'
+readers read them (docs/REAL_BENCHMARKS.md section 2). The miniature benchmark
+is written with the same writer and read back through the same reader, so the
+loader is exercised on every demo run.
 """
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ from PIL import Image, UnidentifiedImageError
 from .records import QA, ChoiceItem, GenItem, Profile
 
 SPLITS = ("forget_5", "forget_10", "forget_15", "retain_95", "retain_90", "retain_85",
-          "Test_Set", "Retain_Set", "ft_Data")
+          "Test_Set", "Retain_Set", "ft_Data", "Full_Set")
 PARQUET_NAME = "train-00000-of-00001.parquet"
-REQUIRED_COLUMNS = ("image", "ID", "question", "answer", "Classification_Task",
-                    "Generation_Task", "Mask_Task", "metadata")
-# Test_Set rows carry the person's other pictures in `images`; the profile image and
-# the training QA are optional there (the forget split already holds them).
-TEST_REQUIRED_COLUMNS = ("images", "ID", "Classification_Task", "Generation_Task", "Mask_Task")
+# Every split needs ID and a picture (`image`, or Test_Set's `images`); everything else is
+# optional, as in the authors' readers: eval.py reads ID, image(s) and the three task
+# columns; the training readers read image + metadata (data_process/data_preprocess.py).
+REQUIRED_COLUMNS = ("ID",)
+TASK_COLUMNS = ("Classification_Task", "Generation_Task", "Mask_Task")
+# The published dataset repository also has Full_Set (all fictitious profiles: eval.py's
+# few-shot source) and, separately, MLLMMU/baseline_train_split (training QA).
+FULL_SPLIT = "Full_Set"
 
 
 class DataError(ValueError):
@@ -201,44 +207,62 @@ def _gen_items(items, column: str, where: str) -> list[GenItem]:
     return out
 
 
-def _metadata(value, where: str) -> list[QA]:
-    """`metadata`: a JSON string of [{Question, Answer, Fact?}] (one object alone is accepted too)."""
+def _metadata(value, where: str, notes: list | None = None) -> list[QA]:
+    """`metadata`: a JSON string of [{Question, Answer, Fact?}] (one object alone is accepted too).
+
+    As the authors' reader (data_process/data_preprocess.py, LLAVA_multimodal_Dataset.flatten_dataset)
+    does, an entry without a non-empty Question and Answer is not a training QA: it is skipped
+    (the split builders also append `Additional_question`/`Additional_answer` entries) and,
+    when `notes` is given, one line per skip is added to it.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return []
     try:
         meta = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: metadata is not valid JSON ({exc.msg})") from None
+        raise DataError(f"{where}: column metadata is not valid JSON ({exc.msg})") from None
     if isinstance(meta, dict):
         meta = [meta]
     if not isinstance(meta, list):
-        raise DataError(f"{where}: metadata must be a JSON list of {{Question, Answer}} objects")
+        raise DataError(f"{where}: column metadata must be a JSON list of {{Question, Answer}} objects")
     qa = []
     for j, m in enumerate(meta):
-        if not isinstance(m, dict) or "Question" not in m:
-            raise DataError(f"{where}: metadata item {j} has no Question")
-        answer = _text(m.get("Answer"))
-        if not answer:
-            raise DataError(f"{where}: metadata item {j} has an empty answer")
-        qa.append(QA(_text(m["Question"]), answer, _text(m.get("Fact"))))
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: column metadata item {j} is a {type(m).__name__}, not an object")
+        question, answer = _text(m.get("Question")), _text(m.get("Answer"))
+        if not question or not answer:
+            if notes is not None:
+                missing = "Question" if not question else "Answer"
+                notes.append(f"{where}: metadata item {j} skipped (no {missing}; keys: {', '.join(sorted(m))})")
+            continue
+        qa.append(QA(question, answer, _text(m.get("Fact"))))
     return qa
 
 
-def _profile(row: dict, where: str, check_images: bool) -> Profile:
+def _training_qa(row: dict, where: str, notes: list | None) -> list[QA]:
+    """The training QA of a row: its `metadata` where that holds any, else its `question`/`answer` columns."""
+    qa = _metadata(row.get("metadata"), where, notes)
+    if qa:
+        return qa
+    question, answer = _text(row.get("question")), _text(row.get("answer"))
+    return [QA(question, answer)] if question and answer else []
+
+
+def _profile(row: dict, where: str, check_images: bool, notes: list | None = None) -> Profile:
     if _text(row.get("ID")) == "":
-        raise DataError(f"{where}: empty ID")
+        raise DataError(f"{where}: column ID is empty")
     images = [image_bytes(img, f"{where} images[{i}]", check_images) for i, img in enumerate(row.get("images") or [])]
     if row.get("image") is not None:
         image = image_bytes(row["image"], where, check_images)
     elif images:        # Test_Set: the person's pictures are all in `images`
         image = images[0]
     else:
-        raise DataError(f"{where}: no image (neither `image` nor `images`)")
+        raise DataError(f"{where}: no image (neither column image nor images)")
     cls = row.get("Classification_Task") or {}
     return Profile(
         id=_text(row["ID"]), image=image, biography=row.get("biography") or "",
         question=row.get("question") or "", answer=row.get("answer") or "",
-        qa=_metadata(row.get("metadata"), where),
+        qa=_training_qa(row, where, notes),
         choices=_choices(cls.get("Image_Textual_Questions"), "image", where)
         + _choices(cls.get("Pure_Text_Questions"), "text", where),
         generation=_gen_items(row.get("Generation_Task"), "Generation_Task", where),
@@ -247,14 +271,49 @@ def _profile(row: dict, where: str, check_images: bool) -> Profile:
     )
 
 
-def read_split(root: str | Path, split: str, check_images: bool = True) -> list[Profile]:
-    """Read one split (every parquet file of its folder); a malformed row fails naming the file and row."""
+def check_layout(path: Path, table: pa.Table) -> None:
+    """ID and a picture (`image`, or `images` as in Test_Set) are the only columns every split needs."""
+    check_columns(path, table, REQUIRED_COLUMNS)
+    if "image" not in table.column_names and "images" not in table.column_names:
+        raise DataError(f"{path}: missing column image (or images) (has: {', '.join(table.column_names)})")
+
+
+def read_split(root: str | Path, split: str, check_images: bool = True, notes: list | None = None) -> list[Profile]:
+    """Read one split (every parquet file of its folder); a malformed row fails naming the file, row and column.
+
+    Accepted layouts (docs/REAL_BENCHMARKS.md): with or without `metadata`, with or without
+    the task columns (a missing one reads as no items), Test_Set's `images`, Full_Set's
+    `question`/`answer`. Skipped metadata entries are described in `notes` when given.
+    """
     profiles = []
     for path in split_files(root, split):
         table = read_table(path, ())
-        check_columns(path, table, TEST_REQUIRED_COLUMNS if "images" in table.column_names else REQUIRED_COLUMNS)
+        check_layout(path, table)
         for i, row in enumerate(table.to_pylist()):
-            profiles.append(_profile(row, f"{path} row {i}", check_images))
+            profiles.append(_profile(row, f"{path} row {i}", check_images, notes))
+    return profiles
+
+
+def read_train_split(train_root: str | Path, split: str, check_images: bool = True,
+                     notes: list | None = None) -> list[Profile]:
+    """Training QA in the `MLLMMU/baseline_train_split` layout: <train_root>/<split>/*.parquet, image + metadata.
+
+    The authors' baselines learn from these files (baselines/GA.py main: forget_N / retain_M
+    folders, LLAVA_multimodal_Dataset over `image` and `metadata`). ID is optional there: a
+    row without one gets `<split>/<row>`. Only the training QA are read.
+    """
+    profiles, n = [], 0
+    for path in split_files(train_root, split):
+        table = read_table(path, ("image", "metadata"))
+        for i, row in enumerate(table.to_pylist()):
+            where = f"{path} row {i}"
+            pid = _text(row.get("ID")) or f"{split}/{n}"
+            qa = _metadata(row.get("metadata"), where, notes)
+            if not qa and notes is not None:
+                notes.append(f"{where}: no training QA in column metadata")
+            profiles.append(Profile(id=pid, image=image_bytes(row["image"], where, check_images),
+                                    qa=qa))
+            n += 1
     return profiles
 
 

@@ -1,0 +1,387 @@
+"""`viker study`: every method over benchmark draws, forget splits and training seeds.
+
+One demo run is one benchmark draw, one forget split and one seed; the two
+draws in the README disagree. The study repeats the unlearning sweep over
+the grid of `study.*` keys and compares methods at *matched forgetting*
+(study_report.py), with 95% bootstrap intervals over draws x seeds.
+
+Phases, each parallel over `study.workers` processes pinned to one torch
+thread (VIKER_THREADS=1: several torch processes each using every core ran
+7x slower on 2 cores):
+  1. per draw (the validation draw and the test draws): benchmark, tiny base,
+     vanilla model (demo.ensure_*; reused by their stamps);
+  2. per (draw, split, reference settings): the stage-one cache (resumes itself);
+  3. selection: on the validation draw only, every method runs its budget sweep
+     for each candidate (lr, and lambda for ViKeR); the rule below picks one
+     candidate per method; the choice is written to selection.json and frozen;
+  4. the test grid with the frozen hyper-parameters, then the comparisons
+     (ablations, reference sources, k, lambda, regulariser, per-token lambda)
+     on `study.ablation_split` with the first seed;
+  5. docs/STUDY.md with tables and plots.
+
+Selection rule (the same for every method): the candidate with the largest
+area under its retain-utility vs forgetting curve (study_report.curve_auc, on
+the validation draw, split `study.val_split`, first seed); ties go to the
+candidate listed first. The test draws never take part in the choice, and
+the demo's draw (mini.seed 0) is not allowed among them.
+
+Runs are keyed by their full settings (a hash of them names the run's
+folder); a finished run has `done.json`, written last and atomically, and is
+reused; anything else is redone, so a killed study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO", "viker": "ViKeR"}
+# CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
+QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
+         "finetune.steps=40", "finetune.batch_size=8", "finetune.gate_min_acc=0", "finetune.warmup_steps=5",
+         "tiny.vocab_size=400", "tiny.vision_hidden=32", "tiny.vision_layers=1", "tiny.text_hidden=32",
+         "tiny.text_layers=1", "tiny.text_heads=2", "tiny.max_positions=256", "precompute.k=2",
+         "precompute.top_k=8", "evaluate.max_profiles=2", "evaluate.max_new_tokens=8",
+         "study.splits=forget_10", "study.seeds=0", "study.methods=ga,viker", "study.budgets=2,4",
+         "study.lrs=2e-3", "study.lams=0.5", "study.refs=pets", "study.ks=1", "study.lam_sweep=0.1",
+         "study.regularisers=jsd", "study.n_boot=200", "study.output=cache/study-quick",
+         "study.report=cache/study-quick/STUDY.md")
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def check_study(cfg: Config) -> None:
+    s = cfg.study
+    draws = [int(d) for d in csv_list(s.draws)]
+    if len(set(draws)) < 3:
+        raise ConfigError(f"study.draws needs >= 3 distinct benchmark draws, got {s.draws!r}")
+    if 0 in draws or s.val_draw == 0:
+        raise ConfigError("study.draws and study.val_draw must not use mini.seed 0: that is the demo's draw")
+    if s.val_draw in draws:
+        raise ConfigError(f"study.val_draw {s.val_draw} is also a test draw: choose hyper-parameters elsewhere")
+    for key in ("forget_metric", "utility_metric"):
+        if getattr(s, key) not in ("fact_acc", "mc_ll_acc", "mc_acc"):
+            raise ConfigError(f"study.{key} must be fact_acc, mc_ll_acc or mc_acc, got {getattr(s, key)!r}")
+    if s.workers < 1:
+        raise ConfigError("study.workers must be >= 1")
+
+
+# ---------------------------------------------------------------- settings
+
+def draw_config(cfg: Config, draw: int) -> Config:
+    """The config of one benchmark draw: its own data, base and vanilla model under study.output."""
+    c = copy.deepcopy(cfg)
+    root = Path(cfg.study.output) / f"draw-{draw}"
+    c.mini.seed = draw
+    c.data.root = str(root / "mini")
+    c.finetune.base = str(root / "tiny-base")
+    c.finetune.output = c.model.path = str(root / "vanilla")
+    return c
+
+
+def run_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_settings(cfg: Config, ref: str = "people", k: int | None = None) -> dict:
+    """What the stage-one cache of a ViKeR variant depends on."""
+    if ref == "own":
+        return {"pool": "", "reference": "own", "k": 1}
+    return {"pool": ref, "reference": "pool", "k": cfg.precompute.k if k is None else k}
+
+
+def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget: int, lr: float, lam: float,
+             variant: str, group: str, ref: dict | None = None, **train) -> dict:
+    """The full settings of one run: everything that changes its numbers (the run's key) plus its labels."""
+    ref = ref or reference_settings(cfg)
+    settings = {"draw": draw, "split": split, "seed": seed, "method": method, "budget": budget,
+                "lr": lr, "lam": lam, "ref": ref, "train": train,
+                "mini": _changed(cfg.mini, seed=draw), "tiny": _changed(cfg.tiny), "finetune": _changed(cfg.finetune),
+                "top_k": cfg.precompute.top_k, "evaluate": _changed(cfg.evaluate, results=None),
+                "train_base": _changed(cfg.train, output=None)}
+    return {"key": run_key(settings), "variant": variant, "group": group, "settings": settings}
+
+
+def _changed(section, **fixed) -> dict:
+    """The section's values that differ from the defaults, with `fixed` applied (None drops a key).
+
+    Only changed values enter a run's key: a config key added later at its
+    default leaves every finished run valid (changing a *default* therefore
+    needs a new study.output).
+    """
+    values = asdict(section) | fixed
+    defaults = asdict(type(section)())
+    return {k: v for k, v in values.items() if v is not None and (k in fixed or v != defaults.get(k))}
+
+
+def _frozen(selection: dict, method: str) -> tuple[float, float]:
+    pick = selection[method]
+    return float(pick["lr"]), float(pick["lam"])
+
+
+def selection_runs(cfg: Config) -> list[dict]:
+    s = cfg.study
+    seed = int(csv_list(s.seeds)[0])
+    runs = []
+    for method in csv_list(s.methods):
+        lams = [float(x) for x in csv_list(s.lams)] if method == "viker" else [cfg.train.lam]
+        for lr in [float(x) for x in csv_list(s.lrs)]:
+            for lam in lams:
+                for budget in [int(b) for b in csv_list(s.budgets)]:
+                    runs.append(make_run(cfg, s.val_draw, s.val_split, seed, method, budget, lr, lam,
+                                         f"{LABELS.get(method, method)} lr={lr:g}" +
+                                         (f" λ={lam:g}" if method == "viker" else ""), "selection"))
+    return runs
+
+
+def test_runs(cfg: Config, selection: dict) -> list[dict]:
+    """The main grid with frozen hyper-parameters, then the comparisons on the ablation split."""
+    s = cfg.study
+    draws, seeds = [int(d) for d in csv_list(s.draws)], [int(x) for x in csv_list(s.seeds)]
+    budgets = [int(b) for b in csv_list(s.budgets)]
+    runs = []
+    for draw in draws:
+        for split in csv_list(s.splits):
+            for seed in seeds:
+                for method in csv_list(s.methods):
+                    lr, lam = _frozen(selection, method)
+                    for budget in budgets:
+                        runs.append(make_run(cfg, draw, split, seed, method, budget, lr, lam,
+                                             LABELS.get(method, method), "main"))
+    if not s.ablations or "viker" not in selection:
+        return runs
+    lr, lam = _frozen(selection, "viker")
+    variants = [("ViKeR w/o GA", "ablation", {}, {"use_ga": False}),
+                ("ViKeR w/o Vis", "ablation", reference_settings(cfg, "own"), {})]
+    variants += [(f"ViKeR ref={r}", "reference", reference_settings(cfg, r), {}) for r in csv_list(s.refs)]
+    variants += [(f"ViKeR k={k}", "k", reference_settings(cfg, k=int(k)), {}) for k in csv_list(s.ks)]
+    variants += [(f"ViKeR λ={x}", "lambda", {}, {"lam": float(x)}) for x in csv_list(s.lam_sweep)]
+    variants += [(f"ViKeR D={d.upper()}", "regulariser", {}, {"regulariser": d}) for d in csv_list(s.regularisers)]
+    variants += [("ViKeR per-token λ", "token_lambda", {}, {"token_lambda": True})]
+    seed = seeds[0]
+    for draw in draws:
+        for variant, group, ref, train in variants:
+            train = dict(train)
+            this_lam = train.pop("lam", lam)
+            for budget in budgets:
+                runs.append(make_run(cfg, draw, s.ablation_split, seed, "viker", budget, lr, this_lam, variant, group,
+                                     ref or None, **train))
+    return runs
+
+
+def vanilla_runs(cfg: Config, draws: list[int], splits: list[str]) -> list[dict]:
+    return [make_run(cfg, d, sp, 0, "vanilla", 0, 0.0, 0.0, "Vanilla", "vanilla") for d in draws for sp in splits]
+
+
+# ---------------------------------------------------------------- workers
+
+def _init_worker() -> None:
+    os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
+    os.environ["VIKER_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from .modeling import set_threads
+    set_threads()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+def prepare_draw(cfg: Config, draw: int) -> str:
+    """Benchmark, base and vanilla model of one draw (each reused when its stamp matches)."""
+    from .demo import ensure_base_model, ensure_benchmark, ensure_vanilla
+    c = draw_config(cfg, draw)
+    quiet = lambda *_: None
+    ensure_benchmark(c, quiet)
+    ensure_base_model(c, quiet)
+    ensure_vanilla(c, quiet)
+    _write_image_pools(c)
+    return c.finetune.output
+
+
+def _write_image_pools(c: Config) -> None:
+    """The benchmark's own retain-set and forget-set images as reference pools (reference-source comparison)."""
+    from .data.loaders import default_splits, read_profiles
+    split = c.study.ablation_split
+    for name, which in (("retain_set", default_splits(c.data.benchmark, split)["retain"]), ("forget_set", split)):
+        folder = Path(c.data.root) / "pools" / name
+        if (folder / "done").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in read_profiles(c.data.root, which, c.data.benchmark):
+            (folder / f"{p.id}.png").write_bytes(p.image)
+        (folder / "done").write_text("")
+
+
+def cache_dir(cfg: Config, draw: int, split: str, ref: dict) -> str:
+    name = f"{split}-{ref['reference']}-{ref['pool'] or 'own'}-k{ref['k']}"
+    return str(Path(cfg.study.output) / f"draw-{draw}" / "refs" / name)
+
+
+def _cache_config(cfg: Config, draw: int, split: str, ref: dict) -> Config:
+    c = draw_config(cfg, draw)
+    c.data.forget_split = split
+    pool = ref["pool"] or c.precompute.pool
+    if pool in ("retain_set", "forget_set"):
+        pool = str(Path(c.data.root) / "pools" / pool)
+    c.precompute = replace(c.precompute, output=cache_dir(cfg, draw, split, ref), pool=pool,
+                           reference=ref["reference"], k=ref["k"])
+    return c
+
+
+def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
+    from .runs import run_precompute
+    c = _cache_config(cfg, draw, split, ref)
+    # The study owns its cache directories: shards of another fingerprint (older settings) are replaced.
+    run_precompute(c, c.finetune.output, overwrite=True, log=lambda *_: None)
+    return c.precompute.output
+
+
+def execute_run(cfg: Config, run: dict) -> dict:
+    """Train and evaluate one run unless it is finished; returns its done record."""
+    from .evaluate import evaluate
+    from .runs import run_train
+    folder = Path(cfg.study.output) / "runs" / run["key"]
+    done = folder / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    st = run["settings"]
+    c = _cache_config(cfg, st["draw"], st["split"], st["ref"])
+    folder.mkdir(parents=True, exist_ok=True)
+    results = folder / "results.jsonl"
+    results.unlink(missing_ok=True)           # a half-finished earlier attempt
+    e = c.evaluate
+    common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                  coherence_classifier=e.coherence_classifier, max_profiles=e.max_profiles, results_path=results,
+                  likelihood_sets=e.likelihood_sets,
+                  samples_path=folder / "samples.jsonl", dtype=c.model.dtype, device=c.model.device)
+    vanilla = c.finetune.output
+    if st["method"] == "vanilla":
+        row = evaluate(vanilla, c.data.root, st["split"], method="Vanilla", budget=0, **common)
+    else:
+        tcfg = replace(c.train, method=st["method"], steps=st["budget"], lr=st["lr"], lam=st["lam"],
+                       seed=st["seed"], output=str(folder / "train"), **st["train"])
+        out = run_train(c, vanilla, tcfg, overwrite=True, log=lambda *_: None)   # a killed attempt is replaced
+        row = evaluate(vanilla, c.data.root, st["split"], adapter=out["adapter"], method=run["variant"],
+                       setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
+                       seed=st["seed"], **common)
+    record = {**run, "row": row, "seconds": round(time.time() - t0, 2)}
+    tmp = folder / "done.json.tmp"
+    tmp.write_text(json.dumps(record, ensure_ascii=False))
+    tmp.replace(done)                          # last, atomically: only finished runs are reused
+    return record
+
+
+def _parallel(workers: int, fn, jobs: list[tuple], log, what: str) -> list:
+    """fn(*job) for every job, over `workers` one-thread processes; results in job order."""
+    if not jobs:
+        return []
+    t = time.time()
+    out = [None] * len(jobs)
+    if workers == 1:
+        _init_worker()
+        for i, job in enumerate(jobs):
+            out[i] = fn(*job)
+    else:
+        import multiprocessing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker) as pool:
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+            for n, fut in enumerate(as_completed(futures), start=1):
+                out[futures[fut]] = fut.result()
+                if n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
+                    log(f"[study] {what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
+    log(f"[study] {what}: {len(jobs)} done in {time.time() - t:.1f}s")
+    return out
+
+
+def _runs_needing(cfg, runs):
+    return [r for r in runs if not (Path(cfg.study.output) / "runs" / r["key"] / "done.json").is_file()]
+
+
+def _caches(cfg: Config, runs: list[dict]) -> list[tuple]:
+    seen = {}
+    for r in runs:
+        st = r["settings"]
+        if st["method"] == "viker":
+            seen[(st["draw"], st["split"], json.dumps(st["ref"], sort_keys=True))] = st["ref"]
+    return [(cfg, d, sp, ref) for (d, sp, _), ref in seen.items()]
+
+
+def _execute(cfg: Config, runs: list[dict], log, what: str) -> list[dict]:
+    todo = _runs_needing(cfg, runs)
+    log(f"[study] {what}: {len(runs)} runs, {len(runs) - len(todo)} reused")
+    _parallel(cfg.study.workers, prepare_cache, _caches(cfg, todo), log, f"{what} caches")
+    _parallel(cfg.study.workers, execute_run, [(cfg, r) for r in todo], log, what)
+    return [json.loads((Path(cfg.study.output) / "runs" / r["key"] / "done.json").read_text()) for r in runs]
+
+
+def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
+    """All phases (module doc); returns the paths written and the wall time."""
+    from .study_report import select, write_study_report
+    check_study(cfg)
+    t0 = time.time()
+    s = cfg.study
+    out = Path(s.output)
+    out.mkdir(parents=True, exist_ok=True)
+    draws = [int(d) for d in csv_list(s.draws)]
+    _parallel(s.workers, prepare_draw, [(cfg, d) for d in [s.val_draw] + draws], log, "vanilla models")
+
+    val_seed = int(csv_list(s.seeds)[0])
+    val_runs = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
+    val_records = _execute(cfg, val_runs, log, "selection")
+    selection = select(val_records, s.forget_metric, s.utility_metric)
+    (out / "selection.json").write_text(json.dumps({"rule": SELECTION_RULE, "draw": s.val_draw,
+                                                    "split": s.val_split, "seed": val_seed,
+                                                    "chosen": selection}, indent=1) + "\n")
+    log(f"[study] hyper-parameters frozen: {json.dumps(selection)}")
+
+    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    runs = vanilla_runs(cfg, draws, splits) + test_runs(cfg, selection)
+    records = _execute(cfg, runs, log, "test grid")
+    wall = time.time() - t0
+    paths = write_study_report(cfg, records, val_records, selection, command=command, wall_seconds=wall)
+    log(f"[study] done in {wall:.1f}s; report {paths['markdown']}")
+    return {"wall_seconds": wall, "runs": len(runs) + len(val_runs), **{k: str(v) for k, v in paths.items()}}
+
+
+def report_only(cfg: Config, command: str, log=print) -> dict:
+    """STUDY.md from the runs finished so far (a study still running, or stopped): nothing is trained.
+
+    The report states how many of the planned runs it holds; hyper-parameters
+    come from the selection.json the study froze (none: no report).
+    """
+    from .study_report import write_study_report
+    check_study(cfg)
+    s = cfg.study
+    frozen = Path(s.output) / "selection.json"
+    if not frozen.is_file():
+        raise ConfigError(f"{frozen} does not exist: the study has not finished its selection phase yet")
+    selection = json.loads(frozen.read_text())["chosen"]
+    draws = [int(d) for d in csv_list(s.draws)]
+    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    planned_val = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
+    planned = vanilla_runs(cfg, draws, splits) + test_runs(cfg, selection)
+    read = lambda runs: [json.loads(p.read_text()) for p in
+                         (Path(s.output) / "runs" / r["key"] / "done.json" for r in runs) if p.is_file()]
+    val_records, records = read(planned_val), read(planned)
+    seconds = sum(r.get("seconds", 0) for r in val_records + records)
+    note = (f"{len(records) + len(val_records)} of {len(planned) + len(planned_val)} planned runs finished "
+            f"(report written by --report-only; summed run time {seconds / 60:.1f} min of worker time)")
+    log(f"[study] {note}")
+    paths = write_study_report(cfg, records, val_records, selection, command=command, wall_seconds=float("nan"),
+                               note=note)
+    return {"runs": len(records) + len(val_records), "planned": len(planned) + len(planned_val),
+            **{k: str(v) for k, v in paths.items()}}
+
+
+SELECTION_RULE = ("per method, the candidate (lr, and lambda for ViKeR) with the largest area under its "
+                  "retain-utility vs forgetting curve on the validation draw; ties go to the candidate listed first")

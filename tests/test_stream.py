@@ -1,0 +1,119 @@
+"""Stage two's data path: streamed micro-batches give the in-memory losses; the shuffle is shard-aware."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import precompute as pc, train as tr
+from pipeline.data.mllmu import read_split
+from pipeline.data.records import forget_samples
+from pipeline.encoding import load_image, pixel_values
+from pipeline.modeling import load_model
+from pipeline.refcache import RefCacheReader
+from tests.test_train import _sharpen
+from tests.tiny import make_world, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root, model_dir = make_world(tmp_path_factory, tiny_config(text_layers=1), n_fictitious=10, pool_size=6)
+    _sharpen(model_dir)
+    forget = forget_samples(read_split(root, "forget_10"))
+    retain = forget_samples(read_split(root, "retain_90"))[:12]
+    cache = tmp_path_factory.mktemp("refs")
+    pc.precompute(str(model_dir), forget, str(cache), pool_dir=str(root / "pools" / "people"), k=3, top_k=8,
+                  seed=0, shard_size=4, batch_size=8, dtype="float32", device="cpu", log=lambda *_: None)
+    model, processor = load_model(model_dir, device="cpu")
+    model = tr.wrap_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():   # a non-zero adapter, so kl_min's vanilla and current models differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return {"forget": forget, "retain": retain, "cache": cache, "model": model, "processor": processor,
+            "model_dir": model_dir}
+
+
+def in_memory_batch(w, inputs, rows, rrows, method):
+    """The pre-streaming data path: every image decoded into one bank, every reference in a dict."""
+    bank = pixel_values(w["processor"], [load_image(b) for b in inputs.images])
+    with RefCacheReader(w["cache"]) as reader:
+        refs = {ex.sample_id: reader.get(ex.sample_id) for ex in inputs.forget}
+    mem = tr.Inputs(inputs.forget, inputs.idk, inputs.retain, refs, bank, None, inputs.pad_id)
+    forget = [inputs.forget[i] for i in rows]
+    mb = tr.MicroBatch(forget)
+    cached = [refs[ex.sample_id] for ex in forget]
+    if method == "viker":
+        mb.refs = tr.pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
+    if method in ("npo", "idkpo"):
+        mb.ref_logp_own = torch.tensor([r.ref_logp_own for r in cached])
+    if method == "idkpo":
+        mb.ref_logp_idk = torch.tensor([r.ref_logp_idk for r in cached])
+        mb.idk = [inputs.idk[i] for i in rows]
+    if rrows:
+        mb.retain = [inputs.retain[j] for j in rrows]
+    return mem, mb
+
+
+@pytest.mark.parametrize("method,workers", [("ga", 0), ("graddiff", 2), ("kl_min", 0), ("npo", 0),
+                                            ("idkpo", 0), ("viker", 2)])
+def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
+    w = world
+    retain = w["retain"] if tr.needs_retain(method, 0.0) else []
+    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None,
+                             "I don't know." if method == "idkpo" else "", None)
+    inputs.workers = workers
+    if method in ("npo", "idkpo", "viker"):
+        inputs.reader, _ = tr.open_references(w["cache"], w["model_dir"], w["forget"], inputs.forget, method,
+                                              None, "I don't know.")
+    streams = {"forget": tr.Stream(len(inputs.forget), 0, groups=tr.shard_groups(inputs.reader, inputs.forget)),
+               "retain": tr.Stream(len(inputs.retain or []), 1)}
+    twin = {k: s.copy() for k, s in streams.items()}
+    spec = tr.LossSpec(method, lam=1.0)
+    net = tr.AnswerLogits(w["model"])
+    for _ in range(3):
+        rows = twin["forget"].take(3)
+        rrows = twin["retain"].take(3) if inputs.retain else []
+        mb = tr.next_micro_batch(inputs, streams, 3, method)
+        streamed, d_stream = tr.micro_batch_loss(net, w["model"], mb, spec, inputs, torch.device("cpu"))
+        mem, mb_mem = in_memory_batch(w, inputs, rows, rrows, method)
+        expected, d_mem = tr.micro_batch_loss(net, w["model"], mb_mem, spec, mem, torch.device("cpu"))
+        assert torch.equal(streamed, expected), (method, float(streamed), float(expected))
+        assert d_stream.keys() == d_mem.keys()
+        assert abs(float(streamed.detach())) > 1e-3
+    if inputs.reader is not None:
+        inputs.reader.close()
+
+
+def test_shard_aware_shuffle_keeps_windows_and_respects_epochs():
+    groups = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 25)]
+    s = tr.Stream(25, seed=3, groups=groups, window=4)
+    epoch = []
+    while True:
+        batch = s.take(4)
+        epoch += batch
+        if len(s.pending) == 0:
+            break
+    assert sorted(epoch) == list(range(25))                     # an epoch is a permutation ...
+    assert [len(b) for b in [epoch[i:i + 4] for i in range(0, 25, 4)]][-1] == 1   # ... ending in a short batch
+    shard_of = [i // 10 for i in epoch]
+    assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) == 2   # each shard read in one stretch
+    for shard in range(3):                                       # each window (4 neighbours) read in one stretch
+        win = [(i - 10 * shard) // 4 for i in epoch if i // 10 == shard]
+        assert sum(x != y for x, y in zip(win, win[1:])) == len(set(win)) - 1
+    assert epoch != list(range(25))
+    again = s.take(4)                                           # the next epoch starts afresh, shuffled anew
+    assert len(again) == 4 and s.take(100) and len(s.pending) == 0
+
+
+def test_stream_state_round_trips_and_ranks_get_equal_epochs():
+    a = tr.Stream(10, seed=5, groups=[np.arange(10)], window=3)
+    a.take(4)
+    b = tr.Stream(10, seed=99, groups=[np.arange(10)], window=3)
+    b.load_state_dict(a.state_dict())
+    assert [a.take(3) for _ in range(5)] == [b.take(3) for _ in range(5)]
+    ranks = [tr.Stream(11, seed=0, rank=r, world=3) for r in range(3)]
+    epochs = [r.take(100) for r in ranks]
+    assert [len(e) for e in epochs] == [3, 3, 3]                # 11 cut to 9: same batch count on every rank
+    assert len(set(sum(epochs, []))) == 9
