@@ -80,7 +80,7 @@ from .forward import answer_logits, make_text_batch
 from .generation import generate
 from .prompts import multiple_choice_prompt, train_prompt
 from .protocol_mllmu import Item, generate_items
-from .results import append_result, write_jsonl
+from .results import append_result, mean, sample_row, write_jsonl
 
 CLEAR_PROTOCOL = (
     "viker-clear-v1: CLEAR (therem/CLEAR) scored as its authors' mm/eval.py: greedy caption for a fixed "
@@ -211,10 +211,10 @@ def evaluate_caption_set(model, processor, rows: list[CaptionRow], set_name: str
         ratios.append(truth_ratio(true, wrong))
         samples.append(_sample(set_name, r.id, "truth_ratio", CAPTION_QUESTION, r.paraphrased_caption, "",
                                {"ratio": ratios[-1], "paraphrased_logp": true, "perturbed_logp": wrong}))
-    result = {"rougeL_recall": _mean(s["rougeL_recall"] for s in rouge),
-              "rouge1_recall": _mean(s["rouge1_recall"] for s in rouge),
-              "name_acc": _mean(named), "caption_prob": _mean(s["caption_prob"] for s in rouge),
-              **truth_ratio_summary(ratios, forget), "coherence": _mean(coherent)}
+    result = {"rougeL_recall": mean(s["rougeL_recall"] for s in rouge),
+              "rouge1_recall": mean(s["rouge1_recall"] for s in rouge),
+              "name_acc": mean(named), "caption_prob": mean(s["caption_prob"] for s in rouge),
+              **truth_ratio_summary(ratios, forget), "coherence": mean(coherent)}
     return result, samples
 
 
@@ -241,17 +241,12 @@ def evaluate_real_set(model, processor, rows: list[RealRow], set_name: str = "re
             shares.append(normalised_prob_share(true, wrong))
             samples.append(_sample(set_name, r.id, "truth_ratio", r.question, r.answer, "",
                                    {"ratio": ratios[-1], "true_logp": true, "wrong_logp": wrong}))
-    return {"mc_acc": _mean(correct), "name_prob": _mean(shares), **truth_ratio_summary(ratios, forget=False)}, samples
+    return {"mc_acc": mean(correct), "name_prob": mean(shares), **truth_ratio_summary(ratios, forget=False)}, samples
 
 
 def _sample(set_name, row_id, kind, question, reference, answer, scores) -> dict:
-    return {"set": set_name, "profile": row_id, "kind": kind, "type": "Image_Textual", "question": question,
-            "reference": reference, "answer": answer, "scores": scores}
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
+    # CLEAR's items all carry an image: the row type is always Image_Textual.
+    return sample_row(set_name, row_id, kind, question, reference, answer, scores, "Image_Textual")
 
 
 # ------------------------------------------------------------------ a run
@@ -453,14 +448,14 @@ def _official_sets(model, processor, rows, names, eval_seed, max_new_tokens, bat
         rouge = [rouge_recall(a, r.caption) for a, r in zip(answers, items)]
         for r, p, a, sc, gt in zip(items, prompts, answers, rouge, caption["losses"]["gt"]):
             samples.append(_sample(name, r.id, "caption", p, r.caption, a, {**sc, "gt_loss": gt}))
-        scores[f"ROUGE {label}"] = _mean(s["rougeL_recall"] for s in rouge)
+        scores[f"ROUGE {label}"] = mean(s["rougeL_recall"] for s in rouge)
         scores[f"Prob. {label}"], scores[f"Truth Ratio {label}"] = caption["prob"], caption["truth_ratio"]
         scores[f"Prob. {label} FaceRec"], scores[f"Truth Ratio {label} FaceRec"] = face["prob"], face["truth_ratio"]
         if forget:
             forget_tr = caption["tr"]
         samples.append(_sample(name, "", "truth_ratios", task_name, "", "", {"tr": caption["tr"]}))
         results[name] = {"rougeL_recall": scores[f"ROUGE {label}"],
-                         "rouge1_recall": _mean(s["rouge1_recall"] for s in rouge),
+                         "rouge1_recall": mean(s["rouge1_recall"] for s in rouge),
                          "caption_prob": caption["prob"], "caption_truth_ratio": caption["truth_ratio"],
                          "facerec_prob": face["prob"], "facerec_truth_ratio": face["truth_ratio"]}
     return results, samples, scores, forget_tr

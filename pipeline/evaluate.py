@@ -37,7 +37,7 @@ from .modeling import ModelError, load_model, resolve_device
 from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
 from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
 from .protocol_mllmu import PROTOCOL_ID, evaluate_official
-from .results import append_result, flatten, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
+from .results import append_result, flatten, mean, sample_row, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
 from .scoring import LL_METRIC_KEYS, likelihood_metrics
 
 SET_NAMES = ("forget", "test", "retain", "real")
@@ -166,7 +166,7 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens)
     fact = fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
                          desc=f"{set_name} fact")
-    fact_rows = [_sample(set_name, "", "fact", e["question"], e["fact"], e["answer"],
+    fact_rows = [sample_row(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
     # Likelihood metrics cost ~4 teacher-forced forwards per item: `likelihood=False` leaves them None.
@@ -219,8 +219,8 @@ def _multiple_choice(run, profiles, images, few_shot, new_tokens):
     for (_, _, p, c), answer in zip(items, answers):
         letter = metrics.parse_choice_letter(answer)
         scores = {"parsed": letter, "correct": letter == c.correct.strip().upper()}
-        rows.append(_sample(run.set_name, p.id, "mc", c.question, c.correct, answer, scores, c.kind))
-    share = {kind: _mean(r["scores"]["correct"] for r in rows if kind in (None, r["type"]))
+        rows.append(sample_row(run.set_name, p.id, "mc", c.question, c.correct, answer, scores, c.kind))
+    share = {kind: mean(r["scores"]["correct"] for r in rows if kind in (None, r["type"]))
              for kind in (None, "image", "text")}
     return {"mc_acc": share[None], "mc_acc_image": share["image"], "mc_acc_text": share["text"]}, rows
 
@@ -234,9 +234,9 @@ def _generation(run, profiles, images, max_new_tokens, vocabulary, classifier):
     for (_, p, g), answer, ok in zip(items, answers, coherent):
         scores = {**metrics.rouge_scores(answer, g.ground_truth),
                   "bleu": metrics.bleu_score(answer, g.ground_truth), "coherent": ok}
-        rows.append(_sample(run.set_name, p.id, "gen", g.question, g.ground_truth, answer, scores, g.kind))
+        rows.append(sample_row(run.set_name, p.id, "gen", g.question, g.ground_truth, answer, scores, g.kind))
     names = (*metrics.ROUGE_TYPES, "bleu", "coherent")
-    means = {name: _mean(r["scores"][name] for r in rows) for name in names}
+    means = {name: mean(r["scores"][name] for r in rows) for name in names}
     means["coherence"] = means.pop("coherent")
     return means, rows
 
@@ -253,20 +253,11 @@ def _cloze(run, profiles, images, max_new_tokens):
     items = [(i, p, g) for i, p in enumerate(profiles) for g in p.cloze]
     answers = run([images[i] for i, *_ in items], [cloze_prompt(g.question) for *_, g in items],
                   max_new_tokens, "cloze")
-    rows = [_sample(run.set_name, p.id, "cloze", g.question, g.ground_truth, answer,
+    rows = [sample_row(run.set_name, p.id, "cloze", g.question, g.ground_truth, answer,
                     {"correct": metrics.cloze_correct(answer, g.ground_truth)}, g.kind)
             for (_, p, g), answer in zip(items, answers)]
-    return _mean(r["scores"]["correct"] for r in rows), rows
+    return mean(r["scores"]["correct"] for r in rows), rows
 
-
-def _sample(set_name, profile_id, kind, question, reference, answer, scores, item_type=None) -> dict:
-    return {"set": set_name, "profile": profile_id, "kind": kind, "type": item_type, "question": question,
-            "reference": reference, "answer": answer, "scores": scores}
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
 
 
 def _finite(value) -> float | None:

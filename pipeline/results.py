@@ -51,3 +51,15 @@ def flatten(row: dict, prefix: str = "") -> dict:
         else:
             flat[name[:-1]] = json.dumps(value) if isinstance(value, list) else value
     return flat
+
+
+def sample_row(set_name, profile_id, kind, question, reference, answer, scores, item_type=None) -> dict:
+    """One line of a per-sample file: what was asked, expected, answered, and how it scored."""
+    return {"set": set_name, "profile": profile_id, "kind": kind, "type": item_type, "question": question,
+            "reference": reference, "answer": answer, "scores": scores}
+
+
+def mean(values) -> float | None:
+    """Mean of the values, None for none (a metric with no items)."""
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None

@@ -31,6 +31,7 @@ from .data.records import Profile
 from .encoding import encode_pair, pixel_values
 from .forward import answer_logits, make_text_batch
 from .prompts import cloze_prompt, train_prompt
+from .results import mean, sample_row
 
 LL_METRIC_KEYS = ("mc_ll_acc", "mc_ll_acc_image", "mc_ll_acc_text", "cloze_ll_acc")
 
@@ -75,9 +76,9 @@ def likelihood_mc(model, processor, profiles: list[Profile], images: list, batch
         ll = scores[at:at + len(opts)]
         at += len(opts)
         chosen = opts[_argmax(ll)]
-        rows.append(_row(set_name, p.id, "mc_ll", c.question, c.correct, chosen,
+        rows.append(sample_row(set_name, p.id, "mc_ll", c.question, c.correct, chosen,
                          {"loglik": dict(zip(opts, ll)), "correct": chosen == c.correct.strip().upper()}, c.kind))
-    share = {kind: _mean(r["scores"]["correct"] for r in rows if kind in (None, r["type"]))
+    share = {kind: mean(r["scores"]["correct"] for r in rows if kind in (None, r["type"]))
              for kind in (None, "image", "text")}
     return {"mc_ll_acc": share[None], "mc_ll_acc_image": share["image"], "mc_ll_acc_text": share["text"]}, rows
 
@@ -114,9 +115,9 @@ def likelihood_cloze(model, processor, profiles: list[Profile], images: list, ba
         ll = scores[at:at + len(cands)]
         at += len(cands)
         chosen = cands[_argmax(ll)]
-        rows.append(_row(set_name, p.id, "cloze_ll", g.question, g.ground_truth, chosen,
+        rows.append(sample_row(set_name, p.id, "cloze_ll", g.question, g.ground_truth, chosen,
                          {"candidates": dict(zip(cands, ll)), "correct": chosen == g.ground_truth.strip()}, g.kind))
-    return _mean(r["scores"]["correct"] for r in rows), rows
+    return mean(r["scores"]["correct"] for r in rows), rows
 
 
 def likelihood_metrics(model, processor, profiles: list[Profile], images: list, batch_size: int = 32,
@@ -125,14 +126,3 @@ def likelihood_metrics(model, processor, profiles: list[Profile], images: list, 
     mc, mc_rows = likelihood_mc(model, processor, profiles, images, batch_size, set_name)
     cloze, cloze_rows = likelihood_cloze(model, processor, profiles, images, batch_size, set_name)
     return {**mc, "cloze_ll_acc": cloze}, mc_rows + cloze_rows
-
-
-def _row(set_name, profile_id, kind, question, reference, answer, scores, item_type=None) -> dict:
-    # The per-sample row shape of evaluate._sample.
-    return {"set": set_name, "profile": profile_id, "kind": kind, "type": item_type, "question": question,
-            "reference": reference, "answer": answer, "scores": scores}
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .clear import PERTURBED_COLUMNS, is_tofu_config, read_caption_rows, read_real_rows
+from .loaders import default_splits
 from .mllmu import DataError, read_split, read_train_split
 
 MLLMU_USES = {
@@ -119,7 +120,7 @@ def required_pieces(kind: str, names: set[str]) -> tuple[list[str], list[str]]:
         if not forgets:
             missing.append("a forget config (forget01 / forget05 / forget10)")
         for f in forgets:
-            retain = f"retain{100 - int(f[6:]):02d}"
+            retain = default_splits("clear", f)["retain"]
             if retain not in names:
                 missing.append(f"{retain} (the retain config paired with {f})")
             if f"{f}_perturbed" not in names:
@@ -135,7 +136,7 @@ def required_pieces(kind: str, names: set[str]) -> tuple[list[str], list[str]]:
     if not forgets:
         missing.append("a forget split (forget_5 / forget_10 / forget_15)")
     for f in forgets:
-        retain = f"retain_{100 - int(f[7:])}"
+        retain = default_splits("mllmu", f)["retain"]
         if retain not in names:
             missing.append(f"{retain} (the retain split paired with {f})")
     if kind == "train_split":
