@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import refcache  # noqa: E402
+from pipeline import cacheview, refcache  # noqa: E402
 from pipeline.data.records import Sample  # noqa: E402
 from pipeline.precompute import (Encoded, PrefixCache, compute_shard, draw_reference_images,  # noqa: E402
                                  score_shard)
@@ -221,7 +221,7 @@ def main() -> None:
         fp = refcache.make_fingerprint({"bench": args.shape})
         refcache.write_shard(tmp, 0, 1, out_prefix, vocab_size=s["t"][4], fingerprint=fp, settings={"K": args.top_k})
         refcache.finalize(tmp, 1, fp, {"K": args.top_k})
-        stats = refcache.inspect_cache(tmp)
+        stats = cacheview.inspect_cache(tmp)
 
     result = {
         "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),

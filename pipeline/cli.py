@@ -402,7 +402,7 @@ def verify(cache_dir, model_dir, pool_dir):
 @one_line_errors
 def inspect(cache_dir, model_dir, top):
     """Settings, sizes, top-K mass kept, and the entropy histogram with the key tokens decoded."""
-    from .refcache import format_inspect, inspect_cache
+    from .cacheview import format_inspect, inspect_cache
     decode = None
     if model_dir:
         from .modeling import load_processor
@@ -430,7 +430,8 @@ def _machine_problems(cache_dir, model_dir, pool_dir) -> list[str]:
 def show(cache_dir, sample_id, model_dir, top):
     """One sample's key-token view: each answer token with its reference entropy, top alternatives and
     tail mass, and the reference images averaged over."""
-    from .refcache import RefCacheReader, format_show, show_sample
+    from .cacheview import format_show, show_sample
+    from .refcache import RefCacheReader
     if model_dir is None:
         with RefCacheReader(cache_dir) as reader:
             recorded = (reader.sources.get("model") or {}).get("path")

@@ -134,7 +134,7 @@ def check_gate(results: dict, min_acc: float) -> None:
 def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     """Stage one on the forget split (resumes, or does nothing, if the cache is already there)."""
     from .modeling import load_processor
-    from .refcache import format_inspect, inspect_cache
+    from .cacheview import format_inspect, inspect_cache
     from .runs import run_precompute
     p = cfg.precompute
     t = time.time()

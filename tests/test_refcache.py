@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import cacheview
 from pipeline import refcache as rc
 
 VOCAB = 32000
@@ -388,7 +389,7 @@ def _inspect_samples(k=64):
 def test_inspect_cache_numbers(tmp_path):
     samples = _inspect_samples()
     write_cache(tmp_path, samples, 2, settings={**SETTINGS, "K": 64})
-    stats = rc.inspect_cache(tmp_path, decode=lambda i: f"tok{i}", top_n=2)
+    stats = cacheview.inspect_cache(tmp_path, decode=lambda i: f"tok{i}", top_n=2)
     assert stats["bytes_per_token_uncompressed"] == 64 * 2 + 64 * 2 + 12 <= 4 * 64 + 16
     assert stats["topk_mass"]["mean"] == pytest.approx((0.9 + 0.7 + 0.5) / 3, abs=1e-6)
     assert stats["topk_mass"]["min"] == pytest.approx(0.5)
@@ -400,10 +401,10 @@ def test_inspect_cache_numbers(tmp_path):
     top = stats["key_tokens"]
     assert [(t["sample_id"], t["position"], t["entropy"]) for t in top] == [("A", 1, 3.0), ("B", 0, 2.0)]
     assert top[0]["token"] == f"tok{samples[0].answer_ids[1]}"
-    text = rc.format_inspect(stats)
+    text = cacheview.format_inspect(stats)
     assert "key tokens" in text and top[0]["token"] in text and "#" in text
 
 
 def test_inspect_counts_int32_indices(tmp_path):
     write_cache(tmp_path, _inspect_samples(), 1, settings={**SETTINGS, "K": 64}, vocab=70000)
-    assert rc.inspect_cache(tmp_path)["bytes_per_token_uncompressed"] == 64 * 4 + 64 * 2 + 12
+    assert cacheview.inspect_cache(tmp_path)["bytes_per_token_uncompressed"] == 64 * 4 + 64 * 2 + 12
