@@ -41,8 +41,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .labels import METHOD_LABELS
 
-LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO", "viker": "ViKeR"}
+LABELS = METHOD_LABELS   # the report's names (pipeline/labels.py), one table for every table
 # CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
 QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
          "finetune.steps=40", "finetune.batch_size=8", "finetune.gate_min_acc=0", "finetune.warmup_steps=5",
