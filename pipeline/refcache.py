@@ -227,7 +227,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: Path, obj) -> None:
     tmp = _tmp_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -293,7 +293,7 @@ def write_shard(cache_dir, index: int, num_shards: int, samples: list[RefSample]
                   "sha256": hash_file(tmp), "fingerprint": dict(fingerprint)}
         os.replace(tmp, path)
         _fsync_dir(cache_dir)
-        _atomic_write_json(sidecar, record)
+        atomic_write_json(sidecar, record)
     except OSError as err:  # disk full, read-only directory: leave no half-written file behind
         for leftover in (tmp, _tmp_path(sidecar)):
             leftover.unlink(missing_ok=True)
@@ -486,7 +486,7 @@ def finalize(cache_dir, num_shards: int, fingerprint: Mapping, settings: Mapping
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
                 "settings": stored, "sources": _shards_sources(cache_dir, names), "shards": shards,
                 "totals": {k: sum(s[k] for s in shards) for k in ("n_samples", "n_tokens", "bytes")}}
-    _atomic_write_json(cache_dir / MANIFEST, manifest)
+    atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest
 
 

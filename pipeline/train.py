@@ -56,7 +56,7 @@ from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_los
                      kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
 from .precompute import encode_samples, summarise
-from .refcache import RefCacheReader, RefSample, check_fingerprint
+from .refcache import RefCacheReader, RefSample, atomic_write_json, check_fingerprint
 from .references import draw_reference_images
 
 METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
@@ -926,7 +926,7 @@ def publish(out: Path, model, run: dict, result: dict) -> str:
     area.mkdir(parents=True)
     model.save_pretrained(str(area / "adapter"), safe_serialization=True)
     digest = adapter_files_digest(area / "adapter")
-    _atomic_json(area / "train_config.json", {**run, "result": {**result, "adapter_sha256": digest},
+    atomic_write_json(area / "train_config.json", {**run, "result": {**result, "adapter_sha256": digest},
                                               "adapter_sha256": digest})
     os.replace(area / "train_config.json", out / "train_config.json")
     _replace_dir(area / "adapter", out / "adapter")
@@ -950,12 +950,6 @@ def prepare_output(out: Path, run: dict, resume: bool, start: int) -> None:
 def append_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -1024,7 +1018,7 @@ def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, streams,
                    tmp / "state.pt")
         # The checkpoint's adapter with its own description: evaluable, labeled with the steps it has.
         digest = adapter_files_digest(tmp / "adapter")
-        _atomic_json(tmp / "train_config.json", {**run, "steps": step, "checkpoint": True,
+        atomic_write_json(tmp / "train_config.json", {**run, "steps": step, "checkpoint": True,
                                                  "result": {"steps": step, "adapter_sha256": digest},
                                                  "adapter_sha256": digest})
         _replace_dir(tmp, path)
