@@ -178,6 +178,7 @@ class DemoConfig:
     lr: float = 2.0e-3
     lams: str = "0.5"                # ViKeR's lambda; several values give one ViKeR curve each
     seeds: str = "0"
+    workers: int = 2                 # processes sharing the sweep, one torch thread each (1: in this process)
 
 
 @dataclass
@@ -301,7 +302,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
     ("train.seed", 0, None), ("train.data_workers", 0, None),
     ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
-    ("evaluate.max_profiles", 0, None),
+    ("evaluate.max_profiles", 0, None), ("demo.workers", 1, None),
 )
 
 

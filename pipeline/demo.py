@@ -149,30 +149,11 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print) -> Path:
-    """Every method at every budget (training steps) and seed, each evaluated; one results file.
-
-    Plain gradient ascent diverges given enough steps, so one point per method
-    would hide the comparison: the sweep gives a trade-off curve per method.
-    """
-    from dataclasses import replace
-    from .evaluate import evaluate
-    from .runs import run_train
+def sweep_plan(cfg: Config) -> list[dict]:
+    """Every (method, lambda, budget, seed) of the sweep, in the order of the results table."""
     from .labels import METHOD_LABELS
-    d, e = cfg.data, cfg.evaluate
-    runs = Path(cfg.train.output)
-    results = Path(e.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.unlink(missing_ok=True)             # the demo's table shows this sweep only
-    fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
-    common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                  coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
-                  likelihood_sets=e.likelihood_sets,
-                  dtype=cfg.model.dtype, device=cfg.model.device)
-    t = time.time()
-    evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0, **common)
-    log(f"[evaluate] Vanilla in {time.time() - t:.1f}s")
     lams = [float(x) for x in _csv(cfg.demo.lams)]
+    plan = []
     for method in _csv(cfg.demo.methods):
         for lam in (lams if method == "viker" else [cfg.train.lam]):
             label = METHOD_LABELS.get(method, method)
@@ -180,18 +161,80 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
                 label += f" λ={lam:g}"        # one curve per lambda in the trade-off plot
             for budget in [int(b) for b in _csv(cfg.demo.budgets)]:
                 for seed in [int(s) for s in _csv(cfg.demo.seeds)]:
-                    t = time.time()
-                    tcfg = replace(cfg.train, method=method, steps=budget, lr=cfg.demo.lr, seed=seed, lam=lam,
-                                   output=str(runs / f"{method}-{lam:g}-{budget}-s{seed}"))
-                    out = run_train(cfg, str(model_dir), tcfg, overwrite=True, log=log)
-                    setting = {"lr": cfg.demo.lr, "steps": budget, "batch_size": tcfg.batch_size}
-                    if method == "viker":
-                        setting.update(lam=lam, regulariser=tcfg.regulariser)
-                    evaluate(str(model_dir), d.root, d.forget_split, d.retain_split, adapter=out["adapter"],
-                             method=label, setting=setting, budget=budget, seed=seed,
-                             cache_fingerprint=fingerprint, **common)
-                    log(f"[unlearn] {label:14s} {budget:3d} steps, seed {seed}: "
-                        f"trained + evaluated in {time.time() - t:.1f}s")
+                    plan.append({"method": method, "lam": lam, "label": label, "budget": budget, "seed": seed,
+                                 "name": f"{method}-{lam:g}-{budget}-s{seed}"})
+    return plan
+
+
+def _eval_kwargs(cfg: Config, results: Path) -> dict:
+    e = cfg.evaluate
+    return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
+                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device)
+
+
+def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -> tuple[str, float]:
+    """Train (unless `run` is None: the vanilla row) and evaluate one point; rows go to the run's own file.
+
+    Runs write their own results file so that parallel workers never append to
+    one file at once; unlearning_sweep joins them in plan order.
+    """
+    from dataclasses import replace
+    from .evaluate import evaluate
+    from .runs import run_train
+    t = time.time()
+    d = cfg.data
+    if run is None:
+        results = Path(cfg.train.output) / "vanilla.results.jsonl"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.unlink(missing_ok=True)
+        evaluate(model_dir, d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0,
+                 **_eval_kwargs(cfg, results))
+        return str(results), time.time() - t
+    out_dir = Path(cfg.train.output) / run["name"]
+    tcfg = replace(cfg.train, method=run["method"], steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
+                   lam=run["lam"], output=str(out_dir))
+    out = run_train(cfg, model_dir, tcfg, overwrite=True, log=lambda *_: None)
+    setting = {"lr": cfg.demo.lr, "steps": run["budget"], "batch_size": tcfg.batch_size}
+    if run["method"] == "viker":
+        setting.update(lam=run["lam"], regulariser=tcfg.regulariser)
+    results = out_dir / "results.jsonl"
+    results.unlink(missing_ok=True)
+    evaluate(model_dir, d.root, d.forget_split, d.retain_split, adapter=out["adapter"], method=run["label"],
+             setting=setting, budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint,
+             **_eval_kwargs(cfg, results))
+    return str(results), time.time() - t
+
+
+def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print) -> Path:
+    """Every method at every budget (training steps) and seed, each evaluated; one results file.
+
+    Plain gradient ascent diverges given enough steps, so one point per method
+    would hide the comparison: the sweep gives a trade-off curve per method.
+    The runs are independent: `demo.workers` one-thread processes share them
+    (pipeline/workers.py says why that is faster than one process on 2 threads).
+    """
+    from .workers import run_parallel
+    results = Path(cfg.evaluate.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.unlink(missing_ok=True)             # the demo's table shows this sweep only
+    fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
+    plan = [None] + sweep_plan(cfg)             # None: the vanilla row
+
+    def each(i: int, done: tuple[str, float]) -> None:
+        run = plan[i]
+        if run is None:
+            log(f"[evaluate] Vanilla in {done[1]:.1f}s")
+        else:
+            log(f"[unlearn] {run['label']:14s} {run['budget']:3d} steps, seed {run['seed']}: "
+                f"trained + evaluated in {done[1]:.1f}s")
+
+    workers = max(1, min(cfg.demo.workers, len(plan)))
+    outs = run_parallel(workers, sweep_run, [(cfg, str(model_dir), run, fingerprint) for run in plan], log,
+                        f"[unlearn] {len(plan)} runs on {workers} worker(s)", each=each, pin_single=False)
+    with open(results, "w") as f:              # plan order, whatever order the workers finished in
+        for path, _ in outs:
+            f.write(Path(path).read_text())
     return results
 
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
 from .labels import METHOD_LABELS
+from .workers import run_parallel
 
 LABELS = METHOD_LABELS   # the report's names (pipeline/labels.py), one table for every table
 # CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
@@ -185,16 +184,6 @@ def vanilla_runs(cfg: Config, draws: list[int], splits: list[str]) -> list[dict]
 
 # ---------------------------------------------------------------- workers
 
-def _init_worker() -> None:
-    os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
-    os.environ["VIKER_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    from .modeling import set_threads
-    set_threads()
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-
-
 def prepare_draw(cfg: Config, draw: int) -> str:
     """Benchmark, base and vanilla model of one draw (each reused when its stamp matches)."""
     from .demo import ensure_base_model, ensure_benchmark, ensure_vanilla
@@ -282,26 +271,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
 
 
 def _parallel(workers: int, fn, jobs: list[tuple], log, what: str) -> list:
-    """fn(*job) for every job, over `workers` one-thread processes; results in job order."""
-    if not jobs:
-        return []
-    t = time.time()
-    out = [None] * len(jobs)
-    if workers == 1:
-        _init_worker()
-        for i, job in enumerate(jobs):
-            out[i] = fn(*job)
-    else:
-        import multiprocessing
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker) as pool:
-            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-            for n, fut in enumerate(as_completed(futures), start=1):
-                out[futures[fut]] = fut.result()
-                if n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
-                    log(f"[study] {what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
-    log(f"[study] {what}: {len(jobs)} done in {time.time() - t:.1f}s")
-    return out
+    return run_parallel(workers, fn, jobs, log, f"[study] {what}")
 
 
 def _runs_needing(cfg, runs):
