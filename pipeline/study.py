@@ -219,10 +219,12 @@ def _cache_config(cfg: Config, draw: int, split: str, ref: dict) -> Config:
     c = draw_config(cfg, draw)
     c.data.forget_split = split
     pool = ref["pool"] or c.precompute.pool
-    if pool in ("retain_set", "forget_set"):
+    own_images = pool in ("retain_set", "forget_set")
+    if own_images:
         pool = str(Path(c.data.root) / "pools" / pool)
+    # The benchmark's own images as references is the paper's ablation, the one case the leak check allows.
     c.precompute = replace(c.precompute, output=cache_dir(cfg, draw, split, ref), pool=pool,
-                           reference=ref["reference"], k=ref["k"])
+                           reference=ref["reference"], k=ref["k"], allow_benchmark_images=own_images)
     return c
 
 

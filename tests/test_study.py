@@ -181,3 +181,11 @@ def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
     counts = [(int(m.group(1)), int(m.group(2))) for m in counts if m]
     assert len(counts) == 2 and all(n == reused for n, reused in counts), counts
     assert second["wall_seconds"] < first["wall_seconds"]
+
+
+def test_only_the_benchmark_image_pools_bypass_the_leak_check():
+    cfg = load_config("configs/study.yaml")
+    for ref, allowed in (("people", False), ("pets", False), ("retain_set", True), ("forget_set", True)):
+        c = study._cache_config(cfg, 1, "forget_10", study.reference_settings(cfg, ref))
+        assert c.precompute.allow_benchmark_images is allowed, ref
+        assert c.precompute.pool.endswith(f"pools/{ref}") == allowed
