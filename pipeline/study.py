@@ -291,6 +291,10 @@ def _caches(cfg: Config, runs: list[dict]) -> list[tuple]:
 
 def _execute(cfg: Config, runs: list[dict], log, what: str) -> list[dict]:
     todo = _runs_needing(cfg, runs)
+    # The first training seed's runs go first (the main table and every comparison, which use that
+    # seed only): a study stopped early still has every table, `--report-only` says which runs are missing.
+    first_seed = int(csv_list(cfg.study.seeds)[0])
+    todo.sort(key=lambda r: r["settings"]["seed"] != first_seed)      # stable: the grid's order otherwise
     log(f"[study] {what}: {len(runs)} runs, {len(runs) - len(todo)} reused")
     _parallel(cfg.study.workers, prepare_cache, _caches(cfg, todo), log, f"{what} caches")
     _parallel(cfg.study.workers, execute_run, [(cfg, r) for r in todo], log, what)
