@@ -15,7 +15,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 
 def init_worker() -> None:
-    """One torch thread, no progress bars (their lines would interleave across workers)."""
+    """One torch thread, no progress bars (their lines would interleave across workers).
+
+    A spawned worker inherits the start method "spawn" as its default, so the
+    DataLoader workers of each training run inside it were spawned too: a fresh
+    interpreter importing torch, twice per run. In the study that made a run
+    cost 15 s instead of 5.6 s. Forking them, as any Linux process does, is cheap.
+    """
+    import multiprocessing
+    multiprocessing.set_start_method("fork", force=True)
     os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
     os.environ["VIKER_THREADS"] = "1"
     os.environ["OMP_NUM_THREADS"] = "1"

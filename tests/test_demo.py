@@ -42,3 +42,13 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
     assert all("forget" in r["metrics"] and "retain" in r["metrics"] for r in rows)
     assert sum(line.startswith("[unlearn] GA") for line in logs) == 2
     assert any("5 runs on 2 worker(s): 5 done" in line for line in logs)
+
+
+def _start_method(_):
+    import multiprocessing
+    return multiprocessing.get_start_method()
+
+
+def test_pool_workers_fork_their_own_children():
+    """DataLoader workers inside a pool worker must fork, not spawn (a spawn re-imports torch per run)."""
+    assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t") == ["fork", "fork"]
