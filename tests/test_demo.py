@@ -52,3 +52,14 @@ def _start_method(_):
 def test_pool_workers_fork_their_own_children():
     """DataLoader workers inside a pool worker must fork, not spawn (a spawn re-imports torch per run)."""
     assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t") == ["fork", "fork"]
+
+
+def test_openmp_threads_sleep_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+    code = "import os, pipeline; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "PASSIVE\n"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "ACTIVE\n"
