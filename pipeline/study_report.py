@@ -94,6 +94,11 @@ def units(records: list[dict]) -> dict[tuple, list[dict]]:
             for key, points in curves.items() if (key[2], key[3]) in vanilla}
 
 
+def first_seed_units(all_units: dict, seed: int) -> dict:
+    """The units (variant, group, draw, split, seed) of one training seed."""
+    return {key: rows for key, rows in all_units.items() if key[4] == seed}
+
+
 def unit_values(rows: list[dict], forget_col: str, target_share: float, columns) -> dict[str, float]:
     forget = [metric(r, forget_col) for r in rows]
     target = target_share * forget[0]
@@ -251,6 +256,9 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
         out.append(f"![main {split}]({img_dir.name}/{png.name})\n")
     if s.ablations:
         split = s.ablation_split
+        # The variants ran on the first seed only; the GA/ViKeR rows beside them must too, or they
+        # would average over more units than the rows they are compared with.
+        all_units = first_seed_units(all_units, int(csv_list(s.seeds)[0]))
         for group, title in GROUP_TITLES.items():
             variants = sorted({k[0] for k in all_units if k[1] == group})
             if not variants:

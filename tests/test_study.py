@@ -189,3 +189,12 @@ def test_only_the_benchmark_image_pools_bypass_the_leak_check():
         c = study._cache_config(cfg, 1, "forget_10", study.reference_settings(cfg, ref))
         assert c.precompute.allow_benchmark_images is allowed, ref
         assert c.precompute.pool.endswith(f"pools/{ref}") == allowed
+
+
+def test_comparison_tables_use_the_first_seed_only():
+    from pipeline.study_report import first_seed_units
+    recs = [_record("Vanilla", "vanilla", d, 0, _row(1.0, 1.0), seed=0, group="vanilla") for d in (1, 2)]
+    recs += [_record("ViKeR", "viker", d, 16, _row(0.4, 0.8), seed=s) for d in (1, 2) for s in (0, 1)]
+    recs += [_record("ViKeR k=1", "viker", d, 16, _row(0.4, 0.7), seed=0, group="k") for d in (1, 2)]
+    kept = first_seed_units(units(recs), 0)
+    assert sorted((k[0], k[2]) for k in kept) == [("ViKeR", 1), ("ViKeR", 2), ("ViKeR k=1", 1), ("ViKeR k=1", 2)]
