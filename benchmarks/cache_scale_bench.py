@@ -114,11 +114,14 @@ def child_pipeline(cache: str, workers: int, batch: int, limit: int) -> dict:
     torch.set_num_threads(1)
     reader = refcache.RefCacheReader(cache)
     rng = np.random.default_rng(1)
-    examples = []
-    for sid in reader.sample_ids:             # what build_inputs keeps per forget sample
-        pos, row, a, b = reader.locate(sid)
-        ids = np.concatenate([rng.integers(5, 1000, PROMPT_TOKENS), np.zeros(b - a)]).astype(np.int32)
-        examples.append(tr.Example(sid, ids, PROMPT_TOKENS, 0))
+
+    def synthetic():                          # the examples build_inputs makes, one at a time
+        for sid in reader.iter_sample_ids():
+            pos, row, a, b = reader.locate(sid)
+            ids = np.concatenate([rng.integers(5, 1000, PROMPT_TOKENS), np.zeros(b - a)]).astype(np.int32)
+            yield tr.Example(sid, ids, PROMPT_TOKENS, 0)
+
+    examples = tr.ExampleTable(synthetic())   # what build_inputs keeps per forget sample
     stream = tr.Stream(len(examples), 0, groups=tr.shard_groups(reader, examples))
     collate = _RefsOnly(examples)
     loader = tr.Loader(tr.ExampleData(examples, [b""], reader), collate, stream, batch, workers)

@@ -746,8 +746,12 @@ class RefCacheReader:
     @property
     def sample_ids(self) -> list[str]:
         """Every id in shard order (built on demand: the reader keeps only the compact index)."""
-        order = np.lexsort((self._row, self._shard))
-        return [x.decode("utf-8") for x in self._sorted_ids[order]]
+        return list(self.iter_sample_ids())
+
+    def iter_sample_ids(self):
+        """Every id in shard order, one at a time (no list of N strings)."""
+        for i in np.lexsort((self._row, self._shard)):
+            yield self._sorted_ids[i].decode("utf-8")
 
     @property
     def manifest(self) -> dict:
