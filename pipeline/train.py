@@ -92,50 +92,47 @@ class ExampleTable:
     it replaces: len(), table[i] (a fresh Example with int32 ids) and iteration.
     """
 
-    CHUNK = 4096   # examples gathered as small objects before they are packed: bounds the build's peak
+    CHUNK = 4096   # examples per packed chunk: the build holds at most one chunk as objects
 
     def __init__(self, examples=()):
-        chunks: dict[str, list] = {"ids": [], "lengths": [], "starts": [], "images": [], "names": []}
+        # Kept as chunks, never concatenated: joining them would hold the table twice at its peak.
+        self.chunks: list[dict[str, np.ndarray]] = []
         pending: list[Example] = []
         for ex in examples:
             pending.append(ex)
             if len(pending) == self.CHUNK:
-                self._pack(pending, chunks)
+                self.chunks.append(self._pack(pending))
                 pending = []
-        self._pack(pending, chunks)
-        self.ids = np.concatenate(chunks["ids"])          # uint16 unless some chunk needed int32
-        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(chunks["lengths"]))]).astype(np.int64)
-        self.starts = np.concatenate(chunks["starts"])
-        self.images = np.concatenate(chunks["images"])
-        self.names = np.concatenate(chunks["names"])
+        if pending:
+            self.chunks.append(self._pack(pending))
+        self.n = sum(len(c["starts"]) for c in self.chunks)
 
     @staticmethod
-    def _pack(examples: list[Example], chunks: dict) -> None:
-        ids = np.concatenate([np.asarray(ex.ids) for ex in examples]) if examples else np.zeros(0, np.int32)
+    def _pack(examples: list[Example]) -> dict[str, np.ndarray]:
+        ids = np.concatenate([np.asarray(ex.ids) for ex in examples])
         fits = ids.size == 0 or (ids.min() >= 0 and ids.max() < 2 ** 16)
-        chunks["ids"].append(ids.astype(np.uint16 if fits else np.int32))
-        chunks["lengths"].append(np.array([len(ex.ids) for ex in examples], np.int64))
-        chunks["starts"].append(np.array([ex.start for ex in examples], np.int32))
-        chunks["images"].append(np.array([ex.image for ex in examples], np.int32))
-        chunks["names"].append(np.array([ex.sample_id.encode() for ex in examples], dtype=bytes)
-                               if examples else np.zeros(0, "S1"))
+        return {"ids": ids.astype(np.uint16 if fits else np.int32),
+                "offsets": np.concatenate([[0], np.cumsum([len(ex.ids) for ex in examples])]).astype(np.int32),
+                "starts": np.array([ex.start for ex in examples], np.int32),
+                "images": np.array([ex.image for ex in examples], np.int32),
+                "names": np.array([ex.sample_id.encode() for ex in examples], dtype=bytes)}
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.n
 
     def __getitem__(self, i: int) -> Example:
-        if not -len(self) <= i < len(self):
+        if not -self.n <= i < self.n:
             raise IndexError(i)
-        i = i % len(self)
-        ids = self.ids[self.offsets[i]: self.offsets[i + 1]].astype(np.int32)
-        return Example(self.names[i].decode(), ids, int(self.starts[i]), int(self.images[i]))
+        c = self.chunks[(i % self.n) // self.CHUNK]
+        j = (i % self.n) % self.CHUNK
+        ids = c["ids"][c["offsets"][j]: c["offsets"][j + 1]].astype(np.int32)
+        return Example(c["names"][j].decode(), ids, int(c["starts"][j]), int(c["images"][j]))
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return (self[i] for i in range(self.n))
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.ids, self.offsets, self.starts, self.images, self.names))
-
+        return sum(a.nbytes for c in self.chunks for a in c.values())
 
 @dataclass
 class Refs:
@@ -593,7 +590,7 @@ def shard_groups(reader: RefCacheReader | None, examples: list[Example]) -> list
         shard[i], row[i] = reader.locate(ex.sample_id)[:2]
     order = np.lexsort((row, shard))
     cuts = np.flatnonzero(np.diff(shard[order])) + 1
-    return [part.astype(np.int64) for part in np.split(order, cuts)]
+    return [part.astype(np.int32) for part in np.split(order, cuts)]
 
 
 class Stream:
@@ -612,7 +609,7 @@ class Stream:
         self.n, self.rank, self.world, self.window = n, rank, world, window
         self.groups = groups
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending = np.zeros(0, np.int64)
+        self.pending = np.zeros(0, np.int32)
 
     def _epoch(self) -> np.ndarray:
         if self.groups is None:
@@ -625,10 +622,10 @@ class Stream:
                 for w in torch.randperm(len(starts), generator=self.generator).tolist():
                     win = items[starts[w]: starts[w] + self.window]
                     parts.append(win[torch.randperm(len(win), generator=self.generator).numpy()])
-            order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            order = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         if self.world > 1:
             order = order[: len(order) - len(order) % self.world]
-        return order[self.rank::self.world].astype(np.int64)
+        return order[self.rank::self.world].astype(np.int32)    # 4 B per sample, several copies live
 
     def take(self, count: int) -> list[int]:
         if len(self.pending) == 0:
@@ -643,11 +640,12 @@ class Stream:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.pending = np.asarray(state["pending"], np.int64)
+        self.pending = np.asarray(state["pending"], np.int32)
 
     def copy(self) -> "Stream":
         twin = Stream(self.n, 0, self.rank, self.world, self.groups, self.window)
-        twin.load_state_dict(self.state_dict())
+        twin.generator.set_state(self.generator.get_state())
+        twin.pending = self.pending.copy()      # not via state_dict: its list costs ~36 B per sample
         return twin
 
 

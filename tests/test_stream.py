@@ -125,15 +125,15 @@ def test_example_table_reads_like_the_list_and_costs_tokens_not_objects():
     examples = [Example(f"person-{i:05d}/{i % 7}", rng.integers(0, 32064, 54).astype(np.int32), 24, i % 3)
                 for i in range(5000)]
     table = ExampleTable(iter(examples))
-    assert len(table) == 5000 and table.ids.dtype == np.uint16     # LLaVA's 32k vocabulary fits 16 bits
+    assert len(table) == 5000 and all(c["ids"].dtype == np.uint16 for c in table.chunks)   # 32k vocabulary: 16 bits
     for i in (0, 1, 4095, 4096, 4999, -1):                         # across the packing chunk boundary
         got, want = table[i], examples[i]
         assert (got.sample_id, got.start, got.image) == (want.sample_id, want.start, want.image)
         assert got.ids.dtype == np.int32 and np.array_equal(got.ids, want.ids)
     assert [e.sample_id for e in table][:3] == [e.sample_id for e in examples[:3]]
-    # 54 tokens x 2 B + offset 8 + start 4 + image 4 + 14-byte id = 138 B per sample (a list of objects: ~530 B).
+    # 54 tokens x 2 B + offset 4 + start 4 + image 4 + 14-byte id = 134 B per sample (a list of objects: ~530 B).
     assert table.nbytes() <= 5000 * 140
     wide = ExampleTable([Example("x/0", np.array([1, 151000], np.int32), 1, 0)])  # Qwen-size ids stay int32
-    assert wide.ids.dtype == np.int32 and wide[0].ids.tolist() == [1, 151000]
+    assert wide.chunks[0]["ids"].dtype == np.int32 and wide[0].ids.tolist() == [1, 151000]
     with pytest.raises(IndexError):
         table[5000]
