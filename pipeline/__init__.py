@@ -13,13 +13,17 @@ def openmp_wait_policy(load: float, cores: int) -> str | None:
     return "PASSIVE" if load >= cores else None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
+    return len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else (_os.cpu_count() or 1)
+
+
 def _set_wait_policy() -> None:
     # Read by OpenMP when torch loads it, so it must be decided before torch is imported;
     # an explicit OMP_WAIT_POLICY in the environment always wins.
     if "OMP_WAIT_POLICY" in _os.environ or not hasattr(_os, "getloadavg"):
         return
-    cores = len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else (_os.cpu_count() or 1)
-    policy = openmp_wait_policy(_os.getloadavg()[0], cores)
+    policy = openmp_wait_policy(_os.getloadavg()[0], usable_cores())
     if policy:
         _os.environ["OMP_WAIT_POLICY"] = policy
 

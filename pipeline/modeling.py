@@ -199,7 +199,8 @@ def set_threads() -> int:
     `viker study`'s, pin one thread each, because several torch processes each
     using every core ran 7x slower on 2 cores.
     """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from . import usable_cores
+    n = usable_cores()
     for name in ("VIKER_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
         if value:
