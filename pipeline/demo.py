@@ -166,13 +166,6 @@ def sweep_plan(cfg: Config) -> list[dict]:
     return plan
 
 
-def _eval_kwargs(cfg: Config, results: Path) -> dict:
-    e = cfg.evaluate
-    return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                coherence_classifier=e.coherence_classifier, results_path=results, max_profiles=e.max_profiles,
-                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device)
-
-
 def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -> tuple[str, float]:
     """Train (unless `run` is None: the vanilla row) and evaluate one point; rows go to the run's own file.
 
@@ -181,7 +174,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     """
     from dataclasses import replace
     from .evaluate import evaluate
-    from .runs import run_train
+    from .runs import evaluate_kwargs, run_train
     t = time.time()
     d = cfg.data
     if run is None:
@@ -189,7 +182,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
         results.parent.mkdir(parents=True, exist_ok=True)
         results.unlink(missing_ok=True)
         evaluate(model_dir, d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0,
-                 **_eval_kwargs(cfg, results))
+                 **evaluate_kwargs(cfg, results))
         return str(results), time.time() - t
     out_dir = Path(cfg.train.output) / run["name"]
     tcfg = replace(cfg.train, method=run["method"], steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
@@ -202,7 +195,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     results.unlink(missing_ok=True)
     evaluate(model_dir, d.root, d.forget_split, d.retain_split, adapter=out["adapter"], method=run["label"],
              setting=setting, budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint,
-             **_eval_kwargs(cfg, results))
+             **evaluate_kwargs(cfg, results))
     return str(results), time.time() - t
 
 

@@ -104,3 +104,10 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
                  benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
                  train_root=d.train_root)
 
+
+def evaluate_kwargs(cfg: Config, results_path, **extra) -> dict:
+    """The `evaluate.*` settings as evaluate()'s keyword arguments (the demo's sweep and the study's runs)."""
+    e = cfg.evaluate
+    return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                coherence_classifier=e.coherence_classifier, results_path=results_path, max_profiles=e.max_profiles,
+                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device, **extra)

@@ -239,7 +239,7 @@ def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
 def execute_run(cfg: Config, run: dict) -> dict:
     """Train and evaluate one run unless it is finished; returns its done record."""
     from .evaluate import evaluate
-    from .runs import run_train
+    from .runs import evaluate_kwargs, run_train
     folder = Path(cfg.study.output) / "runs" / run["key"]
     done = folder / "done.json"
     if done.is_file():
@@ -250,11 +250,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.jsonl"
     results.unlink(missing_ok=True)           # a half-finished earlier attempt
-    e = c.evaluate
-    common = dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                  coherence_classifier=e.coherence_classifier, max_profiles=e.max_profiles, results_path=results,
-                  likelihood_sets=e.likelihood_sets,
-                  samples_path=folder / "samples.jsonl", dtype=c.model.dtype, device=c.model.device)
+    common = evaluate_kwargs(c, results, samples_path=folder / "samples.jsonl")
     vanilla = c.finetune.output
     if st["method"] == "vanilla":
         row = evaluate(vanilla, c.data.root, st["split"], method="Vanilla", budget=0, **common)
