@@ -88,7 +88,7 @@ class ExampleTable:
     A list of Example objects cost ~530 B per forget sample (numpy object, slots
     object, id string); at 200k samples that alone moved stage two's peak memory
     by a third. Here a sample costs its tokens (uint16 when the vocabulary fits,
-    as LLaVA's 32k does) plus 16 bytes and its id's bytes. It reads like the list
+    as LLaVA's 32k does) plus 12 bytes (int32 offset, start, image row) and its id's bytes. It reads like the list
     it replaces: len(), table[i] (a fresh Example with int32 ids) and iteration.
     """
 
