@@ -778,6 +778,20 @@ class RefCacheReader:
         pos, row = int(self._shard[i]), int(self._row[i])
         return pos, row, int(self._offsets[pos][row]), int(self._offsets[pos][row + 1])
 
+    def slot(self, sample_id: str) -> int:
+        """The sample's place in this reader's index: a 4-byte handle that stands for its id (KeyError if absent)."""
+        i = self._find(sample_id)
+        if i is None:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}")
+        return i
+
+    def sample_id_at(self, slot: int) -> str:
+        return self._sorted_ids[slot].decode("utf-8")
+
+    def slot_locations(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard positions, rows) of many slots at once, as int32 arrays."""
+        return self._shard[slots], self._row[slots]
+
     def shard_column(self, pos: int, name: str) -> np.ndarray | None:
         """One whole dataset of shard `pos` (e.g. answer_ids, offsets), or None where it is absent."""
         f = self._file(pos)

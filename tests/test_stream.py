@@ -61,12 +61,15 @@ def in_memory_batch(w, inputs, rows, rrows, method):
 def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
     w = world
     retain = w["retain"] if tr.needs_retain(method, 0.0) else []
-    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None,
-                             "I don't know." if method == "idkpo" else "", None)
+    idk = "I don't know." if method == "idkpo" else ""
+    held = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None)   # every token made at setup
+    reader = None
+    if method in ("npo", "idkpo", "viker"):   # as train does: examples rebuilt per batch from the cache
+        reader, _ = tr.open_cache(w["cache"], w["model_dir"], w["forget"], method, None, "I don't know.")
+    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=method)
     inputs.workers = workers
-    if method in ("npo", "idkpo", "viker"):
-        inputs.reader, _ = tr.open_references(w["cache"], w["model_dir"], w["forget"], inputs.forget, method,
-                                              None, "I don't know.")
+    if reader is not None:
+        assert isinstance(inputs.forget, tr.CachedExamples) and inputs.forget.nbytes() == 8 * len(w["forget"])
     streams = {"forget": tr.Stream(len(inputs.forget), 0, groups=tr.shard_groups(inputs.reader, inputs.forget)),
                "retain": tr.Stream(len(inputs.retain or []), 1)}
     twin = {k: s.copy() for k, s in streams.items()}
@@ -77,7 +80,12 @@ def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
         rrows = twin["retain"].take(3) if inputs.retain else []
         mb = tr.next_micro_batch(inputs, streams, 3, method)
         streamed, d_stream = tr.micro_batch_loss(net, w["model"], mb, spec, inputs, torch.device("cpu"))
-        mem, mb_mem = in_memory_batch(w, inputs, rows, rrows, method)
+        mem, mb_mem = in_memory_batch(w, held, rows, rrows, method)
+        for part in ("forget", "idk"):   # the examples themselves, token for token
+            got, want = getattr(mb, part), getattr(mb_mem, part)
+            assert (got is None) == (want is None)
+            for a, b in zip(got or [], want or []):
+                assert (a.sample_id, a.start) == (b.sample_id, b.start) and np.array_equal(a.ids, b.ids)
         expected, d_mem = tr.micro_batch_loss(net, w["model"], mb_mem, spec, mem, torch.device("cpu"))
         assert torch.equal(streamed, expected), (method, float(streamed), float(expected))
         assert d_stream.keys() == d_mem.keys()
