@@ -797,7 +797,9 @@ class RefCacheReader:
         f = self._file(pos)
         return f[name][()] if name in f else None
 
-    def get(self, sample_id: str) -> RefSample:
+    def get(self, sample_id: str, stored: bool = False) -> RefSample:
+        """The sample's references; `stored`: topk_idx and topk_prob left as stored (uint16/int32, float16),
+        a third of the bytes for a DataLoader worker to hand over (widening them later is exact)."""
         pos, row, _, _ = self.locate(sample_id)
         block = self._block(pos, row // _BLOCK_SAMPLES)
         i = row - block["first"]
@@ -806,8 +808,10 @@ class RefCacheReader:
                  for name in _SAMPLE_FIELDS}
         extra["pool_indices"] = block["pool_indices"][i] if block["pool_indices"] is not None else None
         extra["question"] = block["question"][i] if block["question"] is not None else None
-        return RefSample(sample_id, block["answer_ids"][a:b], block["topk_idx"][a:b].astype(np.int64),
-                         block["topk_prob"][a:b].astype(np.float32), block["tail_mass"][a:b],
+        idx, prob = block["topk_idx"][a:b], block["topk_prob"][a:b]
+        if not stored:
+            idx, prob = idx.astype(np.int64), prob.astype(np.float32)
+        return RefSample(sample_id, block["answer_ids"][a:b], idx, prob, block["tail_mass"][a:b],
                          block["entropy"][a:b], **extra)
 
     def _block(self, pos: int, number: int) -> dict:

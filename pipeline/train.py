@@ -152,11 +152,14 @@ class PromptIds:
         if question in self.memo:
             self.memo.move_to_end(question)
             return self.memo[question]
-        ids = np.asarray(encode_prompt(self.processor, train_prompt(question)), np.int32)
+        ids = self.encode(question)
         self.memo[question] = ids
         if len(self.memo) > self.size:
             self.memo.popitem(last=False)
         return ids
+
+    def encode(self, question: str) -> np.ndarray:
+        return np.asarray(encode_prompt(self.processor, train_prompt(question)), np.int32)
 
     def with_answer(self, question: str, answer: str) -> tuple[np.ndarray, int]:
         """(prompt + answer ids, answer start), tokenised together as encode_pair does (the idk answer)."""
@@ -823,13 +826,14 @@ class ExampleData(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int):
+        # stored=True: the references travel to the loop in the cache's own dtypes (see pad_stored)
         if isinstance(self.examples, CachedExamples):
-            ref = self.reader.get(self.examples.sample_id(i))
+            ref = self.reader.get(self.examples.sample_id(i), stored=True)
             ex = self.examples.example(i, ref)
             idk = self.idk.example(i, ref) if self.idk is not None else None
         else:
             ex = self.examples[i]
-            ref = self.reader.get(ex.sample_id) if self.reader is not None else None
+            ref = self.reader.get(ex.sample_id, stored=True) if self.reader is not None else None
             idk = self.idk[i] if self.idk is not None else None
         return i, self.images[ex.image], ex, idk, ref
 
@@ -845,7 +849,7 @@ class Collate:
 
     def __call__(self, items) -> dict:
         # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
-        # which costs more than pickling these few arrays (measured: 1.6k vs ... samples/s).
+        # which costs more than pickling these few arrays (measured: 1.6k vs 4.5k samples/s).
         rows = [item[0] for item in items]
         forget = [dataclasses.replace(ex, image=j) for j, (_, _, ex, _, _) in enumerate(items)]
         images = [load_image(data, f"sample {ex.sample_id}") for (_, data, _, _, _), ex in zip(items, forget)]
@@ -855,8 +859,7 @@ class Collate:
         cached = [item[4] for item in items]
         if cached and cached[0] is not None:
             if self.method == "viker":
-                refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
-                out["refs"] = [t.numpy() for t in dataclasses.astuple(refs)]
+                out["refs"] = pad_stored(cached, max(len(ex.ids) - ex.start for ex in forget))
             if self.method in ("npo", "idkpo"):
                 out["ref_logp_own"] = np.array([r.ref_logp_own for r in cached], np.float32)
             if self.method == "idkpo":
@@ -918,7 +921,7 @@ def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int
         inputs.loaders = make_loaders(inputs, streams, batch_size, method)
     rows = streams["forget"].take(batch_size)
     got = inputs.loaders["forget"].next(rows)
-    refs = Refs(*(torch.from_numpy(a) for a in got["refs"])) if "refs" in got else None
+    refs = widen_stored(got["refs"]) if "refs" in got else None
     mb = MicroBatch(got["examples"], idk=got.get("idk"), refs=refs, ref_logp_own=_tensor(got.get("ref_logp_own")),
                     ref_logp_idk=_tensor(got.get("ref_logp_idk")))
     pixels = [torch.from_numpy(got["pixels"])]
@@ -929,6 +932,30 @@ def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int
         mb.retain = [dataclasses.replace(ex, image=len(rows) + ex.image) for ex in rgot["examples"]]
     inputs.bank = torch.cat(pixels)
     return mb
+
+
+def pad_stored(samples: list[RefSample], width: int) -> list[np.ndarray]:
+    """pad_references in numpy and in the cache's stored dtypes (uint16/int32 indices, float16 probabilities).
+
+    What a DataLoader worker hands to the loop: a third of the bytes of int64/float32
+    (pickling ~190 KB per batch of 8 at K = 64 is what held 2 workers below 1 worker's rate).
+    widen_stored turns it into the Refs pad_references makes, value for value.
+    """
+    B, K = len(samples), samples[0].topk_idx.shape[1]
+    idx = np.zeros((B, width, K), samples[0].topk_idx.dtype)
+    prob = np.zeros((B, width, K), samples[0].topk_prob.dtype)
+    tail, entropy = np.ones((B, width), np.float32), np.zeros((B, width), np.float32)
+    for i, s in enumerate(samples):
+        T = s.num_tokens
+        idx[i, :T], prob[i, :T], tail[i, :T], entropy[i, :T] = s.topk_idx, s.topk_prob, s.tail_mass, s.entropy
+    return [idx, prob, tail, entropy]
+
+
+def widen_stored(arrays: list[np.ndarray]) -> Refs:
+    """The Refs of pad_stored's arrays: int64 indices, float32 probabilities (exact conversions)."""
+    idx, prob, tail, entropy = arrays
+    return Refs(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(prob.astype(np.float32)),
+                torch.from_numpy(tail), torch.from_numpy(entropy))
 
 
 def pad_references(samples: list[RefSample], width: int) -> Refs:
