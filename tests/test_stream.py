@@ -145,3 +145,79 @@ def test_example_table_reads_like_the_list_and_costs_tokens_not_objects():
     assert wide.chunks[0]["ids"].dtype == np.int32 and wide[0].ids.tolist() == [1, 151000]
     with pytest.raises(IndexError):
         table[5000]
+
+
+def _copies_cache(w, tmp, n: int, question=None):
+    """n copies of the forget samples (new ids, same images) and a cache holding their answer tokens."""
+    from dataclasses import replace
+
+    from pipeline import refcache
+    samples = [replace(s, sample_id=f"copy-{i:05d}/0") for i, s in
+               zip(range(n), (w["forget"][i % len(w["forget"])] for i in range(n)))]
+    refs = []
+    for e in pc.encode_samples(w["processor"], samples, "", None):
+        T = len(e.ids) - e.answer_start
+        refs.append(refcache.RefSample(e.sample.sample_id, np.asarray(e.ids[e.answer_start:], np.int32),
+                                       np.zeros((T, 4), np.int64), np.full((T, 4), 0.25, np.float32),
+                                       np.zeros(T, np.float32), np.ones(T, np.float32),
+                                       question=question or e.sample.question))
+    fp = refcache.make_fingerprint({"test": "copies"})
+    refcache.write_shard(tmp, 0, 1, refs, vocab_size=400, fingerprint=fp, settings={"k": 1})
+    refcache.finalize(tmp, 1, fp, {"k": 1})
+    return samples, RefCacheReader(tmp)
+
+
+def _held_bytes(build) -> int:
+    """Bytes of Python/numpy allocations still alive after build() (numpy reports its buffers to tracemalloc)."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    kept = build()
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del kept
+    return held
+
+
+def test_with_a_cache_memory_per_forget_sample_is_eight_bytes_not_its_tokens(world, tmp_path):
+    w = world
+    grown = {}
+    for path in ("cached", "held"):
+        held = {}
+        for n in (300, 1200):
+            samples, reader = _copies_cache(w, tmp_path / f"{path}{n}", n)
+            use = reader if path == "cached" else None
+            held[n] = _held_bytes(lambda: tr.build_inputs(w["processor"], samples, [], None, "", None,
+                                                          reader=use, method="viker").forget)
+            reader.close()
+        grown[path] = (held[1200] - held[300]) / 900
+    # Held tokens cost their bytes per sample (measured ~126 B here: uint16 ids, offsets, starts, image rows,
+    # ids); the cached examples keep a slot and an image row, 8 B (measured ~13 B with allocator noise).
+    assert grown["held"] > 60, grown
+    assert grown["cached"] <= 16, grown
+
+
+def test_cached_examples_refuse_a_cache_that_does_not_match_at_setup(world, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.encoding import InputError
+    w = world
+    samples, reader = _copies_cache(w, tmp_path / "other-question", 6, question="Who is this?")
+    with pytest.raises(tr.TrainError, match="holds another question for sample 'copy-00000/0'"):
+        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    samples, reader = _copies_cache(w, tmp_path / "ok", 6)
+    with pytest.raises(tr.TrainError, match="forget sample 'extra/0' is not in reference cache"):
+        tr.build_inputs(w["processor"], samples + [replace(samples[0], sample_id="extra/0")], [], None, "", None,
+                        reader=reader, method="viker")
+    with pytest.raises(tr.TrainError, match="needs ref_logp_own"):
+        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="npo")
+    with pytest.raises(InputError, match="exceeds the model's limit of 8"):
+        tr.build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method="viker")
+    built = tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    held = tr.build_inputs(w["processor"], samples, [], None, "", None)
+    for i in range(6):   # indexing a CachedExamples reads the cache and gives the tokenised example
+        assert np.array_equal(built.forget[i].ids, held.forget[i].ids) and built.forget[i].start == held.forget[i].start
+    reader.close()
