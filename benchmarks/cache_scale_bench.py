@@ -13,8 +13,10 @@ is its own:
   shard-aware shuffle -> train.Loader -> DataLoader with 0 and 2 workers -> padded
   [B, T, K] reference tensors), every sample of the cache once, shuffled,
 - peak RSS of a reader alone (open + 2,000 random gets) and of the stage-two data
-  pipeline (the N examples with int32 token ids, the reader, the stream and the
-  loader with 2 workers, reading every sample).
+  pipeline (the N examples as train holds them with a cache, train.CachedExamples:
+  a slot and an image row each, token ids rebuilt per batch in the loader from the
+  cached question and answer ids; the reader, the stream and the loader with 0 or 2
+  workers, reading every sample).
 The two Ns are printed side by side with their ratio (target: pipeline RSS at 200k
 within 10% of 20k; streaming >= 5,000 samples/s on 2 cores).
 """
@@ -113,41 +115,37 @@ def child_pipeline(cache: str, workers: int, batch: int, limit: int) -> dict:
     from pipeline import train as tr
     torch.set_num_threads(1)
     reader = refcache.RefCacheReader(cache)
-    rng = np.random.default_rng(1)
-
-    def synthetic():                          # the examples build_inputs makes, one at a time
-        for sid in reader.iter_sample_ids():
-            pos, row, a, b = reader.locate(sid)
-            ids = np.concatenate([rng.integers(5, 1000, PROMPT_TOKENS), np.zeros(b - a)]).astype(np.int32)
-            yield tr.Example(sid, ids, PROMPT_TOKENS, 0)
-
-    examples = tr.ExampleTable(synthetic())   # what build_inputs keeps per forget sample
+    # What build_inputs keeps per forget sample when a cache is used: its slot and image row (train.CachedExamples).
+    slots = np.fromiter((reader.slot(sid) for sid in reader.iter_sample_ids()), np.int32, len(reader))
+    prompts = tr.PromptIds(None)     # its memo, with made-up ids where a tokenizer would run
+    prompts.encode = synthetic_prompt
+    examples = tr.CachedExamples(reader, slots, np.zeros(len(slots), np.int32), prompts)
     stream = tr.Stream(len(examples), 0, groups=tr.shard_groups(reader, examples))
-    collate = _RefsOnly(examples)
-    loader = tr.Loader(tr.ExampleData(examples, [b""], reader), collate, stream, batch, workers)
+    loader = tr.Loader(tr.ExampleData(examples, [b""], reader), _RefsOnly(), stream, batch, workers)
     n = min(limit, len(examples)) if limit else len(examples)
     done, t0 = 0, time.perf_counter()
     while done < n:
         rows = stream.take(batch)
-        got = loader.next(rows)
-        done += len(rows)
+        refs = tr.widen_stored(loader.next(rows)["refs"])   # as next_micro_batch does
+        done += len(refs.topk_idx)
     seconds = time.perf_counter() - t0
     return {"workers": workers, "samples": done, "samples_per_s": round(done / seconds), **rss_mb()}
 
 
-class _RefsOnly:
-    """train.Collate without image decoding (synthetic examples have no images): padded [B, T, K] refs."""
+def synthetic_prompt(question: str) -> np.ndarray:
+    """PROMPT_TOKENS made-up ids for a question: what a tokenizer would give, without one."""
+    return np.random.default_rng(len(question)).integers(5, 1000, PROMPT_TOKENS).astype(np.int32)
 
-    def __init__(self, examples):
-        self.examples = examples
+
+class _RefsOnly:
+    """train.Collate without image decoding (synthetic examples have no images): examples + padded [B, T, K] refs."""
 
     def __call__(self, items):
         from pipeline import train as tr
-        rows = [i for i, _, _ in items]
-        width = max(len(self.examples[i].ids) - self.examples[i].start for i in rows)
-        refs = tr.pad_references([r for _, _, r in items], width)
-        return {"rows": rows, "refs": [refs.topk_idx.numpy(), refs.topk_prob.numpy(), refs.tail_mass.numpy(),
-                                       refs.entropy.numpy()]}
+        rows = [item[0] for item in items]
+        examples = [item[2] for item in items]
+        refs = tr.pad_stored([item[4] for item in items], max(len(ex.ids) - ex.start for ex in examples))
+        return {"rows": rows, "examples": examples, "refs": refs}
 
 
 def run_child(*args) -> dict:

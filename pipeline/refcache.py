@@ -778,12 +778,28 @@ class RefCacheReader:
         pos, row = int(self._shard[i]), int(self._row[i])
         return pos, row, int(self._offsets[pos][row]), int(self._offsets[pos][row + 1])
 
+    def slot(self, sample_id: str) -> int:
+        """The sample's place in this reader's index: a 4-byte handle that stands for its id (KeyError if absent)."""
+        i = self._find(sample_id)
+        if i is None:
+            raise KeyError(f"sample {sample_id!r} is not in reference cache {self.cache_dir}")
+        return i
+
+    def sample_id_at(self, slot: int) -> str:
+        return self._sorted_ids[slot].decode("utf-8")
+
+    def slot_locations(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard positions, rows) of many slots at once, as int32 arrays."""
+        return self._shard[slots], self._row[slots]
+
     def shard_column(self, pos: int, name: str) -> np.ndarray | None:
         """One whole dataset of shard `pos` (e.g. answer_ids, offsets), or None where it is absent."""
         f = self._file(pos)
         return f[name][()] if name in f else None
 
-    def get(self, sample_id: str) -> RefSample:
+    def get(self, sample_id: str, stored: bool = False) -> RefSample:
+        """The sample's references; `stored`: topk_idx and topk_prob left as stored (uint16/int32, float16),
+        a third of the bytes for a DataLoader worker to hand over (widening them later is exact)."""
         pos, row, _, _ = self.locate(sample_id)
         block = self._block(pos, row // _BLOCK_SAMPLES)
         i = row - block["first"]
@@ -792,8 +808,10 @@ class RefCacheReader:
                  for name in _SAMPLE_FIELDS}
         extra["pool_indices"] = block["pool_indices"][i] if block["pool_indices"] is not None else None
         extra["question"] = block["question"][i] if block["question"] is not None else None
-        return RefSample(sample_id, block["answer_ids"][a:b], block["topk_idx"][a:b].astype(np.int64),
-                         block["topk_prob"][a:b].astype(np.float32), block["tail_mass"][a:b],
+        idx, prob = block["topk_idx"][a:b], block["topk_prob"][a:b]
+        if not stored:
+            idx, prob = idx.astype(np.int64), prob.astype(np.float32)
+        return RefSample(sample_id, block["answer_ids"][a:b], idx, prob, block["tail_mass"][a:b],
                          block["entropy"][a:b], **extra)
 
     def _block(self, pos: int, number: int) -> dict:

@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from .progress import progress as tqdm  # plain log lines off a terminal
 from .config import TrainConfig
 from .data.loaders import default_splits, read_profiles
 from .data.records import Sample, forget_samples
-from .encoding import load_image, max_positions, pixel_values
+from .encoding import encode_pair, encode_prompt, load_image, max_positions, pixel_values
 from .fingerprint import pool_files, training_fingerprint
 from .refcache import hash_files
 from .forward import TextBatch, answer_logits, make_text_batch
@@ -56,6 +56,7 @@ from .losses import (DIVERGENCES, LOSS_CONVENTIONS, entropy_token_lambda, ga_los
                      kl_retain_loss, nll_loss, npo_loss, per_token, retain_nll_weight, sequence_logprob, viker_loss)
 from .modeling import load_model, resolve_device, wrap_lora
 from .precompute import encode_samples, summarise
+from .prompts import train_prompt, train_text
 from .refcache import RefCacheReader, RefSample, atomic_write_json, check_fingerprint
 from .references import draw_reference_images
 
@@ -134,6 +135,83 @@ class ExampleTable:
     def nbytes(self) -> int:
         return sum(a.nbytes for c in self.chunks for a in c.values())
 
+
+class PromptIds:
+    """Token ids of a question's training prompt, remembered for the last `size` distinct questions.
+
+    The same call encode_pair makes for the prompt part (encoding.encode_prompt of
+    prompts.train_prompt), so prompt ids made here equal the setup's tokenisation
+    (and build_cached_examples checks that they do, for every sample).
+    """
+
+    def __init__(self, processor, size: int = 1024):
+        self.processor, self.size = processor, size
+        self.memo: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __call__(self, question: str) -> np.ndarray:
+        if question in self.memo:
+            self.memo.move_to_end(question)
+            return self.memo[question]
+        ids = self.encode(question)
+        self.memo[question] = ids
+        if len(self.memo) > self.size:
+            self.memo.popitem(last=False)
+        return ids
+
+    def encode(self, question: str) -> np.ndarray:
+        return np.asarray(encode_prompt(self.processor, train_prompt(question)), np.int32)
+
+    def with_answer(self, question: str, answer: str) -> tuple[np.ndarray, int]:
+        """(prompt + answer ids, answer start), tokenised together as encode_pair does (the idk answer)."""
+        prompt, answer = train_text(question, answer)
+        ids, start = encode_pair(self.processor, prompt, answer)
+        return np.asarray(ids, np.int32), start
+
+
+class CachedExamples:
+    """Forget examples whose tokens come from the reference cache, built when a batch needs them.
+
+    Per sample only two int32 numbers are held: its slot in the cache reader's
+    index (which stands for its id) and its image row. A batch's token ids are
+    made in the DataLoader worker from what the cache stores for the sample:
+    the prompt from its question (PromptIds), the answer from its answer_ids;
+    with `idk_answer` the answer is that text instead (IdkPO's second sequence).
+    build_cached_examples checked at setup that these equal the run's own tokenisation.
+    Indexing (table[i]) reads the cache: for tests and tools, not for the loop.
+    """
+
+    def __init__(self, reader: RefCacheReader, slots: np.ndarray, images: np.ndarray, prompts: PromptIds,
+                 idk_answer: str = ""):
+        self.reader, self.slots, self.images = reader, slots, images
+        self.prompts, self.idk_answer = prompts, idk_answer
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def sample_id(self, i: int) -> str:
+        return self.reader.sample_id_at(self.slots[i])
+
+    def example(self, i: int, ref: RefSample) -> Example:
+        """Example i, from its cached sample `ref` (reader.get of its id)."""
+        if self.idk_answer:
+            ids, start = self.prompts.with_answer(ref.question, self.idk_answer)
+        else:
+            prompt = self.prompts(ref.question)
+            ids, start = np.concatenate([prompt, np.asarray(ref.answer_ids, np.int32)]), len(prompt)
+        return Example(ref.sample_id, ids, start, int(self.images[i]))
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.example(i, self.reader.get(self.sample_id(i)))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def nbytes(self) -> int:
+        return self.slots.nbytes + self.images.nbytes
+
+
 @dataclass
 class Refs:
     """Reference targets of one micro-batch, padded to [B, T, K] (padding: prob 0, tail 1)."""
@@ -168,11 +246,13 @@ class LossSpec:
 class Inputs:
     """What the loop draws micro-batches from.
 
-    Token ids are made once at setup; references and images are read on demand
-    (see Loader), so memory does not grow with the number of cached samples.
+    References and images are read on demand (see Loader). With a cache the
+    forget (and idk) examples are CachedExamples, rebuilt per batch from the
+    cache, so memory does not grow with the number of cached samples beyond 8
+    bytes each; without one, token ids are made once at setup (ExampleTable).
     """
-    forget: ExampleTable             # (or a list of Example: both index alike)
-    idk: ExampleTable | None
+    forget: ExampleTable | CachedExamples   # (or a list of Example: all three index alike)
+    idk: ExampleTable | CachedExamples | None
     retain: ExampleTable | None
     refs: dict[str, RefSample]       # references held in memory (benchmarks); training streams `reader`
     bank: torch.Tensor | None        # pixel values of the current micro-batch's images, rows = Example.image
@@ -242,19 +322,26 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         if needs_retain(method, cfg.retain_weight):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
             retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
-        inputs = build_inputs(processor, forget, retain, max_positions(model),
-                              idk_answer if method == "idkpo" else "", pool_dir if spec.online else None)
+        reader, cache = None, {}
+        if needs_cache(method, spec):
+            reader, cache = open_cache(cache_dir, model_dir, forget, method, pool_dir, idk_answer, recorded)
+        try:   # with a cache the forget examples keep no tokens: they are read from it per batch
+            inputs = build_inputs(processor, forget, retain, max_positions(model),
+                                  idk_answer if method == "idkpo" else "", pool_dir if spec.online else None,
+                                  reader=reader, method=method)
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
         if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
             inputs.pool = inputs.pool.to(dev, _dtype_of(model))
-        cache = {}
-        if needs_cache(method, spec):
-            inputs.reader, cache = open_references(cache_dir, model_dir, forget, inputs.forget, method, pool_dir,
-                                                   idk_answer, recorded)
         inputs.workers = cfg.data_workers
-        if len(forget) < world:
-            raise TrainError(f"{len(forget)} forget samples cannot be split over {world} processes")
+        n_forget = len(forget)
+        del forget, retain   # the samples are not needed past setup (memory must not grow with their number)
+        if n_forget < world:
+            raise TrainError(f"{n_forget} forget samples cannot be split over {world} processes")
 
-        steps = total_steps(cfg, len(forget), world)
+        steps = total_steps(cfg, n_forget, world)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = linear_schedule(optimizer, cfg.warmup_steps, steps)
@@ -321,7 +408,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
             if rank == 0:
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 append_log(log_path, {"step": step, "epoch": round(step * cfg.batch_size * cfg.grad_accum * world
-                                                                   / len(forget), 4),
+                                                                   / n_forget, 4),
                                       "lr": lr, "loss": last_loss, "grad_norm": grad_norm,
                                       **{k: float(torch.cat(v).mean()) for k, v in sorted(diags.items())},
                                       "sec_per_step": round(step_seconds[-1], 4)})
@@ -440,8 +527,13 @@ def init_distributed(device: str):
 
 
 def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_length, idk_answer: str,
-                 pool_dir) -> Inputs:
-    """Tokenise every sample once; images stay encoded and are decoded per micro-batch by the loader."""
+                 pool_dir, reader: RefCacheReader | None = None, method: str = "") -> Inputs:
+    """Tokenise every sample once; images stay encoded and are decoded per micro-batch by the loader.
+
+    With `reader` (the open reference cache of a method that uses one) the forget
+    examples are checked against the cache and kept as CachedExamples (no tokens
+    held: the cache has them); `method` names the cached columns that must be there.
+    """
     if not forget:
         raise TrainError("the forget split holds no samples")
     images: list = []
@@ -460,10 +552,15 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
         for first in range(0, len(samples), 4096):
             yield from encode_samples(processor, samples[first: first + 4096], idk, max_length)
 
-    forget_ex = ExampleTable(Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample))
-                             for e in encoded(forget, ""))
-    idk_ex = (ExampleTable(Example(e.sample.sample_id, _compact(e.idk_ids), e.idk_start, row(e.sample))
-                           for e in encoded(forget, idk_answer)) if idk_answer else None)
+    if reader is not None:
+        forget_ex = build_cached_examples(processor, forget, reader, row, max_length, idk_answer, method)
+        idk_ex = (CachedExamples(reader, forget_ex.slots, forget_ex.images, forget_ex.prompts, idk_answer)
+                  if idk_answer else None)
+    else:
+        forget_ex = ExampleTable(Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample))
+                                 for e in encoded(forget, ""))
+        idk_ex = (ExampleTable(Example(e.sample.sample_id, _compact(e.idk_ids), e.idk_start, row(e.sample))
+                               for e in encoded(forget, idk_answer)) if idk_answer else None)
     retain_ex = None
     if retain:
         retain_ex = ExampleTable(Example(e.sample.sample_id, _compact(e.ids), e.answer_start, row(e.sample))
@@ -473,7 +570,60 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
         pool = pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool_files(pool_dir)])
     pad_id = processor.tokenizer.pad_token_id
     return Inputs(forget_ex, idk_ex, retain_ex, {}, None, pool, 0 if pad_id is None else pad_id,
-                  images=images, processor=processor)
+                  images=images, processor=processor, reader=reader)
+
+
+SETUP_CHUNK = 1024   # samples tokenised together when checking them against the cache (bounds setup memory)
+
+
+def build_cached_examples(processor, samples: list[Sample], reader: RefCacheReader, image_row, max_length,
+                          idk_answer: str, method: str) -> CachedExamples:
+    """The forget samples as CachedExamples, after checking every one against the cache.
+
+    One pass in cache order, SETUP_CHUNK samples at a time, keeping nothing per
+    sample but its slot and image row: each is tokenised as stage one did (an
+    empty answer or a too-long sequence fails here, as does a bad image in
+    `image_row`), must be cached with the same question, prompt ids and answer
+    tokens, and must carry the reference log-likelihoods the method needs.
+    """
+    cache_dir = reader.cache_dir
+    slots = np.empty(len(samples), np.int32)
+    images = np.empty(len(samples), np.int32)
+    for i, s in enumerate(samples):
+        if s.sample_id not in reader:
+            raise TrainError(f"forget sample {s.sample_id!r} is not in reference cache {cache_dir}")
+        slots[i], images[i] = reader.slot(s.sample_id), image_row(s)
+    prompts = PromptIds(processor)
+    shard, row = reader.slot_locations(slots)
+    order = np.lexsort((row, shard))
+    needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
+    for first in range(0, len(order), SETUP_CHUNK):
+        chunk = order[first: first + SETUP_CHUNK]
+        by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
+        questions: dict[int, list[tuple[int, Sample]]] = defaultdict(list)
+        for i, e in zip(chunk, encode_samples(processor, [samples[i] for i in chunk], idk_answer, max_length)):
+            ex = Example(e.sample.sample_id, _compact(e.ids), e.answer_start, 0)
+            if not np.array_equal(prompts(e.sample.question), ex.ids[:ex.start]):
+                raise TrainError(f"sample {ex.sample_id!r}: its prompt tokenised alone differs from the "
+                                 f"prompt part of its training sequence")
+            by_shard[int(shard[i])].append((int(row[i]), ex))
+            questions[int(shard[i])].append((int(row[i]), e.sample))
+        for pos, rows in by_shard.items():
+            _check_shard_rows(reader, pos, rows, needed, method, cache_dir)
+            _check_shard_questions(reader, pos, questions[pos], cache_dir)
+    return CachedExamples(reader, slots, images, prompts)
+
+
+def _check_shard_questions(reader: RefCacheReader, pos: int, rows: list[tuple[int, Sample]], cache_dir) -> None:
+    """The cached question of each sample is this run's: the loop rebuilds its prompt from the cached one."""
+    cached = reader.shard_column(pos, "question")
+    for row, sample in rows:
+        text = None if cached is None else cached[row]
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        if text != sample.question:
+            what = "lacks the question" if text is None else "holds another question"
+            raise TrainError(f"reference cache {cache_dir} {what} for sample {sample.sample_id!r}: "
+                             f"recompute it with viker precompute")
 
 
 def _compact(ids: list[int]) -> np.ndarray:
@@ -529,6 +679,23 @@ def cache_setting_differences(settings: dict, recorded: dict, expected: dict, po
     return found
 
 
+def open_cache(cache_dir, model_dir, samples: list[Sample], method: str, pool_dir, idk_answer: str,
+               recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
+    """The open reader of a cache made for this run, and what the cache is (fingerprint, settings).
+
+    `recorded`: the fingerprint an earlier `check_cache` already accepted (skips
+    hashing again). The samples are checked against it by build_cached_examples.
+    """
+    if recorded is None:
+        recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
+    cached_idk = recorded.get("parts", {}).get("idk_answer")
+    if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
+        raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
+                         f"this run uses {idk_answer!r}")
+    reader = RefCacheReader(cache_dir)
+    return reader, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+
+
 def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
                     pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
     """Open the cache and check it covers every forget sample; (the open reader, what the cache is).
@@ -539,13 +706,7 @@ def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[
     read later, on demand. `recorded`: the fingerprint an earlier `check_cache`
     already accepted (skips hashing again).
     """
-    if recorded is None:
-        recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
-    cached_idk = recorded.get("parts", {}).get("idk_answer")
-    if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
-        raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
-                         f"this run uses {idk_answer!r}")
-    reader = RefCacheReader(cache_dir)
+    reader, cache = open_cache(cache_dir, model_dir, samples, method, pool_dir, idk_answer, recorded)
     by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
     for ex in examples:
         if ex.sample_id not in reader:
@@ -560,7 +721,7 @@ def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[
     except TrainError:
         reader.close()
         raise
-    return reader, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
+    return reader, cache
 
 
 def _check_shard_rows(reader: RefCacheReader, pos: int, rows: list[tuple[int, Example]], needed, method: str,
@@ -584,10 +745,13 @@ def shard_groups(reader: RefCacheReader | None, examples: list[Example]) -> list
     """Example indices grouped by cache shard, in row order: what a sequential-read shuffle needs."""
     if reader is None:
         return None
-    shard = np.empty(len(examples), np.int32)
-    row = np.empty(len(examples), np.int32)
-    for i, ex in enumerate(examples):
-        shard[i], row[i] = reader.locate(ex.sample_id)[:2]
+    if isinstance(examples, CachedExamples):
+        shard, row = reader.slot_locations(examples.slots)
+    else:
+        shard = np.empty(len(examples), np.int32)
+        row = np.empty(len(examples), np.int32)
+        for i, ex in enumerate(examples):
+            shard[i], row[i] = reader.locate(ex.sample_id)[:2]
     order = np.lexsort((row, shard))
     cuts = np.flatnonzero(np.diff(shard[order])) + 1
     return [part.astype(np.int32) for part in np.split(order, cuts)]
@@ -650,37 +814,52 @@ class Stream:
 
 
 class ExampleData(torch.utils.data.Dataset):
-    """Item i: (i, the encoded image of example i, its cached references or None)."""
+    """Item i: (i, the encoded image of example i, example i, its idk twin or None, its cached references or None).
 
-    def __init__(self, examples: list[Example], images: list[bytes], reader: RefCacheReader | None):
-        self.examples, self.images, self.reader = examples, images, reader
+    Runs in the DataLoader workers: CachedExamples are built here from the references just read.
+    """
+
+    def __init__(self, examples, images: list[bytes], reader: RefCacheReader | None, idk=None):
+        self.examples, self.images, self.reader, self.idk = examples, images, reader, idk
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int):
-        ex = self.examples[i]
-        return i, self.images[ex.image], (self.reader.get(ex.sample_id) if self.reader is not None else None)
+        # stored=True: the references travel to the loop in the cache's own dtypes (see pad_stored)
+        if isinstance(self.examples, CachedExamples):
+            ref = self.reader.get(self.examples.sample_id(i), stored=True)
+            ex = self.examples.example(i, ref)
+            idk = self.idk.example(i, ref) if self.idk is not None else None
+        else:
+            ex = self.examples[i]
+            ref = self.reader.get(ex.sample_id, stored=True) if self.reader is not None else None
+            idk = self.idk[i] if self.idk is not None else None
+        return i, self.images[ex.image], ex, idk, ref
 
 
 class Collate:
-    """Decode a batch's images and pad its references (in the DataLoader worker, off the training loop)."""
+    """Decode a batch's images and pad its references (in the DataLoader worker, off the training loop).
 
-    def __init__(self, examples: list[Example], processor, method: str):
-        self.examples, self.processor, self.method = examples, processor, method
+    The batch's examples come back with `image` renumbered to their row of the batch's pixels.
+    """
+
+    def __init__(self, processor, method: str):
+        self.processor, self.method = processor, method
 
     def __call__(self, items) -> dict:
         # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
-        # which costs more than pickling these few arrays (measured: 1.6k vs ... samples/s).
-        rows = [i for i, _, _ in items]
-        images = [load_image(data, f"sample {self.examples[i].sample_id}") for i, data, _ in items]
-        out = {"rows": rows, "pixels": pixel_values(self.processor, images).numpy()}
-        cached = [ref for _, _, ref in items]
+        # which costs more than pickling these few arrays (measured: 1.6k vs 4.5k samples/s).
+        rows = [item[0] for item in items]
+        forget = [dataclasses.replace(ex, image=j) for j, (_, _, ex, _, _) in enumerate(items)]
+        images = [load_image(data, f"sample {ex.sample_id}") for (_, data, _, _, _), ex in zip(items, forget)]
+        out = {"rows": rows, "examples": forget, "pixels": pixel_values(self.processor, images).numpy()}
+        if items[0][3] is not None:
+            out["idk"] = [dataclasses.replace(idk, image=j) for j, (_, _, _, idk, _) in enumerate(items)]
+        cached = [item[4] for item in items]
         if cached and cached[0] is not None:
-            forget = [self.examples[i] for i in rows]
             if self.method == "viker":
-                refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
-                out["refs"] = [t.numpy() for t in dataclasses.astuple(refs)]
+                out["refs"] = pad_stored(cached, max(len(ex.ids) - ex.start for ex in forget))
             if self.method in ("npo", "idkpo"):
                 out["ref_logp_own"] = np.array([r.ref_logp_own for r in cached], np.float32)
             if self.method == "idkpo":
@@ -728,13 +907,11 @@ class Loader:
 
 
 def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> dict[str, Loader]:
-    loaders = {"forget": Loader(ExampleData(inputs.forget, inputs.images, inputs.reader),
-                                Collate(inputs.forget, inputs.processor, method), streams["forget"],
-                                batch_size, inputs.workers)}
+    loaders = {"forget": Loader(ExampleData(inputs.forget, inputs.images, inputs.reader, inputs.idk),
+                                Collate(inputs.processor, method), streams["forget"], batch_size, inputs.workers)}
     if inputs.retain:
         loaders["retain"] = Loader(ExampleData(inputs.retain, inputs.images, None),
-                                   Collate(inputs.retain, inputs.processor, method), streams["retain"],
-                                   batch_size, inputs.workers)
+                                   Collate(inputs.processor, method), streams["retain"], batch_size, inputs.workers)
     return loaders
 
 
@@ -744,19 +921,41 @@ def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int
         inputs.loaders = make_loaders(inputs, streams, batch_size, method)
     rows = streams["forget"].take(batch_size)
     got = inputs.loaders["forget"].next(rows)
-    forget = [dataclasses.replace(inputs.forget[i], image=j) for j, i in enumerate(rows)]
-    refs = Refs(*(torch.from_numpy(a) for a in got["refs"])) if "refs" in got else None
-    mb = MicroBatch(forget, refs=refs, ref_logp_own=_tensor(got.get("ref_logp_own")),
+    refs = widen_stored(got["refs"]) if "refs" in got else None
+    mb = MicroBatch(got["examples"], idk=got.get("idk"), refs=refs, ref_logp_own=_tensor(got.get("ref_logp_own")),
                     ref_logp_idk=_tensor(got.get("ref_logp_idk")))
     pixels = [torch.from_numpy(got["pixels"])]
-    if inputs.idk is not None:
-        mb.idk = [dataclasses.replace(inputs.idk[i], image=j) for j, i in enumerate(rows)]
     if inputs.retain:
         rrows = streams["retain"].take(batch_size)
-        pixels.append(torch.from_numpy(inputs.loaders["retain"].next(rrows)["pixels"]))
-        mb.retain = [dataclasses.replace(inputs.retain[i], image=len(rows) + j) for j, i in enumerate(rrows)]
+        rgot = inputs.loaders["retain"].next(rrows)
+        pixels.append(torch.from_numpy(rgot["pixels"]))
+        mb.retain = [dataclasses.replace(ex, image=len(rows) + ex.image) for ex in rgot["examples"]]
     inputs.bank = torch.cat(pixels)
     return mb
+
+
+def pad_stored(samples: list[RefSample], width: int) -> list[np.ndarray]:
+    """pad_references in numpy and in the cache's stored dtypes (uint16/int32 indices, float16 probabilities).
+
+    What a DataLoader worker hands to the loop: a third of the bytes of int64/float32
+    (pickling ~190 KB per batch of 8 at K = 64 is what held 2 workers below 1 worker's rate).
+    widen_stored turns it into the Refs pad_references makes, value for value.
+    """
+    B, K = len(samples), samples[0].topk_idx.shape[1]
+    idx = np.zeros((B, width, K), samples[0].topk_idx.dtype)
+    prob = np.zeros((B, width, K), samples[0].topk_prob.dtype)
+    tail, entropy = np.ones((B, width), np.float32), np.zeros((B, width), np.float32)
+    for i, s in enumerate(samples):
+        T = s.num_tokens
+        idx[i, :T], prob[i, :T], tail[i, :T], entropy[i, :T] = s.topk_idx, s.topk_prob, s.tail_mass, s.entropy
+    return [idx, prob, tail, entropy]
+
+
+def widen_stored(arrays: list[np.ndarray]) -> Refs:
+    """The Refs of pad_stored's arrays: int64 indices, float32 probabilities (exact conversions)."""
+    idx, prob, tail, entropy = arrays
+    return Refs(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(prob.astype(np.float32)),
+                torch.from_numpy(tail), torch.from_numpy(entropy))
 
 
 def pad_references(samples: list[RefSample], width: int) -> Refs:

@@ -61,12 +61,15 @@ def in_memory_batch(w, inputs, rows, rrows, method):
 def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
     w = world
     retain = w["retain"] if tr.needs_retain(method, 0.0) else []
-    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None,
-                             "I don't know." if method == "idkpo" else "", None)
+    idk = "I don't know." if method == "idkpo" else ""
+    held = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None)   # every token made at setup
+    reader = None
+    if method in ("npo", "idkpo", "viker"):   # as train does: examples rebuilt per batch from the cache
+        reader, _ = tr.open_cache(w["cache"], w["model_dir"], w["forget"], method, None, "I don't know.")
+    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=method)
     inputs.workers = workers
-    if method in ("npo", "idkpo", "viker"):
-        inputs.reader, _ = tr.open_references(w["cache"], w["model_dir"], w["forget"], inputs.forget, method,
-                                              None, "I don't know.")
+    if reader is not None:
+        assert isinstance(inputs.forget, tr.CachedExamples) and inputs.forget.nbytes() == 8 * len(w["forget"])
     streams = {"forget": tr.Stream(len(inputs.forget), 0, groups=tr.shard_groups(inputs.reader, inputs.forget)),
                "retain": tr.Stream(len(inputs.retain or []), 1)}
     twin = {k: s.copy() for k, s in streams.items()}
@@ -77,7 +80,12 @@ def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
         rrows = twin["retain"].take(3) if inputs.retain else []
         mb = tr.next_micro_batch(inputs, streams, 3, method)
         streamed, d_stream = tr.micro_batch_loss(net, w["model"], mb, spec, inputs, torch.device("cpu"))
-        mem, mb_mem = in_memory_batch(w, inputs, rows, rrows, method)
+        mem, mb_mem = in_memory_batch(w, held, rows, rrows, method)
+        for part in ("forget", "idk"):   # the examples themselves, token for token
+            got, want = getattr(mb, part), getattr(mb_mem, part)
+            assert (got is None) == (want is None)
+            for a, b in zip(got or [], want or []):
+                assert (a.sample_id, a.start) == (b.sample_id, b.start) and np.array_equal(a.ids, b.ids)
         expected, d_mem = tr.micro_batch_loss(net, w["model"], mb_mem, spec, mem, torch.device("cpu"))
         assert torch.equal(streamed, expected), (method, float(streamed), float(expected))
         assert d_stream.keys() == d_mem.keys()
@@ -137,3 +145,79 @@ def test_example_table_reads_like_the_list_and_costs_tokens_not_objects():
     assert wide.chunks[0]["ids"].dtype == np.int32 and wide[0].ids.tolist() == [1, 151000]
     with pytest.raises(IndexError):
         table[5000]
+
+
+def _copies_cache(w, tmp, n: int, question=None):
+    """n copies of the forget samples (new ids, same images) and a cache holding their answer tokens."""
+    from dataclasses import replace
+
+    from pipeline import refcache
+    samples = [replace(s, sample_id=f"copy-{i:05d}/0") for i, s in
+               zip(range(n), (w["forget"][i % len(w["forget"])] for i in range(n)))]
+    refs = []
+    for e in pc.encode_samples(w["processor"], samples, "", None):
+        T = len(e.ids) - e.answer_start
+        refs.append(refcache.RefSample(e.sample.sample_id, np.asarray(e.ids[e.answer_start:], np.int32),
+                                       np.zeros((T, 4), np.int64), np.full((T, 4), 0.25, np.float32),
+                                       np.zeros(T, np.float32), np.ones(T, np.float32),
+                                       question=question or e.sample.question))
+    fp = refcache.make_fingerprint({"test": "copies"})
+    refcache.write_shard(tmp, 0, 1, refs, vocab_size=400, fingerprint=fp, settings={"k": 1})
+    refcache.finalize(tmp, 1, fp, {"k": 1})
+    return samples, RefCacheReader(tmp)
+
+
+def _held_bytes(build) -> int:
+    """Bytes of Python/numpy allocations still alive after build() (numpy reports its buffers to tracemalloc)."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    kept = build()
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del kept
+    return held
+
+
+def test_with_a_cache_memory_per_forget_sample_is_eight_bytes_not_its_tokens(world, tmp_path):
+    w = world
+    grown = {}
+    for path in ("cached", "held"):
+        held = {}
+        for n in (300, 1200):
+            samples, reader = _copies_cache(w, tmp_path / f"{path}{n}", n)
+            use = reader if path == "cached" else None
+            held[n] = _held_bytes(lambda: tr.build_inputs(w["processor"], samples, [], None, "", None,
+                                                          reader=use, method="viker").forget)
+            reader.close()
+        grown[path] = (held[1200] - held[300]) / 900
+    # Held tokens cost their bytes per sample (measured ~126 B here: uint16 ids, offsets, starts, image rows,
+    # ids); the cached examples keep a slot and an image row, 8 B (measured ~13 B with allocator noise).
+    assert grown["held"] > 60, grown
+    assert grown["cached"] <= 16, grown
+
+
+def test_cached_examples_refuse_a_cache_that_does_not_match_at_setup(world, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.encoding import InputError
+    w = world
+    samples, reader = _copies_cache(w, tmp_path / "other-question", 6, question="Who is this?")
+    with pytest.raises(tr.TrainError, match="holds another question for sample 'copy-00000/0'"):
+        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    samples, reader = _copies_cache(w, tmp_path / "ok", 6)
+    with pytest.raises(tr.TrainError, match="forget sample 'extra/0' is not in reference cache"):
+        tr.build_inputs(w["processor"], samples + [replace(samples[0], sample_id="extra/0")], [], None, "", None,
+                        reader=reader, method="viker")
+    with pytest.raises(tr.TrainError, match="needs ref_logp_own"):
+        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="npo")
+    with pytest.raises(InputError, match="exceeds the model's limit of 8"):
+        tr.build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method="viker")
+    built = tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    held = tr.build_inputs(w["processor"], samples, [], None, "", None)
+    for i in range(6):   # indexing a CachedExamples reads the cache and gives the tokenised example
+        assert np.array_equal(built.forget[i].ids, held.forget[i].ids) and built.forget[i].start == held.forget[i].start
+    reader.close()
