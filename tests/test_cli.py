@@ -101,13 +101,19 @@ def test_shard_index_needs_num_shards(env, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(env, cache, tmp_path):
-    out = tmp_path / "ddp"
+    # Both runs pin one thread: a float32 matmul split over 2 threads sums in another order than over 1,
+    # so the in-process `cache` (every core) may differ in the last bit from a 1-thread rank.
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    single, out = tmp_path / "one", tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "precompute", *overrides(env, single)],
+                          capture_output=True, text=True, timeout=600, env=one_thread)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "pipeline.cli", "precompute", *overrides(env, out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=one_thread)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert digests(out) == digests(cache)
+    assert digests(out) == digests(single)
+    assert digests(single).keys() == digests(cache).keys()
 
 
 def test_train_evaluate_report_through_the_cli(env, cache, tmp_path):
