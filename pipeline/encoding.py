@@ -12,6 +12,8 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import families
+
 
 class InputError(ValueError):
     """Bad input for one example; the message is one line and names it."""
@@ -26,30 +28,20 @@ def load_image(data: bytes, where: str = "image") -> Image.Image:
 
 
 def pixel_values(processor, images: list[Image.Image]) -> torch.Tensor:
-    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    """Normalised [N, C, H, W] pixels, one row per image, for any supported family (families.py)."""
+    return families.pixel_values(processor, images)
 
 
 def image_token_count(processor) -> int:
-    """How many placeholder tokens one image expands to, asked of the processor itself.
-
-    Counting them in a real processor call (once, on a blank picture) works for
-    any LLaVA-style processor whatever its config spells (crop size, patch size,
-    class token, selection strategy).
-    """
-    n = getattr(processor, "_viker_image_tokens", None)
-    if n is None:
-        blank = Image.new("RGB", (64, 64))
-        ids = processor(images=[blank], text=[processor.image_token], return_tensors="pt")["input_ids"][0]
-        n = int((ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
-        if n == 0:
-            raise InputError("the processor does not expand the image token; not a LLaVA-style processor")
-        processor._viker_image_tokens = n
-    return n
+    """How many image tokens one image expands to, asked of the processor itself (families.image_expansion)."""
+    return families.image_token_count(processor)
 
 
 def _expand_ids(processor, text: str) -> list[int]:
-    """Token ids of `text` with the image placeholder expanded, BOS included."""
-    expanded = text.replace(processor.image_token, processor.image_token * image_token_count(processor))
+    """Token ids of `text` (prompts.py's form) as its model reads it: re-rendered for the model's family,
+    the image placeholder expanded as the processor would, special tokens (BOS) included."""
+    text = families.render(processor, text)
+    expanded = text.replace(processor.image_token, families.image_expansion(processor))
     return processor.tokenizer(expanded, add_special_tokens=True)["input_ids"]
 
 

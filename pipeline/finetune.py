@@ -21,6 +21,7 @@ from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .data.records import Profile
 from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
+from .forward import forward_inputs
 from .modeling import load_model, wrap_lora
 from .prompts import generation_prompt, train_text
 
@@ -132,8 +133,8 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
         rendered = [render(ex, gen) for ex in batch]
         ids, mask, labels = pad_right([r[0] for r in rendered], pad_id, [r[1] for r in rendered])
         with autocast:
-            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev),
-                        pixel_values=pixels.to(dev, next(model.parameters()).dtype))
+            out = model(**forward_inputs(model, ids.to(dev), mask.to(dev),
+                                         pixels.to(dev, next(model.parameters()).dtype)), labels=labels.to(dev))
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"fine-tuning loss became {out.loss.item()} at step {step}; lower finetune.lr")
         out.loss.backward()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import families
 from .encoding import pad_right
 
 
@@ -41,7 +42,7 @@ def make_text_batch(seqs: list[list[int]], answer_starts: list[int], pad_id: int
 
 
 def unwrap(model):
-    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    """The HF model (LlavaForConditionalGeneration, Qwen2_5_VL..., Idefics3...) inside a peft wrapper."""
     inner = model
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
@@ -58,18 +59,32 @@ def multimodal_model(model):
 
 def language_model(model):
     """The decoder alone: takes input ids plus a key/value cache, returns hidden states."""
-    return multimodal_model(model).language_model
+    return getattr(multimodal_model(model), families.family_of_model(model).decoder)
 
 
 def output_head(model):
     return unwrap(model).lm_head
 
 
+def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> dict:
+    """Keyword arguments of a teacher-forced multimodal forward, one image per row, for any family.
+
+    Qwen's 3-D positions are passed explicitly (families.rope_positions), so every
+    path, the prefix path included, places tokens by one rule whatever the
+    transformers version.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              **families.vision_inputs(model, pixel_values)}
+    positions = families.rope_positions(model, input_ids)
+    if positions is not None:
+        kwargs["position_ids"] = positions
+    return kwargs
+
+
 def answer_logits(model, batch: TextBatch, pixel_values: torch.Tensor) -> torch.Tensor:
     """[B, T, V] logits at the answer positions of a right-padded batch."""
-    llava = unwrap(model)
-    out = llava.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      pixel_values=pixel_values, use_cache=False)
+    inner = unwrap(model)
+    out = inner.model(**forward_inputs(model, batch.input_ids, batch.attention_mask, pixel_values), use_cache=False)
     hidden = out.last_hidden_state
     index = batch.answer_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return llava.lm_head(torch.gather(hidden, 1, index))
+    return inner.lm_head(torch.gather(hidden, 1, index))

@@ -5,6 +5,7 @@ import torch
 from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .encoding import encode_prompt, pad_left, pixel_values
+from .families import generation_inputs
 
 
 @torch.no_grad()
@@ -21,7 +22,8 @@ def generate(model, processor, images, prompts: list[str], max_new_tokens: int =
         chunk = prompts[start: start + batch_size]
         ids, mask = pad_left([encode_prompt(processor, p) for p in chunk], tok.pad_token_id)
         pixels = pixel_values(processor, images[start: start + batch_size]).to(device, dtype)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
+        ids = ids.to(device)
+        out = model.generate(input_ids=ids, attention_mask=mask.to(device), **generation_inputs(model, ids, pixels),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = out[:, ids.shape[1]:]

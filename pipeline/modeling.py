@@ -1,8 +1,9 @@
-"""Models: load any local LLaVA-style model, build a tiny one offline, wrap it in LoRA.
+"""Models: load a local model of a supported family, build a tiny one offline, wrap it in LoRA.
 
 Nothing here reaches a hub: `load_model` reads a local directory only
-(`local_files_only=True`), and `build_tiny_llava` makes a complete HF model
-directory (config, weights, BPE tokenizer, processor) from a config.
+(`local_files_only=True`), and `build_tiny` makes a complete HF model directory
+(config, weights, BPE tokenizer, processor with a chat template) of any family
+in families.FAMILIES from one shape config.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .prompts import IMAGE_TOKEN
 
 # A chat template is required by LlavaProcessor; ours reproduces the MLLMU-Bench prompt.
@@ -69,12 +71,19 @@ def _cause(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
 
 
+def model_family(path: Path) -> families.Family:
+    try:
+        return families.family_of_dir(path)
+    except families.FamilyError as err:
+        raise ModelError(str(err)) from None
+
+
 def load_processor(path: str | Path):
-    from transformers import AutoProcessor
     path = check_model_dir(path)
+    family = model_family(path)
     check_processor_files(path)
     try:
-        return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        return families.load_family_processor(path, family)
     except Exception as err:   # transformers raises OSError, ValueError, TypeError... for a damaged tokenizer
         raise ModelError(f"cannot load the tokenizer/processor in {path}: {_cause(err)}") from err
 
@@ -83,6 +92,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto", with
     """(model, processor) from a local LLaVA-style directory, in eval mode on `device`."""
     from transformers import AutoModelForImageTextToText
     path = check_model_dir(path)
+    model_family(path)                # an unsupported family is refused before anything loads
     if with_processor:
         check_processor_files(path)   # before paying for the weights
     dev = resolve_device(device)
@@ -96,29 +106,149 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto", with
 
 
 def image_token_id(processor) -> int:
-    return processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return families.image_token_id(processor)
 
 
 # ---------------------------------------------------------------- tiny model
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on the benchmark's text, with LLaVA's special tokens."""
+LLAVA_TOKENS = {"specials": ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], "bos": "<s>", "eos": "</s>",
+                "pad": "<pad>", "unk": "<unk>", "extra": {"image_token": IMAGE_TOKEN}}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, tokens: dict = LLAVA_TOKENS):
+    """A byte-level BPE tokenizer trained on the benchmark's text, with a family's special tokens.
+
+    `tokens`: specials (listed first, so their ids are fixed), bos (prepended
+    to every text when set, like LLaMA's tokenizer; None: nothing, like
+    Qwen's), eos, pad, unk and extra_special_tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=tokens.get("unk")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(tokens["specials"]), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    # Prepend BOS like LLaMA's tokenizer so prompts look the same to both kinds of model.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = tokens.get("bos")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right",
+        tokenizer_object=tok, bos_token=bos, eos_token=tokens["eos"], pad_token=tokens["pad"],
+        unk_token=tokens.get("unk"), extra_special_tokens=dict(tokens.get("extra", {})), padding_side="right",
     )
+
+
+def build_tiny(family: str, out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
+    """A tiny randomly initialised model of `family` (families.FAMILIES), saved as a normal HF directory.
+
+    All families share `cfg` (config.TinyModelConfig): one image is 16 image
+    tokens in each at the default shape (LLaVA: 32 px / patch 8; Qwen and
+    Idefics3: patch 4, then 2 x 2 merged), so their costs compare.
+    """
+    builders = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3}
+    families.family_named(family)
+    return builders[family](out, texts, cfg, seed=seed)
+
+
+def _save(model, processor, tokenizer, out) -> Path:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _text_shape(cfg, tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 2,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                num_key_value_heads=cfg.text_heads, max_position_embeddings=cfg.max_positions,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+# Qwen2.5-VL's template without its default system turn (a real checkpoint brings its own template,
+# system turn included, and families.render uses whichever the processor has).
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_TOKENS = {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                            "<|image_pad|>", "<|video_pad|>"],
+               "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None,
+               "extra": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}}
+
+
+def build_tiny_qwen2_5_vl(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = train_tokenizer(texts + ["user\n", "assistant\n"], cfg.vocab_size, QWEN_TOKENS)
+    patch, side = cfg.patch_size // 2, cfg.image_size
+    # min = max pixels = side^2: the processor keeps a side x side picture as it is (families.image_side)
+    image_proc = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=patch,
+                                          merge_size=2, temporal_patch_size=2)
+    processor = families.qwen_image_processor_class()(image_processor=image_proc, tokenizer=tokenizer,
+                                                      chat_template=QWEN_TEMPLATE)
+    half = cfg.text_hidden // cfg.text_heads // 2        # rotary frequencies per head, split over (t, h, w)
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS["specials"]}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(_text_shape(cfg, tokenizer), bos_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}),
+        vision_config=dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden,
+                           intermediate_size=cfg.vision_hidden * 2, num_heads=4, patch_size=patch,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=cfg.text_hidden,
+                           window_size=side, fullatt_block_indexes=[cfg.vision_layers - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    out = _save(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out)
+    # Saved under the real class name, so the directory reads like any Qwen2.5-VL checkpoint
+    # (modeling.load_processor falls back to the image-only class where there is no torchvision).
+    meta = Path(out, "processor_config.json")
+    meta.write_text(meta.read_text().replace('"QwenImageOnlyProcessor"', '"Qwen2_5_VLProcessor"'))
+    return out
+
+
+# Idefics3's template shape (User:<image>question<end_of_utterance>\nAssistant: answer).
+IDEFICS3_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS3_TOKENS = {"specials": ["<|begin_of_text|>", "<|end_of_text|>", "<pad>", "<fake_token_around_image>",
+                                "<image>", "<global-img>", "<end_of_utterance>"],
+                   "bos": "<|begin_of_text|>", "eos": "<end_of_utterance>", "pad": "<pad>", "unk": None,
+                   "extra": {"image_token": "<image>"}}
+
+
+def build_tiny_idefics3(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = train_tokenizer(texts + ["User:", "Assistant:"], cfg.vocab_size, IDEFICS3_TOKENS)
+    patch, side, scale = cfg.patch_size // 2, cfg.image_size, 2
+    # No image splitting: one global picture per image, a fixed number of image tokens.
+    image_proc = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
+                                           max_image_size={"longest_edge": side})
+    processor = Idefics3Processor(image_processor=image_proc, tokenizer=tokenizer,
+                                  image_seq_len=(side // patch) ** 2 // scale ** 2, chat_template=IDEFICS3_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=4, image_size=side,
+                           patch_size=patch),
+        text_config=dict(_text_shape(cfg, tokenizer), model_type="llama"),
+        scale_factor=scale, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    return _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, out)
 
 
 def build_tiny_llava(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
@@ -143,27 +273,14 @@ def build_tiny_llava(out: str | Path, texts: list[str], cfg, seed: int = 0) -> P
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=4,
                               image_size=image_size, patch_size=patch, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden,
-                       intermediate_size=cfg.text_hidden * 2, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
-                       max_position_embeddings=cfg.max_positions,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    text = LlamaConfig(**_text_shape(cfg, tokenizer))
     # vision_feature_layer -1: with a 2-layer tower, LLaVA's -2 would discard half of it.
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(LlavaForConditionalGeneration(config), processor, tokenizer, out)
 
 
 # ---------------------------------------------------------------- LoRA
@@ -171,20 +288,25 @@ def build_tiny_llava(out: str | Path, texts: list[str], cfg, seed: int = 0) -> P
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def wrap_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets: str = LANGUAGE_MODEL_TARGETS):
-    """LoRA on the language model only: the vision tower, projector and lm_head stay frozen.
+def wrap_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets: str = ""):
+    """LoRA on the language model only: the vision side and lm_head stay frozen.
 
-    A plain list like ["q_proj", "v_proj"] would also hit the CLIP tower, hence the regex.
+    `targets`: a regex over module names; empty means the family's decoder
+    projections (families.lora_targets). A plain list like ["q_proj", "v_proj"]
+    would also hit the vision tower, hence the regex.
     """
     from peft import LoraConfig, get_peft_model
     import re
+    targets = targets or families.lora_targets(model)
     if not any(re.fullmatch(targets, name) for name, _ in model.named_modules()):
         raise ModelError(f"LoRA target pattern {targets!r} matched no module of the model")
+    vision = families.family_of_model(model).vision
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
     hit = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
-    if any("vision_tower" in n or "multi_modal_projector" in n for n in hit):
-        raise ModelError("LoRA target pattern also matches the vision tower or projector; restrict it to the language model")
+    if any(f".{part}." in n for n in hit for part in vision):
+        raise ModelError(f"LoRA target pattern also matches the vision side ({', '.join(vision)}); "
+                         f"restrict it to the language model")
     return peft_model
 
 

@@ -39,7 +39,9 @@ from . import refcache
 from .data.records import Sample
 from .encoding import encode_pair, load_image, max_positions, pixel_values
 from .fingerprint import cache_fingerprint, cache_sources, pool_files
-from .forward import answer_logits, language_model, make_text_batch, multimodal_model, output_head, unwrap
+from .families import image_token_id, next_position
+from .forward import (answer_logits, forward_inputs, language_model, make_text_batch, multimodal_model,
+                      output_head, unwrap)
 from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from .prompts import TEMPLATE_ID, train_text
 from .references import benchmark_leaks, draw_reference_images
@@ -172,6 +174,7 @@ class PrefixCache:
         self.length = len(prefix_ids)
         dev = next(model.parameters()).device
         self.prefix_ids = torch.tensor([prefix_ids], device=dev)
+        self.start = next_position(model, self.prefix_ids)   # P, except where an image's positions are 2-D (Qwen)
         self.pool_pixels = pool_pixels
         self.capacity = prefix_capacity(model, self.length, capacity)
         self.layers: OrderedDict = OrderedDict()     # key -> [(keys, values)] per layer, each [1, H, P, D]
@@ -198,8 +201,9 @@ class PrefixCache:
         for b in range(0, len(missing), PREFIX_PASS_IMAGES):
             chunk = missing[b: b + PREFIX_PASS_IMAGES]
             pix = torch.stack([self.pool_pixels[k] if isinstance(k, int) else pixels_of(k) for k in chunk])
-            out = multimodal_model(self.model)(input_ids=self.prefix_ids.expand(len(chunk), -1),
-                                               pixel_values=pix.to(self.prefix_ids.device), use_cache=True)
+            ids = self.prefix_ids.expand(len(chunk), -1)
+            out = multimodal_model(self.model)(**forward_inputs(self.model, ids, None, pix.to(ids.device)),
+                                               use_cache=True)
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             # clone: a slice would keep the whole batch's tensor alive after its other images leave
             for i, key in enumerate(chunk):
@@ -242,9 +246,9 @@ def prefix_answer_logits(prefix: PrefixCache, keys: list, pad_id: int, seqs, sta
     dev = prefix.prefix_ids.device
     batch = make_text_batch(texts, text_starts, pad_id).to(dev)
     n, L = batch.input_ids.shape
-    # Right padding after the text: real tokens keep positions P.. and never see the pads (causal).
+    # Right padding after the text: real tokens keep positions start.. and never see the pads (causal).
     mask = torch.cat([torch.ones(n, P, dtype=batch.attention_mask.dtype, device=dev), batch.attention_mask], 1)
-    position_ids = (P + torch.arange(L, device=dev)).unsqueeze(0).expand(n, -1)
+    position_ids = (prefix.start + torch.arange(L, device=dev)).unsqueeze(0).expand(n, -1)
     out = prefix.lm(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
                     use_cache=True, **{prefix.kwarg: prefix.gathered(keys)})
     hidden = out.last_hidden_state
@@ -617,7 +621,7 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
                    if pool else None)
     prefix = None
     if prefix_cache:
-        P = image_prefix_length(encoded_all[0].ids, unwrap(model).config.image_token_index)
+        P = image_prefix_length(encoded_all[0].ids, image_token_id(processor))
         heads = {tuple(e.ids[:P]) for e in encoded_all} | {tuple(e.idk_ids[:P]) for e in encoded_all if e.idk_ids}
         if len(heads) != 1:
             raise ValueError("forget samples do not share one image prefix; rerun with --no-prefix-cache")

@@ -35,6 +35,7 @@ from . import metrics
 from .data.mllmu import DataError
 from .data.records import Profile
 from .encoding import encode_prompt, load_image, pad_left, pixel_values
+from .families import generation_inputs
 
 PROTOCOL_ID = "mllmu-official-v1"
 MC_SHOT_PROFILES = 1        # eval.py evaluate_classification: random.sample(id_list, 1)
@@ -233,8 +234,9 @@ def generate_items(model, processor, items: list[Item], max_new_tokens: int, bat
         chunk = items[start: start + batch_size]
         ids, mask = pad_left([encode_prompt(processor, it.prompt) for it in chunk], tok.pad_token_id)
         pictures = [load_image(b, f"profile {it.profile}") for it in chunk for b in it.images]
-        kwargs = {"pixel_values": pixel_values(processor, pictures).to(device, dtype)} if pictures else {}
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        ids = ids.to(device)
+        kwargs = generation_inputs(model, ids, pixel_values(processor, pictures).to(device, dtype) if pictures else None)
+        gen = model.generate(input_ids=ids, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, **kwargs)
         out.extend(t.strip() for t in tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True))

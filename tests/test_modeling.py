@@ -62,7 +62,7 @@ def test_lora_targets_only_the_language_model(world):
     assert names and all("language_model" in n and "lora_" in n for n in names)
     with pytest.raises(ModelError, match="matched no module"):
         wrap_lora(load_model(model_dir)[0], targets=r".*nothing_here")
-    with pytest.raises(ModelError, match="vision tower"):
+    with pytest.raises(ModelError, match="vision side .vision_tower"):
         wrap_lora(load_model(model_dir)[0], targets=r".*(q_proj|v_proj)")
 
 
