@@ -62,17 +62,31 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 overrides_arg = click.argument("overrides", nargs=-1)
 
 
-def _load(config_path, overrides):
-    """The given config; without one, configs/demo.yaml when run from the repository (the demo's settings)."""
+def _load(config_path, overrides, check_family: bool = True):
+    """The given config; without one, configs/demo.yaml when run from the repository (the demo's settings).
+
+    `check_family`: a model.family other than auto must be the family of the
+    model at model.path (only the demo builds a model of the family it names).
+    """
     from pathlib import Path
     if config_path is None and Path(DEMO_CONFIG).is_file():
         config_path = DEMO_CONFIG
-    return load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)
+    if check_family and cfg.model.family != "auto" and Path(cfg.model.path, "config.json").is_file():
+        from .families import FamilyError, family_of_dir
+        try:
+            found = family_of_dir(cfg.model.path).name
+        except FamilyError as err:
+            raise ConfigError(str(err)) from None
+        if found != cfg.model.family:
+            raise ConfigError(f"model.family is {cfg.model.family} but the model at {cfg.model.path} is {found} "
+                              f"(leave model.family=auto outside the demo)")
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """viker: ViKeR unlearning for LLaVA-style models, as a cached two-stage pipeline.
+    """viker: ViKeR unlearning for multimodal LLMs (LLaVA-1.5, Qwen2.5-VL, Idefics3), as a cached two-stage pipeline.
 
     \b
     viker demo                      everything, on the built-in miniature benchmark
@@ -103,12 +117,13 @@ def main():
 def demo(config_path, overrides):
     """Run the pipeline on the miniature benchmark (no download; CPU is enough).
 
-    Generates the benchmark, builds a tiny LLaVA, teaches it the benchmark and
-    checks that it learned it. Outputs land under cache/ and are reused when
-    their inputs did not change.
+    Generates the benchmark, builds a tiny model (LLaVA-1.5; model.family=qwen2_5_vl
+    or idefics3 for the others), teaches it the benchmark and checks that it
+    learned it. Outputs land under cache/ (a family other than LLaVA in folders
+    suffixed with its name) and are reused when their inputs did not change.
     """
     from .demo import run_demo
-    run_demo(_load(config_path, overrides))
+    run_demo(_load(config_path, overrides, check_family=False))
 
 
 @main.command()

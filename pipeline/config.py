@@ -53,9 +53,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "cache/models/vanilla"   # a local HF LLaVA-style model directory
+    path: str = "cache/models/vanilla"   # a local HF model directory of a supported family
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    # auto: read from the model's config.json. `viker demo` builds a tiny model of this family
+    # (auto = llava): llava | qwen2_5_vl | idefics3 (pipeline/families.py).
+    family: str = "auto"
 
 
 @dataclass
@@ -137,7 +140,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    lora_targets: str = ""          # regex over module names; empty: the family's decoder projections
     grad_checkpointing: bool = False
     save_every: int = 0
     seed: int = 0
@@ -313,6 +316,10 @@ def _bound_text(low, high) -> str:
 
 def check_ranges(cfg: Config) -> None:
     """Refuse the first setting outside its RANGES row, with the allowed range in the message."""
+    from .families import FAMILIES
+    if cfg.model.family != "auto" and cfg.model.family not in FAMILIES:
+        raise ConfigError(f"config key 'model.family' must be auto or one of {', '.join(FAMILIES)}, "
+                          f"got {cfg.model.family!r}")
     for key, low, high in RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -16,7 +16,8 @@ from .data.mini import is_complete, make_mini
 from .data.loaders import read_profiles
 from .data.mllmu import read_split
 from .factcheck import fact_accuracy
-from .modeling import build_tiny_llava, load_model
+from .families import FAMILIES
+from .modeling import build_tiny, load_model
 
 
 class GateError(RuntimeError):
@@ -56,16 +57,48 @@ def ensure_benchmark(cfg: Config, log=print) -> str:
     return root
 
 
+def demo_family(cfg: Config) -> str:
+    return "llava" if cfg.model.family == "auto" else cfg.model.family
+
+
+def family_folders(cfg: Config) -> Config:
+    """The demo's model, cache and run folders, suffixed with the family for any but LLaVA.
+
+    So `viker demo model.family=qwen2_5_vl` never overwrites the LLaVA demo's
+    outputs (and both stay reusable side by side).
+    """
+    from dataclasses import replace
+    family = demo_family(cfg)
+    if family == "llava":
+        return cfg
+
+    def sub(path: str) -> str:
+        return str(Path(path).with_name(f"{Path(path).name}-{family}"))
+
+    train_out = sub(cfg.train.output)
+    results = Path(cfg.evaluate.results)
+    if results.is_relative_to(cfg.train.output):   # the demo keeps its results inside its run folder
+        results = Path(train_out) / results.relative_to(cfg.train.output)
+    else:
+        results = Path(sub(str(results.with_suffix("")))).with_suffix(results.suffix)
+    return replace(cfg, model=replace(cfg.model, path=sub(cfg.model.path), family=family),
+                   finetune=replace(cfg.finetune, base=sub(cfg.finetune.base), output=sub(cfg.finetune.output)),
+                   precompute=replace(cfg.precompute, output=sub(cfg.precompute.output)),
+                   train=replace(cfg.train, output=train_out), evaluate=replace(cfg.evaluate, results=str(results)))
+
+
 def ensure_base_model(cfg: Config, log=print) -> Path:
     out = Path(cfg.finetune.base)
-    stamp = stamp_of(cfg.mini, cfg.tiny)
+    family = demo_family(cfg)
+    title = FAMILIES[family].title
+    stamp = stamp_of(cfg.mini, cfg.tiny, *([] if family == "llava" else [family]))
     if _stamp_matches(out, stamp):
-        log(f"[model] tiny base LLaVA at {out} (reused)")
+        log(f"[model] tiny base {title} at {out} (reused)")
         return out
     t = time.time()
-    build_tiny_llava(out, tokenizer_texts(cfg.data.root), cfg.tiny, seed=cfg.finetune.seed)
+    build_tiny(family, out, tokenizer_texts(cfg.data.root), cfg.tiny, seed=cfg.finetune.seed)
     (out / "viker-stamp.json").write_text(stamp)
-    log(f"[model] tiny base LLaVA built at {out} in {time.time() - t:.1f}s")
+    log(f"[model] tiny base {title} built at {out} in {time.time() - t:.1f}s")
     return out
 
 
@@ -248,6 +281,7 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
 def run_demo(cfg: Config, log=print) -> dict:
     from .report import write_report
     t0 = time.time()
+    cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
     ensure_base_model(cfg, log)
     vanilla = ensure_vanilla(cfg, log)

@@ -33,9 +33,30 @@ def pool_files(pool_dir: str | Path) -> list[Path]:
     return files
 
 
-def template_hash() -> str:
-    """The prompt code itself: editing a template invalidates caches made with the old one."""
-    return hash_bytes(inspect.getsource(prompts).encode())
+def template_hash(model_dir: str | Path | None = None) -> str:
+    """The prompt code itself: editing a template invalidates caches made with the old one.
+
+    For a family other than LLaVA (whose prompts are prompts.py's text as written)
+    the prompt as that model reads it is part of it too: its chat-template
+    rendering, the image expansion and the square side images are resized to
+    (family_prompt_record). LLaVA's hash is the code's alone, as before families.
+    """
+    code = hash_bytes(inspect.getsource(prompts).encode())
+    how = family_prompt_record(model_dir) if model_dir is not None else None
+    if how is None or how["family"] == "llava":
+        return code
+    return hash_json([code, how])
+
+
+def family_prompt_record(model_dir: str | Path) -> dict:
+    """How the model in model_dir is prompted: family, the training prompt as rendered, image expansion, side."""
+    from . import families
+    from .modeling import load_processor
+    processor = load_processor(model_dir)
+    return {"family": families.family_of_processor(processor).name,
+            "prompt": families.render(processor, prompts.train_prompt("{question}")),
+            "image_expansion": families.image_expansion(processor),
+            "image_side": families.image_side(processor)}
 
 
 def weights_identity(model_dir: str | Path) -> str:
@@ -73,7 +94,7 @@ def samples_hash(samples) -> str:
 def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: str, k: int, top_k: int,
                       seed: int, dtype: str, idk_answer: str, scores: str | None = None) -> dict:
     parts = {**model_parts(model_dir),
-             "prompt_template": template_hash(),
+             "prompt_template": template_hash(model_dir),
              "reference_pool": hash_files(pool_files(pool_dir)) if reference == "pool" else "own-image",
              "forget_samples": samples_hash(samples),
              "reference": reference, "k": str(k), "K": str(top_k), "seed": str(seed), "dtype": dtype,
@@ -94,26 +115,34 @@ def training_fingerprint(model_dir, samples, cached: dict, pool_dir: str | None 
     """
     parts = dict(cached.get("parts", {}))
     parts.update(model_parts(model_dir))
-    parts["prompt_template"] = template_hash()
+    parts["prompt_template"] = template_hash(model_dir)
     parts["forget_samples"] = samples_hash(samples)
     if parts.get("reference") == "pool" and pool_dir and Path(pool_dir).is_dir():
         parts["reference_pool"] = hash_files(pool_files(pool_dir))
     return make_fingerprint(parts)
 
 
-def template_record() -> dict:
+def template_record(model_dir: str | Path | None = None) -> dict:
     """The training prompt as text, with how stage one tokenises it (for readers without our code)."""
-    return {"id": prompts.TEMPLATE_ID, "prompt": prompts.train_prompt("{question}"), "answer": " {answer}",
-            "image_token": prompts.IMAGE_TOKEN,
-            "tokenisation": "the processor's tokenizer on prompt+answer with add_special_tokens=True and the "
-                            "image token repeated as many times as one image has patches; the answer tokens "
-                            "(answer_ids) follow the prompt's own tokens unchanged"}
+    record = {"id": prompts.TEMPLATE_ID, "prompt": prompts.train_prompt("{question}"), "answer": " {answer}",
+              "image_token": prompts.IMAGE_TOKEN,
+              "tokenisation": "the processor's tokenizer on prompt+answer with add_special_tokens=True and the "
+                              "image token repeated as many times as one image has patches; the answer tokens "
+                              "(answer_ids) follow the prompt's own tokens unchanged"}
+    how = family_prompt_record(model_dir) if model_dir is not None else None
+    if how is not None and how["family"] != "llava":
+        record.update(how)
+        record["tokenisation"] = ("prompt+answer rendered through the processor's chat template (`prompt`, the "
+                                  "answer appended after it), the image token replaced by `image_expansion`, "
+                                  "then the tokenizer with add_special_tokens=True; images resized to "
+                                  "image_side x image_side first where image_side is set")
+    return record
 
 
 def cache_sources(model_dir, pool_dir) -> dict:
     """The manifest's `sources`: model and pool paths as given and as content hashes, template text, units."""
     pool = pool_entries(pool_files(pool_dir)) if pool_dir else None
-    return make_sources(model_dir, model_parts(model_dir), pool_dir, pool, template_record())
+    return make_sources(model_dir, model_parts(model_dir), pool_dir, pool, template_record(model_dir))
 
 
 def machine_problems(sources: dict, model_dir=None, pool_dir=None) -> list[str]:

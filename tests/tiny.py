@@ -1,8 +1,8 @@
-"""A tiny benchmark + tiny LLaVA for tests, built locally in seconds (nothing is downloaded)."""
+"""A tiny benchmark + a tiny model (LLaVA, or another family) for tests, built locally in seconds."""
 from pipeline.config import MiniConfig, TinyModelConfig
 from pipeline.data.mini import make_mini
 from pipeline.demo import tokenizer_texts
-from pipeline.modeling import build_tiny_llava
+from pipeline.modeling import build_tiny
 
 
 def tiny_config(text_layers: int = 1, **kw) -> TinyModelConfig:
@@ -10,8 +10,8 @@ def tiny_config(text_layers: int = 1, **kw) -> TinyModelConfig:
                            text_layers=text_layers, text_heads=2, **kw)
 
 
-def make_world(tmp_path_factory, model_cfg: TinyModelConfig | None = None, **mini):
-    """(benchmark root, model dir): a miniature benchmark and an untrained tiny LLaVA for it."""
+def make_world(tmp_path_factory, model_cfg: TinyModelConfig | None = None, family: str = "llava", **mini):
+    """(benchmark root, model dir): a miniature benchmark and an untrained tiny model of `family` for it."""
     root = make_mini(tmp_path_factory.mktemp("mini"), MiniConfig(**{"n_real": 2, **mini}))
-    model_dir = build_tiny_llava(tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), model_cfg or tiny_config())
+    model_dir = build_tiny(family, tmp_path_factory.mktemp("tiny"), tokenizer_texts(root), model_cfg or tiny_config())
     return root, model_dir
