@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance check, one short run (budget: 8 minutes on one H100/H200):
-#   bash benchmarks/gpu_check.sh OUT_DIR            # LLaVA-1.5-7B shape, needs CUDA
+#   bash benchmarks/gpu_check.sh OUT_DIR            # LLaVA-1.5-7B and Qwen2.5-VL-7B shapes, needs CUDA
 #   bash benchmarks/gpu_check.sh OUT_DIR --shape mid # CPU-feasible parts only (the slow test suite)
 # Runs from the repository with the machine's preinstalled torch/transformers (no pip,
 # no network): pytest -m gpu, both benchmarks at the shape, and the end-to-end CLI run
@@ -28,6 +28,12 @@ if [ "$shape" = llava7b ]; then
     step train_bench "$py" benchmarks/train_bench.py --shape llava7b --json "$out/train_bench.json"
 fi
 step e2e "$py" benchmarks/gpu_e2e.py --shape "$shape" --out "$out/e2e"
+# A second family at its real shape (#15): Qwen2.5-VL-7B, random bf16 weights, 448 px pictures.
+if [ "$shape" = llava7b ]; then
+    step e2e_qwen "$py" benchmarks/gpu_e2e.py --shape qwen7b --out "$out/e2e-qwen"
+else
+    step e2e_qwen "$py" benchmarks/gpu_e2e.py --shape qwen-mid --out "$out/e2e-qwen"
+fi
 echo "[gpu_check] summary ($shape):"
 fail=0
 {

@@ -1,7 +1,9 @@
-"""End-to-end check of the CLI on a random-weight LLaVA-shaped model (nothing downloaded).
+"""End-to-end check of the CLI on a random-weight model of a real shape (nothing downloaded).
 
     python benchmarks/gpu_e2e.py --shape llava7b --out /tmp/gpu-check   # LLaVA-1.5-7B shape, CUDA, bf16
-    python benchmarks/gpu_e2e.py --shape mid --out /tmp/e2e             # small, CPU (the slow test suite)
+    python benchmarks/gpu_e2e.py --shape qwen7b --out /tmp/gpu-qwen     # Qwen2.5-VL-7B shape, CUDA, bf16
+    python benchmarks/gpu_e2e.py --shape mid --out /tmp/e2e             # small LLaVA, CPU (the slow test suite)
+    python benchmarks/gpu_e2e.py --shape qwen-mid --out /tmp/e2e-qwen   # small Qwen2.5-VL, CPU
 
 Builds a miniature benchmark (a few people, portraits rendered at the CLIP processor's
 size: 336 px for llava7b) and a model directory saved with a 336 px CLIP processor, then
@@ -29,13 +31,55 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import MiniConfig  # noqa: E402
 from pipeline.data.mini import make_mini  # noqa: E402
 from pipeline.demo import tokenizer_texts  # noqa: E402
-from pipeline.modeling import CHAT_TEMPLATE, IMAGE_TOKEN, train_tokenizer  # noqa: E402
+from pipeline.modeling import (CHAT_TEMPLATE, IMAGE_TOKEN, QWEN_TEMPLATE, QWEN_TOKENS,  # noqa: E402
+                               train_tokenizer)
 
-# vision (hidden, layers, heads, mlp, image, patch), text (hidden, layers, heads, mlp, vocab)
+# vision (hidden, layers, heads, mlp, image, patch), text (hidden, layers, heads, mlp, vocab[, kv heads])
 SHAPES = {
-    "mid": dict(v=(64, 2, 4, 128, 336, 14), t=(128, 2, 4, 256, 1000), feature_layer=-1),
-    "llava7b": dict(v=(1024, 24, 16, 4096, 336, 14), t=(4096, 32, 32, 11008, 32064), feature_layer=-2),
+    "mid": dict(family="llava", v=(64, 2, 4, 128, 336, 14), t=(128, 2, 4, 256, 1000), feature_layer=-1),
+    "llava7b": dict(family="llava", v=(1024, 24, 16, 4096, 336, 14), t=(4096, 32, 32, 11008, 32064),
+                    feature_layer=-2),
+    # Qwen2.5-VL-7B-Instruct's config.json: images at 448 px (families.image_side) = 256 merged tokens each
+    "qwen-mid": dict(family="qwen2_5_vl", v=(64, 2, 4, 128, 448, 14), t=(128, 2, 4, 256, 1000, 4)),
+    "qwen7b": dict(family="qwen2_5_vl", v=(1280, 32, 16, 3420, 448, 14), t=(3584, 28, 28, 18944, 152064, 4)),
 }
+
+
+def build_qwen(out: Path, texts: list[str], shape: str, device: torch.device) -> Path:
+    """A random-weight Qwen2.5-VL of the given shape, saved with Qwen's image processor (448 px pictures)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from pipeline.families import qwen_image_processor_class
+    vh, vl, vheads, vmlp, size, patch = SHAPES[shape]["v"]
+    th, tl, theads, tmlp, vocab, kv = SHAPES[shape]["t"]
+    tokenizer = train_tokenizer(texts + ["user\n", "assistant\n"], 700, QWEN_TOKENS)
+    processor = qwen_image_processor_class()(image_processor=Qwen2VLImageProcessorPil(patch_size=patch),
+                                             tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    half = th // theads // 2
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS["specials"]}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=max(vocab, len(tokenizer)), hidden_size=th, intermediate_size=tmlp,
+                         num_hidden_layers=tl, num_attention_heads=theads, num_key_value_heads=kv,
+                         max_position_embeddings=32768, bos_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}),
+        vision_config=dict(depth=vl, hidden_size=vh, intermediate_size=vmlp, num_heads=vheads, patch_size=patch,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=th, window_size=112,
+                           fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < vl] or [vl - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    del model
+    return out
 
 
 def build_model(out: Path, texts: list[str], shape: str, device: torch.device) -> Path:
@@ -101,15 +145,16 @@ def drift(cache_a: Path, cache_b: Path) -> dict:
 
 def run(shape: str, out: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if shape == "llava7b" and device.type != "cuda":
-        raise SystemExit("the llava7b shape needs a CUDA GPU")
+    if shape in ("llava7b", "qwen7b") and device.type != "cuda":
+        raise SystemExit(f"the {shape} shape needs a CUDA GPU")
     out.mkdir(parents=True, exist_ok=True)
     size = SHAPES[shape]["v"][4]
     steps: dict = {}
     t = time.time()
     root = make_mini(out / "mini", MiniConfig(n_fictitious=20, n_real=2, train_images=1, test_images=1,
                                               pool_size=8, image_size=size))
-    model = build_model(out / "model", tokenizer_texts(str(root)), shape, device)
+    build = build_qwen if SHAPES[shape]["family"] == "qwen2_5_vl" else build_model
+    model = build(out / "model", tokenizer_texts(str(root)), shape, device)
     steps["build"] = {"ok": True, "seconds": round(time.time() - t, 1)}
     common = ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={root}", f"model.path={model}",
               f"model.device={device.type}", "precompute.k=3", "precompute.top_k=32", "precompute.batch_size=16",
@@ -119,7 +164,8 @@ def run(shape: str, out: Path) -> dict:
     steps["precompute_prefix"] = cli(["precompute", *common, f"precompute.output={prefix}"], out / "precompute-prefix.log")
     steps["precompute_naive"] = cli(["precompute", "--no-prefix-cache", *common, f"precompute.output={naive}"],
                                     out / "precompute-naive.log")
-    result: dict = {"shape": shape, "device": str(device), "torch": torch.__version__, "steps": steps}
+    result: dict = {"shape": shape, "family": SHAPES[shape]["family"], "device": str(device),
+                    "torch": torch.__version__, "steps": steps}
     if steps["precompute_prefix"]["ok"] and steps["precompute_naive"]["ok"]:
         result["prefix_vs_naive_drift"] = drift(prefix, naive)
     steps["train"] = cli(["train", *common, f"precompute.output={prefix}", "train.method=viker", "train.steps=4",

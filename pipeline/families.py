@@ -126,6 +126,10 @@ def qwen_image_processor_class():
             def get_attributes(cls):
                 return ["image_processor", "tokenizer"]
 
+            def to_dict(self):
+                # saved under the real class name: the directory reads like any Qwen2.5-VL checkpoint
+                return {**super().to_dict(), "processor_class": "Qwen2_5_VLProcessor"}
+
         _QWEN_PROCESSOR = QwenImageOnlyProcessor
     return _QWEN_PROCESSOR
 
@@ -133,12 +137,22 @@ def qwen_image_processor_class():
 def load_family_processor(path, family: Family):
     """The processor of a saved model directory (local files only)."""
     from transformers import AutoProcessor
-    if family.name == "qwen2_5_vl":
-        try:
-            return AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        except Exception:   # no torchvision, or no video processor saved: OSError, ImportError, TypeError...
-            return qwen_image_processor_class().from_pretrained(str(path), local_files_only=True)
-    return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception:   # Qwen without torchvision or a saved video processor: OSError, ImportError, TypeError...
+        if family.name != "qwen2_5_vl":
+            raise
+        processor = None
+    if processor is None or (family.name == "qwen2_5_vl" and not _is_processor_of(processor, family)):
+        processor = qwen_image_processor_class().from_pretrained(str(path), local_files_only=True)
+    if not _is_processor_of(processor, family):   # AutoProcessor falls back to a bare tokenizer
+        raise FamilyError(f"{path} holds a {type(processor).__name__}, not a {family.processor} "
+                          f"(its processor_config.json is missing or names another class)")
+    return processor
+
+
+def _is_processor_of(processor, family: Family) -> bool:
+    return family.processor in [c.__name__ for c in type(processor).__mro__]
 
 
 # ---------------------------------------------------------------- prompts

@@ -210,12 +210,7 @@ def build_tiny_qwen2_5_vl(out: str | Path, texts: list[str], cfg, seed: int = 0)
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    out = _save(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out)
-    # Saved under the real class name, so the directory reads like any Qwen2.5-VL checkpoint
-    # (modeling.load_processor falls back to the image-only class where there is no torchvision).
-    meta = Path(out, "processor_config.json")
-    meta.write_text(meta.read_text().replace('"QwenImageOnlyProcessor"', '"Qwen2_5_VLProcessor"'))
-    return out
+    return _save(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out)
 
 
 # Idefics3's template shape (User:<image>question<end_of_utterance>\nAssistant: answer).

@@ -72,6 +72,17 @@ def test_ids_and_pixels_equal_the_processors_own(world):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_a_saved_processor_loads_back_as_its_family(world, tmp_path):
+    family, _, model_dir = world
+    _, processor = load_model(model_dir, device="cpu")
+    processor.save_pretrained(tmp_path)        # what fine-tuning and merging do
+    meta = json.loads((tmp_path / "processor_config.json").read_text())
+    assert meta["processor_class"] == families.FAMILIES[family].processor
+    from pipeline.modeling import load_processor
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    assert families.family_of_processor(load_processor(tmp_path)).name == family
+
+
 def test_prompts_render_through_the_chat_template(world):
     family, _, model_dir = world
     _, processor = load_model(model_dir, device="cpu", with_processor=True)
