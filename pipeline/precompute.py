@@ -128,6 +128,23 @@ def image_prefix_length(ids: list[int], image_token_id: int) -> int:
     return last + 1
 
 
+def shared_image_prefix(encoded: list[Encoded], image_id: int) -> tuple[list[int] | None, str]:
+    """(the ids every sequence shares up to its last image token, "") or (None, why there is none).
+
+    Prefix reuse needs one such head for all: then the key/value cache of the
+    head depends on the image alone.
+    """
+    seqs = [e.ids for e in encoded] + [e.idk_ids for e in encoded if e.idk_ids]
+    if any(image_id not in s for s in seqs):
+        return None, "a sequence holds no image token"
+    lengths = {image_prefix_length(s, image_id) for s in seqs}
+    P = lengths.pop() if len(lengths) == 1 else 0
+    heads = {tuple(s[:P]) for s in seqs}
+    if P == 0 or len(heads) != 1:
+        return None, "the tokens up to the image differ between samples"
+    return list(heads.pop()), ""
+
+
 def image_key(data: bytes) -> str:
     """Own images are grouped by content: MLLMU-Bench asks several questions about one person's image."""
     return hashlib.sha256(data).hexdigest()
@@ -621,12 +638,11 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
                    if pool else None)
     prefix = None
     if prefix_cache:
-        P = image_prefix_length(encoded_all[0].ids, image_token_id(processor))
-        heads = {tuple(e.ids[:P]) for e in encoded_all} | {tuple(e.idk_ids[:P]) for e in encoded_all if e.idk_ids}
-        if len(heads) != 1:
-            raise ValueError("forget samples do not share one image prefix; rerun with --no-prefix-cache")
-        # Kept across shards: pool prefixes computed for one shard serve the next while they fit.
-        prefix = PrefixCache(model, list(heads.pop()), pool_pixels, prefix_cache_images)
+        head, why = shared_image_prefix(encoded_all, image_token_id(processor))
+        if head is None:   # e.g. a chat template that puts text of the sample before the image
+            log(f"[precompute] prefix reuse off: {why}; every row runs the full forward (naive path)")
+        else:   # kept across shards: pool prefixes computed for one shard serve the next while they fit
+            prefix = PrefixCache(model, head, pool_pixels, prefix_cache_images)
     vocab = unwrap(model).lm_head.out_features
     n_mine = sum(len(samples[i * shard_size:(i + 1) * shard_size]) for i in mine)
     if skipped:

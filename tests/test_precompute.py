@@ -337,3 +337,16 @@ def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tm
             open_references(out, model_dir, samples, examples, method, pool, "I don't know.")
     with pytest.raises(ValueError, match="must include 'reference'"):
         run(world, tmp_path / "bad", scores="own,idk")
+
+
+def test_prefix_reuse_needs_one_shared_image_head():
+    from types import SimpleNamespace as E
+    img = 9
+    same = [E(ids=[1, 2, img, img, 5, 6], idk_ids=[1, 2, img, img, 7]), E(ids=[1, 2, img, img, 8], idk_ids=None)]
+    assert pc.shared_image_prefix(same, img) == ([1, 2, img, img], "")
+    text_first = same + [E(ids=[1, 3, img, img, 5], idk_ids=None)]     # a sample's own text before the image
+    assert pc.shared_image_prefix(text_first, img) == (None, "the tokens up to the image differ between samples")
+    longer = same + [E(ids=[1, 2, 4, img, img, 5], idk_ids=None)]
+    assert pc.shared_image_prefix(longer, img)[0] is None
+    assert pc.shared_image_prefix(same + [E(ids=[1, 2, 5], idk_ids=None)], img) == (
+        None, "a sequence holds no image token")
