@@ -47,28 +47,22 @@ SHAPES = {
 
 def build_qwen(out: Path, texts: list[str], shape: str, device: torch.device) -> Path:
     """A random-weight Qwen2.5-VL of the given shape, saved with Qwen's image processor (448 px pictures)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from pipeline.families import qwen_image_processor_class
+    from pipeline.modeling import qwen_config
     vh, vl, vheads, vmlp, size, patch = SHAPES[shape]["v"]
     th, tl, theads, tmlp, vocab, kv = SHAPES[shape]["t"]
     tokenizer = train_tokenizer(texts + ["user\n", "assistant\n"], 700, QWEN_TOKENS)
     processor = qwen_image_processor_class()(image_processor=Qwen2VLImageProcessorPil(patch_size=patch),
                                              tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
-    half = th // theads // 2
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS["specials"]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=max(vocab, len(tokenizer)), hidden_size=th, intermediate_size=tmlp,
-                         num_hidden_layers=tl, num_attention_heads=theads, num_key_value_heads=kv,
-                         max_position_embeddings=32768, bos_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}),
-        vision_config=dict(depth=vl, hidden_size=vh, intermediate_size=vmlp, num_heads=vheads, patch_size=patch,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=th, window_size=112,
-                           fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < vl] or [vl - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config = qwen_config(tokenizer, dict(vocab_size=max(vocab, len(tokenizer)), hidden_size=th, intermediate_size=tmlp,
+                                         num_hidden_layers=tl, num_attention_heads=theads, num_key_value_heads=kv,
+                                         max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id),
+                         dict(depth=vl, hidden_size=vh, intermediate_size=vmlp, num_heads=vheads, patch_size=patch,
+                              window_size=112, fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < vl] or [vl - 1]),
+                         rope_theta=1e6)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):

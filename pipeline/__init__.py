@@ -1,4 +1,4 @@
-"""viker: machine unlearning for LLaVA-style models (stage one, the cache, stage two, evaluation)."""
+"""viker: machine unlearning for multimodal LLMs (stage one, the cache, stage two, evaluation)."""
 import os as _os
 
 

@@ -215,9 +215,9 @@ def blank_image(processor):
 
 
 def _processor_call(processor, text: str, image):
-    images = [[image]] if family_of_processor(processor).layout == "crops" else [image]
-    kwargs = {"do_image_splitting": False} if family_of_processor(processor).layout == "crops" else {}
-    return processor(images=images, text=[text], **kwargs)["input_ids"][0]
+    if family_of_processor(processor).layout == "crops":   # as pixel_values: one global picture, no crops
+        return processor(images=[[image]], text=[text], do_image_splitting=False)["input_ids"][0]
+    return processor(images=[image], text=[text])["input_ids"][0]
 
 
 def image_expansion(processor) -> str:

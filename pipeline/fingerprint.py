@@ -43,15 +43,19 @@ def template_hash(model_dir: str | Path | None = None) -> str:
     """
     code = hash_bytes(inspect.getsource(prompts).encode())
     how = family_prompt_record(model_dir) if model_dir is not None else None
-    if how is None or how["family"] == "llava":
-        return code
-    return hash_json([code, how])
+    return code if how is None else hash_json([code, how])
 
 
-def family_prompt_record(model_dir: str | Path) -> dict:
-    """How the model in model_dir is prompted: family, the training prompt as rendered, image expansion, side."""
+def family_prompt_record(model_dir: str | Path) -> dict | None:
+    """How the model in model_dir is prompted: family, the training prompt as rendered, image expansion, side.
+
+    None for LLaVA, whose prompt is prompts.py's text as written (read from
+    config.json alone, without loading its processor).
+    """
     from . import families
     from .modeling import load_processor
+    if families.family_of_dir(model_dir).name == "llava":
+        return None
     processor = load_processor(model_dir)
     return {"family": families.family_of_processor(processor).name,
             "prompt": families.render(processor, prompts.train_prompt("{question}")),
@@ -130,7 +134,7 @@ def template_record(model_dir: str | Path | None = None) -> dict:
                               "image token repeated as many times as one image has patches; the answer tokens "
                               "(answer_ids) follow the prompt's own tokens unchanged"}
     how = family_prompt_record(model_dir) if model_dir is not None else None
-    if how is not None and how["family"] != "llava":
+    if how is not None:
         record.update(how)
         record["tokenisation"] = ("prompt+answer rendered through the processor's chat template (`prompt`, the "
                                   "answer appended after it), the image token replaced by `image_expansion`, "

@@ -89,7 +89,7 @@ def load_processor(path: str | Path):
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "auto", with_processor: bool = True):
-    """(model, processor) from a local LLaVA-style directory, in eval mode on `device`."""
+    """(model, processor) from a local model directory of a supported family (families.py), in eval mode on `device`."""
     from transformers import AutoModelForImageTextToText
     path = check_model_dir(path)
     model_family(path)                # an unsupported family is refused before anything loads
@@ -187,7 +187,7 @@ QWEN_TOKENS = {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vi
 
 
 def build_tiny_qwen2_5_vl(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = train_tokenizer(texts + ["user\n", "assistant\n"], cfg.vocab_size, QWEN_TOKENS)
@@ -197,20 +197,31 @@ def build_tiny_qwen2_5_vl(out: str | Path, texts: list[str], cfg, seed: int = 0)
                                           merge_size=2, temporal_patch_size=2)
     processor = families.qwen_image_processor_class()(image_processor=image_proc, tokenizer=tokenizer,
                                                       chat_template=QWEN_TEMPLATE)
-    half = cfg.text_hidden // cfg.text_heads // 2        # rotary frequencies per head, split over (t, h, w)
-    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS["specials"]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(_text_shape(cfg, tokenizer), bos_token_id=tokenizer.pad_token_id,
-                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}),
-        vision_config=dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden,
-                           intermediate_size=cfg.vision_hidden * 2, num_heads=4, patch_size=patch,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=cfg.text_hidden,
-                           window_size=side, fullatt_block_indexes=[cfg.vision_layers - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config = qwen_config(tokenizer, _text_shape(cfg, tokenizer),
+                         dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden,
+                              intermediate_size=cfg.vision_hidden * 2, num_heads=4, patch_size=patch,
+                              window_size=side, fullatt_block_indexes=[cfg.vision_layers - 1]),
+                         rope_theta=10000.0)
     torch.manual_seed(seed)
     return _save(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, out)
+
+
+def qwen_config(tokenizer, text: dict, vision: dict, rope_theta: float):
+    """A Qwen2.5-VL config for a QWEN_TOKENS tokenizer: `text` / `vision` give the shapes.
+
+    M-RoPE splits each head's rotary frequencies over (time, height, width) as
+    the 7B checkpoint does (16, 24, 24 of 64): a quarter, then 3/8 each.
+    """
+    from transformers import Qwen2_5_VLConfig
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS["specials"]}
+    return Qwen2_5_VLConfig(
+        text_config=dict(text, bos_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": rope_theta}),
+        vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
 # Idefics3's template shape (User:<image>question<end_of_utterance>\nAssistant: answer).
