@@ -1,4 +1,4 @@
-"""Model families: what differs between LLaVA-1.5, Qwen2.5-VL and Idefics3, in one table.
+"""Model families: what differs between LLaVA-1.5, Qwen2.5-VL, Idefics3 and Gemma 3, in one table.
 
 Every other module is written once and asks this one where a family differs:
 
@@ -18,7 +18,8 @@ Every other module is written once and asks this one where a family differs:
 - where the decoder sits (prefix path, LoRA targets) and what is vision side;
 - position ids: Qwen's M-RoPE gives an image 2-D positions, so the text after
   it does not sit at its index; `rope_positions` builds them (DESIGN of Qwen2-VL,
-  checked against the model's own get_rope_index in tests/test_families.py).
+  checked against the model's own get_rope_index in tests/test_families.py);
+- attention: Gemma 3's image tokens see each other both ways (`image_types`).
 
 Dynamic-resolution processors (Qwen) would give each picture its own number
 of image tokens. Every image is resized to one square side first (`image_side`),
@@ -51,6 +52,7 @@ class Family:
     layout: str                # "image": pixel_values [N,C,H,W]; "patches": Qwen's; "crops": [N,1,C,H,W]
     mrope: bool                # 3-D rotary positions (rope_positions)
     processor: str             # processor class name
+    image_blocks: bool = False  # image tokens attend to each other both ways (Gemma 3's token_type_ids)
 
 
 FAMILIES = {
@@ -60,6 +62,9 @@ FAMILIES = {
                          ("visual",), "patches", True, "Qwen2_5_VLProcessor"),
     "idefics3": Family("idefics3", "Idefics3 / SmolVLM", "chat", True, "text_model",
                        ("vision_model", "connector"), "crops", False, "Idefics3Processor"),
+    "gemma3": Family("gemma3", "Gemma 3", "chat", False, "language_model",
+                     ("vision_tower", "multi_modal_projector"), "image", False, "Gemma3Processor",
+                     image_blocks=True),
 }
 
 
@@ -242,18 +247,24 @@ def image_expansion(processor) -> str:
     text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     if tok(text, add_special_tokens=False)["input_ids"] != ids:
         raise FamilyError(f"the image expansion of {type(processor).__name__} does not tokenise back to itself")
+    # The image's feature slots are the id the expansion repeats most: the placeholder itself for
+    # LLaVA, Qwen and Idefics3, <image_soft_token> for Gemma 3 (whose placeholder is <start_of_image>).
+    feature = max(set(ids), key=ids.count)
     processor.__dict__["_viker_image_expansion"] = text
-    processor.__dict__["_viker_image_tokens"] = ids.count(token_id)
+    processor.__dict__["_viker_image_feature"] = (feature, ids.count(feature))
     return text
 
 
 def image_token_count(processor) -> int:
+    """How many feature tokens one image takes in the prompt."""
     image_expansion(processor)
-    return processor.__dict__["_viker_image_tokens"]
+    return processor.__dict__["_viker_image_feature"][1]
 
 
 def image_token_id(processor) -> int:
-    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    """The id of the tokens that the image's features replace (prefix reuse splits after the last one)."""
+    image_expansion(processor)
+    return processor.__dict__["_viker_image_feature"][0]
 
 
 def pixel_values(processor, images) -> torch.Tensor:
@@ -308,6 +319,13 @@ def vision_inputs(model, pixels: torch.Tensor) -> dict:
             "image_grid_thw": grid}
 
 
+def image_types(model, input_ids: torch.Tensor) -> dict:
+    """Gemma 3's token_type_ids (1 on image tokens: they attend to each other both ways); {} elsewhere."""
+    if not family_of_model(model).image_blocks:
+        return {}
+    return {"token_type_ids": (input_ids == _base(model).config.image_token_id).long()}
+
+
 def generation_inputs(model, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> dict:
     """vision_inputs plus what generate() needs to place Qwen's 3-D positions itself.
 
@@ -316,6 +334,7 @@ def generation_inputs(model, input_ids: torch.Tensor, pixels: torch.Tensor | Non
     """
     import inspect
     kwargs = vision_inputs(model, pixels) if pixels is not None else {}
+    kwargs.update(image_types(model, input_ids))
     family = family_of_model(model)
     if family.mrope and pixels is not None:
         inner = _base(model).model

@@ -74,7 +74,7 @@ def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     transformers version.
     """
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              **families.vision_inputs(model, pixel_values)}
+              **families.vision_inputs(model, pixel_values), **families.image_types(model, input_ids)}
     positions = families.rope_positions(model, input_ids)
     if positions is not None:
         kwargs["position_ids"] = positions

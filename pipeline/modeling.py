@@ -145,10 +145,12 @@ def build_tiny(family: str, out: str | Path, texts: list[str], cfg, seed: int = 
     """A tiny randomly initialised model of `family` (families.FAMILIES), saved as a normal HF directory.
 
     All families share `cfg` (config.TinyModelConfig): one image is 16 image
-    tokens in each at the default shape (LLaVA: 32 px / patch 8; Qwen and
-    Idefics3: patch 4, then 2 x 2 merged), so their costs compare.
+    tokens in each at the default shape (LLaVA: 32 px / patch 8; Qwen,
+    Idefics3 and Gemma 3: patch 4, then 2 x 2 merged or pooled), so their
+    costs compare.
     """
-    builders = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3}
+    builders = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3,
+                "gemma3": build_tiny_gemma3}
     families.family_named(family)
     return builders[family](out, texts, cfg, seed=seed)
 
@@ -222,6 +224,43 @@ def qwen_config(tokenizer, text: dict, vision: dict, rope_theta: float):
         vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+# Gemma 3's template shape (its BOS comes from the tokenizer here, not the template).
+GEMMA3_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_TOKENS = {"specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                              "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+                 "bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>", "unk": "<unk>",
+                 "extra": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                           "eoi_token": "<end_of_image>"}}
+
+
+def build_tiny_gemma3(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = train_tokenizer(texts + ["user\n", "model\n"], cfg.vocab_size, GEMMA3_TOKENS)
+    patch, side, pool = cfg.patch_size // 2, cfg.image_size, 2
+    tokens = (side // patch // pool) ** 2        # SigLIP patches average-pooled pool x pool
+    image_proc = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+    processor = Gemma3Processor(image_processor=image_proc, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
+                                image_seq_length=tokens)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in GEMMA3_TOKENS["specials"]}
+    head_dim = cfg.text_hidden // cfg.text_heads
+    config = Gemma3Config(
+        text_config=dict(_text_shape(cfg, tokenizer), head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                         sliding_window=cfg.max_positions),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=cfg.vision_hidden,
+                           intermediate_size=cfg.vision_hidden * 2, num_hidden_layers=cfg.vision_layers,
+                           num_attention_heads=4, image_size=side, patch_size=patch),
+        mm_tokens_per_image=tokens, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"])
+    torch.manual_seed(seed)
+    return _save(Gemma3ForConditionalGeneration(config), processor, tokenizer, out)
 
 
 # Idefics3's template shape (User:<image>question<end_of_utterance>\nAssistant: answer).

@@ -23,7 +23,7 @@ from pipeline.modeling import load_model, wrap_lora
 from tests.tiny import make_world, tiny_config
 
 TINY = tiny_config(text_layers=2)
-FAMILIES = ["llava", "qwen2_5_vl", "idefics3"]
+FAMILIES = ["llava", "qwen2_5_vl", "idefics3", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
