@@ -86,7 +86,7 @@ def _load(config_path, overrides, check_family: bool = True):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """viker: ViKeR unlearning for multimodal LLMs (LLaVA-1.5, Qwen2.5-VL, Idefics3, Gemma 3), as a cached two-stage pipeline.
+    """viker: ViKeR unlearning for multimodal LLMs (LLaVA-1.5/NeXT, Qwen2.5-VL, Idefics3, Gemma 3), as a cached two-stage pipeline.
 
     \b
     viker demo                      everything, on the built-in miniature benchmark
@@ -117,8 +117,8 @@ def main():
 def demo(config_path, overrides):
     """Run the pipeline on the miniature benchmark (no download; CPU is enough).
 
-    Generates the benchmark, builds a tiny model (LLaVA-1.5; model.family=qwen2_5_vl,
-    idefics3 or gemma3 for the others), teaches it the benchmark and checks that it
+    Generates the benchmark, builds a tiny model (LLaVA-1.5; model.family=llava_next,
+    qwen2_5_vl, idefics3 or gemma3 for the others), teaches it the benchmark and checks that it
     learned it. Outputs land under cache/ (a family other than LLaVA in folders
     suffixed with its name) and are reused when their inputs did not change.
     """

@@ -57,7 +57,7 @@ class ModelConfig:
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     # auto: read from the model's config.json. `viker demo` builds a tiny model of this family
-    # (auto = llava): llava | qwen2_5_vl | idefics3 | gemma3 (pipeline/families.py).
+    # (auto = llava): llava | llava_next | qwen2_5_vl | idefics3 | gemma3 (pipeline/families.py).
     family: str = "auto"
 
 

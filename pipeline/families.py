@@ -1,4 +1,4 @@
-"""Model families: what differs between LLaVA-1.5, Qwen2.5-VL, Idefics3 and Gemma 3, in one table.
+"""Model families: what differs between LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Idefics3 and Gemma 3, in one table.
 
 Every other module is written once and asks this one where a family differs:
 
@@ -14,7 +14,8 @@ Every other module is written once and asks this one where a family differs:
 - pixels: every family's images are kept as normalised [N, C, H, W] tensors,
   one row per image (so banks, jitter and row indexing are shared code);
   `vision_inputs` turns rows into what the family's forward takes (Qwen:
-  flattened patches + grid, Idefics3: one image per sample);
+  flattened patches + grid, Idefics3: one image per sample, LLaVA-NeXT: its
+  views, kept stacked on the channel axis, + image_sizes);
 - where the decoder sits (prefix path, LoRA targets) and what is vision side;
 - position ids: Qwen's M-RoPE gives an image 2-D positions, so the text after
   it does not sit at its index; `rope_positions` builds them (DESIGN of Qwen2-VL,
@@ -49,7 +50,7 @@ class Family:
     answer_space: bool         # the answer follows the generation prompt after one space
     decoder: str               # attribute of model.model that is the language model
     vision: tuple[str, ...]    # attributes of model.model on the vision side (never LoRA targets)
-    layout: str                # "image": pixel_values [N,C,H,W]; "patches": Qwen's; "crops": [N,1,C,H,W]
+    layout: str                # "image": [N,C,H,W]; "patches": Qwen's; "crops": [N,1,C,H,W]; "tiles": [N,P,C,H,W]
     mrope: bool                # 3-D rotary positions (rope_positions)
     processor: str             # processor class name
     image_blocks: bool = False  # image tokens attend to each other both ways (Gemma 3's token_type_ids)
@@ -62,6 +63,8 @@ FAMILIES = {
                          ("visual",), "patches", True, "Qwen2_5_VLProcessor"),
     "idefics3": Family("idefics3", "Idefics3 / SmolVLM", "chat", True, "text_model",
                        ("vision_model", "connector"), "crops", False, "Idefics3Processor"),
+    "llava_next": Family("llava_next", "LLaVA-NeXT (1.6)", "chat", True, "language_model",
+                         ("vision_tower", "multi_modal_projector"), "tiles", False, "LlavaNextProcessor"),
     "gemma3": Family("gemma3", "Gemma 3", "chat", False, "language_model",
                      ("vision_tower", "multi_modal_projector"), "image", False, "Gemma3Processor",
                      image_blocks=True),
@@ -202,8 +205,13 @@ def image_side(processor) -> int | None:
 
     Qwen: 448 px, moved inside the processor's [min_pixels, max_pixels] and onto
     its patch x merge grid (so the processor resizes nothing further).
+    LLaVA-NeXT: its crop size (336 px for 1.6): one base view plus the tiles of
+    the grid pinpoint the processor picks for a square, the same for every image.
     """
-    if family_of_processor(processor).name != "qwen2_5_vl":
+    family = family_of_processor(processor)
+    if family.layout == "tiles":
+        return processor.image_processor.crop_size["height"]
+    if family.name != "qwen2_5_vl":
         return None
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
@@ -279,6 +287,8 @@ def pixel_values(processor, images) -> torch.Tensor:
     side = image_side(processor)
     resized = [im.resize((side, side), _bicubic()) if im.size != (side, side) else im for im in images]
     out = ip(images=resized, return_tensors="pt")
+    if family.layout == "tiles":   # [N, P, C, H, W] -> [N, P*C, H, W]: the views stacked on channels
+        return out["pixel_values"].flatten(1, 2)
     return unpatchify(out["pixel_values"], len(images), side, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
 
 
@@ -313,6 +323,10 @@ def vision_inputs(model, pixels: torch.Tensor) -> dict:
     if family.layout == "crops":
         return {"pixel_values": pixels.unsqueeze(1)}
     vc = _base(model).config.vision_config
+    if family.layout == "tiles":   # every picture was resized to the crop size: image_sizes = (H, W)
+        n, views, h, w = pixels.shape
+        return {"pixel_values": pixels.reshape(n, views // vc.num_channels, vc.num_channels, h, w),
+                "image_sizes": torch.tensor([[h, w]] * n, device=pixels.device)}
     n, _, h, w = pixels.shape
     grid = torch.tensor([[1, h // vc.patch_size, w // vc.patch_size]] * n, device=pixels.device)
     return {"pixel_values": patchify(pixels, vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size),

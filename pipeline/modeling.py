@@ -149,8 +149,8 @@ def build_tiny(family: str, out: str | Path, texts: list[str], cfg, seed: int = 
     Idefics3 and Gemma 3: patch 4, then 2 x 2 merged or pooled), so their
     costs compare.
     """
-    builders = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3,
-                "gemma3": build_tiny_gemma3}
+    builders = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_5_vl": build_tiny_qwen2_5_vl,
+                "idefics3": build_tiny_idefics3, "gemma3": build_tiny_gemma3}
     families.family_named(family)
     return builders[family](out, texts, cfg, seed=seed)
 
@@ -172,6 +172,36 @@ def _text_shape(cfg, tokenizer) -> dict:
                 num_key_value_heads=cfg.text_heads, max_position_embeddings=cfg.max_positions,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_llava_next(out: str | Path, texts: list[str], cfg, seed: int = 0) -> Path:
+    """LLaVA-NeXT (1.6): the tiny LLaVA's towers with any-resolution views.
+
+    Grid pinpoints 1x2, 2x1 and 2x2 crops: a square picture at the crop size
+    (families.image_side) is one base view + 2 tiles, 36 image features with
+    the row-end newlines (the tiny LLaVA has 16).
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    side, patch = cfg.image_size, cfg.patch_size
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    image_proc = LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                            image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_proc, tokenizer=tokenizer, patch_size=patch,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=4,
+                              image_size=side, patch_size=patch, projection_dim=cfg.vision_hidden)
+    config = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**_text_shape(cfg, tokenizer)),
+                             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                             image_grid_pinpoints=pinpoints, image_seq_length=(side // patch) ** 2,
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return _save(LlavaNextForConditionalGeneration(config), processor, tokenizer, out)
 
 
 # Qwen2.5-VL's template without its default system turn (a real checkpoint brings its own template,
