@@ -104,10 +104,10 @@ def family_of_dir(path) -> Family:
 
 
 def family_of_processor(processor) -> Family:
-    names = [c.__name__ for c in type(processor).__mro__]
-    for fam in FAMILIES.values():
-        if fam.processor in names:
-            return fam
+    by_class = {fam.processor: fam for fam in FAMILIES.values()}
+    for cls in type(processor).__mro__:   # the nearest class first (QwenImageOnlyProcessor -> its parent)
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
     raise FamilyError(f"processor {type(processor).__name__} is not one of a supported family "
                       f"({', '.join(f.processor for f in FAMILIES.values())})")
 
