@@ -63,17 +63,7 @@ def build_qwen(out: Path, texts: list[str], shape: str, device: torch.device) ->
                          dict(depth=vl, hidden_size=vh, intermediate_size=vmlp, num_heads=vheads, patch_size=patch,
                               window_size=112, fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < vl] or [vl - 1]),
                          rope_theta=1e6)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    del model
-    return out
+    return init_and_save(Qwen2_5_VLForConditionalGeneration, config, processor, tokenizer, out, device)
 
 
 def build_model(out: Path, texts: list[str], shape: str, device: torch.device) -> Path:
@@ -99,10 +89,15 @@ def build_model(out: Path, texts: list[str], shape: str, device: torch.device) -
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=(size // patch) ** 2, vision_feature_layer=SHAPES[shape]["feature_layer"],
                          vision_feature_select_strategy="default")
+    return init_and_save(LlavaForConditionalGeneration, config, processor, tokenizer, out, device)
+
+
+def init_and_save(model_class, config, processor, tokenizer, out: Path, device: torch.device) -> Path:
+    """Random weights (seed 0), bf16 on CUDA, saved with the processor."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):          # initialise on the GPU: a 7B init on CPU takes minutes
-        model = LlavaForConditionalGeneration(config).to(dtype)
+        model = model_class(config).to(dtype)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
     out.mkdir(parents=True, exist_ok=True)
