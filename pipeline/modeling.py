@@ -360,9 +360,6 @@ def build_tiny_llava(out: str | Path, texts: list[str], cfg, seed: int = 0) -> P
 
 # ---------------------------------------------------------------- LoRA
 
-LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
 def wrap_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets: str = ""):
     """LoRA on the language model only: the vision side and lm_head stay frozen.
 
