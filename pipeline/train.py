@@ -696,34 +696,6 @@ def open_cache(cache_dir, model_dir, samples: list[Sample], method: str, pool_di
     return reader, {"fingerprint": recorded.get("digest"), "settings": reader.settings}
 
 
-def open_references(cache_dir, model_dir, samples: list[Sample], examples: list[Example], method: str,
-                    pool_dir, idk_answer: str, recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
-    """Open the cache and check it covers every forget sample; (the open reader, what the cache is).
-
-    Checked one shard at a time (memory bounded by a shard, not the forget set):
-    every forget sample is cached with this run's answer tokens, and carries the
-    reference log-likelihoods the method needs. The references themselves are
-    read later, on demand. `recorded`: the fingerprint an earlier `check_cache`
-    already accepted (skips hashing again).
-    """
-    reader, cache = open_cache(cache_dir, model_dir, samples, method, pool_dir, idk_answer, recorded)
-    by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
-    for ex in examples:
-        if ex.sample_id not in reader:
-            reader.close()
-            raise TrainError(f"forget sample {ex.sample_id!r} is not in reference cache {cache_dir}")
-        pos, row, _, _ = reader.locate(ex.sample_id)
-        by_shard[pos].append((row, ex))
-    needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
-    try:
-        for pos, rows in sorted(by_shard.items()):
-            _check_shard_rows(reader, pos, rows, needed, method, cache_dir)
-    except TrainError:
-        reader.close()
-        raise
-    return reader, cache
-
-
 def _check_shard_rows(reader: RefCacheReader, pos: int, rows: list[tuple[int, Example]], needed, method: str,
                       cache_dir) -> None:
     offsets = reader.shard_column(pos, "offsets")
@@ -741,17 +713,14 @@ def _check_shard_rows(reader: RefCacheReader, pos: int, rows: list[tuple[int, Ex
                              f"{len(missing)} sample(s), e.g. {missing[0]!r}")
 
 
-def shard_groups(reader: RefCacheReader | None, examples: list[Example]) -> list[np.ndarray] | None:
-    """Example indices grouped by cache shard, in row order: what a sequential-read shuffle needs."""
+def shard_groups(reader: RefCacheReader | None, examples) -> list[np.ndarray] | None:
+    """Example indices grouped by cache shard, in row order: what a sequential-read shuffle needs.
+
+    With a reader the forget examples are CachedExamples (build_inputs), whose slots locate them.
+    """
     if reader is None:
         return None
-    if isinstance(examples, CachedExamples):
-        shard, row = reader.slot_locations(examples.slots)
-    else:
-        shard = np.empty(len(examples), np.int32)
-        row = np.empty(len(examples), np.int32)
-        for i, ex in enumerate(examples):
-            shard[i], row[i] = reader.locate(ex.sample_id)[:2]
+    shard, row = reader.slot_locations(examples.slots)
     order = np.lexsort((row, shard))
     cuts = np.flatnonzero(np.diff(shard[order])) + 1
     return [part.astype(np.int32) for part in np.split(order, cuts)]
@@ -831,9 +800,8 @@ class ExampleData(torch.utils.data.Dataset):
             ref = self.reader.get(self.examples.sample_id(i), stored=True)
             ex = self.examples.example(i, ref)
             idk = self.idk.example(i, ref) if self.idk is not None else None
-        else:
-            ex = self.examples[i]
-            ref = self.reader.get(ex.sample_id, stored=True) if self.reader is not None else None
+        else:   # held tokens: no cache (with one, build_inputs makes CachedExamples)
+            ex, ref = self.examples[i], None
             idk = self.idk[i] if self.idk is not None else None
         return i, self.images[ex.image], ex, idk, ref
 

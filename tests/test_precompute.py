@@ -14,7 +14,7 @@ from pipeline.demo import tokenizer_texts
 from pipeline.encoding import load_image
 from pipeline.fingerprint import pool_files, training_fingerprint
 from pipeline.modeling import build_tiny_llava, load_model
-from tests.tiny import make_world, tiny_config
+from tests.tiny import assert_caches_agree, make_world, tiny_config
 
 TINY = tiny_config(text_layers=2)
 K = 16
@@ -81,20 +81,7 @@ def test_cache_equals_direct_average_of_softmaxes(world, reference_cache):
 def test_prefix_path_equals_naive_path(world, tmp_path):
     run(world, tmp_path / "prefix", prefix_cache=True)
     run(world, tmp_path / "naive", prefix_cache=False)
-    with refcache.RefCacheReader(tmp_path / "prefix") as a, refcache.RefCacheReader(tmp_path / "naive") as b:
-        assert a.sample_ids == b.sample_ids
-        for sid in a.sample_ids:
-            x, y = a.get(sid), b.get(sid)
-            np.testing.assert_allclose(x.topk_prob, y.topk_prob, atol=1e-5)
-            np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5)
-            np.testing.assert_allclose(x.tail_mass, y.tail_mass, atol=1e-5)
-            # indices must agree wherever the probabilities are not (near-)tied
-            gaps = np.diff(-x.topk_prob, axis=-1, prepend=np.inf, append=np.inf)
-            untied = np.minimum(gaps[:, :-1], gaps[:, 1:]) > 1e-4
-            assert np.array_equal(x.topk_idx[untied], y.topk_idx[untied])
-            # own-image and idk scores run through prefix reuse too (grouped by the own image)
-            assert x.ref_logp_own == pytest.approx(y.ref_logp_own, rel=1e-5, abs=1e-4)
-            assert x.ref_logp_idk == pytest.approx(y.ref_logp_idk, rel=1e-5, abs=1e-4)
+    assert_caches_agree(tmp_path / "prefix", tmp_path / "naive")
 
 
 def test_truncated_kl_from_cache_matches_full_distribution(world, reference_cache):
@@ -319,22 +306,23 @@ def test_own_images_share_one_prefix_per_distinct_image(tiny_model):
 
 
 def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tmp_path):
-    from pipeline.train import Example, TrainError, open_references
+    from pipeline.train import TrainError, build_inputs, open_cache
     root, model_dir, samples = world
     out = tmp_path / "viker-only"
     manifest = run(world, out, scores="reference")
     assert manifest["settings"]["scores"] == ["reference"]
     _, processor = load_model(model_dir, device="cpu")
-    enc = pc.encode_samples(processor, samples, "I don't know.", None)
-    examples = [Example(e.sample.sample_id, e.ids, e.answer_start, 0) for e in enc]
     pool = str(root / "pools" / "people")
-    reader, _ = open_references(out, model_dir, samples, examples, "viker", pool, "I don't know.")
-    with reader:
+    reader, _ = open_cache(out, model_dir, samples, "viker", pool, "I don't know.")
+    with reader:   # stage two's own setup accepts it for ViKeR...
+        build_inputs(processor, samples, [], None, "", None, reader=reader, method="viker")
         assert all(reader.get(s.sample_id).ref_logp_own is None for s in samples)
         assert all(reader.get(s.sample_id).ref_logp_idk is None for s in samples)
-    for method in ("npo", "idkpo"):
-        with pytest.raises(TrainError, match=f"method {method} needs ref_logp_own"):
-            open_references(out, model_dir, samples, examples, method, pool, "I don't know.")
+    for method in ("npo", "idkpo"):   # ...and refuses it for the methods that need the scores
+        reader, _ = open_cache(out, model_dir, samples, method, pool, "I don't know.")
+        with reader, pytest.raises(TrainError, match=f"method {method} needs ref_logp_own"):
+            build_inputs(processor, samples, [], None, "I don't know." if method == "idkpo" else "", None,
+                         reader=reader, method=method)
     with pytest.raises(ValueError, match="must include 'reference'"):
         run(world, tmp_path / "bad", scores="own,idk")
 
