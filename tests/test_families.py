@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import families, precompute as pc, prompts, refcache
+from pipeline import families, precompute as pc, prompts
 from pipeline.cli import main
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
 from pipeline.encoding import encode_pair, pixel_values
 from pipeline.forward import answer_logits, make_text_batch
 from pipeline.modeling import load_model, wrap_lora
-from tests.tiny import make_world, tiny_config
+from tests.tiny import assert_caches_agree, make_world, tiny_config
 
 TINY = tiny_config(text_layers=2)
 FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "idefics3", "gemma3"]
@@ -127,14 +127,8 @@ def test_prefix_path_equals_naive_path_in_float32(world, tmp_path):
                 device="cpu", log=lambda *_: None)
     pc.precompute(str(model_dir), samples, str(tmp_path / "prefix"), prefix_cache=True, **args)
     pc.precompute(str(model_dir), samples, str(tmp_path / "naive"), prefix_cache=False, **args)
-    with refcache.RefCacheReader(tmp_path / "prefix") as a, refcache.RefCacheReader(tmp_path / "naive") as b:
-        assert a.sample_ids == b.sample_ids
-        for sid in a.sample_ids:
-            x, y = a.get(sid), b.get(sid)
-            np.testing.assert_allclose(x.topk_prob, y.topk_prob, atol=1e-5)
-            np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5)
-            assert x.ref_logp_own == pytest.approx(y.ref_logp_own, rel=1e-5, abs=1e-4)
-        manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
+    assert_caches_agree(tmp_path / "prefix", tmp_path / "naive")
+    manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
     template = manifest["sources"]["prompt_template"]
     if family != "llava":   # the manifest says how this model was prompted, for readers without viker
         from pipeline.modeling import load_processor
