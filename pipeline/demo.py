@@ -280,7 +280,10 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
 
 def run_demo(cfg: Config, log=print) -> dict:
     from .report import write_report
+    import torch
+    from . import thread_note
     t0 = time.time()
+    log(f"[threads] {torch.get_num_threads()} torch threads; {thread_note()}")
     cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
     ensure_base_model(cfg, log)

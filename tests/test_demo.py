@@ -52,15 +52,3 @@ def _start_method(_):
 def test_pool_workers_fork_their_own_children():
     """DataLoader workers inside a pool worker must fork, not spawn (a spawn re-imports torch per run)."""
     assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t") == ["fork", "fork"]
-
-
-def test_openmp_threads_sleep_only_on_busy_cores():
-    import os
-    import subprocess
-    import sys
-    from pipeline import openmp_wait_policy
-    assert openmp_wait_policy(3.5, 2) == "PASSIVE" and openmp_wait_policy(2.0, 2) == "PASSIVE"
-    assert openmp_wait_policy(1.2, 2) is None and openmp_wait_policy(6.0, 16) is None
-    code = "import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE")      # an explicit value wins, whatever the load
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "ACTIVE\n"
