@@ -21,7 +21,7 @@ from .progress import progress as tqdm  # plain log lines off a terminal
 
 from .data.records import Profile
 from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
-from .forward import forward_inputs
+from .forward import answer_logits, forward_inputs, make_text_batch
 from .modeling import load_model, wrap_lora
 from .prompts import generation_prompt, train_text
 
@@ -62,10 +62,14 @@ def build_examples(processor, profiles: list[Profile], max_length: int | None, f
     return bank, examples
 
 
-def render(ex: Example, gen: torch.Generator) -> tuple[list[int], int]:
-    if ex.alt is not None and torch.rand(1, generator=gen).item() < 0.5:
-        return ex.alt
-    return ex.ids, ex.answer_start
+def render(batch: list[Example], gen: torch.Generator) -> list[tuple[list[int], int]]:
+    """(ids, answer_start) of each example, in one prompt form drawn for the whole batch.
+
+    One form per batch, not per example: the generation prompt is ~15 tokens
+    longer, and a batch mixing both forms pads every short row to the long one.
+    """
+    alt = batch[0].alt is not None and torch.rand(1, generator=gen).item() < 0.5
+    return [ex.alt if alt else (ex.ids, ex.answer_start) for ex in batch]
 
 
 def jitter(pixels: torch.Tensor, gen: torch.Generator, shift: int = 2, flip: bool = False) -> torch.Tensor:
@@ -89,39 +93,86 @@ def jitter(pixels: torch.Tensor, gen: torch.Generator, shift: int = 2, flip: boo
     return out * gain + bias
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor: linear warm-up, then a cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_batches(processor, bank_pixels: torch.Tensor, examples: list[Example], size: int, seed: int,
+                  batch_size: int = 64) -> list[tuple]:
+    """A fixed subsample of the training QA as the vanilla gate asks them: training prompt, first picture, no jitter."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    pick = sorted(torch.randperm(len(examples), generator=gen)[:size].tolist()) if size else range(len(examples))
+    chosen = [examples[i] for i in pick]
+    out = []
+    for i in range(0, len(chosen), batch_size):
+        part = chosen[i:i + batch_size]
+        # The last id is EOS: greedy generation is cut at max_new_tokens anyway, the fact is in the answer.
+        batch = make_text_batch([ex.ids[:-1] for ex in part], [ex.answer_start for ex in part],
+                                processor.tokenizer.pad_token_id)
+        out.append((batch, bank_pixels[[ex.images[0] for ex in part]]))
+    return out
+
+
+@torch.no_grad()
+def fraction_known(model, batches: list[tuple]) -> float:
+    """Teacher-forced: the share of answers whose every token is the model's argmax given the true prefix.
+
+    Such an answer is exactly what greedy decoding writes, so this is a lower
+    bound of the gate's "greedy answer contains the fact" at the cost of one
+    forward pass (no generation loop).
+    """
+    was_training = model.training
+    model.eval()
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    known = total = 0
+    for batch, pixels in batches:
+        batch = batch.to(dev)
+        pred = answer_logits(model, batch, pixels.to(dev, dtype)).argmax(-1)
+        ok = (pred == batch.answer_ids) | (batch.answer_mask == 0)
+        known += int(ok.all(dim=1).sum())
+        total += len(ok)
+    model.train(was_training)
+    return known / max(1, total)
 
 
 def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, batch_size: int, lr: float,
              warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
              augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None) -> dict:
-    """Fine-tune `base` on the profiles' training QA and save the result to `output`."""
+             stop_known: float = 0.0, check_every: int = 50, check_size: int = 128,
+             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None, log=print) -> dict:
+    """Fine-tune `base` on the profiles' training QA and save the result to `output`.
+
+    `steps` is a budget: the learning rate follows a cosine over it. With
+    `stop_known` > 0, every `check_every` steps a fixed subsample of `check_size`
+    training questions is asked (fraction_known), and the run ends as soon as
+    that share reaches `stop_known`.
+    """
     torch.manual_seed(seed)
     model, processor = load_model(base, dtype=dtype, device=device)
     dev = next(model.parameters()).device
     bank, examples = build_examples(processor, profiles, max_positions(model), formats)
     bank_pixels = pixel_values(processor, bank)
+    checks = check_batches(processor, bank_pixels, examples, check_size, seed) if stop_known > 0 else []
     if lora:
         model = wrap_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, steps))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     gen = torch.Generator().manual_seed(seed)
     pad_id = processor.tokenizer.pad_token_id
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    steps_run, why = steps, f"budget of {steps} steps used up"
     order: list[int] = []
-    t0, losses = time.time(), []
+    t0, losses, known = time.time(), [], []
     bar = tqdm(range(steps), desc="finetune", leave=False)
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup_cosine(step, warmup_steps, steps)
         while len(order) < batch_size:   # epochs of shuffled examples, so every fact is seen evenly
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch = [examples[i] for i in order[:batch_size]]
@@ -130,7 +181,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
         pixels = bank_pixels[picks]
         if augment:
             pixels = jitter(pixels, gen)
-        rendered = [render(ex, gen) for ex in batch]
+        rendered = render(batch, gen)
         ids, mask, labels = pad_right([r[0] for r in rendered], pad_id, [r[1] for r in rendered])
         with autocast:
             out = model(**forward_inputs(model, ids.to(dev), mask.to(dev),
@@ -140,20 +191,34 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        done = step + 1
+        if checks and done % check_every == 0 and done < steps:
+            with autocast:
+                known.append((done, fraction_known(model, checks)))
+            if known[-1][1] >= stop_known:
+                steps_run = done
+                why = (f"{100 * known[-1][1]:.1f}% of {sum(len(b[0].input_ids) for b in checks)} checked "
+                       f"answers known (target {100 * stop_known:.0f}%)")
+                break
     elapsed = time.time() - t0
+    log(f"[finetune] stopped after {steps_run} of at most {steps} steps: {why}")
 
+    final_known = None
+    if checks:
+        with autocast:
+            final_known = fraction_known(model, checks)
     if lora:
         model = model.merge_and_unload()
     model.eval()
-    info = {"base": str(base), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "augment": augment, "formats": formats, "lora": lora, "n_examples": len(examples), "n_profiles": len(profiles),
-            "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "train_seconds": round(elapsed, 1),
-            **(extra_info or {})}
+    info = {"base": str(base), "steps": steps_run, "max_steps": steps, "stopped": why, "batch_size": batch_size,
+            "lr": lr, "seed": seed, "augment": augment, "formats": formats, "lora": lora,
+            "n_examples": len(examples), "n_profiles": len(profiles), "known_checks": known,
+            "final_known": final_known, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "train_seconds": round(elapsed, 1), **(extra_info or {})}
     save_model(model, processor, output, info)
     return info
 

@@ -17,7 +17,7 @@ def pool_dir(pool: str, data_root: str) -> str:
     return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
 
 
-def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
+def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict:
     """Knowledge injection on the fine-tuning split (plus the real set when data.finetune_real) -> cfg.finetune.output.
 
     MLLMU-Bench's vanilla model learned ft_Data only (finetune.py --data_dir
@@ -32,7 +32,9 @@ def run_finetune(cfg: Config, extra_info: dict | None = None) -> dict:
     return finetune(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
                     seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
-                    lora_alpha=f.lora_alpha, dtype=cfg.model.dtype, device=cfg.model.device, extra_info=extra_info)
+                    lora_alpha=f.lora_alpha, stop_known=f.stop_known, check_every=f.check_every,
+                    check_size=f.check_size, dtype=cfg.model.dtype,
+                    device=cfg.model.device, extra_info=extra_info, log=log)
 
 
 def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log=print) -> dict:
