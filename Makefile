@@ -1,9 +1,14 @@
 # The README's two commands: `make demo` and `make test`.
 # Both build .venv from nothing. torch is installed first and pinned: an
-# unpinned torch pulls a multi-GB CUDA build on a CPU machine.
+# unpinned torch pulls a multi-GB CUDA build on a CPU machine. pip installs it
+# (pip reads the machine's configuration, e.g. a local wheel folder); the other
+# dependencies go in with uv, which resolves and installs them several times
+# faster than pip (benchmarks/newcomer.sh). Where uv cannot be installed, or
+# with `make demo UV=`, pip installs them as before.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+UV     ?= uv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.viker-installed
 
@@ -11,9 +16,14 @@ STAMP   = $(VENV)/.viker-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	@if [ -n "$(UV)" ] && $(BIN)/pip install -q "$(UV)" && \
+	    $(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]"; then \
+	  echo "[setup] dependencies installed with uv"; \
+	else \
+	  echo "[setup] dependencies with pip$(if $(UV), ($(UV) could not be installed or failed))"; \
+	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e ".[test]"; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP)
