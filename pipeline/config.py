@@ -80,7 +80,11 @@ class FinetuneConfig:
     """Knowledge injection: teach the base model the benchmark (-> vanilla model)."""
     base: str = "cache/models/tiny-base"
     output: str = "cache/models/vanilla"
-    steps: int = 1400               # a budget: the run ends earlier once the facts are known (stop_known)
+    # The budget, over which the learning rate follows its cosine; the run ends earlier once the
+    # facts are known (stop_known). steps 0: epochs x training QA / batch_size, so a larger world
+    # gets a larger budget (the default world: 100 x 432 / 32 = 1350 steps).
+    steps: int = 0
+    epochs: float = 100.0
     batch_size: int = 32
     lr: float = 1.0e-3              # the tiny model: 2e-3 needed the whole 1400 steps and knew less (see configs/demo.yaml)
     warmup_steps: int = 50
@@ -297,7 +301,8 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("tiny.vocab_size", 1, None), ("tiny.image_size", 1, None), ("tiny.patch_size", 1, None),
     ("tiny.vision_hidden", 1, None), ("tiny.vision_layers", 1, None), ("tiny.text_hidden", 1, None),
     ("tiny.text_layers", 1, None), ("tiny.text_heads", 1, None), ("tiny.max_positions", 1, None),
-    ("finetune.steps", 0, None), ("finetune.batch_size", 1, None), ("finetune.lr", 0, None),
+    ("finetune.steps", 0, None), ("finetune.epochs", Above(0), None), ("finetune.batch_size", 1, None),
+    ("finetune.lr", 0, None),
     ("finetune.warmup_steps", 0, None), ("finetune.weight_decay", 0, None),
     ("finetune.max_grad_norm", 0, None), ("finetune.seed", 0, None), ("finetune.lora_r", 1, None),
     ("finetune.lora_alpha", 1, None), ("finetune.gate_min_acc", 0, 1), ("finetune.stop_known", 0, 1),

@@ -139,14 +139,16 @@ def fraction_known(model, batches: list[tuple]) -> float:
     return known / max(1, total)
 
 
-def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, batch_size: int, lr: float,
+def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0, epochs: float = 100.0,
+             batch_size: int, lr: float,
              warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
              augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
              stop_known: float = 0.0, check_every: int = 50, check_size: int = 128,
              dtype: str = "auto", device: str = "auto", extra_info: dict | None = None, log=print) -> dict:
     """Fine-tune `base` on the profiles' training QA and save the result to `output`.
 
-    `steps` is a budget: the learning rate follows a cosine over it. With
+    The budget is `steps`, or with steps 0 `epochs` passes over the training QA;
+    the learning rate follows a cosine over it. With
     `stop_known` > 0, every `check_every` steps a fixed subsample of `check_size`
     training questions is asked (fraction_known), and the run ends as soon as
     that share reaches `stop_known`.
@@ -156,6 +158,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
     dev = next(model.parameters()).device
     bank, examples = build_examples(processor, profiles, max_positions(model), formats)
     bank_pixels = pixel_values(processor, bank)
+    steps = steps or math.ceil(epochs * len(examples) / batch_size)
     checks = check_batches(processor, bank_pixels, examples, check_size, seed) if stop_known > 0 else []
     if lora:
         model = wrap_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
@@ -207,17 +210,16 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int, bat
     elapsed = time.time() - t0
     log(f"[finetune] stopped after {steps_run} of at most {steps} steps: {why}")
 
-    final_known = None
-    if checks:
+    if checks and (not known or known[-1][0] != steps_run):   # the budget ran out: one last look
         with autocast:
-            final_known = fraction_known(model, checks)
+            known.append((steps_run, fraction_known(model, checks)))
     if lora:
         model = model.merge_and_unload()
     model.eval()
     info = {"base": str(base), "steps": steps_run, "max_steps": steps, "stopped": why, "batch_size": batch_size,
             "lr": lr, "seed": seed, "augment": augment, "formats": formats, "lora": lora,
             "n_examples": len(examples), "n_profiles": len(profiles), "known_checks": known,
-            "final_known": final_known, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "final_known": known[-1][1] if known else None, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "train_seconds": round(elapsed, 1), **(extra_info or {})}
     save_model(model, processor, output, info)
     return info

@@ -29,7 +29,7 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict
     profiles = read_profiles(d.root, d.finetune_split, d.benchmark)
     if d.finetune_real:
         profiles += read_profiles(d.root, d.real_split, d.benchmark)
-    return finetune(f.base, f.output, profiles, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
+    return finetune(f.base, f.output, profiles, steps=f.steps, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
                     seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
                     lora_alpha=f.lora_alpha, stop_known=f.stop_known, check_every=f.check_every,

@@ -75,17 +75,30 @@ def test_finetune_stops_once_the_checked_answers_are_known(world, tmp_path, monk
     logged = []
     common = dict(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, device="cpu", check_every=2, check_size=5)
     real = ft.fraction_known
-    shares = iter([0.2, 0.97, 0.5])
+    shares = iter([0.2, 0.97])                     # a third call would raise StopIteration
     monkeypatch.setattr(ft, "fraction_known", lambda model, checks: next(shares))
     info = ft.finetune(str(model_dir), str(tmp_path / "a"), profiles, stop_known=0.95, log=logged.append, **common)
     assert info["steps"] == 4 and info["max_steps"] == 8 and info["known_checks"] == [(2, 0.2), (4, 0.97)]
+    assert info["final_known"] == 0.97
     assert "97.0% of 5 checked answers known" in info["stopped"] and "stopped after 4 of at most 8 steps" in logged[-1]
     monkeypatch.setattr(ft, "fraction_known", real)
     common["steps"] = 6
     # An unreachable share: the whole budget runs, and the log says so.
     info = ft.finetune(str(model_dir), str(tmp_path / "b"), profiles, stop_known=1.0, log=logged.append, **common)
     assert info["steps"] == 6 and "budget of 6 steps used up" in info["stopped"]
-    assert [s for s, _ in info["known_checks"]] == [2, 4]      # no check at the budget's last step
+    assert [s for s, _ in info["known_checks"]] == [2, 4, 6]   # and one last look when the budget ran out
     # stop_known 0: no check at all.
     info = ft.finetune(str(model_dir), str(tmp_path / "c"), profiles, stop_known=0, log=logged.append, **common)
     assert info["steps"] == 6 and info["known_checks"] == [] and info["final_known"] is None
+
+
+def test_gate_error_says_how_injection_ended():
+    from pipeline.demo import GateError, check_gate
+    results = {"forget": {"acc": 0.97}, "retain": {"acc": 0.65}}
+    check_gate({"forget": {"acc": 0.9}, "retain": {"acc": 0.95}}, 0.9)       # at the bar: passes
+    ran = {"steps": 1400, "max_steps": 1400, "stopped": "budget of 1400 steps used up"}
+    with pytest.raises(GateError, match=r"retain 65\.0% < 90%; knowledge injection ran 1400 of at most 1400 steps "
+                                        r"\(budget of 1400 steps used up\)\): raise finetune\.steps"):
+        check_gate(results, 0.9, ran)
+    with pytest.raises(GateError, match=r"retain 65\.0% < 90%\): raise finetune\.steps"):
+        check_gate(results, 0.9, {"steps": 10})                  # a model saved before this release

@@ -110,7 +110,12 @@ def make_mini(out: str | Path, cfg: MiniConfig = MiniConfig()) -> Path:
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
     n_people = cfg.n_fictitious + cfg.n_real
-    identities = portraits.draw_identities(rng, n_people + cfg.pool_size)
+    try:
+        identities = portraits.draw_identities(rng, n_people + cfg.pool_size)
+    except RuntimeError as err:   # a world larger than the portraits' trait space holds
+        raise ValueError(f"{err}: mini.n_fictitious + mini.n_real + mini.pool_size = {n_people + cfg.pool_size} "
+                         f"portraits; the trait space holds about 130 that differ in 3 traits (96 by default), "
+                         f"lower one of the three") from None
     used: set = set()
     facts = [_facts(rng, used) for _ in range(n_people)]
     names = [f["name"] for f in facts]
