@@ -79,10 +79,13 @@ def thread_note() -> str:
     """One line for the logs: what this process decided and from what."""
     policy = _os.environ.get("OMP_WAIT_POLICY", "")
     spin = _os.environ.get("GOMP_SPINCOUNT", "")
-    why = _DECIDED_FROM if _DECIDED_FROM else "set in the environment"
-    how = "sleep when idle (PASSIVE)" if policy.upper() == "PASSIVE" and not spin else \
-        f"spin {spin} times, then sleep" if spin else policy or "libgomp default"
-    return f"OpenMP threads {how}: {why}"
+    if spin:                                   # libgomp: an explicit spin count wins over the policy
+        how = f"spin {spin} times, then sleep"
+    elif policy.upper() == "PASSIVE":
+        how = "sleep when idle (PASSIVE)"
+    else:
+        how = policy or "libgomp default"
+    return f"OpenMP threads {how}: {_DECIDED_FROM or 'set in the environment'}"
 
 
 _DECIDED_FROM = ""

@@ -111,7 +111,7 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
         return out
     t = time.time()
     info = run_finetune(cfg, extra_info={"data": cfg.data.root,
-                                         "splits": [cfg.data.finetune_split, cfg.data.real_split]})
+                                         "splits": [cfg.data.finetune_split, cfg.data.real_split]}, log=log)
     (out / "viker-stamp.json").write_text(stamp)
     log(f"[finetune] vanilla model saved to {out} in {time.time() - t:.1f}s (final loss {info['final_loss']:.3f})")
     return out

@@ -76,3 +76,14 @@ def test_a_busy_core_beside_it_makes_threads_sleep():
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_thread_note_says_what_was_decided(monkeypatch):
+    monkeypatch.setattr(pipeline, "_DECIDED_FROM", "other processes kept 1.7 of 2 cores busy at start-up")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert pipeline.thread_note() == ("OpenMP threads sleep when idle (PASSIVE): "
+                                      "other processes kept 1.7 of 2 cores busy at start-up")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")        # libgomp lets the spin count win
+    monkeypatch.setattr(pipeline, "_DECIDED_FROM", "")
+    assert pipeline.thread_note() == "OpenMP threads spin 10000 times, then sleep: set in the environment"
