@@ -114,8 +114,7 @@ def make_mini(out: str | Path, cfg: MiniConfig = MiniConfig()) -> Path:
         identities = portraits.draw_identities(rng, n_people + cfg.pool_size)
     except RuntimeError as err:   # a world larger than the portraits' trait space holds
         raise ValueError(f"{err}: mini.n_fictitious + mini.n_real + mini.pool_size = {n_people + cfg.pool_size} "
-                         f"portraits; the trait space holds about 130 that differ in 3 traits (96 by default), "
-                         f"lower one of the three") from None
+                         f"portraits are more than the portraits' traits tell apart; lower one of the three") from None
     used: set = set()
     facts = [_facts(rng, used) for _ in range(n_people)]
     names = [f["name"] for f in facts]

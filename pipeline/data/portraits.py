@@ -22,6 +22,8 @@ EYES = [(40, 90, 200), (30, 140, 60), (90, 50, 20), (10, 10, 10)]
 SHIRTS = [(200, 30, 30), (30, 160, 60), (30, 60, 200), (230, 200, 30), (150, 40, 170), (20, 170, 170),
           (240, 130, 20), (60, 60, 60)]
 WIDTHS = [0.30, 0.38]
+# A seventh trait, only for worlds the six above cannot hold (see draw_identities): a band across the shirt.
+BANDS = [None, (245, 245, 245), (20, 20, 20)]
 
 TRAIN_BACKGROUNDS = [(235, 235, 235), (200, 220, 240), (240, 225, 200)]
 TEST_BACKGROUNDS = [(210, 240, 210), (245, 210, 225), (180, 180, 200)]
@@ -35,23 +37,37 @@ class Identity:
     eyes: int
     shirt: int
     width: int
+    band: int = 0       # 0: none; only worlds too large for the six traits above draw others
 
     def as_tuple(self) -> tuple:
-        return (self.skin, self.hair, self.style, self.eyes, self.shirt, self.width)
+        return (self.skin, self.hair, self.style, self.eyes, self.shirt, self.width, self.band)
 
 
-def draw_identities(rng: np.random.Generator, n: int, min_diff: int = 3) -> list[Identity]:
-    """n identities, each differing from all others in at least `min_diff` traits."""
-    sizes = [len(SKIN), len(HAIR), len(HAIR_STYLES), len(EYES), len(SHIRTS), len(WIDTHS)]
+def _draw(rng: np.random.Generator, n: int, min_diff: int, sizes: list[int]) -> list[Identity] | None:
     chosen: list[Identity] = []
     attempts = 0
     while len(chosen) < n:
         attempts += 1
         if attempts > 200_000:
-            raise RuntimeError(f"cannot draw {n} identities differing in {min_diff} traits")
+            return None
         cand = Identity(*(int(rng.integers(s)) for s in sizes))
         if all(sum(a != b for a, b in zip(cand.as_tuple(), c.as_tuple())) >= min_diff for c in chosen):
             chosen.append(cand)
+    return chosen
+
+
+def draw_identities(rng: np.random.Generator, n: int, min_diff: int = 3) -> list[Identity]:
+    """n identities, each differing from all others in at least `min_diff` traits.
+
+    The six traits hold about 130 identities. A larger world (people + pool)
+    is drawn again with the shirt band as a seventh trait, after the six-trait
+    draw gave up: every world that could be drawn before is drawn exactly as
+    before, so its data, caches and measured numbers stay valid.
+    """
+    six = [len(SKIN), len(HAIR), len(HAIR_STYLES), len(EYES), len(SHIRTS), len(WIDTHS)]
+    chosen = _draw(rng, n, min_diff, six) or _draw(rng, n, min_diff, six + [len(BANDS)])
+    if chosen is None:
+        raise RuntimeError(f"cannot draw {n} identities differing in {min_diff} traits")
     return chosen
 
 
@@ -83,6 +99,8 @@ def portrait(ident: Identity, rng: np.random.Generator, size: int = 64, held_out
     # shirt
     d.polygon([tuple(_scale(p, s)) for p in [(cx - 20, 64), (cx - 14, cy + 16), (cx + 14, cy + 16), (cx + 20, 64)]],
               fill=SHIRTS[ident.shirt])
+    if BANDS[ident.band] is not None:     # no random draw here: six-trait identities render as before
+        d.rectangle(_scale([cx - 19, cy + 24, cx + 19, cy + 30], s), fill=BANDS[ident.band])
     hair = HAIR[ident.hair]
     style = HAIR_STYLES[ident.style]
     if style == "long":
