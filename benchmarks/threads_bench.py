@@ -136,8 +136,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="viker-threads-") as workdir:
         prepare(workdir)
         for case in [c.strip() for c in args.cases.split(",")]:
-            # Only "as shipped" reads the load average; every other setting is fixed by its variables,
-            # so in the lagging case it would time the quiet case again.
+            # Only "as shipped" looks at the machine (the old rule: the load average); every other setting
+            # is fixed by its variables, so in the lagging case it would time the quiet case again.
             hog, n_hogs = CASES[case]
             names = ["as shipped"] if hog == "lag" else settings
             rows = {s: [] for s in names}

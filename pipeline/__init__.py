@@ -13,9 +13,15 @@ SHORT_SPIN = "10000"
 BUSY_CORES = 0.5
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's CPU set)."""
+    if hasattr(_os, "sched_getaffinity"):
+        return sorted(_os.sched_getaffinity(0))
+    return list(range(_os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
-    return len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else (_os.cpu_count() or 1)
+    return len(usable_cpus())
 
 
 def cpu_times(stat_text: str, cpus) -> tuple[int, int]:
@@ -49,7 +55,7 @@ def busy_elsewhere(window: float = 0.1, stat_path: str = "/proc/stat") -> float 
     a job ends, e.g. right after `make` has run pip on both cores (issue #20).
     None where /proc/stat cannot be read (not Linux).
     """
-    cpus = sorted(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else range(_os.cpu_count() or 1)
+    cpus = usable_cpus()
     try:
         with open(stat_path) as f:
             before = cpu_times(f.read(), cpus)
