@@ -357,7 +357,7 @@ def _training_info(adapter: str) -> dict:
     t = info.get("train", {})
     return {"method": method_label(info), "steps": info.get("result", {}).get("steps", info.get("steps")),
             "seed": t.get("seed", 0), "cache_fingerprint": info.get("cache_fingerprint", ""),
-            "setting": {k: t[k] for k in ("lr", "lam", "regulariser", "beta", "retain_weight", "steps") if k in t}}
+            "setting": {k: t[k] for k in ("lr", "lam", "regulariser", "beta", "retain_weight", "retain_term", "steps") if k in t}}
 
 
 @main.command()

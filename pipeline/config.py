@@ -138,6 +138,9 @@ class TrainConfig:
     convention: str = "viker"
     idk_beta: float = 0.1          # IdkPO's own beta (conventions mllmu/openunlearning)
     retain_weight: float = 0.0     # alpha of an added retain NLL term (GradDiff uses 1.0 when 0)
+    # ViKeR only: none (the paper's loss, no retain data: the default) | nll (+ alpha * NLL on retain,
+    # GradDiff's term) | kl (+ KL(P_vanilla || P_cur) on retain, KL_Min's term); alpha = retain_weight or 1.
+    retain_term: str = "none"
     steps: int = 0                 # 0: derive from epochs
     epochs: float = 1.0
     batch_size: int = 4

@@ -21,6 +21,8 @@ def method_label(info: dict) -> str:
             label += " w/o Vis"
         if t.get("regulariser", "kl") != "kl":
             label += f" ({t['regulariser'].upper()})"
+        if t.get("retain_term", "none") != "none":
+            label += f"+{t['retain_term'].upper()}"
     return label
 
 

@@ -9,7 +9,9 @@ training loop reduces both (mean over the batch) and composes the methods:
     KL_Min    GA(forget) + KL(P_vanilla || P_cur) on retain
     NPO       -(2/beta) * logsigmoid(-beta * (ll_cur - ll_ref))            beta = 0.4
     IdkPO     -logsigmoid(beta * ((ll_cur - ll_ref)[idk] - (ll_cur - ll_ref)[gt]))
-    ViKeR     mean_i [ log Q_i(y_i) + lambda_i * D(R~_i, Q~_i) ]
+    ViKeR     mean_i [ log Q_i(y_i) + lambda_i * D(R~_i, Q~_i) ]                (the paper's; no retain data)
+    ViKeR+NLL ViKeR(forget) + alpha * NLL(retain)         train.retain_term nll (ours, GradDiff's term)
+    ViKeR+KL  ViKeR(forget) + alpha * KL(P_vanilla || P_cur) on retain       train.retain_term kl (ours)
 
 Q_i is the current model's distribution at answer position i, y_i the
 ground-truth token, ll = sum_i log Q_i(y_i) the summed answer log-likelihood.
@@ -235,9 +237,12 @@ def idkpo_scale(convention: str, beta: float, idk_beta: float) -> tuple[float, f
     return idk_beta, 2.0 / idk_beta
 
 
-def retain_nll_weight(convention: str, method: str) -> float:
-    """Weight of the retain NLL term when train.retain_weight is 0 (the table in the module doc)."""
-    if method == "graddiff" or (method == "kl_min" and convention == "mllmu"):
+def retain_nll_weight(convention: str, method: str, retain_term: str = "none") -> float:
+    """Weight of the retain NLL term when train.retain_weight is 0 (the table in the module doc).
+
+    ViKeR+NLL (train.retain_term nll, ours) takes GradDiff's alpha 1.
+    """
+    if method == "graddiff" or (method == "kl_min" and convention == "mllmu") or retain_term == "nll":
         return 1.0
     return 0.0
 

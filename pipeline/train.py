@@ -234,6 +234,7 @@ class LossSpec:
     token_lambda: bool = False
     beta: float = 0.4
     retain_weight: float = 0.0
+    retain_term: str = "none"      # ViKeR's optional retain term: none (the paper's) | nll | kl
     online: bool = False
     convention: str = "viker"      # losses.LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
     idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
@@ -319,7 +320,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
         torch.manual_seed(cfg.seed + rank)
         retain = []
-        if needs_retain(method, cfg.retain_weight):
+        if needs_retain(method, cfg.retain_weight, spec.retain_term):
             retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
             retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
         reader, cache = None, {}
@@ -447,8 +448,22 @@ def resolve_method(name: str) -> str:
     return method
 
 
-def needs_retain(method: str, retain_weight: float) -> bool:
-    return method in ("graddiff", "kl_min") or retain_weight > 0
+def needs_retain(method: str, retain_weight: float, retain_term: str = "none") -> bool:
+    return method in ("graddiff", "kl_min") or retain_weight > 0 or retain_term != "none"
+
+
+RETAIN_TERMS = ("none", "nll", "kl")
+
+
+def check_retain_term(term: str, method: str) -> str:
+    """train.retain_term, checked: ViKeR's retain-aware variants (none is the paper's loss)."""
+    name = str(term).strip().lower()
+    if name not in RETAIN_TERMS:
+        raise TrainError(f"train.retain_term {term!r} is not one of: {', '.join(RETAIN_TERMS)}")
+    if name != "none" and method != "viker":
+        raise TrainError(f"train.retain_term applies to viker only (graddiff and kl_min are {method}'s "
+                         f"retain-aware forms); got retain_term={name} with method {method}")
+    return name
 
 
 def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
@@ -457,6 +472,7 @@ def loss_spec(cfg: TrainConfig, method: str, k: int, top_k: int, ref_seed: int) 
         raise TrainError(f"train.convention {cfg.convention!r} is not one of: {', '.join(LOSS_CONVENTIONS)}")
     return LossSpec(method=method, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
+                    retain_term=check_retain_term(cfg.retain_term, method),
                     online=cfg.online_reference and method == "viker", k=k, top_k=top_k, ref_seed=ref_seed,
                     convention=convention, idk_beta=cfg.idk_beta)
 
@@ -1026,7 +1042,8 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
     refs = vanilla = None
     if method == "viker":
         refs = online_references(model, mb.forget, inputs, spec, dev) if spec.online else mb.refs.to(dev)
-    if method == "kl_min":
+    kl_retain = method == "kl_min" or spec.retain_term == "kl"
+    if kl_retain:
         vanilla, _ = frozen_logits(model, mb.retain, inputs, dev)
     parts = {"forget": mb.forget}
     if method == "idkpo":
@@ -1057,11 +1074,15 @@ def micro_batch_loss(net, model, mb: MicroBatch, spec: LossSpec, inputs: Inputs,
 
     if "retain" in out:
         r_logits, r_labels, r_mask = out["retain"]
-        if method == "kl_min":
+        if kl_retain:
             kl, d = kl_retain_loss(r_logits, vanilla, r_mask)
-            total = total + kl.mean()
+            # KL_Min's KL has weight 1; ViKeR+KL weighs it like ViKeR+NLL's NLL (alpha, 1 when unset).
+            kl_weight = (spec.retain_weight or 1.0) if spec.retain_term == "kl" else 1.0
+            total = total + kl_weight * kl.mean()
             diags.update({"retain/" + _short(k, "retain_"): v for k, v in d.items()})
-        weight = spec.retain_weight or retain_nll_weight(spec.convention, method)
+        weight = spec.retain_weight or retain_nll_weight(spec.convention, method, spec.retain_term)
+        if spec.retain_term == "kl":
+            weight = 0.0              # retain_weight is the KL's alpha here, not an added NLL
         if weight > 0:
             nll, d = nll_loss(r_logits, r_labels, r_mask)
             total = total + weight * nll.mean()

@@ -214,6 +214,8 @@ METHOD_CASES = {
     "viker-wo-vis": (dict(method="viker"), "forget/divergence"),
     "viker-token-lambda+retain": (dict(method="viker", token_lambda=True, retain_weight=0.5), "retain/nll"),
     "viker-grad-ckpt": (dict(method="viker", grad_checkpointing=True, grad_accum=2), "forget/divergence"),
+    "viker+nll": (dict(method="viker", retain_term="nll"), "retain/nll"),
+    "viker+kl": (dict(method="viker", retain_term="kl"), "retain/kl"),
 }
 
 
@@ -231,6 +233,29 @@ def test_every_method_runs_two_steps_with_finite_logged_losses(world, tmp_path, 
     assert result["final_loss"] == log[-1]["loss"]
     if overrides.get("use_ga") is False:
         assert all(r["loss"] >= 0 for r in log), "lambda * D alone is non-negative"
+
+
+@pytest.mark.parametrize("term,weight,key", [("nll", 0.0, "retain/nll"), ("nll", 0.5, "retain/nll"),
+                                             ("kl", 0.0, "retain/kl"), ("kl", 2.0, "retain/kl")])
+def test_retain_aware_viker_adds_its_weighted_retain_term(world, tmp_path, term, weight, key):
+    # The logged loss is ViKeR's forget loss plus alpha x the retain term (alpha = retain_weight, 1 when 0),
+    # and nothing else: KL's alpha must not also add an NLL, NLL's must not add a KL.
+    run(world, tmp_path / "run", method="viker", retain_term=term, retain_weight=weight)
+    alpha = weight or 1.0
+    log = read_log(tmp_path / "run")
+    assert log[-1][key] > 0       # step 1's KL is 0: a fresh LoRA is the vanilla model
+    for r in log:
+        assert r["loss"] == pytest.approx(r["forget/loss"] + alpha * r[key], abs=1e-5)
+        other = "retain/kl" if term == "nll" else "retain/nll"
+        assert other not in r
+
+
+def test_retain_term_is_checked_in_one_line(world, tmp_path):
+    with pytest.raises(tr.TrainError, match="one of: none, nll, kl") as err:
+        run(world, tmp_path / "a", method="viker", retain_term="mse")
+    assert "\n" not in str(err.value)
+    with pytest.raises(tr.TrainError, match="viker only"):
+        run(world, tmp_path / "b", method="ga", retain_term="nll")
 
 
 def test_epochs_set_the_number_of_steps():
