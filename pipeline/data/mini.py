@@ -10,6 +10,9 @@ Splits written (MLLMU-Bench names):
   retain_95/90/85    the complements
   Test_Set           every fictitious person on held-out pictures, paraphrased questions
   Retain_Set         the "real" people: learned in fine-tuning, never in a forget split
+  Holdout_Set        people never trained on (mini.n_holdout), drawn like the fictitious ones: the
+                     non-members of membership inference (pipeline/mia.py); drawn last, from their own
+                     generator, so the other splits are the same with or without them
 plus reference image pools under `pools/` (people never seen, pets, scenes, patterns).
 """
 from __future__ import annotations
@@ -145,8 +148,31 @@ def make_mini(out: str | Path, cfg: MiniConfig = MiniConfig()) -> Path:
         write_split(out, f"retain_{100 - int(frac * 100)}", [split_rows[i] for i in fict if i not in forget])
 
     _write_pools(out / "pools", identities[n_people:], rng, cfg)
+    if cfg.n_holdout:
+        write_split(out, HOLDOUT_SPLIT, _holdout_people(cfg, identities, used))
     (out / "mini.json").write_text(json.dumps({"generator": "viker make-mini", **asdict(cfg)}, indent=1) + "\n")
     return out
+
+
+HOLDOUT_SPLIT = "Holdout_Set"
+
+
+def _holdout_people(cfg: MiniConfig, identities, used_names: set) -> list[Profile]:
+    """Never-trained people, in the form of a forget split's rows (one picture, the same QA templates).
+
+    Their own generator ([seed, 1]): drawing them consumes nothing of the main
+    one, so every other split is byte-identical to a world without them.
+    """
+    rng = np.random.default_rng([cfg.seed, 1])
+    try:
+        people = portraits.extend_identities(rng, identities, cfg.n_holdout)
+    except RuntimeError as err:
+        raise ValueError(f"{err}: lower mini.n_holdout ({cfg.n_holdout})") from None
+    facts = [_facts(rng, used_names) for _ in people]
+    names = sorted(used_names)
+    return [_profile(f"mini-h{i:03d}", f, portraits.png_bytes(portraits.portrait(ident, rng, cfg.image_size)),
+                     [], rng, names, False)
+            for i, (ident, f) in enumerate(zip(people, facts))]
 
 
 def _write_pools(root: Path, unseen, rng, cfg: MiniConfig) -> None:

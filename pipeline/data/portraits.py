@@ -71,6 +71,28 @@ def draw_identities(rng: np.random.Generator, n: int, min_diff: int = 3) -> list
     return chosen
 
 
+def extend_identities(rng: np.random.Generator, chosen: list[Identity], n: int, min_diff: int = 3) -> list[Identity]:
+    """n more identities, each `min_diff` traits away from `chosen` and from one another.
+
+    The world already drawn is untouched (the miniature benchmark's held-out
+    people are drawn this way, from their own generator, so adding them
+    changes no other person). Six traits while they hold, the band after.
+    """
+    six = [len(SKIN), len(HAIR), len(HAIR_STYLES), len(EYES), len(SHIRTS), len(WIDTHS)]
+    sizes_list = ([six] if all(c.band == 0 for c in chosen) else []) + [six + [len(BANDS)]]
+    for sizes in sizes_list:
+        more: list[Identity] = []
+        for _ in range(200_000):
+            if len(more) == n:
+                return more
+            cand = Identity(*(int(rng.integers(s)) for s in sizes))
+            if all(sum(a != b for a, b in zip(cand.as_tuple(), c.as_tuple())) >= min_diff for c in chosen + more):
+                more.append(cand)
+        if len(more) == n:
+            return more
+    raise RuntimeError(f"cannot draw {n} more identities differing in {min_diff} traits from {len(chosen)} others")
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
