@@ -76,3 +76,22 @@ def memo_file_hash(path, algorithm: str = "sha256") -> str:
     if _key(path, algorithm) == key:
         _store(memo, key, digest)
     return digest
+
+
+def remembered(store, key: str, compute):
+    """compute() once per key, kept in the JSON file `store` (beside the model it describes).
+
+    For values a model gives on fixed data (the gold model's membership AUCs, the
+    vanilla model's relearning reference): every run of a sweep needs them, one
+    computation serves all. Parallel workers may write at once; each writes a
+    whole file and renames it in, so the worst case is computing a value twice.
+    The store goes with its model: a rebuilt model (a new folder) starts empty.
+    """
+    store = Path(store)
+    known = _load(store)
+    if key not in known:
+        known = {**_load(store), key: compute()}
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, store)
+    return known[key]

@@ -155,6 +155,25 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
     """
     torch.manual_seed(seed)
     model, processor = load_model(base, dtype=dtype, device=device)
+    model, info = teach(model, processor, profiles, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                        seed=seed, augment=augment, formats=formats, lora=lora, lora_r=lora_r,
+                        lora_alpha=lora_alpha, stop_known=stop_known, check_every=check_every,
+                        check_size=check_size, log=log)
+    info = {"base": str(base), **info, **(extra_info or {})}
+    save_model(model, processor, output, info)
+    return info
+
+
+def teach(model, processor, profiles: list[Profile], *, steps: int = 0, epochs: float = 100.0, batch_size: int,
+          lr: float, warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
+          augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
+          stop_known: float = 0.0, check_every: int = 50, check_size: int = 128, desc: str = "finetune",
+          log=print) -> tuple[object, dict]:
+    """The fine-tuning loop on a loaded model: knowledge injection, the gold model, the relearning attack.
+
+    Returns (the trained model in eval mode, LoRA merged; the run's info).
+    """
     dev = next(model.parameters()).device
     bank, examples = build_examples(processor, profiles, max_positions(model), formats)
     bank_pixels = pixel_values(processor, bank)
@@ -172,7 +191,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
     steps_run, why = steps, f"budget of {steps} steps used up"
     order: list[int] = []
     t0, losses, known = time.time(), [], []
-    bar = tqdm(range(steps), desc="finetune", leave=False)
+    bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * warmup_cosine(step, warmup_steps, steps)
@@ -208,7 +227,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
                        f"answers known (target {100 * stop_known:.0f}%)")
                 break
     elapsed = time.time() - t0
-    log(f"[finetune] stopped after {steps_run} of at most {steps} steps: {why}")
+    log(f"[{desc}] stopped after {steps_run} of at most {steps} steps: {why}")
 
     if checks and (not known or known[-1][0] != steps_run):   # the budget ran out: one last look
         with autocast:
@@ -216,13 +235,12 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
     if lora:
         model = model.merge_and_unload()
     model.eval()
-    info = {"base": str(base), "steps": steps_run, "max_steps": steps, "stopped": why, "batch_size": batch_size,
+    info = {"steps": steps_run, "max_steps": steps, "stopped": why, "batch_size": batch_size,
             "lr": lr, "seed": seed, "augment": augment, "formats": formats, "lora": lora,
             "n_examples": len(examples), "n_profiles": len(profiles), "known_checks": known,
             "final_known": known[-1][1] if known else None, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            "train_seconds": round(elapsed, 1), **(extra_info or {})}
-    save_model(model, processor, output, info)
-    return info
+            "train_seconds": round(elapsed, 1)}
+    return model, info
 
 
 def save_model(model, processor, output: str | Path, info: dict) -> Path:
