@@ -293,8 +293,9 @@ def train(config_path, resume, overwrite, overrides):
 @click.option("--method", default=None, help="Label of the row (default: from the adapter's training run, or Vanilla).")
 @click.option("--budget", type=float, default=None, help="The swept quantity (e.g. steps) for the trade-off plot.")
 @click.option("--gold", default=None,
-              help="CLEAR: a gold model directory (trained without the forget set) for Forget Quality "
-                   "(KS test of the forget truth ratios; evaluate.gold in the config).")
+              help="A gold model directory (trained without the forget people: viker finetune "
+                   "finetune.exclude_split=<forget split>). CLEAR: Forget Quality (KS test of the forget truth "
+                   "ratios); otherwise PrivLeak of membership inference. evaluate.gold in the config.")
 @overrides_arg
 @one_line_errors
 def evaluate(config_path, adapter, method, budget, gold, overrides):
@@ -305,6 +306,8 @@ def evaluate(config_path, adapter, method, budget, gold, overrides):
     (MLLMU-Bench eval.py; CLEAR mm/eval.py + calculate_metrics.py, with Forget
     Quality when --gold is given); viker is our own protocol (the demo's).
     MC and cloze accuracy by option likelihood too (evaluate.likelihood_sets).
+    Membership inference (LOSS, zlib, min-k%, min-k%++ AUC; PrivLeak with
+    --gold) where never-trained people exist (evaluate.mia, evaluate.mia_split).
     Rows go to evaluate.results and record the protocol.
     """
     from .clear_eval import evaluate_clear, format_clear_row
@@ -329,10 +332,58 @@ def evaluate(config_path, adapter, method, budget, gold, overrides):
     else:
         row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
                   coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
-                  likelihood_sets=e.likelihood_sets,
+                  likelihood_sets=e.likelihood_sets, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k,
+                  gold=gold or e.gold,
                   eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
     click.echo(f"row appended to {e.results}")
+
+
+@main.group()
+def attack():
+    """Attacks on an unlearned model: can the forgotten facts be got back?"""
+
+
+@attack.command("relearn")
+@config_option
+@click.option("--adapter", default=None, help="The unlearned LoRA adapter (e.g. <train.output>/adapter); none: "
+                                             "model.path itself is attacked (the gold model as a control).")
+@click.option("--reference", default=None,
+              help="The vanilla model whose accuracy recovery is relative to (default: model.path).")
+@overrides_arg
+@one_line_errors
+def relearn_cmd(config_path, adapter, reference, overrides):
+    """Relearning attack: fine-tune on relearn.fraction of the forget QA, test Forget ACC on the rest.
+
+    \b
+    Prints the accuracy on the held-out forget QA before and after the attack,
+    the vanilla model's, and recovery = after / vanilla. Attack the gold model
+    (model.path=<gold model>, no --adapter, --reference <vanilla>) for the
+    control: what the attacker's share alone teaches. relearn.results appends
+    the row as JSON. pipeline/relearn.py says how the forget set is split.
+    """
+    import json
+    from pathlib import Path
+    from .data.loaders import read_profiles
+    from .evaluate import _memo_key, load_for_eval, relearn_metrics
+    from .relearn import format_attack
+    from .runs import relearn_settings
+    cfg = _load(config_path, overrides)
+    d = cfg.data
+    members = read_profiles(d.root, d.forget_split, d.benchmark)
+    label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
+    model, processor = load_for_eval(cfg.model.path, adapter, cfg.model.dtype, cfg.model.device)
+    result = relearn_metrics(model, processor, members, relearn_settings(cfg), reference or cfg.model.path,
+                             _memo_key(d.root, d.forget_split), cfg.model.dtype, cfg.model.device,
+                             cfg.evaluate.batch_size)
+    click.echo(format_attack(result, label))
+    if cfg.relearn.results:
+        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
+               "forget_split": d.forget_split, "data_root": d.root, "relearn": result}
+        Path(cfg.relearn.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(cfg.relearn.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        click.echo(f"row appended to {cfg.relearn.results}")
 
 
 def _training_info(adapter: str) -> dict:

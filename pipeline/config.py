@@ -28,6 +28,9 @@ class MiniConfig:
     train_images: int = 3         # jittered training portraits per person
     test_images: int = 2          # held-out portraits (other pose/background/accessories)
     pool_size: int = 24           # images per reference pool
+    # People never trained on, drawn like the fictitious ones (split Holdout_Set): the non-members of
+    # membership inference (evaluate.mia). Drawn from their own generator: the rest of the world is the same.
+    n_holdout: int = 12
     image_size: int = 64          # stored PNG side; the processor resizes
 
 
@@ -102,6 +105,9 @@ class FinetuneConfig:
     stop_known: float = 0.95
     check_every: int = 50
     check_size: int = 128
+    # Leave this split's people out (e.g. forget_10): the gold model, retain-only, that membership
+    # inference (PrivLeak) and the relearning attack compare against. Empty: every person (the vanilla model).
+    exclude_split: str = ""
 
 
 @dataclass
@@ -181,8 +187,34 @@ class EvalConfig:
     protocol: str = "viker"
     seed: int = 0                    # official protocol: few-shot profiles and Test_Set image draws
     test_images: str = "random"      # official MLLMU Test_Set: random (one seeded picture per item) | all
-    gold: str = ""                   # CLEAR: a gold model (retain-only) directory for Forget Quality
+    # A gold model directory: trained as the vanilla one but without the forget people
+    # (finetune.exclude_split). CLEAR: Forget Quality; MLLMU and the miniature benchmark: PrivLeak.
+    gold: str = ""
     few_shot_split: str = "Full_Set" # official MLLMU: the split few-shot examples come from (eval.py --few_shot_data)
+    # Membership inference (pipeline/mia.py): forget-set QA (members) against mia_split's people, who were
+    # never trained on (non-members). auto: when mia_split exists under data.root (the miniature benchmark's
+    # Holdout_Set; MLLMU-Bench has no such split, see docs/REAL_BENCHMARKS.md); on: required; off.
+    # With evaluate.gold (a model trained without the forget people) each attack also gets PrivLeak.
+    mia: str = "auto"
+    mia_split: str = "Holdout_Set"
+    mia_k: float = 0.4               # the k of min-k% and min-k%++ (OpenUnlearning's default)
+
+
+@dataclass
+class RelearnConfig:
+    """`viker attack relearn`: fine-tune an unlearned model on part of the forget set, test the rest."""
+    fraction: float = 0.1            # share of the forget QA the attacker fine-tunes on (>= 1 item)
+    # Calibrated on the demo's world (forget_10, 4 attacker QA, 32 held out): 40 steps at 1e-4 leave the
+    # vanilla (96.9%) and the gold model (3.1%) as they were, so what comes back was hidden, not taught;
+    # 10 steps at 1e-3 cut the vanilla to 53.1% (the attack then destroys instead of recovering).
+    steps: int = 40
+    lr: float = 1.0e-4
+    batch_size: int = 4
+    seed: int = 0                    # which QA the attacker holds: the same for every method compared
+    lora: bool = False               # full fine-tuning (the stronger attacker; LoRA for a 7B)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    results: str = ""                # JSON lines to append the attack's row to (empty: print only)
 
 
 @dataclass
@@ -194,6 +226,7 @@ class DemoConfig:
     lams: str = "0.5"                # ViKeR's lambda; several values give one ViKeR curve each
     seeds: str = "0"
     workers: int = 2                 # processes sharing the sweep, one torch thread each (1: in this process)
+    attack_budget: int = 32          # the budget whose runs get the relearning attack (0: none)
 
 
 @dataclass
@@ -232,6 +265,7 @@ class Config:
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
@@ -319,7 +353,11 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("train.lora_alpha", 1, None), ("train.lora_dropout", 0, 1), ("train.save_every", 0, None),
     ("train.seed", 0, None), ("train.data_workers", 0, None),
     ("evaluate.few_shot", 0, None), ("evaluate.max_new_tokens", 1, None), ("evaluate.batch_size", 1, None),
-    ("evaluate.max_profiles", 0, None), ("demo.workers", 1, None),
+    ("evaluate.max_profiles", 0, None), ("evaluate.mia_k", Above(0), 1), ("demo.workers", 1, None),
+    ("demo.attack_budget", 0, None), ("mini.n_holdout", 0, None),
+    ("relearn.fraction", Above(0), 0.9), ("relearn.steps", 1, None), ("relearn.lr", Above(0), None),
+    ("relearn.batch_size", 1, None), ("relearn.seed", 0, None), ("relearn.lora_r", 1, None),
+    ("relearn.lora_alpha", 1, None),
 )
 
 

@@ -34,9 +34,17 @@ def _stamp_matches(folder: Path, stamp: str) -> bool:
 
 
 def tokenizer_texts(root: str) -> list[str]:
-    """Every string the tiny model will read or write: prompts, answers, options."""
+    """Every string the tiny model will read or write: prompts, answers, options.
+
+    The held-out people's too: a real model's tokenizer predates its fine-tuning
+    data, so a never-trained name must not cost more tokens than a trained one
+    (membership inference would read the tokenizer, not the model).
+    """
+    from .data.mini import HOLDOUT_SPLIT
     texts = [prompts.PREFIX, "I don't know.", "ASSISTANT:", "Answer: A B C D"]
-    for split in ("ft_Data", "Retain_Set", "Test_Set"):
+    for split in ("ft_Data", "Retain_Set", "Test_Set", HOLDOUT_SPLIT):
+        if split == HOLDOUT_SPLIT and not (Path(root) / split).is_dir():
+            continue
         for p in read_split(root, split, check_images=False):
             texts.append(p.biography)
             texts += [prompts.train_prompt(q.question) + " " + q.answer for q in p.qa]
@@ -117,6 +125,33 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
     return out
 
 
+def gold_dir(cfg: Config) -> Path:
+    return Path(f"{cfg.finetune.output}-gold-{cfg.data.forget_split}")
+
+
+def ensure_gold(cfg: Config, log=print) -> Path:
+    """The gold model: the vanilla recipe without the forget people (finetune.exclude_split).
+
+    What perfect unlearning would give: the target of PrivLeak (membership
+    inference) and the control of the relearning attack. Its own stop rule
+    (the checked answers of its training set known) ends it, as the vanilla's.
+    """
+    from dataclasses import replace
+    from .runs import run_finetune
+    out = gold_dir(cfg)
+    gcfg = replace(cfg, finetune=replace(cfg.finetune, output=str(out), exclude_split=cfg.data.forget_split))
+    stamp = stamp_of(cfg.mini, cfg.tiny, gcfg.finetune)
+    if _stamp_matches(out, stamp):
+        log(f"[gold] gold model (without {cfg.data.forget_split}) at {out} (reused)")
+        return out
+    t = time.time()
+    run_finetune(gcfg, extra_info={"data": cfg.data.root, "gold_for": cfg.data.forget_split},
+                 log=lambda line: log(line.replace("[finetune]", "[gold]")))
+    (out / "viker-stamp.json").write_text(stamp)
+    log(f"[gold] gold model (never trained on {cfg.data.forget_split}) saved to {out} in {time.time() - t:.1f}s")
+    return out
+
+
 def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
     """Attribute accuracy of the vanilla model on the evaluation sets; saved beside the model.
 
@@ -138,12 +173,21 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
         test = read_profiles(d.root, d.test_split or splits["test"], d.benchmark)
         sets["test (held-out images, forget people)"] = ([p for p in test if p.id in forget_ids], True)
         sets["test (held-out images, all people)"] = (test, True)
+    holdout = _holdout_profiles(cfg)
+    if holdout:   # never trained: what the model says of strangers (chance, or the most common value)
+        sets["holdout (people never trained on)"] = (holdout, False)
     results = {}
     for name, (profiles, held_out) in sets.items():
         results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
     Path(model_dir, "gate.json").write_text(json.dumps(results, indent=1) + "\n")
     log(format_gate(results))
     return results
+
+
+def _holdout_profiles(cfg: Config) -> list:
+    from .data.mini import HOLDOUT_SPLIT
+    root = Path(cfg.data.root) / HOLDOUT_SPLIT
+    return read_profiles(cfg.data.root, HOLDOUT_SPLIT, cfg.data.benchmark) if root.is_dir() else []
 
 
 def format_gate(results: dict) -> str:
@@ -208,16 +252,27 @@ def sweep_plan(cfg: Config) -> list[dict]:
 
 
 def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -> tuple[str, float]:
-    """Train (unless `run` is None: the vanilla row) and evaluate one point; rows go to the run's own file.
+    """Train (unless `run` is None: the vanilla row, or "gold": the gold row) and evaluate one point.
+
+    Rows go to the run's own file. The runs at demo.attack_budget, and the gold
+    model (the attack's control), also get the relearning attack.
 
     Runs write their own results file so that parallel workers never append to
     one file at once; unlearning_sweep joins them in plan order.
     """
     from dataclasses import replace
     from .evaluate import evaluate
-    from .runs import evaluate_kwargs, run_train
+    from .runs import evaluate_kwargs, relearn_settings, run_train
     t = time.time()
     d = cfg.data
+    attack = dict(relearn=relearn_settings(cfg), relearn_reference=str(model_dir))
+    if run == "gold":
+        results = Path(cfg.train.output) / "gold.results.jsonl"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.unlink(missing_ok=True)
+        evaluate(str(gold_dir(cfg)), d.root, d.forget_split, d.retain_split, method="Gold", budget=0,
+                 **(attack if cfg.demo.attack_budget else {}), **evaluate_kwargs(cfg, results))
+        return str(results), time.time() - t
     if run is None:
         results = Path(cfg.train.output) / "vanilla.results.jsonl"
         results.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +291,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     results.unlink(missing_ok=True)
     evaluate(model_dir, d.root, d.forget_split, d.retain_split, adapter=out["adapter"], method=run["label"],
              setting=setting, budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint,
-             **evaluate_kwargs(cfg, results))
+             **(attack if run["budget"] == cfg.demo.attack_budget else {}), **evaluate_kwargs(cfg, results))
     return str(results), time.time() - t
 
 
@@ -253,12 +308,14 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)             # the demo's table shows this sweep only
     fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
-    plan = [None] + sweep_plan(cfg)             # None: the vanilla row
+    plan = [None, "gold"] + sweep_plan(cfg)     # None: the vanilla row; "gold": the gold model's
 
     def each(i: int, done: tuple[str, float]) -> None:
         run = plan[i]
         if run is None:
             log(f"[evaluate] Vanilla in {done[1]:.1f}s")
+        elif run == "gold":
+            log(f"[evaluate] Gold (never trained on {cfg.data.forget_split}) in {done[1]:.1f}s")
         else:
             log(f"[unlearn] {run['label']:14s} {run['budget']:3d} steps, seed {run['seed']}: "
                 f"trained + evaluated in {done[1]:.1f}s")
@@ -298,6 +355,9 @@ def run_demo(cfg: Config, log=print) -> dict:
     vanilla = ensure_vanilla(cfg, log)
     gate = vanilla_gate(cfg, vanilla, log)
     check_gate(gate, cfg.finetune.gate_min_acc, json.loads((vanilla / "vanilla.json").read_text()))
+    from dataclasses import replace
+    gold = ensure_gold(cfg, log)
+    cfg = replace(cfg, evaluate=replace(cfg.evaluate, gold=str(gold)))   # every row's PrivLeak is against it
     cache_dir = ensure_references(cfg, vanilla, log)
     results = unlearning_sweep(cfg, vanilla, cache_dir, log)
     paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),

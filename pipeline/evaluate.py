@@ -273,8 +273,18 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
              max_profiles: int = 0, likelihood_sets=SET_NAMES,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
              dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu", protocol: str = "viker",
-             eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set") -> dict:
+             eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set",
+             mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = 0.4, gold: str = "",
+             relearn: dict | None = None, relearn_reference: str = "") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
+
+    Membership inference (`mia`: auto | on | off; pipeline/mia.py) scores the
+    forget split's QA against `mia_split`'s never-trained people; with `gold`
+    (a model trained without the forget people) it adds PrivLeak per attack.
+    Its numbers are the row's metrics["mia"]. `relearn` (relearn.attack_model's
+    keyword arguments) runs the relearning attack last, on this very model,
+    against the accuracy of `relearn_reference` (default: model_dir, the
+    vanilla model an adapter was trained from): metrics["relearn"].
 
     `protocol="official"` scores as MLLMU-Bench's eval.py does (protocol_mllmu:
     its prompts, few-shot profiles drawn with `eval_seed` from `few_shot_split`,
@@ -290,6 +300,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
     names = parse_sets(sets)
     protocol = check_protocol(protocol)
     chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
+    nonmembers, mia_note = membership_split(data_root, mia, mia_split, benchmark)
     shots = official_shot_source(data_root, few_shot_split) if protocol == "official" else {}
     classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
     vocabulary = None if classifier else benchmark_vocabulary(data_root)
@@ -309,6 +320,15 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
                 batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
                 likelihood=name in parse_sets(likelihood_sets))
         samples += rows
+    members = read_profiles(data_root, forget_split, benchmark)
+    if nonmembers:
+        results["mia"], rows = membership_metrics(model, processor, members, nonmembers, mia_k, batch_size,
+                                                  gold, _memo_key(data_root, forget_split, mia_split, mia_k),
+                                                  dtype, device)
+        samples += rows
+    if relearn is not None:      # last: the attack trains this model in place
+        results["relearn"] = relearn_metrics(model, processor, members, relearn, relearn_reference or model_dir,
+                                             _memo_key(data_root, forget_split), dtype, device, batch_size)
     results_path = Path(results_path)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
@@ -325,12 +345,76 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         "n_items": {name: _counts(chosen[name][0]) for name in names},
         "metrics": results,
     }
+    if mia_note:
+        row["mia_note"] = mia_note
+    if nonmembers:
+        row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None)
     if protocol == "official":
         row.update(protocol_id=PROTOCOL_ID, eval_seed=eval_seed, test_images=test_images,
                    few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None)
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
     return row
+
+
+# --------------------------------------------------- attacks: membership, relearning
+
+MIA_MODES = ("auto", "on", "off")
+
+
+def membership_split(data_root, mode: str, split: str, benchmark: str = "mllmu") -> tuple[list[Profile], str]:
+    """(non-member profiles, a note when membership inference is not run), checked before the model loads.
+
+    MLLMU-Bench ships no split of people its vanilla model never saw (ft_Data
+    holds every fictitious profile, Test_Set the same people on other pictures),
+    so `auto` runs only where `split` exists: the miniature benchmark's Holdout_Set.
+    """
+    mode = str(mode).strip().lower()
+    if mode not in MIA_MODES:
+        raise DataError(f"evaluate.mia is one of: {', '.join(MIA_MODES)}; got {mode!r}")
+    if mode == "off":
+        return [], "membership inference off (evaluate.mia=off)"
+    if not (Path(data_root) / split).is_dir():
+        why = (f"no split '{split}' of never-trained people under {data_root}: membership inference needs "
+               f"non-members (evaluate.mia_split; MLLMU-Bench has none, docs/REAL_BENCHMARKS.md)")
+        if mode == "on":
+            raise DataError(why)
+        return [], f"membership inference skipped: {why}"
+    return read_profiles(data_root, split, benchmark), ""
+
+
+def _memo_key(*parts) -> str:
+    return "|".join(str(Path(p).resolve()) if i == 0 else str(p) for i, p in enumerate(parts))
+
+
+def membership_metrics(model, processor, members, nonmembers, k: float, batch_size: int, gold: str, key: str,
+                       dtype: str = "auto", device: str = "auto") -> tuple[dict, list[dict]]:
+    """AUC per attack (+ PrivLeak against `gold`, whose AUCs are computed once and kept beside it)."""
+    from . import mia
+    from .filememo import remembered
+    metrics, rows = mia.membership(model, processor, members, nonmembers, batch_size, k)
+    gold_metrics = None
+    if gold:
+        def compute() -> dict:
+            gold_model, gold_processor = load_for_eval(gold, None, dtype, device)
+            return mia.membership(gold_model, gold_processor, members, nonmembers, batch_size, k)[0]
+        gold_metrics = remembered(Path(gold) / "mia-gold.json", key, compute)
+        metrics.update({f"gold_auc_{a}": gold_metrics[f"mia_auc_{a}"] for a in mia.ATTACKS})
+    comparison = mia.gold_comparison(metrics, gold_metrics)
+    best = comparison.pop("mia_best_attack")
+    metrics.update(comparison, best_attack=mia.ATTACKS.index(best))   # metrics are numbers: an index into ATTACKS
+    samples = [sample_row("mia", r["id"].rsplit("/", 1)[0], "mia", "", "member" if r["member"] else "non-member",
+                          "", {a: r[a] for a in mia.ATTACKS}) for r in rows]
+    return metrics, samples
+
+
+def relearn_metrics(model, processor, members, settings: dict, reference_dir, key: str, dtype: str = "auto",
+                    device: str = "auto", batch_size: int = 32) -> dict:
+    from . import relearn
+    result = relearn.attack_model(model, processor, members, eval_batch_size=batch_size, **settings)
+    vanilla = relearn.reference_accuracy(reference_dir, members, result["fraction"], result["seed"], key,
+                                         dtype, device, batch_size)
+    return {k: _finite(float(v)) for k, v in relearn.with_recovery(result, vanilla).items()}   # no NaN in JSON
 
 
 PROTOCOLS = ("official", "viker")
@@ -409,9 +493,30 @@ def format_row(row: dict) -> str:
     shown = _SHOWN_OFFICIAL if row.get("protocol") == "official" else _SHOWN
     lines = [head, f"{'set':8s}" + "".join(f"{label:>8s}" for label, _ in shown)]
     for name, values in row["metrics"].items():
-        lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in shown))
+        if name not in ("mia", "relearn"):
+            lines.append(f"{name:8s}" + "".join(_cell(values.get(key)) for _, key in shown))
     lines.append(f"coherence: {row['coherence_kind']}")
+    lines += format_attacks(row)
     return "\n".join(lines)
+
+
+def format_attacks(row: dict) -> list[str]:
+    """The membership-inference and relearning lines of a row (none when they did not run)."""
+    from .mia import ATTACKS
+    m, lines = row["metrics"], []
+    if "mia" in m:
+        x = m["mia"]
+        aucs = ", ".join(f"{a} {x[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
+        best = ATTACKS[int(x["best_attack"])]
+        leak = f"; PrivLeak {x['privleak_best']:+.1f}% vs gold" if "privleak_best" in x else " (no gold model)"
+        lines.append(f"membership AUC ({x['n_members']:g} forget QA vs {x['n_nonmembers']:g} never-trained): {aucs}; "
+                     f"best {best} {x['mia_auc_best']:.3f}{leak}")
+    elif row.get("mia_note"):
+        lines.append(row["mia_note"])
+    if "relearn" in m:
+        from .relearn import format_attack
+        lines.append(format_attack(m["relearn"], "relearning attack"))
+    return lines
 
 
 def _cell(value) -> str:

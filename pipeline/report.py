@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.metrics import BLEU_NOTE
 
-METHOD_ORDER = ("Vanilla", "GA", "GradDiff", "KL_Min", "NPO", "IdkPO", "ViKeR")
+METHOD_ORDER = ("Vanilla", "Gold", "GA", "GradDiff", "KL_Min", "NPO", "IdkPO", "ViKeR")
 ID_COLUMNS = ("method", "forget_split", "budget", "setting")
 # (table header, results column, what it measures) in the paper's column order.
 TABLE_COLUMNS = (
@@ -40,7 +40,20 @@ TABLE_COLUMNS = (
      "answer log-likelihood; lower = more forgetting; readable when the model never learned the MC format)"),
     ("Coherence", "forget.coherence",
      "share of forget-set answers judged coherent (higher = no gibberish)"),
+    # Attacks (pipeline/mia.py, pipeline/relearn.py): n/a where they did not run.
+    ("MIA AUC", "mia.mia_auc_best",
+     "membership-inference ROC AUC, forget QA vs never-trained people, of the attack (LOSS, zlib, min-k%, "
+     "min-k%++) under which the model differs most from the gold model (50 = chance; the gold model's is "
+     "the target)"),
+    ("PrivLeak", "mia.privleak_best",
+     "100 x (AUC - gold AUC) / gold AUC for that attack (0 = like a model that never saw the forget people; "
+     "> 0 leaks membership, < 0 over-unlearned; already a percentage)"),
+    ("Relearn", "relearn.recovery",
+     "relearning attack: Forget ACC on 90% of the forget QA after fine-tuning on the other 10%, / the vanilla "
+     "model's (lower = more robust; the Gold row is what the 10% alone teaches)"),
 )
+# Columns already in percent (not x100 in the table).
+PERCENT_COLUMNS = {"mia.privleak_best"}
 TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
 ACC_METRICS = {
     "mc_acc": "multiple-choice accuracy",
@@ -140,7 +153,7 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
         row = dict(zip(("Method", "Split", "Budget", "Setting"), key))
         for header, column, _ in table_columns(acc_metric):
             values = group[column] if column in group else pd.Series(dtype=float)
-            row[header] = _mean_std_cell(values)
+            row[header] = _mean_std_cell(values, 1 if column in PERCENT_COLUMNS else 100)
         row["n_seeds"] = len(group)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -158,8 +171,8 @@ def _nan_last(value: float) -> tuple:
     return (1, 0.0) if pd.isna(value) else (0, float(value))
 
 
-def _mean_std_cell(values: pd.Series):
-    values = values.dropna() * 100
+def _mean_std_cell(values: pd.Series, scale: float = 100):
+    values = values.dropna() * scale
     if values.empty:
         return math.nan
     if len(values) == 1:

@@ -22,6 +22,8 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict
 
     MLLMU-Bench's vanilla model learned ft_Data only (finetune.py --data_dir
     ft_Data): its real set must be knowledge the base model already has.
+    With finetune.exclude_split the people of that split are left out: the
+    gold model, trained as the vanilla one but never on the forget people.
     """
     from .data.loaders import read_profiles
     from .finetune import finetune
@@ -29,6 +31,10 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict
     profiles = read_profiles(d.root, d.finetune_split, d.benchmark)
     if d.finetune_real:
         profiles += read_profiles(d.root, d.real_split, d.benchmark)
+    if f.exclude_split:
+        left_out = {p.id for p in read_profiles(d.root, f.exclude_split, d.benchmark)}
+        profiles = [p for p in profiles if p.id not in left_out]
+        extra_info = {**(extra_info or {}), "excluded_split": f.exclude_split, "excluded_people": len(left_out)}
     return finetune(f.base, f.output, profiles, steps=f.steps, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
                     warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
                     seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
@@ -112,4 +118,12 @@ def evaluate_kwargs(cfg: Config, results_path, **extra) -> dict:
     e = cfg.evaluate
     return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                 coherence_classifier=e.coherence_classifier, results_path=results_path, max_profiles=e.max_profiles,
-                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device, **extra)
+                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device,
+                mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k, gold=e.gold, **extra)
+
+
+def relearn_settings(cfg: Config) -> dict:
+    """The `relearn.*` settings as relearn.attack_model's keyword arguments."""
+    r = cfg.relearn
+    return dict(fraction=r.fraction, steps=r.steps, lr=r.lr, batch_size=r.batch_size, seed=r.seed, lora=r.lora,
+                lora_r=r.lora_r, lora_alpha=r.lora_alpha)

@@ -4,12 +4,14 @@ import io
 import json
 import re
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
 
 import pipeline.evaluate as ev
-from pipeline import metrics
+from pipeline import metrics, mia
 from pipeline.data.mllmu import DataError, read_split
 from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
 from pipeline.encoding import encode_prompt, pixel_values, load_image
@@ -208,7 +210,13 @@ def test_evaluate_writes_a_full_row(two_runs):
     out, first, _ = two_runs
     row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert row == first
-    assert set(row["metrics"]) == {"forget", "test", "retain", "real"}
+    # The world has never-trained people (Holdout_Set): evaluate.mia auto scores membership.
+    assert set(row["metrics"]) == {"forget", "test", "retain", "real", "mia"}
+    m = row["metrics"].pop("mia")
+    assert m["n_members"] == 6 * row["n_items"]["forget"]["profiles"] and m["n_nonmembers"] == 6 * 12
+    assert all(0.0 <= m[f"mia_auc_{a}"] <= 1.0 for a in mia.ATTACKS) and "privleak_best" not in m
+    assert m["mia_auc_best"] == m[f"mia_auc_{mia.ATTACKS[int(m['best_attack'])]}"]
+    assert "membership AUC" in ev.format_row(first) and "(no gold model)" in ev.format_row(first)
     for name, values in row["metrics"].items():
         assert set(values) == set(ev.METRIC_KEYS), name
         # A one-profile set has one cloze candidate per blank: likelihood cloze is not scored (scoring.py).
@@ -224,7 +232,10 @@ def test_per_sample_file_has_the_answers(two_runs):
     out, first, _ = two_runs
     rows = [json.loads(line) for line in open(first["samples"])]
     assert first["samples"] == str(out / "samples-vanilla-forget_10-0-0.jsonl")
-    assert {r["set"] for r in rows} == {"forget", "test", "retain", "real"}
+    assert {r["set"] for r in rows} == {"forget", "test", "retain", "real", "mia"}
+    scored = [r for r in rows if r["set"] == "mia"]     # every member and non-member QA, with its four scores
+    assert len(scored) == 6 + 6 * 12 and {r["reference"] for r in scored} == {"member", "non-member"}
+    assert all(set(r["scores"]) == set(mia.ATTACKS) for r in scored)
     gen = [r for r in rows if r["kind"] == "gen"]
     assert len(gen) == 6 * (1 + 1 + 9 + 2)
     assert all(isinstance(r["answer"], str) for r in gen) and any(r["answer"] for r in gen)
@@ -241,7 +252,43 @@ def test_results_accumulate_and_csv_has_one_line_per_run(two_runs):
     assert float(table[0]["test.mc_acc"]) == pytest.approx(_first_row(out)["metrics"]["test"]["mc_acc"])
     df = load_results(out / "results.jsonl")
     assert list(df["method"]) == ["Vanilla", "GA"] and "forget.rougeL" in df.columns
-    assert set(second["metrics"]) == {"forget"}
+    assert set(second["metrics"]) == {"forget", "mia"}
+
+
+def test_membership_needs_never_trained_people(world, tmp_path):
+    root, model_dir = world
+    bare = tmp_path / "bare"
+    shutil.copytree(root, bare, ignore=shutil.ignore_patterns("Holdout_Set"))
+    out = tmp_path / "r.jsonl"
+    row = ev.evaluate(model_dir, bare, "forget_10", sets="forget", results_path=out, likelihood_sets="forget", **FAST)
+    assert "mia" not in row["metrics"] and "skipped: no split 'Holdout_Set'" in row["mia_note"]
+    assert row["mia_note"] in ev.format_row(row)
+    with pytest.raises(DataError, match="MLLMU-Bench has none") as err:
+        ev.evaluate(model_dir, bare, "forget_10", sets="forget", results_path=out, mia="on", **FAST)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="evaluate.mia is one of"):
+        ev.evaluate(model_dir, root, "forget_10", sets="forget", results_path=out, mia="maybe", **FAST)
+    off = ev.evaluate(model_dir, root, "forget_10", sets="forget", results_path=out, mia="off", **FAST)
+    assert "mia" not in off["metrics"]
+
+
+def test_gold_model_gives_privleak_and_is_scored_once(world, tmp_path, monkeypatch):
+    """PrivLeak = 100 (AUC - gold AUC) / gold AUC per attack; the gold model's AUCs are kept beside it."""
+    root, model_dir = world
+    gold = tmp_path / "gold"
+    shutil.copytree(model_dir, gold)
+    calls = []
+    real = mia.membership
+    monkeypatch.setattr(mia, "membership", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(sets="forget", likelihood_sets="forget", gold=str(gold), **FAST)
+    row = ev.evaluate(model_dir, root, "forget_10", results_path=tmp_path / "a.jsonl", **kw)
+    m = row["metrics"]["mia"]
+    for a in mia.ATTACKS:   # the same weights: the gold model's AUC is the model's, PrivLeak 0
+        assert m[f"gold_auc_{a}"] == pytest.approx(m[f"mia_auc_{a}"]) and m[f"privleak_{a}"] == pytest.approx(0)
+    assert (gold / "mia-gold.json").is_file() and len(calls) == 2
+    ev.evaluate(model_dir, root, "forget_10", results_path=tmp_path / "b.jsonl", **kw)
+    assert len(calls) == 3, "the gold model's scores are remembered, not recomputed"
+    assert "PrivLeak +0.0% vs gold" in ev.format_row(row)
 
 
 def _first_row(out):
@@ -323,7 +370,10 @@ def test_official_protocol_end_to_end(world, official_root, tmp_path):
     row = ev.evaluate(model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
                       sets="forget,test,retain,real", protocol="official", eval_seed=1, **FAST)
     assert row["protocol"] == "official" and row["protocol_id"] == "mllmu-official-v1" and row["eval_seed"] == 1
+    assert "mia" in row["metrics"]        # membership inference does not depend on the protocol
     for name, values in row["metrics"].items():
+        if name == "mia":
+            continue
         for key in ("mc_acc", "rouge1", "rouge2", "rougeL", "bleu", "cloze_acc", "coherence"):
             assert values[key] is None, "the official protocol never pools Image_Textual with Pure_Text"
         for key in ("rougeL_image", "rougeL_text", "bleu_image"):
