@@ -144,7 +144,8 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
              warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
              augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
              stop_known: float = 0.0, check_every: int = 50, check_size: int = 128,
-             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None, log=print) -> dict:
+             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None, log=print,
+             desc: str = "finetune") -> dict:
     """Fine-tune `base` on the profiles' training QA and save the result to `output`.
 
     The budget is `steps`, or with steps 0 `epochs` passes over the training QA;
@@ -159,7 +160,7 @@ def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0,
                         warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         seed=seed, augment=augment, formats=formats, lora=lora, lora_r=lora_r,
                         lora_alpha=lora_alpha, stop_known=stop_known, check_every=check_every,
-                        check_size=check_size, log=log)
+                        check_size=check_size, desc=desc, log=log)
     info = {"base": str(base), **info, **(extra_info or {})}
     save_model(model, processor, output, info)
     return info

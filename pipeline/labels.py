@@ -7,7 +7,22 @@ from __future__ import annotations
 import re
 
 METHOD_LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO",
-                 "viker": "ViKeR"}
+                 "viker": "ViKeR", "viker+nll": "ViKeR+NLL", "viker+kl": "ViKeR+KL"}
+# Sweep method keys beyond train.method (demo.methods, study.methods): ViKeR with a retain term
+# (train.retain_term; ours), compared as methods of their own.
+RETAIN_AWARE = {"viker+nll": "nll", "viker+kl": "kl"}
+
+
+def train_method(key: str) -> tuple[str, dict]:
+    """(train.method, extra train settings) of a sweep method key ('viker+nll' -> viker, retain_term nll)."""
+    key = key.strip().lower()
+    if key in RETAIN_AWARE:
+        return "viker", {"retain_term": RETAIN_AWARE[key]}
+    return key, {}
+
+
+def is_viker(key: str) -> bool:
+    return train_method(key)[0] == "viker"
 
 
 def method_label(info: dict) -> str:

@@ -24,7 +24,8 @@ def progress(iterable=None, desc=None, total=None, disable=False, leave=True, in
     stream = stream if stream is not None else sys.stderr
     if disable is True:
         return tqdm(iterable, desc=desc, total=total, disable=True, **kwargs)
-    if stream.isatty():
+    # VIKER_PROGRESS_LINES=1: plain lines even on a terminal (processes side by side: bars would overwrite).
+    if stream.isatty() and os.environ.get("VIKER_PROGRESS_LINES") != "1":
         return tqdm(iterable, desc=desc, total=total, leave=leave, initial=initial, file=stream, **kwargs)
     if disable is None:
         # tqdm's disable=None means "only on a terminal": these are short nested bars, not worth a log line.

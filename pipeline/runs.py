@@ -17,7 +17,7 @@ def pool_dir(pool: str, data_root: str) -> str:
     return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
 
 
-def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict:
+def run_finetune(cfg: Config, extra_info: dict | None = None, log=print, desc: str = "finetune") -> dict:
     """Knowledge injection on the fine-tuning split (plus the real set when data.finetune_real) -> cfg.finetune.output.
 
     MLLMU-Bench's vanilla model learned ft_Data only (finetune.py --data_dir
@@ -40,7 +40,7 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print) -> dict
                     seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
                     lora_alpha=f.lora_alpha, stop_known=f.stop_known, check_every=f.check_every,
                     check_size=f.check_size, dtype=cfg.model.dtype,
-                    device=cfg.model.device, extra_info=extra_info, log=log)
+                    device=cfg.model.device, extra_info=extra_info, log=log, desc=desc)
 
 
 def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log=print) -> dict:

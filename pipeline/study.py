@@ -39,17 +39,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .labels import METHOD_LABELS
+from .labels import METHOD_LABELS, is_viker, train_method
 from .workers import run_parallel
 
 LABELS = METHOD_LABELS   # the report's names (pipeline/labels.py), one table for every table
 # CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
-QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
+QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.n_holdout=4", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
          "finetune.steps=40", "finetune.batch_size=8", "finetune.gate_min_acc=0", "finetune.warmup_steps=5",
          "tiny.vocab_size=400", "tiny.vision_hidden=32", "tiny.vision_layers=1", "tiny.text_hidden=32",
          "tiny.text_layers=1", "tiny.text_heads=2", "tiny.max_positions=256", "precompute.k=2",
          "precompute.top_k=8", "evaluate.max_profiles=2", "evaluate.max_new_tokens=8",
-         "study.splits=forget_10", "study.seeds=0", "study.methods=ga,viker", "study.budgets=2,4",
+         "study.splits=forget_10", "study.seeds=0", "study.methods=ga,viker,viker+nll", "study.budgets=2,4",
          "study.lrs=2e-3", "study.lams=0.5", "study.refs=pets", "study.ks=1", "study.lam_sweep=0.1",
          "study.regularisers=jsd", "study.n_boot=200", "study.output=cache/study-quick",
          "study.report=cache/study-quick/STUDY.md")
@@ -99,6 +99,11 @@ def reference_settings(cfg: Config, ref: str = "people", k: int | None = None) -
     return {"pool": ref, "reference": "pool", "k": cfg.precompute.k if k is None else k}
 
 
+# Groups whose runs are attacked (relearning) beside the membership inference every run gets: the
+# main tables and their vanilla and gold points. Comparisons and selection are not (cost, module doc).
+ATTACKED = ("main", "vanilla", "gold")
+
+
 def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget: int, lr: float, lam: float,
              variant: str, group: str, ref: dict | None = None, **train) -> dict:
     """The full settings of one run: everything that changes its numbers (the run's key) plus its labels."""
@@ -107,7 +112,11 @@ def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget:
                 "lr": lr, "lam": lam, "ref": ref, "train": train,
                 "mini": _changed(cfg.mini, seed=draw), "tiny": _changed(cfg.tiny), "finetune": _changed(cfg.finetune),
                 "top_k": cfg.precompute.top_k, "evaluate": _changed(cfg.evaluate, results=None),
-                "train_base": _changed(cfg.train, output=None)}
+                "train_base": _changed(cfg.train, output=None),
+                # What the attacks measure is part of the run: membership inference against the gold model
+                # always, the relearning attack (with its settings) on the attacked groups.
+                "attacks": {"gold": True, "relearn": _changed(cfg.relearn, results=None) if group in ATTACKED
+                            else None}}
     return {"key": run_key(settings), "variant": variant, "group": group, "settings": settings}
 
 
@@ -133,13 +142,13 @@ def selection_runs(cfg: Config) -> list[dict]:
     seed = int(csv_list(s.seeds)[0])
     runs = []
     for method in csv_list(s.methods):
-        lams = [float(x) for x in csv_list(s.lams)] if method == "viker" else [cfg.train.lam]
+        lams = [float(x) for x in csv_list(s.lams)] if is_viker(method) else [cfg.train.lam]
         for lr in [float(x) for x in csv_list(s.lrs)]:
             for lam in lams:
                 for budget in [int(b) for b in csv_list(s.budgets)]:
                     runs.append(make_run(cfg, s.val_draw, s.val_split, seed, method, budget, lr, lam,
                                          f"{LABELS.get(method, method)} lr={lr:g}" +
-                                         (f" λ={lam:g}" if method == "viker" else ""), "selection"))
+                                         (f" λ={lam:g}" if is_viker(method) else ""), "selection"))
     return runs
 
 
@@ -182,6 +191,11 @@ def vanilla_runs(cfg: Config, draws: list[int], splits: list[str]) -> list[dict]
     return [make_run(cfg, d, sp, 0, "vanilla", 0, 0.0, 0.0, "Vanilla", "vanilla") for d in draws for sp in splits]
 
 
+def gold_runs(cfg: Config, draws: list[int], splits: list[str]) -> list[dict]:
+    """The gold model of each (draw, split) evaluated and attacked: the target and the control."""
+    return [make_run(cfg, d, sp, 0, "gold", 0, 0.0, 0.0, "Gold", "gold") for d in draws for sp in splits]
+
+
 # ---------------------------------------------------------------- workers
 
 def prepare_draw(cfg: Config, draw: int) -> str:
@@ -194,6 +208,18 @@ def prepare_draw(cfg: Config, draw: int) -> str:
     ensure_vanilla(c, quiet)
     _write_image_pools(c)
     return c.finetune.output
+
+
+def gold_config(cfg: Config, draw: int, split: str) -> Config:
+    c = draw_config(cfg, draw)
+    c.data.forget_split = split
+    return c
+
+
+def prepare_gold(cfg: Config, draw: int, split: str) -> str:
+    """The gold model of one (draw, split): the vanilla recipe without the split's people (reused by its stamp)."""
+    from .demo import ensure_gold
+    return str(ensure_gold(gold_config(cfg, draw, split), lambda *_: None))
 
 
 def _write_image_pools(c: Config) -> None:
@@ -238,8 +264,9 @@ def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
 
 def execute_run(cfg: Config, run: dict) -> dict:
     """Train and evaluate one run unless it is finished; returns its done record."""
+    from .demo import gold_dir
     from .evaluate import evaluate
-    from .runs import evaluate_kwargs, run_train
+    from .runs import evaluate_kwargs, relearn_settings, run_train
     folder = Path(cfg.study.output) / "runs" / run["key"]
     done = folder / "done.json"
     if done.is_file():
@@ -250,13 +277,19 @@ def execute_run(cfg: Config, run: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.jsonl"
     results.unlink(missing_ok=True)           # a half-finished earlier attempt
-    common = evaluate_kwargs(c, results, samples_path=folder / "samples.jsonl")
+    gold = str(gold_dir(gold_config(cfg, st["draw"], st["split"])))
+    common = {**evaluate_kwargs(c, results, samples_path=folder / "samples.jsonl"), "gold": gold}
     vanilla = c.finetune.output
+    if (st.get("attacks") or {}).get("relearn") is not None:
+        common.update(relearn=relearn_settings(c), relearn_reference=vanilla)
     if st["method"] == "vanilla":
         row = evaluate(vanilla, c.data.root, st["split"], method="Vanilla", budget=0, **common)
+    elif st["method"] == "gold":      # its membership AUC against chance (0.5), not against itself
+        row = evaluate(gold, c.data.root, st["split"], method="Gold", budget=0, **{**common, "gold": ""})
     else:
-        tcfg = replace(c.train, method=st["method"], steps=st["budget"], lr=st["lr"], lam=st["lam"],
-                       seed=st["seed"], output=str(folder / "train"), **st["train"])
+        method, extra = train_method(st["method"])
+        tcfg = replace(c.train, method=method, steps=st["budget"], lr=st["lr"], lam=st["lam"],
+                       seed=st["seed"], output=str(folder / "train"), **extra, **st["train"])
         out = run_train(c, vanilla, tcfg, overwrite=True, log=lambda *_: None)   # a killed attempt is replaced
         row = evaluate(vanilla, c.data.root, st["split"], adapter=out["adapter"], method=run["variant"],
                        setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
@@ -280,7 +313,7 @@ def _caches(cfg: Config, runs: list[dict]) -> list[tuple]:
     seen = {}
     for r in runs:
         st = r["settings"]
-        if st["method"] == "viker":
+        if is_viker(st["method"]):
             seen[(st["draw"], st["split"], json.dumps(st["ref"], sort_keys=True))] = st["ref"]
     return [(cfg, d, sp, ref) for (d, sp, _), ref in seen.items()]
 
@@ -307,6 +340,9 @@ def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     draws = [int(d) for d in csv_list(s.draws)]
     _parallel(s.workers, prepare_draw, [(cfg, d) for d in [s.val_draw] + draws], log, "vanilla models")
+    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    _parallel(s.workers, prepare_gold, [(cfg, s.val_draw, s.val_split)] + [(cfg, d, sp) for d in draws for sp in splits],
+              log, "gold models (without the forget people)")
 
     val_seed = int(csv_list(s.seeds)[0])
     val_runs = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
@@ -317,8 +353,7 @@ def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
                                                     "chosen": selection}, indent=1) + "\n")
     log(f"[study] hyper-parameters frozen: {json.dumps(selection)}")
 
-    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
-    runs = vanilla_runs(cfg, draws, splits) + test_runs(cfg, selection)
+    runs = vanilla_runs(cfg, draws, splits) + gold_runs(cfg, draws, splits) + test_runs(cfg, selection)
     records = _execute(cfg, runs, log, "test grid")
     wall = time.time() - t0
     paths = write_study_report(cfg, records, val_records, selection, command=command, wall_seconds=wall)
@@ -342,7 +377,7 @@ def report_only(cfg: Config, command: str, log=print) -> dict:
     draws = [int(d) for d in csv_list(s.draws)]
     splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
     planned_val = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
-    planned = vanilla_runs(cfg, draws, splits) + test_runs(cfg, selection)
+    planned = vanilla_runs(cfg, draws, splits) + gold_runs(cfg, draws, splits) + test_runs(cfg, selection)
     read = lambda runs: [json.loads(p.read_text()) for p in
                          (Path(s.output) / "runs" / r["key"] / "done.json" for r in runs) if p.is_file()]
     val_records, records = read(planned_val), read(planned)

@@ -28,6 +28,10 @@ import numpy as np
 
 UTILITY = (("Retain fact", "retain.fact_acc"), ("Real fact", "real.fact_acc"), ("Test fact", "test.fact_acc"),
            ("Retain R-L", "retain.rougeL"), ("Coherence", "forget.coherence"), ("Forget MC-LL", "forget.mc_ll_acc"))
+# The attacks, read at matched forgetting like the utility columns (pipeline/mia.py, relearn.py), with the
+# scale to percent: PrivLeak is a percentage already. A column no row of a table has is left out of it.
+ATTACK_COLUMNS = (("MIA AUC", "mia.mia_auc_best", 100), ("PrivLeak", "mia.privleak_best", 1),
+                  ("Relearn", "relearn.recovery", 100))
 GROUP_TITLES = {
     "ablation": "Ablations (w/o Reg = GA, w/o GA, w/o Vis = reference from the sample's own image, k=1)",
     "reference": "Reference source (main: people)",
@@ -88,7 +92,7 @@ def units(records: list[dict]) -> dict[tuple, list[dict]]:
     curves = defaultdict(list)
     for r in records:
         st = r["settings"]
-        if st["method"] != "vanilla":
+        if st["method"] not in ("vanilla", "gold"):      # the gold model is a reference, not a curve
             curves[(r["variant"], r["group"], st["draw"], st["split"], st["seed"])].append((st["budget"], r["row"]))
     return {key: [vanilla[(key[2], key[3])]] + [row for _, row in sorted(points, key=lambda p: p[0])]
             for key, points in curves.items() if (key[2], key[3]) in vanilla}
@@ -123,18 +127,19 @@ def select(val_records: list[dict], forget_metric: str, utility_metric: str) -> 
 
 # ------------------------------------------------------------------ tables
 
-def _cell(stats) -> str:
+def _cell(stats, scale: float = 100) -> str:
     mean, lo, hi, n = stats
     if n == 0:
         return "n/a"
-    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{scale * mean:.1f} [{scale * lo:.1f}, {scale * hi:.1f}]"
 
 
 def matched_table(all_units: dict, variants: list[str], split: str, forget_col: str, share: float,
                   n_boot: int, absolute: bool = False) -> str:
-    """Markdown: each variant's utility at matched forgetting (mean [95% CI] over units), reached n/N, AUC."""
-    head = ["Method", "reached"] + [h for h, _ in UTILITY] + ["AUC (retain fact)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown: each variant's utility and attack numbers at matched forgetting (mean [95% CI] over units),
+    reached n/N, AUC. Attack columns that no unit of the table has are left out."""
+    columns = [(h, c, 100) for h, c in UTILITY] + list(ATTACK_COLUMNS)
+    found = []
     for variant in variants:
         rows_of = [rows for key, rows in all_units.items() if key[0] == variant and key[3] == split]
         if not rows_of:
@@ -143,14 +148,34 @@ def matched_table(all_units: dict, variants: list[str], split: str, forget_col: 
         for rows in rows_of:
             f0 = metric(rows[0], forget_col)
             s = share / f0 if absolute and f0 > 0 else share
-            per_unit.append(unit_values(rows, forget_col, s, UTILITY))
+            per_unit.append(unit_values(rows, forget_col, s, [(h, c) for h, c, _ in columns]))
         reached = sum(not math.isnan(u[UTILITY[0][1]]) for u in per_unit)
         aucs = [curve_auc([metric(r, forget_col) for r in rows], [metric(r, "retain.fact_acc") for r in rows])
                 for rows in rows_of]
-        cells = [_cell(bootstrap_ci([u[col] for u in per_unit], n_boot)) for _, col in UTILITY]
-        auc = bootstrap_ci(aucs, n_boot)
-        lines.append("| " + " | ".join([variant, f"{reached}/{len(per_unit)}"] + cells
-                                       + [f"{_cell(auc)}"]) + " |")
+        stats = {c: bootstrap_ci([u[c] for u in per_unit], n_boot) for _, c, _ in columns}
+        found.append((variant, f"{reached}/{len(per_unit)}", stats, bootstrap_ci(aucs, n_boot), rows_of))
+    kept = [(h, c, k) for h, c, k in columns
+            if (h, c) in UTILITY or any(not math.isnan(metric(r, c)) for *_, rows_of in found
+                                        for rows in rows_of for r in rows[1:])]
+    head = ["Method", "reached"] + [h for h, _, _ in kept] + ["AUC (retain fact)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, reached, stats, auc, _ in found:
+        cells = [_cell(stats[c], k) for _, c, k in kept]
+        lines.append("| " + " | ".join([variant, reached] + cells + [_cell(auc)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gold_table(records: list[dict], splits: list[str], forget_col: str, n_boot: int) -> str:
+    """The gold models (never trained on the forget people): what perfect unlearning would score."""
+    cols = ((forget_col.replace("forget.", "Forget "), forget_col, 100), ("Retain fact", "retain.fact_acc", 100),
+            ("MIA AUC", "mia.mia_auc_best", 100), ("Relearn", "relearn.recovery", 100),
+            ("Relearned ACC", "relearn.acc_after", 100))
+    lines = ["| split | n | " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for split in splits:
+        rows = [r["row"] for r in records if r["settings"]["method"] == "gold" and r["settings"]["split"] == split]
+        if rows:
+            cells = [_cell(bootstrap_ci([metric(r, c) for r in rows], n_boot), k) for _, c, k in cols]
+            lines.append(f"| {split} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +271,12 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
         cands = "; ".join(f"{c['lr']:g}, {c['lam']:g}: {c['auc']:.3f}" for c in pick["candidates"])
         out.append(f"| {LABELS.get(method, method)} | {pick['lr']:g} | {pick['lam']:g} | {pick['auc']:.3f} | {cands} |")
     out += ["", "## Vanilla models (before unlearning)\n", _vanilla_table(records)]
+    out += ["## Gold models (the vanilla recipe without the forget people: what perfect unlearning gives)\n",
+            "Membership inference (MIA AUC: the attack furthest from chance; 50 = chance) and the relearning "
+            "attack's recovery on these models are the targets: the main tables' MIA AUC should come down to "
+            "this, their PrivLeak (relative to this AUC, same attack) to 0, and a relearn recovery above the "
+            "gold model's is knowledge the unlearning hid rather than removed.\n",
+            gold_table(records, csv_list(s.splits), forget_col, s.n_boot)]
     paths = {"markdown": md_path}
     for split in csv_list(s.splits):
         for share in (0.5, 0.25):

@@ -16,6 +16,9 @@ def test_sweep_plan_order_and_labels():
                                                                         ("GA", 16, 1)]
     assert [r["label"] for r in plan[4:]] == ["ViKeR λ=0.05"] * 4 + ["ViKeR λ=0.5"] * 4
     assert len({r["name"] for r in plan}) == len(plan) == 12     # one folder per run
+    retain_aware = demo.sweep_plan(load_config("configs/demo.yaml", ["demo.methods=viker+nll", "demo.budgets=8",
+                                                                     "demo.lams=0.5"]))
+    assert [(r["method"], r["label"]) for r in retain_aware] == [("viker+nll", "ViKeR+NLL")]
 
 
 def test_run_parallel_in_process_keeps_job_order_and_reports_each():
@@ -32,16 +35,24 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
         f"data.root={tmp_path}/mini", f"finetune.base={tmp_path}/base", f"finetune.output={tmp_path}/vanilla",
         f"model.path={tmp_path}/vanilla", f"precompute.output={tmp_path}/refs", f"train.output={tmp_path}/runs",
         f"evaluate.results={tmp_path}/runs/results.jsonl", "demo.methods=ga,viker", "demo.budgets=2,4",
-        "demo.lams=0.5", "demo.workers=2"]
+        "demo.lams=0.5", "demo.workers=2", "demo.attack_budget=4", "mini.n_holdout=3"]
     cfg = load_config("configs/demo.yaml", over)
     logs = []
     out = demo.run_demo(cfg, log=logs.append)
     rows = [json.loads(line) for line in open(out["results"])]
-    assert [(r["method"], r["budget"]) for r in rows] == [("Vanilla", 0), ("GA", 2), ("GA", 4), ("ViKeR", 2),
-                                                          ("ViKeR", 4)]
+    assert [(r["method"], r["budget"]) for r in rows] == [("Vanilla", 0), ("Gold", 0), ("GA", 2), ("GA", 4),
+                                                          ("ViKeR", 2), ("ViKeR", 4)]
     assert all("forget" in r["metrics"] and "retain" in r["metrics"] for r in rows)
+    # Membership inference on every row (PrivLeak against the gold model, which itself is read against
+    # chance); the relearning attack on the gold row and at demo.attack_budget only.
+    assert all("mia" in r["metrics"] for r in rows) and "privleak_best" not in rows[1]["metrics"]["mia"]
+    assert all("privleak_best" in r["metrics"]["mia"] for r in rows[2:])
+    assert [("relearn" in r["metrics"]) for r in rows] == [False, True, False, True, False, True]
     assert sum(line.startswith("[unlearn] GA") for line in logs) == 2
-    assert any("5 runs on 2 worker(s): 5 done" in line for line in logs)
+    assert any("6 runs on 2 worker(s): 6 done" in line for line in logs)
+    assert any(line.startswith("[gold] gold model (never trained on forget_10)") for line in logs)
+    table = open(out["report"]["markdown"]).read()
+    assert "| MIA AUC | PrivLeak | Relearn |" in table
 
 
 def _start_method(_):

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline import study
 from pipeline.config import ConfigError, load_config
-from pipeline.study_report import (bootstrap_ci, curve_auc, interpolate_at, matched_table, select, unit_values,
+from pipeline.study_report import (bootstrap_ci, curve_auc, gold_table, interpolate_at, matched_table, select,
+                                   unit_values,
                                    units)
 
 
@@ -81,6 +82,47 @@ def test_units_and_matched_values_from_records():
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "| 2/2 | 60.0 [60.0, 60.0]" in lines["GA"]
     assert "| 2/2 | 85.0 [80.0, 90.0]" in lines["ViKeR"]
+
+
+def _attacked(row, auc, leak, recovery):
+    return {"metrics": {**row["metrics"], "mia": {"mia_auc_best": auc, "privleak_best": leak},
+                        "relearn": {"recovery": recovery, "acc_after": recovery}}}
+
+
+def test_attack_columns_at_matched_forgetting_and_the_gold_table():
+    """MIA AUC and relearn recovery are read where Forget ACC reaches the target, like utility;
+    PrivLeak is already a percentage; a table whose runs have no attack numbers shows no attack columns."""
+    recs = [_record("Vanilla", "vanilla", 1, 0, _attacked(_row(1.0, 1.0), 0.9, 80.0, 1.0)),
+            _record("GA", "ga", 1, 8, _attacked(_row(0.6, 0.8), 0.7, 40.0, 0.8)),
+            _record("GA", "ga", 1, 16, _attacked(_row(0.4, 0.4), 0.5, 0.0, 0.4)),
+            _record("Gold", "gold", 1, 0, _attacked(_row(0.05, 0.95), 0.52, 0.0, 0.1), group="gold")]
+    u = units(recs)
+    assert set(u) == {("GA", "main", 1, "forget_10", 0)}, "the gold model is a reference, not a curve"
+    table = matched_table(u, ["GA"], "forget_10", "forget.fact_acc", 0.5, n_boot=100)
+    head, ga = table.splitlines()[0], table.splitlines()[2]
+    assert "| MIA AUC | PrivLeak | Relearn |" in head
+    # halfway between budget 8 and 16: AUC 0.6, PrivLeak 20 (not x100), recovery 0.6
+    assert "| 60.0 [60.0, 60.0] | 20.0 [20.0, 20.0] | 60.0 [60.0, 60.0] |" in ga
+    plain = matched_table(units(_world()), ["GA"], "forget_10", "forget.fact_acc", 0.5, n_boot=100)
+    assert "MIA AUC" not in plain and "Relearn" not in plain
+    gold = gold_table(recs, ["forget_10"], "forget.fact_acc", n_boot=100)
+    assert "| forget_10 | 1 | 5.0 [5.0, 5.0] | 95.0 [95.0, 95.0] | 52.0 [52.0, 52.0] | 10.0 [10.0, 10.0]" in gold
+
+
+def test_retain_aware_viker_is_a_study_method_of_its_own():
+    cfg = load_config("configs/study.yaml", ["study.methods=viker,viker+nll"])
+    keys = {r["settings"]["method"] for r in study.selection_runs(cfg)}
+    assert keys == {"viker", "viker+nll"}
+    assert study.train_method("viker+nll") == ("viker", {"retain_term": "nll"}) and study.is_viker("viker+kl")
+    assert study.LABELS["viker+nll"] == "ViKeR+NLL"
+    a = study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")
+    b = study.make_run(cfg, 1, "forget_10", 0, "viker+nll", 16, 2e-3, 0.5, "ViKeR+NLL", "main")
+    assert a["key"] != b["key"]
+    # The relearning attack (and its settings) is part of a main run's key, not of a comparison's.
+    c = study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR k=1", "k")
+    assert a["settings"]["attacks"]["relearn"] == {} and c["settings"]["attacks"]["relearn"] is None
+    cfg.relearn.steps = 7
+    assert study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")["key"] != a["key"]
 
 
 def test_selection_rule_picks_largest_area_and_first_on_ties():
@@ -164,14 +206,19 @@ def test_finished_runs_are_reused_and_a_killed_study_resumes(tmp_path, monkeypat
     assert calls == [] and [r["key"] for r in again] == [r["key"] for r in runs]
 
 
-@pytest.mark.slow
 def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
-    """`viker study --quick` on the CI grid (~2 min on 2 cores), then again: every run reused."""
+    """`viker study --quick` on the CI grid (~2 min on 2 cores), then again: every run reused.
+
+    Not marked slow: CI runs the quick grid, so the study's attack columns are checked on every commit."""
     over = [f"study.output={tmp_path}/s", f"study.report={tmp_path}/STUDY.md"]
     cfg = load_config("configs/study.yaml", study.QUICK + tuple(over))
     first = study.run_study(cfg, command="viker study --quick", log=lambda *_: None)
     text = (tmp_path / "STUDY.md").read_text()
     assert "viker study --quick" in text and "## Main table: forget_10" in text and "per-token" in text
+    # The attacks at matched forgetting, the gold models they are read against, the retain-aware ViKeR.
+    # (The quick vanilla model knows nothing, so relearn recovery, relative to it, has no value here.)
+    assert "| MIA AUC | PrivLeak |" in text and "## Gold models" in text and "| Relearn | Relearned ACC |" in text
+    assert re.search(r"\| ViKeR\+NLL \| \d+/\d+ \|", text)
     assert json.loads((tmp_path / "s" / "selection.json").read_text())["draw"] == 4
     logs = []
     second = study.run_study(cfg, command="viker study --quick", log=logs.append)
