@@ -332,7 +332,7 @@ def evaluate(config_path, adapter, method, budget, gold, overrides):
     else:
         row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
                   coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
-                  likelihood_sets=e.likelihood_sets, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k,
+                  likelihood_sets=e.likelihood_sets, tasks=e.tasks, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k,
                   gold=gold or e.gold,
                   eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
     click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))

@@ -181,6 +181,8 @@ class EvalConfig:
     table_acc: str = "mc_acc"        # the ACC columns of the report: mc_acc (MLLMU-Bench) | fact_acc
     max_profiles: int = 0            # evaluate at most this many profiles per set (0: all)
     likelihood_sets: str = "forget,test,retain,real"  # sets scored by option likelihood (MC-LL, cloze-LL)
+    # Generated-answer tasks (protocol viker): mc (letter), gen (ROUGE/BLEU/coherence), cloze, fact.
+    tasks: str = "mc,gen,cloze,fact"
     # official: each benchmark's authors' prompts, images and scoring (docs/REAL_BENCHMARKS.md,
     # pipeline/protocol_mllmu.py, pipeline/clear_eval.py); viker: our own uniform protocol (the
     # miniature benchmark's). Recorded in every results row.

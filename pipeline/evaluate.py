@@ -43,6 +43,7 @@ from .scoring import LL_METRIC_KEYS, likelihood_metrics
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
                "cloze_acc", "fact_acc", "coherence") + LL_METRIC_KEYS   # *_ll_*: by likelihood (scoring.py)
+TASKS = ("mc", "gen", "cloze", "fact")    # generated-answer tasks (evaluate.tasks)
 # Room for "The answer is B" from a chatty model; the parser reads the letter.
 MC_NEW_TOKENS = 8
 
@@ -151,8 +152,12 @@ def _profile_texts(p: Profile):
 def evaluate_profiles(model, processor, profiles: list[Profile], use_other_images: bool, *, few_shot: int = 1,
                       max_new_tokens: int = 50, batch_size: int = 32, vocabulary: set[str] | None = None,
                       classifier=None, set_name: str = "", mc_new_tokens: int = MC_NEW_TOKENS,
-                      likelihood: bool = True):
-    """(metrics, per-sample rows) for one set; a metric with no items is None.
+                      likelihood: bool = True, tasks=TASKS):
+    """(metrics, per-sample rows) for one set; a metric with no items, or of a task not asked, is None.
+
+    `tasks` (TASKS): the generated-answer tasks to run; the demo leaves out mc and cloze, which a tiny
+    model without instruction tuning answers with 0% and its table does not show (their likelihood
+    versions, `likelihood`, read the same knowledge).
 
     Fact rows are the few examples factcheck.fact_accuracy hands back (no
     profile id): it returns the accuracy, not every answer.
@@ -161,11 +166,15 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
         raise DataError(f"set '{set_name}' has no profiles")
     images = [_eval_image(p, use_other_images) for p in profiles]
     run = _Runner(model, processor, batch_size, set_name)
-    mc, mc_rows = _multiple_choice(run, profiles, images, few_shot, mc_new_tokens)
-    gen, gen_rows = _generation(run, profiles, images, max_new_tokens, vocabulary, classifier)
-    cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens)
-    fact = fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
-                         desc=f"{set_name} fact")
+    tasks = parse_tasks(tasks)
+    none = lambda *keys: (dict.fromkeys(keys), [])
+    mc, mc_rows = (_multiple_choice(run, profiles, images, few_shot, mc_new_tokens) if "mc" in tasks
+                   else none("mc_acc", "mc_acc_image", "mc_acc_text"))
+    gen, gen_rows = (_generation(run, profiles, images, max_new_tokens, vocabulary, classifier) if "gen" in tasks
+                     else none(*metrics.ROUGE_TYPES, "bleu", "coherence"))
+    cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens) if "cloze" in tasks else (None, [])
+    fact = (fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
+                          desc=f"{set_name} fact") if "fact" in tasks else {"acc": float("nan")})
     fact_rows = [sample_row(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
@@ -174,6 +183,14 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
                    else (dict.fromkeys(LL_METRIC_KEYS), []))
     result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"]), **ll}
     return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
+
+
+def parse_tasks(tasks) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown evaluation task(s) {unknown or list(names)}: choose from {', '.join(TASKS)}")
+    return names
 
 
 def _eval_image(p: Profile, use_other_images: bool):
@@ -274,7 +291,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
              dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu", protocol: str = "viker",
              eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set",
-             mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = 0.4, gold: str = "",
+             tasks=TASKS, mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = 0.4, gold: str = "",
              relearn: dict | None = None, relearn_reference: str = "") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
 
@@ -298,6 +315,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         # so that this module and clear_eval do not import each other.
         raise DataError("benchmark clear is evaluated by clear_eval.evaluate_clear, not evaluate.evaluate")
     names = parse_sets(sets)
+    parse_tasks(tasks)
     protocol = check_protocol(protocol)
     chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
     nonmembers, mia_note = membership_split(data_root, mia, mia_split, benchmark)
@@ -318,7 +336,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
             results[name], rows = evaluate_profiles(
                 model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
-                likelihood=name in parse_sets(likelihood_sets))
+                likelihood=name in parse_sets(likelihood_sets), tasks=tasks)
         samples += rows
     members = read_profiles(data_root, forget_split, benchmark)
     if nonmembers:
@@ -341,7 +359,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         "coherence_kind": f"classifier: {coherence_classifier}" if classifier else metrics.COHERENCE_LABEL,
         "bleu_note": metrics.BLEU_NOTE,
         "data_root": str(data_root), "few_shot": few_shot, "max_new_tokens": max_new_tokens,
-        "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path),
+        "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path), "tasks": list(parse_tasks(tasks)),
         "n_items": {name: _counts(chosen[name][0]) for name in names},
         "metrics": results,
     }

@@ -119,7 +119,7 @@ def evaluate_kwargs(cfg: Config, results_path, **extra) -> dict:
     return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                 coherence_classifier=e.coherence_classifier, results_path=results_path, max_profiles=e.max_profiles,
                 likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device,
-                mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k, gold=e.gold, **extra)
+                tasks=e.tasks, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k, gold=e.gold, **extra)
 
 
 def relearn_settings(cfg: Config) -> dict:

@@ -255,6 +255,19 @@ def test_results_accumulate_and_csv_has_one_line_per_run(two_runs):
     assert set(second["metrics"]) == {"forget", "mia"}
 
 
+def test_tasks_left_out_cost_nothing_and_read_none(world, tmp_path):
+    root, model_dir = world
+    row = ev.evaluate(model_dir, root, "forget_10", sets="forget", likelihood_sets="forget", tasks="gen,fact",
+                      results_path=tmp_path / "r.jsonl", mia="off", **FAST)
+    m = row["metrics"]["forget"]
+    assert m["mc_acc"] is None and m["cloze_acc"] is None and m["rougeL"] is not None and m["fact_acc"] is not None
+    assert m["mc_ll_acc"] is not None, "the likelihood reading of MC stays"
+    kinds = {json.loads(line)["kind"] for line in open(row["samples"])}
+    assert "mc" not in kinds and "cloze" not in kinds and "gen" in kinds and row["tasks"] == ["gen", "fact"]
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        ev.evaluate(model_dir, root, "forget_10", tasks="gen,essay", results_path=tmp_path / "r.jsonl", **FAST)
+
+
 def test_membership_needs_never_trained_people(world, tmp_path):
     root, model_dir = world
     bare = tmp_path / "bare"

@@ -1,0 +1,60 @@
+"""Knowledge injection: one two-thread run alone vs two one-thread runs side by side.
+
+The demo trains two models (the vanilla and the gold model) from the same
+recipe; on 2 cores it can run them one after the other on two threads, or
+together, one thread each. This prints the steps per second of both ways and
+their ratio, with the machine it ran on.
+
+    .venv/bin/python benchmarks/injection_bench.py [--steps 150]
+
+Run it on a quiet machine: it measures CPU throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+
+
+def _inject(threads: int, steps: int, out: str) -> float:
+    os.environ["VIKER_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    from dataclasses import replace
+    from pipeline.config import load_config
+    from pipeline.demo import ensure_base_model, ensure_benchmark
+    from pipeline.runs import run_finetune
+    cfg = load_config("configs/demo.yaml", [f"data.root={out}/mini", f"finetune.base={out}/base"])
+    cfg = replace(cfg, finetune=replace(cfg.finetune, steps=steps, stop_known=0, output=f"{out}/model-{os.getpid()}"))
+    quiet = lambda *_: None
+    ensure_benchmark(cfg, quiet)
+    ensure_base_model(cfg, quiet)
+    return float(run_finetune(cfg, log=quiet)["train_seconds"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:   # builds the benchmark and base model once, and warms the disk cache
+            pool.apply(_inject, (2, 5, out))
+        with ctx.Pool(1) as pool:
+            alone = pool.apply(_inject, (2, args.steps, out))
+        with ctx.Pool(2) as pool:
+            both = pool.starmap(_inject, [(1, args.steps, out), (1, args.steps, out)])
+    one_two_thread = args.steps / alone
+    side_by_side = 2 * args.steps / max(both)
+    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                      "steps": args.steps, "two_threads_alone_s": alone, "one_thread_side_by_side_s": both,
+                      "steps_per_s_alone": round(one_two_thread, 2), "steps_per_s_side_by_side": round(side_by_side, 2),
+                      "ratio": round(side_by_side / one_two_thread, 3)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
