@@ -366,7 +366,9 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
     if mia_note:
         row["mia_note"] = mia_note
     if nonmembers:
-        row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None)
+        from .mia import ATTACKS
+        row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None,
+                   mia_best_attack=ATTACKS[int(results["mia"]["best_attack"])])
     if protocol == "official":
         row.update(protocol_id=PROTOCOL_ID, eval_seed=eval_seed, test_images=test_images,
                    few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None)

@@ -133,6 +133,15 @@ def test_train_evaluate_report_through_the_cli(env, cache, tmp_path):
     result = invoke("report", *common, "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0 and "| ViKeR |" in result.output
     assert (tmp_path / "rep" / "tradeoff.png").stat().st_size > 1000
+    # The relearning attack on that adapter, its row appended as JSON.
+    attack = tmp_path / "relearn.jsonl"
+    result = invoke("attack", "relearn", *common, "--adapter", str(run_dir / "adapter"), "relearn.steps=2",
+                    f"relearn.results={attack}")
+    assert result.exit_code == 0, result.output
+    row = json.loads(attack.read_text())
+    assert row["method"] == "ViKeR" and row["relearn"]["steps"] == 2
+    assert f"ViKeR: relearned on {row['relearn']['n_attack_qa']:g} forget QA (10%), 2 steps" in result.output
+    assert "relearn.fraction of the forget QA" in " ".join(invoke("attack", "relearn", "--help").output.split())
 
 
 def test_train_refuses_a_cache_for_another_model(env, cache, tmp_path):
