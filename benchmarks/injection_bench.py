@@ -36,6 +36,16 @@ def _inject(threads: int, steps: int, out: str) -> float:
     return float(run_finetune(cfg, log=quiet)["train_seconds"])
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
@@ -50,7 +60,7 @@ def main() -> None:
             both = pool.starmap(_inject, [(1, args.steps, out), (1, args.steps, out)])
     one_two_thread = args.steps / alone
     side_by_side = 2 * args.steps / max(both)
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    print(json.dumps({"machine": f"{cpu_name()}, {os.cpu_count()} cores",
                       "steps": args.steps, "two_threads_alone_s": alone, "one_thread_side_by_side_s": both,
                       "steps_per_s_alone": round(one_two_thread, 2), "steps_per_s_side_by_side": round(side_by_side, 2),
                       "ratio": round(side_by_side / one_two_thread, 3)}, indent=1))

@@ -168,7 +168,9 @@ def ensure_models(cfg: Config, log=print) -> tuple[Path, Path]:
         log(f"[finetune] knowledge injection: {' and '.join(todo)} model{'s' * (len(todo) > 1)}, one thread each")
         run_parallel(2, _inject, [(cfg, w) for w in todo], log, "[finetune] injection",
                      each=lambda i, lines: [log(line) for line in lines])
-    return ensure_vanilla(cfg, log), ensure_gold(cfg, log)
+    quiet = lambda *_: None     # the models just trained have said so: no "(reused)" line for them
+    return (ensure_vanilla(cfg, quiet if "vanilla" in todo else log),
+            ensure_gold(cfg, quiet if "gold" in todo else log))
 
 
 def ensure_gold(cfg: Config, log=print) -> Path:
