@@ -338,7 +338,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
                 batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
                 likelihood=name in parse_sets(likelihood_sets), tasks=tasks)
         samples += rows
-    members = read_profiles(data_root, forget_split, benchmark)
+    members = read_profiles(data_root, forget_split, benchmark) if nonmembers or relearn is not None else []
     if nonmembers:
         results["mia"], rows = membership_metrics(model, processor, members, nonmembers, mia_k, batch_size,
                                                   gold, _memo_key(data_root, forget_split, mia_split, mia_k),

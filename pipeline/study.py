@@ -212,7 +212,8 @@ def prepare_draw(cfg: Config, draw: int) -> str:
     return c.finetune.output
 
 
-def gold_config(cfg: Config, draw: int, split: str) -> Config:
+def split_config(cfg: Config, draw: int, split: str) -> Config:
+    """One draw's config with `split` as its forget split (whose gold model leaves that split's people out)."""
     c = draw_config(cfg, draw)
     c.data.forget_split = split
     return c
@@ -221,7 +222,7 @@ def gold_config(cfg: Config, draw: int, split: str) -> Config:
 def prepare_gold(cfg: Config, draw: int, split: str) -> str:
     """The gold model of one (draw, split): the vanilla recipe without the split's people (reused by its stamp)."""
     from .demo import ensure_gold
-    return str(ensure_gold(gold_config(cfg, draw, split), lambda *_: None))
+    return str(ensure_gold(split_config(cfg, draw, split), lambda *_: None))
 
 
 def _write_image_pools(c: Config) -> None:
@@ -279,7 +280,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.jsonl"
     results.unlink(missing_ok=True)           # a half-finished earlier attempt
-    gold = str(gold_dir(gold_config(cfg, st["draw"], st["split"])))
+    gold = str(gold_dir(split_config(cfg, st["draw"], st["split"])))
     common = {**evaluate_kwargs(c, results, samples_path=folder / "samples.jsonl"), "gold": gold}
     vanilla = c.finetune.output
     if (st.get("attacks") or {}).get("relearn") is not None:
