@@ -155,10 +155,10 @@ def _inject(cfg: Config, which: str) -> list[str]:
 def ensure_models(cfg: Config, log=print) -> tuple[Path, Path]:
     """The vanilla and the gold model, each trained in its own one-thread process, side by side.
 
-    Two one-thread injections at once ran 1.36x the steps per second of one
-    two-thread injection on the 2-core machine (150 steps: 29.3 s each side
-    by side, 19.9 s alone on two threads). Always a worker process, even for
-    one model: a model is the same whichever of the two had to be rebuilt.
+    Two one-thread injections at once ran 1.32-1.37x the steps per second of
+    one two-thread injection on the 2-core machine (benchmarks/injection_bench.py,
+    docs/bench/injection_cpu.json). Always a worker process, even for one
+    model: a model is the same whichever of the two had to be rebuilt.
     """
     from .workers import run_parallel
     todo = [w for w, folder, stamp in (("vanilla", Path(cfg.finetune.output), vanilla_stamp(cfg)),
@@ -180,7 +180,6 @@ def ensure_gold(cfg: Config, log=print) -> Path:
     inference) and the control of the relearning attack. Its own stop rule
     (the checked answers of its training set known) ends it, as the vanilla's.
     """
-    from dataclasses import replace
     from .runs import run_finetune
     out = gold_dir(cfg)
     gcfg = gold_config(cfg)
