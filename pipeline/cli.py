@@ -365,7 +365,7 @@ def relearn_cmd(config_path, adapter, reference, overrides):
     import json
     from pathlib import Path
     from .data.loaders import read_profiles
-    from .evaluate import _memo_key, load_for_eval, relearn_metrics
+    from .evaluate import load_for_eval, memo_key, relearn_metrics
     from .relearn import format_attack
     from .runs import relearn_settings
     cfg = _load(config_path, overrides)
@@ -374,7 +374,7 @@ def relearn_cmd(config_path, adapter, reference, overrides):
     label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
     model, processor = load_for_eval(cfg.model.path, adapter, cfg.model.dtype, cfg.model.device)
     result = relearn_metrics(model, processor, members, relearn_settings(cfg), reference or cfg.model.path,
-                             _memo_key(d.root, d.forget_split), cfg.model.dtype, cfg.model.device,
+                             memo_key(d.root, d.forget_split), cfg.model.dtype, cfg.model.device,
                              cfg.evaluate.batch_size)
     click.echo(format_attack(result, label))
     if cfg.relearn.results:

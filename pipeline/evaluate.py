@@ -27,6 +27,7 @@ from .progress import progress as tqdm  # plain log lines off a terminal
 
 from . import metrics
 from .labels import file_slug
+from .mia import DEFAULT_K
 from .data.loaders import check_benchmark, default_splits, read_profiles
 from .data.mllmu import SPLITS, DataError, read_split
 from .data.records import Profile
@@ -291,7 +292,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
              batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
              dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu", protocol: str = "viker",
              eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set",
-             tasks=TASKS, mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = 0.4, gold: str = "",
+             tasks=TASKS, mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = DEFAULT_K, gold: str = "",
              relearn: dict | None = None, relearn_reference: str = "") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
 
@@ -341,12 +342,12 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
     members = read_profiles(data_root, forget_split, benchmark) if nonmembers or relearn is not None else []
     if nonmembers:
         results["mia"], rows = membership_metrics(model, processor, members, nonmembers, mia_k, batch_size,
-                                                  gold, _memo_key(data_root, forget_split, mia_split, mia_k),
+                                                  gold, memo_key(data_root, forget_split, mia_split, mia_k),
                                                   dtype, device)
         samples += rows
     if relearn is not None:      # last: the attack trains this model in place
         results["relearn"] = relearn_metrics(model, processor, members, relearn, relearn_reference or model_dir,
-                                             _memo_key(data_root, forget_split), dtype, device, batch_size)
+                                             memo_key(data_root, forget_split), dtype, device, batch_size)
     results_path = Path(results_path)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
@@ -403,7 +404,8 @@ def membership_split(data_root, mode: str, split: str, benchmark: str = "mllmu")
     return read_profiles(data_root, split, benchmark), ""
 
 
-def _memo_key(*parts) -> str:
+def memo_key(*parts) -> str:
+    """A memo key for data: the root as an absolute path, then the other parts (split, settings)."""
     return "|".join(str(Path(p).resolve()) if i == 0 else str(p) for i, p in enumerate(parts))
 
 

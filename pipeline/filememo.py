@@ -90,7 +90,8 @@ def remembered(store, key: str, compute):
     store = Path(store)
     known = _load(store)
     if key not in known:
-        known = {**_load(store), key: compute()}
+        value = compute()
+        known = {**_load(store), key: value}   # read again: another worker may have added keys meanwhile
         tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, store)

@@ -63,8 +63,8 @@ def held_out_accuracy(model, processor, held_out: list[Profile], batch_size: int
     return float(fact_accuracy(model, processor, held_out, batch_size=batch_size, desc="relearn fact")["acc"])
 
 
-def attack_model(model, processor, profiles: list[Profile], *, fraction: float = 0.1, steps: int = 20,
-                 lr: float = 1e-3, batch_size: int = 4, seed: int = 0, lora: bool = False, lora_r: int = 16,
+def attack_model(model, processor, profiles: list[Profile], *, fraction: float = 0.1, steps: int = 40,
+                 lr: float = 1e-4, batch_size: int = 4, seed: int = 0, lora: bool = False, lora_r: int = 16,
                  lora_alpha: int = 32, eval_batch_size: int = 32, log=lambda *_: None) -> dict:
     """The attack on a loaded model (trained in place: call it last). Returns before/after accuracies."""
     from .finetune import teach

@@ -73,7 +73,7 @@ def check_study(cfg: Config) -> None:
             raise ConfigError(f"study.{key} must be fact_acc, mc_ll_acc or mc_acc, got {getattr(s, key)!r}")
     if s.workers < 1:
         raise ConfigError("study.workers must be >= 1")
-    if "mc_acc" in (s.forget_metric, s.utility_metric) and "mc" not in cfg.evaluate.tasks.split(","):
+    if "mc_acc" in (s.forget_metric, s.utility_metric) and "mc" not in csv_list(cfg.evaluate.tasks):
         raise ConfigError("study.forget_metric/utility_metric mc_acc needs the mc task: add mc to evaluate.tasks")
 
 
