@@ -9,11 +9,11 @@ in a fresh process so that its peak RSS (ru_maxrss, plus its DataLoader workers'
 is its own:
 - write MB/s (bytes on disk / seconds inside write_shard and finalize),
 - open time of RefCacheReader,
-- streaming read samples/s through stage two's own data path (train.Stream with the
-  shard-aware shuffle -> train.Loader -> DataLoader with 0 and 2 workers -> padded
+- streaming read samples/s through stage two's own data path (stream.Stream with the
+  shard-aware shuffle -> stream.Loader -> DataLoader with 0 and 2 workers -> padded
   [B, T, K] reference tensors), every sample of the cache once, shuffled,
 - peak RSS of a reader alone (open + 2,000 random gets) and of the stage-two data
-  pipeline (the N examples as train holds them with a cache, train.CachedExamples:
+  pipeline (the N examples as train holds them with a cache, inputs.CachedExamples:
   a slot and an image row each, token ids rebuilt per batch in the loader from the
   cached question and answer ids; the reader, the stream and the loader with 0 or 2
   workers, reading every sample).
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import refcache  # noqa: E402
+from pipeline.cache import refcache  # noqa: E402
 
 PROMPT_TOKENS = 24   # the question part of a prompt (image tokens excluded: the tiny synthetic setting)
 
@@ -112,21 +112,22 @@ def child_reader(cache: str) -> dict:
 def child_pipeline(cache: str, workers: int, batch: int, limit: int) -> dict:
     import torch
 
-    from pipeline import train as tr
+    from pipeline.stage2.inputs import CachedExamples, PromptIds
+    from pipeline.stage2.stream import ExampleData, Loader, Stream, shard_groups, widen_stored
     torch.set_num_threads(1)
     reader = refcache.RefCacheReader(cache)
-    # What build_inputs keeps per forget sample when a cache is used: its slot and image row (train.CachedExamples).
+    # What build_inputs keeps per forget sample when a cache is used: its slot and image row (stage2.inputs.CachedExamples).
     slots = np.fromiter((reader.slot(sid) for sid in reader.iter_sample_ids()), np.int32, len(reader))
-    prompts = tr.PromptIds(None)     # its memo, with made-up ids where a tokenizer would run
+    prompts = PromptIds(None)     # its memo, with made-up ids where a tokenizer would run
     prompts.encode = synthetic_prompt
-    examples = tr.CachedExamples(reader, slots, np.zeros(len(slots), np.int32), prompts)
-    stream = tr.Stream(len(examples), 0, groups=tr.shard_groups(reader, examples))
-    loader = tr.Loader(tr.ExampleData(examples, [b""], reader), _RefsOnly(), stream, batch, workers)
+    examples = CachedExamples(reader, slots, np.zeros(len(slots), np.int32), prompts)
+    stream = Stream(len(examples), 0, groups=shard_groups(reader, examples))
+    loader = Loader(ExampleData(examples, [b""], reader), _RefsOnly(), stream, batch, workers)
     n = min(limit, len(examples)) if limit else len(examples)
     done, t0 = 0, time.perf_counter()
     while done < n:
         rows = stream.take(batch)
-        refs = tr.widen_stored(loader.next(rows)["refs"])   # as next_micro_batch does
+        refs = widen_stored(loader.next(rows)["refs"])   # as next_micro_batch does
         done += len(refs.topk_idx)
     seconds = time.perf_counter() - t0
     return {"workers": workers, "samples": done, "samples_per_s": round(done / seconds), **rss_mb()}
@@ -138,13 +139,13 @@ def synthetic_prompt(question: str) -> np.ndarray:
 
 
 class _RefsOnly:
-    """train.Collate without image decoding (synthetic examples have no images): examples + padded [B, T, K] refs."""
+    """stream.Collate without image decoding (synthetic examples have no images): examples + padded [B, T, K] refs."""
 
     def __call__(self, items):
-        from pipeline import train as tr
+        from pipeline.stage2.stream import pad_stored
         rows = [item[0] for item in items]
         examples = [item[2] for item in items]
-        refs = tr.pad_stored([item[4] for item in items], max(len(ex.ids) - ex.start for ex in examples))
+        refs = pad_stored([item[4] for item in items], max(len(ex.ids) - ex.start for ex in examples))
         return {"rows": rows, "examples": examples, "refs": refs}
 
 

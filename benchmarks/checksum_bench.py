@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import refcache as rc  # noqa: E402
+from pipeline.cache import refcache as rc  # noqa: E402
 
 VOCAB = 32000
 

@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import MiniConfig  # noqa: E402
 from pipeline.data.mini import make_mini  # noqa: E402
-from pipeline.demo import tokenizer_texts  # noqa: E402
-from pipeline.modeling import (CHAT_TEMPLATE, IMAGE_TOKEN, QWEN_TEMPLATE, QWEN_TOKENS,  # noqa: E402
-                               train_tokenizer)
+from pipeline.jobs.demo import tokenizer_texts  # noqa: E402
+from pipeline.models.modeling import (CHAT_TEMPLATE, IMAGE_TOKEN, QWEN_TEMPLATE, QWEN_TOKENS, train_tokenizer)  # noqa: E402
 
 # vision (hidden, layers, heads, mlp, image, patch), text (hidden, layers, heads, mlp, vocab[, kv heads])
 SHAPES = {
@@ -49,8 +48,8 @@ def build_qwen(out: Path, texts: list[str], shape: str, device: torch.device) ->
     """A random-weight Qwen2.5-VL of the given shape, saved with Qwen's image processor (448 px pictures)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from pipeline.families import qwen_image_processor_class
-    from pipeline.modeling import qwen_config
+    from pipeline.models.families import qwen_image_processor_class
+    from pipeline.models.modeling import qwen_config
     vh, vl, vheads, vmlp, size, patch = SHAPES[shape]["v"]
     th, tl, theads, tmlp, vocab, kv = SHAPES[shape]["t"]
     tokenizer = train_tokenizer(texts + ["user\n", "assistant\n"], 700, QWEN_TOKENS)
@@ -119,7 +118,7 @@ def cli(args: list[str], log: Path) -> dict:
 
 def drift(cache_a: Path, cache_b: Path) -> dict:
     """How far the prefix-reuse cache is from the naive one (same model, same dtype)."""
-    from pipeline.refcache import RefCacheReader
+    from pipeline.cache.refcache import RefCacheReader
     ent, top1, n = [], 0, 0
     with RefCacheReader(cache_a) as a, RefCacheReader(cache_b) as b:
         for sid in a.sample_ids:

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import platform
 import tempfile
-import time
 
 
 def _inject(threads: int, steps: int, out: str) -> float:
@@ -26,8 +25,8 @@ def _inject(threads: int, steps: int, out: str) -> float:
     torch.set_num_threads(threads)
     from dataclasses import replace
     from pipeline.config import load_config
-    from pipeline.demo import ensure_base_model, ensure_benchmark
-    from pipeline.runs import run_finetune
+    from pipeline.jobs.demo import ensure_base_model, ensure_benchmark
+    from pipeline.jobs.runs import run_finetune
     cfg = load_config("configs/demo.yaml", [f"data.root={out}/mini", f"finetune.base={out}/base"])
     cfg = replace(cfg, finetune=replace(cfg.finetune, steps=steps, stop_known=0, output=f"{out}/model-{os.getpid()}"))
     quiet = lambda *_: None

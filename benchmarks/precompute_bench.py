@@ -31,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import cacheview, refcache  # noqa: E402
+from pipeline.cache import view as cacheview, refcache  # noqa: E402
 from pipeline.data.records import Sample  # noqa: E402
-from pipeline.precompute import (Encoded, PrefixCache, compute_shard, draw_reference_images,  # noqa: E402
-                                 score_shard)
+from pipeline.stage1.precompute import (Encoded, PrefixCache, compute_shard, draw_reference_images, score_shard)  # noqa: E402
 
 SHAPES = {
     # vision: hidden, layers, heads, image, patch; text: hidden, layers, heads, intermediate, vocab

@@ -67,8 +67,8 @@ def machine() -> str:
 def child(workdir: str, steps: int) -> None:
     """One timing in this fresh process: the demo's fine-tuning recipe for `steps` steps."""
     from pipeline.config import load_config
-    from pipeline.modeling import set_threads
-    from pipeline.runs import run_finetune
+    from pipeline.models.modeling import set_threads
+    from pipeline.jobs.runs import run_finetune
     import torch
     cfg = load_config(ROOT / "configs/demo.yaml", [f"data.root={workdir}/mini", f"finetune.base={workdir}/base",
                                                  f"finetune.output={workdir}/out", f"finetune.steps={steps}"])
@@ -80,7 +80,7 @@ def child(workdir: str, steps: int) -> None:
 
 
 def prepare(workdir: str) -> None:
-    from pipeline import demo
+    from pipeline.jobs import demo
     from pipeline.config import load_config
     cfg = load_config(ROOT / "configs/demo.yaml", [f"data.root={workdir}/mini", f"finetune.base={workdir}/base"])
     demo.ensure_benchmark(cfg, log=lambda *_: None)

@@ -4,7 +4,7 @@
     python benchmarks/train_bench.py --shape tiny --model DIR     # any local LLaVA-style model directory
     python benchmarks/train_bench.py --shape llava7b              # CUDA, LLaVA-1.5-7B shape, random bf16 weights
 
-All three steps run on the same micro-batch through `pipeline.train.micro_batch_loss`
+All three steps run on the same micro-batch through `pipeline.stage2.methods.micro_batch_loss`
 (the loop's own code): forward + backward + clipping + AdamW step. The modes
 are interleaved (one step of each per round) so that drift on a shared
 machine hits them alike; the median of the rounds after warm-up is reported.
@@ -28,8 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import train as tr  # noqa: E402
-from pipeline.modeling import resolve_device, wrap_lora  # noqa: E402
+from pipeline.stage2.inputs import Example, Inputs, build_inputs  # noqa: E402
+from pipeline.stage2.methods import AnswerLogits, LossSpec, micro_batch_loss, online_references  # noqa: E402
+from pipeline.stage2.stream import MicroBatch, Refs  # noqa: E402
+from pipeline.stage2.train import enable_checkpointing  # noqa: E402
+from pipeline.models.modeling import resolve_device, wrap_lora  # noqa: E402
 
 # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Llama-2-7B with LLaVA's 32064-token vocabulary.
 SHAPES = {
@@ -64,8 +67,8 @@ def tiny_setup(args, dev):
     from pipeline.data.mini import make_mini
     from pipeline.data.mllmu import read_split
     from pipeline.data.records import forget_samples
-    from pipeline.demo import tokenizer_texts
-    from pipeline.modeling import build_tiny_llava, load_model
+    from pipeline.jobs.demo import tokenizer_texts
+    from pipeline.models.modeling import build_tiny_llava, load_model
 
     tmp = Path(tempfile.mkdtemp(prefix="viker-bench-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
@@ -75,7 +78,7 @@ def tiny_setup(args, dev):
     model, processor = load_model(model_dir, dtype=args.dtype, device=str(dev))
     samples = forget_samples(read_split(root, args.split))
     samples = [samples[i % len(samples)] for i in range(args.batch_size)]
-    inputs = tr.build_inputs(processor, samples, [], None, "", root / "pools" / "people")
+    inputs = build_inputs(processor, samples, [], None, "", root / "pools" / "people")
     return model, inputs, f"tiny ({model_dir})"
 
 
@@ -110,11 +113,11 @@ def random_setup(args, dev):
         question = torch.randint(3, image_token, (args.question_tokens,), generator=g).tolist()
         answer = torch.randint(3, image_token, (args.answer_tokens,), generator=g).tolist()
         prompt = [1, 3, 4, 5] + [image_token] * n_image + question   # BOS 'USER:' <image>... question
-        examples.append(tr.Example(f"bench/{i}", prompt + answer, len(prompt), i))
+        examples.append(Example(f"bench/{i}", prompt + answer, len(prompt), i))
     side = shape["image_size"]
     bank = torch.randn(args.batch_size, 3, side, side, generator=g)
     pool = torch.randn(args.pool_size, 3, side, side, generator=g)
-    inputs = tr.Inputs(examples, None, None, {}, bank, pool, shape["vocab"] - 1)
+    inputs = Inputs(examples, None, None, {}, bank, pool, shape["vocab"] - 1)
     return model, inputs, f"{args.shape} (random {str(dtype).replace('torch.', '')} weights)"
 
 
@@ -149,31 +152,31 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model, inputs, what = tiny_setup(args, dev) if args.shape == "tiny" else random_setup(args, dev)
     if args.grad_checkpointing:
-        tr.enable_checkpointing(model)
+        enable_checkpointing(model)
     model = wrap_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     inputs.pool = inputs.pool.to(dev, next(p.dtype for p in model.parameters() if not p.requires_grad))
     optimizer = torch.optim.AdamW(params, lr=1e-7)   # tiny: the weights barely move between timed steps
-    net = tr.AnswerLogits(model)
+    net = AnswerLogits(model)
     batch = inputs.forget[: args.batch_size]
-    ga = tr.LossSpec("ga")
-    cached = tr.LossSpec("viker", lam=0.5, k=args.k, top_k=args.top_k)
-    online = tr.LossSpec("viker", lam=0.5, k=args.k, top_k=args.top_k, online=True)
+    ga = LossSpec("ga")
+    cached = LossSpec("viker", lam=0.5, k=args.k, top_k=args.top_k)
+    online = LossSpec("viker", lam=0.5, k=args.k, top_k=args.top_k, online=True)
     # The cached references are what the online path computes, moved to the CPU like a cache read.
-    refs = tr.online_references(model, batch, inputs, online, dev)
-    refs = tr.Refs(*(t.cpu() for t in (refs.topk_idx, refs.topk_prob, refs.tail_mass, refs.entropy)))
+    refs = online_references(model, batch, inputs, online, dev)
+    refs = Refs(*(t.cpu() for t in (refs.topk_idx, refs.topk_prob, refs.tail_mass, refs.entropy)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
                                                                                                       enabled=False)
-    modes = {"ga": (ga, tr.MicroBatch(batch)), "viker_cached": (cached, tr.MicroBatch(batch, refs=refs)),
-             "viker_online": (online, tr.MicroBatch(batch))}
+    modes = {"ga": (ga, MicroBatch(batch)), "viker_cached": (cached, MicroBatch(batch, refs=refs)),
+             "viker_online": (online, MicroBatch(batch))}
 
     def step(spec, mb) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t = time.perf_counter()
         with autocast:
-            loss, _ = tr.micro_batch_loss(net, model, mb, spec, inputs, dev)
+            loss, _ = micro_batch_loss(net, model, mb, spec, inputs, dev)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

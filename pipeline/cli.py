@@ -12,20 +12,22 @@ from pathlib import Path
 
 import click
 
+from pipeline.stage2.labels import METHOD_LABELS, method_label  # noqa: F401  (METHOD_LABELS re-exported for old imports)
+
 from .config import ConfigError, load_config
-from .labels import METHOD_LABELS, method_label  # noqa: F401  (METHOD_LABELS re-exported for old imports)
+
 
 DEMO_CONFIG = "configs/demo.yaml"
 
 
 def _known_errors() -> tuple:
-    from .data.mllmu import DataError
-    from .demo import GateError
-    from .encoding import InputError
-    from .modeling import ModelError
-    from .refcache import CacheError
+    from pipeline.data.mllmu import DataError
+    from pipeline.jobs.demo import GateError
+    from pipeline.models.encoding import InputError
+    from pipeline.models.modeling import ModelError
+    from pipeline.cache.refcache import CacheError
     # ValueError too: bad settings (k larger than the pool, an unknown method) are user errors.
-    from .train import TrainingDiverged
+    from pipeline.stage2.errors import TrainingDiverged
     return (ConfigError, DataError, InputError, ModelError, CacheError, GateError, FileNotFoundError, ValueError,
             TrainingDiverged)
 
@@ -73,7 +75,7 @@ def _load(config_path, overrides, check_family: bool = True):
         config_path = DEMO_CONFIG
     cfg = load_config(config_path, overrides)
     if check_family and cfg.model.family != "auto" and Path(cfg.model.path, "config.json").is_file():
-        from .families import FamilyError, family_of_dir
+        from pipeline.models.families import FamilyError, family_of_dir
         try:
             found = family_of_dir(cfg.model.path).name
         except FamilyError as err:
@@ -103,7 +105,7 @@ def main():
     """
     import warnings
     from transformers.utils import logging as hf_logging
-    from .modeling import set_threads
+    from pipeline.models.modeling import set_threads
     set_threads()
     hf_logging.disable_progress_bar()      # per-file "Loading weights" bars; our own bars stay
     # peft calls a helper that transformers 5.2x deprecates; nothing a user can act on.
@@ -122,7 +124,7 @@ def demo(config_path, overrides):
     learned it. Outputs land under cache/ (a family other than LLaVA in folders
     suffixed with its name) and are reused when their inputs did not change.
     """
-    from .demo import run_demo
+    from pipeline.jobs.demo import run_demo
     run_demo(_load(config_path, overrides, check_family=False))
 
 
@@ -143,7 +145,7 @@ def study(config_path, quick, report_only, overrides):
     resumes. Settings: the `study` section (configs/study.yaml).
     """
     import shlex
-    from .study import QUICK, report_only as write_only, run_study
+    from pipeline.study.grid import QUICK, report_only as write_only, run_study
     cfg = load_config(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides))
     command = ("viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
     if report_only:
@@ -169,7 +171,7 @@ def check_data_cmd(root, benchmark):
     missing; exits 1 when one is missing or a split does not read.
     Run it first on MLLMU-Bench, its baseline_train_split, or CLEAR.
     """
-    from .data.check import check_root
+    from pipeline.data.check import check_root
     lines, ok = check_root(root, benchmark or "")
     click.echo("\n".join(lines))
     if not ok:
@@ -183,7 +185,7 @@ def check_data_cmd(root, benchmark):
 @one_line_errors
 def make_mini_cmd(config_path, out, overrides):
     """Generate the miniature benchmark: parquet splits + reference image pools."""
-    from .data.mini import make_mini
+    from pipeline.data.mini import make_mini
     cfg = _load(config_path, overrides)
     path = make_mini(out or cfg.data.root, cfg.mini)
     click.echo(f"miniature benchmark written to {path}")
@@ -198,8 +200,8 @@ def finetune(config_path, overrides):
 
     Afterwards the vanilla model's attribute accuracy is measured and saved.
     """
-    from .demo import vanilla_gate
-    from .runs import run_finetune
+    from pipeline.jobs.demo import vanilla_gate
+    from pipeline.jobs.runs import run_finetune
     cfg = _load(config_path, overrides)
     info = run_finetune(cfg)
     click.echo(f"vanilla model saved to {cfg.finetune.output} ({info['train_seconds']}s)")
@@ -228,8 +230,8 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite,
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
     The output directory holds one cache: shards of another run there are refused (--overwrite removes them).
     """
-    from .precompute import dist_env
-    from .runs import run_precompute
+    from pipeline.stage1.precompute import dist_env
+    from pipeline.jobs.runs import run_precompute
     cfg = _load(config_path, overrides)
     p = cfg.precompute
     if allow_benchmark_images:
@@ -280,7 +282,7 @@ def train(config_path, resume, overwrite, overrides):
     a cache made with other precompute.k/top_k/seed/pool/reference is refused unless
     train.use_cache_settings=true.
     """
-    from .runs import run_train
+    from pipeline.jobs.runs import run_train
     cfg = _load(config_path, overrides)
     result = run_train(cfg, cfg.model.path, resume=resume, overwrite=overwrite, log=click.echo)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
@@ -310,8 +312,8 @@ def evaluate(config_path, adapter, method, budget, gold, overrides):
     --gold) where never-trained people exist (evaluate.mia, evaluate.mia_split).
     Rows go to evaluate.results and record the protocol.
     """
-    from .clear_eval import evaluate_clear, format_clear_row
-    from .evaluate import evaluate as run, format_row
+    from pipeline.evaluation.clear_eval import evaluate_clear, format_clear_row
+    from pipeline.evaluation.evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
     setting, fingerprint, seed = {}, "", 0
     if adapter:
@@ -360,14 +362,15 @@ def relearn_cmd(config_path, adapter, reference, overrides):
     the vanilla model's, and recovery = after / vanilla. Attack the gold model
     (model.path=<gold model>, no --adapter, --reference <vanilla>) for the
     control: what the attacker's share alone teaches. relearn.results appends
-    the row as JSON. pipeline/relearn.py says how the forget set is split.
+    the row as JSON. pipeline/evaluation/relearn.py says how the forget set is split.
     """
     import json
     from pathlib import Path
-    from .data.loaders import read_profiles
-    from .evaluate import load_for_eval, memo_key, relearn_metrics
-    from .relearn import format_attack
-    from .runs import relearn_settings
+    from pipeline.data.loaders import read_profiles
+    from pipeline.evaluation.evaluate import memo_key, relearn_metrics
+    from pipeline.models.modeling import load_for_eval
+    from pipeline.evaluation.relearn import format_attack
+    from pipeline.jobs.runs import relearn_settings
     cfg = _load(config_path, overrides)
     d = cfg.data
     members = read_profiles(d.root, d.forget_split, d.benchmark)
@@ -390,8 +393,8 @@ def _training_info(adapter: str) -> dict:
     """What the training run recorded beside its adapter (method, steps, lr, lambda, cache)."""
     import json
     from pathlib import Path
-    from .modeling import ModelError
-    from .train import adapter_files_digest
+    from pipeline.models.modeling import ModelError
+    from pipeline.stage2.checkpoint import adapter_files_digest
     path = Path(adapter).parent / "train_config.json"
     if not path.is_file():
         return {}
@@ -420,7 +423,7 @@ def _training_info(adapter: str) -> dict:
 def report(config_path, results, out, overrides):
     """Comparison table (Markdown + CSV) and trade-off plot from a results file."""
     from pathlib import Path
-    from .report import write_report
+    from pipeline.jobs.report import write_report
     cfg = _load(config_path, overrides)
     results = results or cfg.evaluate.results
     paths = write_report(results, out or str(Path(results).parent / "report"), acc_metric=cfg.evaluate.table_acc)
@@ -448,7 +451,7 @@ def verify(cache_dir, model_dir, pool_dir):
     With --model / --pool, also check a copied cache against this machine's model and pool
     (paths may differ between machines; contents may not).
     """
-    from .refcache import verify_cache
+    from pipeline.cache.refcache import verify_cache
     problems = verify_cache(cache_dir)
     if model_dir or pool_dir:
         problems += _machine_problems(cache_dir, model_dir, pool_dir)
@@ -468,18 +471,18 @@ def verify(cache_dir, model_dir, pool_dir):
 @one_line_errors
 def inspect(cache_dir, model_dir, top):
     """Settings, sizes, top-K mass kept, and the entropy histogram with the key tokens decoded."""
-    from .cacheview import format_inspect, inspect_cache
+    from pipeline.cache.view import format_inspect, inspect_cache
     decode = None
     if model_dir:
-        from .modeling import load_processor
+        from pipeline.models.modeling import load_processor
         tok = load_processor(model_dir).tokenizer
         decode = lambda i: tok.decode([int(i)])  # noqa: E731
     click.echo(format_inspect(inspect_cache(cache_dir, decode=decode, top_n=top)))
 
 
 def _machine_problems(cache_dir, model_dir, pool_dir) -> list[str]:
-    from .fingerprint import machine_problems
-    from .refcache import RefCacheReader
+    from pipeline.cache.fingerprint import machine_problems
+    from pipeline.cache.refcache import RefCacheReader
     with RefCacheReader(cache_dir) as reader:
         sources = reader.sources
     return machine_problems(sources, model_dir, pool_dir)
@@ -496,15 +499,15 @@ def _machine_problems(cache_dir, model_dir, pool_dir) -> list[str]:
 def show(cache_dir, sample_id, model_dir, top):
     """One sample's key-token view: each answer token with its reference entropy, top alternatives and
     tail mass, and the reference images averaged over."""
-    from .cacheview import format_show, show_sample
-    from .refcache import RefCacheReader
+    from pipeline.cache.view import format_show, show_sample
+    from pipeline.cache.refcache import RefCacheReader
     if model_dir is None:
         with RefCacheReader(cache_dir) as reader:
             recorded = (reader.sources.get("model") or {}).get("path")
         model_dir = recorded if recorded and Path(recorded).is_dir() else None
     decode = None
     if model_dir:
-        from .modeling import load_processor
+        from pipeline.models.modeling import load_processor
         tok = load_processor(model_dir).tokenizer
         decode = lambda i: tok.decode([int(i)])  # noqa: E731
     try:
@@ -519,7 +522,7 @@ def show(cache_dir, sample_id, model_dir, top):
 @one_line_errors
 def merge(cache_dir):
     """Write manifest.json once every shard (from any rank or machine) is finished."""
-    from .refcache import merge as run
+    from pipeline.cache.refcache import merge as run
     manifest = run(cache_dir)
     click.echo(f"{cache_dir}: merged {len(manifest['shards'])} shards, {manifest['totals']['n_samples']} samples")
 

@@ -14,24 +14,14 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.data.mini import MiniConfig
+
+# The miniature benchmark's section is defined beside its generator (data owns its knobs); the
+# config composes it like every other section.
+
 
 class ConfigError(ValueError):
     """A config problem; its message is one line and names the key."""
-
-
-@dataclass
-class MiniConfig:
-    """The miniature benchmark generator (`viker data make-mini`)."""
-    seed: int = 0
-    n_fictitious: int = 60        # profiles that forget/retain splits are drawn from
-    n_real: int = 12              # "real" people: learned, never in a forget split
-    train_images: int = 3         # jittered training portraits per person
-    test_images: int = 2          # held-out portraits (other pose/background/accessories)
-    pool_size: int = 24           # images per reference pool
-    # People never trained on, drawn like the fictitious ones (split Holdout_Set): the non-members of
-    # membership inference (evaluate.mia). Drawn from their own generator: the rest of the world is the same.
-    n_holdout: int = 12
-    image_size: int = 64          # stored PNG side; the processor resizes
 
 
 @dataclass
@@ -60,7 +50,7 @@ class ModelConfig:
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     # auto: read from the model's config.json. `viker demo` builds a tiny model of this family
-    # (auto = llava): llava | llava_next | qwen2_5_vl | idefics3 | gemma3 (pipeline/families.py).
+    # (auto = llava): llava | llava_next | qwen2_5_vl | idefics3 | gemma3 (pipeline/models/families.py).
     family: str = "auto"
 
 
@@ -139,7 +129,7 @@ class TrainConfig:
     use_ga: bool = True            # False: the "w/o GA" ablation
     token_lambda: bool = False     # experimental (ours): lambda_i from the reference entropy
     beta: float = 0.4              # NPO / IdkPO (convention viker: both; mllmu/openunlearning: NPO only)
-    # Loss conventions of the baselines (pipeline/losses.py, LOSS_CONVENTIONS): viker (ours, the
+    # Loss conventions of the baselines (pipeline/stage2/losses.py, LOSS_CONVENTIONS): viker (ours, the
     # demo's), mllmu (MLLMU-Bench's baselines/*.py) or openunlearning.
     convention: str = "viker"
     idk_beta: float = 0.1          # IdkPO's own beta (conventions mllmu/openunlearning)
@@ -184,7 +174,7 @@ class EvalConfig:
     # Generated-answer tasks (protocol viker): mc (letter), gen (ROUGE/BLEU/coherence), cloze, fact.
     tasks: str = "mc,gen,cloze,fact"
     # official: each benchmark's authors' prompts, images and scoring (docs/REAL_BENCHMARKS.md,
-    # pipeline/protocol_mllmu.py, pipeline/clear_eval.py); viker: our own uniform protocol (the
+    # pipeline/evaluation/protocol_mllmu.py, pipeline/evaluation/clear_eval.py); viker: our own uniform protocol (the
     # miniature benchmark's). Recorded in every results row.
     protocol: str = "viker"
     seed: int = 0                    # official protocol: few-shot profiles and Test_Set image draws
@@ -193,7 +183,7 @@ class EvalConfig:
     # (finetune.exclude_split). CLEAR: Forget Quality; MLLMU and the miniature benchmark: PrivLeak.
     gold: str = ""
     few_shot_split: str = "Full_Set" # official MLLMU: the split few-shot examples come from (eval.py --few_shot_data)
-    # Membership inference (pipeline/mia.py): forget-set QA (members) against mia_split's people, who were
+    # Membership inference (pipeline/evaluation/mia.py): forget-set QA (members) against mia_split's people, who were
     # never trained on (non-members). auto: when mia_split exists under data.root (the miniature benchmark's
     # Holdout_Set; MLLMU-Bench has no such split, see docs/REAL_BENCHMARKS.md); on: required; off.
     # With evaluate.gold (a model trained without the forget people) each attack also gets PrivLeak.
@@ -233,7 +223,7 @@ class DemoConfig:
 
 @dataclass
 class StudyConfig:
-    """`viker study`: the comparisons over benchmark draws, splits and seeds (pipeline/study.py)."""
+    """`viker study`: the comparisons over benchmark draws, splits and seeds (pipeline/study/grid.py)."""
     draws: str = "1,2,3"             # mini.seed of the test draws: >= 3, never 0 (the demo's draw)
     val_draw: int = 4                # mini.seed of the draw that picks hyper-parameters (not a test draw)
     val_split: str = "forget_10"
@@ -370,7 +360,7 @@ def _bound_text(low, high) -> str:
 
 def check_ranges(cfg: Config) -> None:
     """Refuse the first setting outside its RANGES row, with the allowed range in the message."""
-    from .families import FAMILIES
+    from pipeline.models.families import FAMILIES
     if cfg.model.family != "auto" and cfg.model.family not in FAMILIES:
         raise ConfigError(f"config key 'model.family' must be auto or one of {', '.join(FAMILIES)}, "
                           f"got {cfg.model.family!r}")
@@ -380,6 +370,11 @@ def check_ranges(cfg: Config) -> None:
         too_low = value <= low if isinstance(low, Above) else value < low
         if too_low or (high is not None and value > high):
             raise ConfigError(f"config key '{key}' must be {_bound_text(low, high)}, got {value!r}")
+
+
+def csv_list(text: str) -> list[str]:
+    """A comma-separated setting (demo.methods, study.budgets, ...) as its stripped, non-empty items."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def parse_override(text: str) -> tuple[str, str]:

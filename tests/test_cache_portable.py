@@ -65,7 +65,7 @@ def recompute(cache_dir, pool_dir, model_dir=None, n=3) -> list[dict]:
 def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
     import torch
 
-    from pipeline import precompute as pc
+    from pipeline.stage1 import precompute as pc
     from pipeline.data.mllmu import read_split
     from pipeline.data.records import forget_samples
     from tests.tiny import make_world, tiny_config

@@ -8,13 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import precompute as pc, refcache
+from pipeline.stage1 import precompute as pc
+from pipeline.cache import refcache
 from pipeline.cli import main
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.fingerprint import machine_problems, pool_files
-from pipeline.references import benchmark_leaks, draw_reference_images
-from pipeline.runs import benchmark_images
+from pipeline.cache.fingerprint import machine_problems, pool_files
+from pipeline.stage1.references import benchmark_leaks, draw_reference_images
+from pipeline.jobs.runs import benchmark_images
 from tests.tiny import make_world, tiny_config
 
 
@@ -92,7 +93,7 @@ def test_cache_show_lists_tokens_entropy_alternatives_and_images(world):
     assert result.exit_code == 0, result.output
     with refcache.RefCacheReader(out) as reader:
         ref = reader.get(sid)
-    from pipeline.modeling import load_processor
+    from pipeline.models.modeling import load_processor
     tok = load_processor(model_dir).tokenizer
     lines = result.output.splitlines()
     assert lines[0] == f"sample {sid}"

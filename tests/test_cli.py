@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.demo import tokenizer_texts
-from pipeline.modeling import build_tiny_llava
+from pipeline.jobs.demo import tokenizer_texts
+from pipeline.models.modeling import build_tiny_llava
 from tests.tiny import make_world, tiny_config
 
 TINY = tiny_config()

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from pipeline import demo, study
+from pipeline.jobs import demo
+from pipeline.study import grid as study
 from pipeline.config import load_config
-from pipeline.workers import run_parallel
+from pipeline.jobs.workers import run_parallel
 
 
 def test_sweep_plan_order_and_labels():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.evaluate as ev
-from pipeline import metrics, mia
+import pipeline.evaluation.evaluate as ev
+from pipeline.evaluation import metrics, mia
 from pipeline.data.mllmu import DataError, read_split
 from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
-from pipeline.encoding import encode_prompt, pixel_values, load_image
-from pipeline.modeling import ModelError, load_model, wrap_lora
-from pipeline.prompts import multiple_choice_prompt
-from pipeline.report import load_results
+from pipeline.models.encoding import encode_prompt, pixel_values, load_image
+from pipeline.models.modeling import ModelError, load_model, wrap_lora
+from pipeline.models.prompts import multiple_choice_prompt
+from pipeline.jobs.report import load_results
 from tests.tiny import make_world, tiny_config
 
 TINY = tiny_config(max_positions=512)
@@ -338,7 +338,7 @@ def test_adapter_changes_the_model_and_merges(world, tmp_path):
 def _always_clean_classifier(folder):
     """A tiny local BERT whose bias makes every text 'clean': coherence must then be 1.0."""
     from transformers import BertConfig, BertForSequenceClassification
-    from pipeline.modeling import train_tokenizer
+    from pipeline.models.modeling import train_tokenizer
     tok = train_tokenizer(["this person was born in Lyon"], 300)
     tok.model_max_length = 64
     cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -408,7 +408,7 @@ def test_official_protocol_end_to_end(world, official_root, tmp_path):
 
 
 def test_official_batches_mix_text_only_and_multi_image_items(world):
-    from pipeline import protocol_mllmu as pm
+    from pipeline.evaluation import protocol_mllmu as pm
     root, model_dir = world
     model, processor = load_model(model_dir, device="cpu")
     p, q = read_split(root, "retain_90")[:2]

@@ -13,13 +13,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import families, precompute as pc, prompts
+from pipeline.models import families, prompts
+from pipeline.stage1 import precompute as pc
 from pipeline.cli import main
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.encoding import encode_pair, pixel_values
-from pipeline.forward import answer_logits, make_text_batch
-from pipeline.modeling import load_model, wrap_lora
+from pipeline.models.encoding import encode_pair, pixel_values
+from pipeline.models.forward import answer_logits, make_text_batch
+from pipeline.models.modeling import load_model, wrap_lora
 from tests.tiny import assert_caches_agree, make_world, tiny_config
 
 TINY = tiny_config(text_layers=2)
@@ -78,7 +79,7 @@ def test_a_saved_processor_loads_back_as_its_family(world, tmp_path):
     processor.save_pretrained(tmp_path)        # what fine-tuning and merging do
     meta = json.loads((tmp_path / "processor_config.json").read_text())
     assert meta["processor_class"] == families.FAMILIES[family].processor
-    from pipeline.modeling import load_processor
+    from pipeline.models.modeling import load_processor
     (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
     assert families.family_of_processor(load_processor(tmp_path)).name == family
 
@@ -131,7 +132,7 @@ def test_prefix_path_equals_naive_path_in_float32(world, tmp_path):
     manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
     template = manifest["sources"]["prompt_template"]
     if family != "llava":   # the manifest says how this model was prompted, for readers without viker
-        from pipeline.modeling import load_processor
+        from pipeline.models.modeling import load_processor
         processor = load_processor(model_dir)
         assert template["family"] == family
         assert template["image_expansion"] == families.image_expansion(processor)

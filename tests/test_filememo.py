@@ -2,7 +2,7 @@
 import hashlib
 import os
 
-from pipeline import filememo
+from pipeline.cache import filememo
 
 
 def test_memo_hash_matches_and_follows_changes(tmp_path, monkeypatch):

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from pipeline import finetune as ft
+from pipeline.stage2 import finetune as ft
 from pipeline.data.mllmu import read_split
-from pipeline.forward import make_text_batch
+from pipeline.models.forward import make_text_batch
 from tests.tiny import make_world, tiny_config
 
 TINY = tiny_config()
@@ -41,9 +41,9 @@ def test_fraction_known_counts_whole_answers(monkeypatch):
 
 def test_known_answer_is_what_greedy_decoding_writes(world):
     """The check's claim: a teacher-forced known answer is reproduced by greedy generation."""
-    from pipeline.generation import generate
-    from pipeline.modeling import load_model
-    from pipeline.prompts import fact_prompt
+    from pipeline.models.generation import generate
+    from pipeline.models.modeling import load_model
+    from pipeline.models.prompts import fact_prompt
     root, model_dir = world
     model, processor = load_model(model_dir)
     profiles = read_split(root, "ft_Data")[:2]
@@ -55,7 +55,7 @@ def test_known_answer_is_what_greedy_decoding_writes(world):
     labels = ids.clone()
     labels[0, :target.answer_start] = -100
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    from pipeline.forward import forward_inputs
+    from pipeline.models.forward import forward_inputs
     for _ in range(60):
         out = model(**forward_inputs(model, ids, torch.ones_like(ids), pixels[target.images[:1]]), labels=labels)
         out.loss.backward()
@@ -93,7 +93,7 @@ def test_finetune_stops_once_the_checked_answers_are_known(world, tmp_path, monk
 
 
 def test_gate_error_says_how_injection_ended():
-    from pipeline.demo import GateError, check_gate
+    from pipeline.jobs.demo import GateError, check_gate
     results = {"forget": {"acc": 0.97}, "retain": {"acc": 0.65}}
     check_gate({"forget": {"acc": 0.9}, "retain": {"acc": 0.95}}, 0.9)       # at the bar: passes
     ran = {"steps": 1400, "max_steps": 1400, "stopped": "budget of 1400 steps used up"}

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import filememo
-from pipeline.fingerprint import weights_identity
-from pipeline.refcache import CacheError
+from pipeline.cache import filememo
+from pipeline.cache.fingerprint import weights_identity
+from pipeline.cache.refcache import CacheError
 
 
 def _flip(path, offset):

@@ -7,13 +7,13 @@ a short training run on CUDA with autocast.
 import pytest
 import torch
 
-from pipeline import precompute as pc
+from pipeline.stage1 import precompute as pc
 from pipeline.config import TrainConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.encoding import load_image, pixel_values
-from pipeline.fingerprint import pool_files
-from pipeline.modeling import load_model
+from pipeline.models.encoding import load_image, pixel_values
+from pipeline.cache.fingerprint import pool_files
+from pipeline.models.modeling import load_model
 from tests.tiny import make_world, tiny_config
 
 pytestmark = [pytest.mark.gpu,
@@ -43,7 +43,7 @@ def test_prefix_path_matches_naive_in_bf16_on_gpu(world):
 
 
 def test_training_runs_on_gpu_with_autocast(world, tmp_path):
-    from pipeline.train import train
+    from pipeline.stage2.train import train
     root, model_dir = world
     cfg = TrainConfig(method="ga", steps=2, batch_size=2, lr=1e-3, output=str(tmp_path / "run"), lora_r=2)
     out = train(str(model_dir), str(root), "forget_10", "", None, cfg, device="cuda")

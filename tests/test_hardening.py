@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import filememo
-from pipeline import refcache as rc
-from pipeline import train as tr
+from pipeline.cache import filememo
+from pipeline.cache import refcache as rc
+from pipeline.stage2 import train as tr
+from pipeline.stage2.checkpoint import TMP_AREA, adapter_files_digest
 from pipeline.cli import main
 from pipeline.config import RANGES, ConfigError, load_config
 from tests.test_refcache import FP, SETTINGS, make_samples, write_cache
@@ -449,7 +450,7 @@ def test_an_overwriting_run_that_is_killed_leaves_no_mislabeled_adapter(env, cac
     assert killed(invoke("train", "--overwrite", *train_args(env, cache, run, "train.method=viker",
                                                              "train.steps=6")))
     assert not (run / "adapter").exists() and not (run / "train_config.json").exists()
-    assert not (run / tr.TMP_AREA).exists()
+    assert not (run / TMP_AREA).exists()
     line = one_error_line(invoke("evaluate", *train_args(env, cache, run), "--adapter", run / "adapter"))
     assert "adapter" in line
 
@@ -468,7 +469,7 @@ def test_a_nan_stop_records_the_steps_done(env, cache, tmp_path, monkeypatch):
     assert "training stopped at step 3" in line
     config = json.loads((run / "train_config.json").read_text())
     assert config["steps"] == 2 and config["result"]["steps"] == 2 and config["planned_steps"] == 50
-    assert config["adapter_sha256"] == tr.adapter_files_digest(run / "adapter")
+    assert config["adapter_sha256"] == adapter_files_digest(run / "adapter")
     from pipeline.cli import _training_info
     assert _training_info(str(run / "adapter"))["steps"] == 2
 
@@ -499,7 +500,7 @@ def test_checkpoints_are_published_with_their_own_description(env, cache, tmp_pa
                                               "train.save_every=2")))
     config = json.loads((run / "checkpoint" / "train_config.json").read_text())
     assert config["steps"] == 2 and config["checkpoint"] is True
-    assert config["adapter_sha256"] == tr.adapter_files_digest(run / "checkpoint" / "adapter")
+    assert config["adapter_sha256"] == adapter_files_digest(run / "checkpoint" / "adapter")
     monkeypatch.setattr(tr, "micro_batch_loss", real)
     result = invoke("train", "--resume", *train_args(env, cache, run, "train.method=ga", "train.steps=6",
                                                      "train.save_every=2"))

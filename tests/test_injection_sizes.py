@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from pipeline import demo
+from pipeline.jobs import demo
 from pipeline.config import load_config
 
 

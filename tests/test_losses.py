@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses as L
+from pipeline.stage2 import losses as L
 
 D64 = torch.float64
 
@@ -370,7 +370,7 @@ def test_entropy_token_lambda():
 # ------------------------------------------------------- baseline conventions (losses.LOSS_CONVENTIONS)
 
 def test_npo_per_token_convention_by_hand():
-    from pipeline.losses import npo_loss, per_token
+    from pipeline.stage2.losses import npo_loss, per_token
     mask = torch.tensor([[1, 1, 1, 0]])
     ll_cur, ll_ref = torch.tensor([-6.0]), torch.tensor([-3.0])
     # mllmu: per-token means -2 and -1, log ratio -1: -(2/0.4) * log(sigmoid(0.4))
@@ -383,7 +383,7 @@ def test_npo_per_token_convention_by_hand():
 
 
 def test_idkpo_conventions_by_hand():
-    from pipeline.losses import idkpo_loss, idkpo_scale, retain_nll_weight
+    from pipeline.stage2.losses import idkpo_loss, idkpo_scale, retain_nll_weight
     assert idkpo_scale("viker", 0.4, 0.1) == (0.4, 1.0)
     assert idkpo_scale("mllmu", 0.4, 0.1) == (0.1, pytest.approx(20.0))
     assert idkpo_scale("openunlearning", 0.4, 0.1) == (0.1, pytest.approx(20.0))
@@ -399,7 +399,8 @@ def test_idkpo_conventions_by_hand():
 
 def test_unknown_convention_is_one_line():
     from pipeline.config import TrainConfig
-    from pipeline.train import TrainError, loss_spec
+    from pipeline.stage2.errors import TrainError
+    from pipeline.stage2.methods import loss_spec
     with pytest.raises(TrainError, match="train.convention 'tofu' is not one of: viker, mllmu, openunlearning"):
         loss_spec(TrainConfig(convention="tofu"), "npo", 5, 64, 0)
     assert loss_spec(TrainConfig(convention="MLLMU"), "npo", 5, 64, 0).convention == "mllmu"

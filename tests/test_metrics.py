@@ -1,19 +1,9 @@
 """Metric tests against values worked out by hand."""
 import pytest
 
-from pipeline.metrics import (
-    BLEU_NOTE,
-    COHERENCE_LABEL,
-    aggregate_generation,
-    bleu_score,
-    choice_accuracy,
-    classifier_coherence,
-    cloze_correct,
-    coherence_score,
-    is_coherent,
-    parse_choice_letter,
-    rouge_scores,
-)
+from pipeline.evaluation.metrics import (BLEU_NOTE, COHERENCE_LABEL, aggregate_generation, bleu_score,
+                                         choice_accuracy, classifier_coherence, cloze_correct, coherence_score,
+                                         is_coherent, parse_choice_letter, rouge_scores)
 
 
 # ---------------------------------------------------------------- multiple choice

@@ -1,16 +1,15 @@
 """Membership-inference attacks: hand-computed statistics, exact AUC, PrivLeak, and planted members."""
 import math
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import finetune as ft
-from pipeline import mia
+from pipeline.stage2 import finetune as ft
+from pipeline.evaluation import mia
 from pipeline.data.mllmu import read_split
-from pipeline.encoding import encode_pair
-from pipeline.modeling import load_model
+from pipeline.models.encoding import encode_pair
+from pipeline.models.modeling import load_model
 from tests.tiny import make_world, tiny_config
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -184,7 +183,7 @@ def test_items_are_the_training_text(world):
 
 def test_sample_scores_agree_with_likelihoods_and_batching(world):
     """LOSS score x answer length = the summed log-likelihood scoring.py computes; batching changes nothing."""
-    from pipeline.scoring import answer_logliks
+    from pipeline.evaluation.scoring import answer_logliks
     root, model_dir, profiles = world
     model, processor = load_model(model_dir, dtype="float32", device="cpu")
     items = mia.qa_items(profiles[:3])

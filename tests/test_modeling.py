@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from pipeline.data.mllmu import read_split
-from pipeline.encoding import InputError, encode_pair, load_image, pixel_values
-from pipeline.finetune import finetune
-from pipeline.modeling import ModelError, load_model, wrap_lora
-from pipeline.prompts import train_text
+from pipeline.models.encoding import InputError, encode_pair, load_image, pixel_values
+from pipeline.stage2.finetune import finetune
+from pipeline.models.modeling import ModelError, load_model, wrap_lora
+from pipeline.models.prompts import train_text
 from tests.tiny import make_world, tiny_config
 
 TINY = tiny_config()
@@ -87,7 +87,7 @@ def test_pixel_values_have_model_shape(world):
 
 def test_set_threads_honours_viker_threads_then_omp(monkeypatch):
     import torch
-    from pipeline.modeling import ModelError, set_threads
+    from pipeline.models.modeling import ModelError, set_threads
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "2")

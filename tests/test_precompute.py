@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses, precompute as pc, refcache
+from pipeline.stage2 import losses
+from pipeline.stage1 import precompute as pc
+from pipeline.cache import refcache
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.demo import tokenizer_texts
-from pipeline.encoding import load_image
-from pipeline.fingerprint import pool_files, training_fingerprint
-from pipeline.modeling import build_tiny_llava, load_model
+from pipeline.jobs.demo import tokenizer_texts
+from pipeline.models.encoding import load_image
+from pipeline.cache.fingerprint import pool_files, training_fingerprint
+from pipeline.models.modeling import build_tiny_llava, load_model
 from tests.tiny import assert_caches_agree, make_world, tiny_config
 
 TINY = tiny_config(text_layers=2)
@@ -306,7 +308,8 @@ def test_own_images_share_one_prefix_per_distinct_image(tiny_model):
 
 
 def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tmp_path):
-    from pipeline.train import TrainError, build_inputs, open_cache
+    from pipeline.stage2.errors import TrainError
+    from pipeline.stage2.inputs import build_inputs, open_cache
     root, model_dir, samples = world
     out = tmp_path / "viker-only"
     manifest = run(world, out, scores="reference")

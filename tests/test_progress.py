@@ -1,8 +1,8 @@
 """Batch-job hygiene: progress as plain lines off a terminal; ASCII file names."""
 import io
 
-from pipeline.evaluate import default_samples_path
-from pipeline.labels import file_slug
+from pipeline.evaluation.evaluate import default_samples_path
+from pipeline.stage2.labels import file_slug
 from pipeline.progress import LogProgress, progress
 
 

@@ -1,7 +1,7 @@
 """MLLMU-Bench's official protocol: the exact prompts and image inputs its eval.py builds (read from the code)."""
 import pytest
 
-from pipeline import protocol_mllmu as pm
+from pipeline.evaluation import protocol_mllmu as pm
 from pipeline.data.records import ChoiceItem, GenItem, Profile
 
 IMG_ADA, IMG_BO = b"ada-image", b"bo-image"

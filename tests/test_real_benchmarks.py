@@ -12,21 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.clear_eval as ce
-from pipeline import clear_official as co
-from pipeline import metrics as mt
-from pipeline import evaluate as ev
-from pipeline import precompute as pc
-from pipeline import prompts
-from pipeline import train as tr
+import pipeline.evaluation.clear_eval as ce
+from pipeline.evaluation import clear_official as co
+from pipeline.evaluation import metrics as mt
+from pipeline.evaluation import evaluate as ev
+from pipeline.stage1 import precompute as pc
+from pipeline.models import prompts
+from pipeline.stage2 import train as tr
 from pipeline.config import TinyModelConfig, TrainConfig
 from pipeline.data.clear import (CAPTION_QUESTION, NAME_QUESTION, RealRow, read_caption_rows, read_clear,
                                  read_real_rows)
 from pipeline.data.loaders import default_splits, read_profiles
 from pipeline.data.mllmu import DataError, write_split
 from pipeline.data.records import QA, ChoiceItem, GenItem, Profile, forget_samples
-from pipeline.encoding import encode_pair, load_image, pixel_values
-from pipeline.modeling import build_tiny_llava, load_model
+from pipeline.models.encoding import encode_pair, load_image, pixel_values
+from pipeline.models.modeling import build_tiny_llava, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 

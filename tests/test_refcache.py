@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import cacheview
-from pipeline import refcache as rc
+from pipeline.cache import view as cacheview
+from pipeline.cache import refcache as rc
 
 VOCAB = 32000
 K = 8

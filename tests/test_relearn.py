@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import pipeline.evaluate as ev
-from pipeline import relearn as rl
+import pipeline.evaluation.evaluate as ev
+from pipeline.evaluation import relearn as rl
 from pipeline.data.mllmu import DataError, read_split
-from pipeline.modeling import load_model
+from pipeline.models.modeling import load_model
 from tests.tiny import make_world, tiny_config
 
 

@@ -6,15 +6,9 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from pipeline.metrics import BLEU_NOTE
-from pipeline.report import (
-    _tradeoff_points,
-    comparison_table,
-    key_token_plot,
-    load_results,
-    to_markdown,
-    write_report,
-)
+from pipeline.evaluation.metrics import BLEU_NOTE
+from pipeline.jobs.report import (_tradeoff_points, comparison_table, key_token_plot, load_results, to_markdown,
+                                  write_report)
 
 COHERENCE_KIND = "model-free coherence (test)"
 # GA forget accuracy per (budget, seed); budget 10 averages to 55.0 with sample std 7.1
@@ -190,14 +184,14 @@ def test_metrics_and_report_stay_free_of_torch():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.metrics, pipeline.report; "
+    code = ("import sys, pipeline.evaluation.metrics, pipeline.jobs.report; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_acc_metric_switches_the_acc_columns(tmp_path):
-    from pipeline import report
+    from pipeline.jobs import report
     import json
     rows = [{"method": "Vanilla", "forget_split": "forget_10", "budget": 0, "seed": 0,
              "metrics": {"forget": {"mc_acc": 0.25, "fact_acc": 1.0, "rougeL": 0.9},
@@ -217,6 +211,6 @@ def test_acc_metric_switches_the_acc_columns(tmp_path):
 
 
 def test_method_variants_sort_after_their_method():
-    from pipeline.report import _method_rank
+    from pipeline.jobs.report import _method_rank
     names = ["ViKeR λ=0.5", "Zeta", "GA", "ViKeR λ=0.05", "Vanilla", "NPO"]
     assert sorted(names, key=_method_rank) == ["Vanilla", "GA", "NPO", "ViKeR λ=0.05", "ViKeR λ=0.5", "Zeta"]

@@ -3,12 +3,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import scoring
+from pipeline.evaluation import scoring
 from pipeline.data.records import ChoiceItem, GenItem, Profile
-from pipeline.encoding import encode_pair
-from pipeline.forward import unwrap
-from pipeline.modeling import load_model
-from pipeline.prompts import cloze_prompt, train_prompt
+from pipeline.models.encoding import encode_pair
+from pipeline.models.forward import unwrap
+from pipeline.models.modeling import load_model
+from pipeline.models.prompts import cloze_prompt, train_prompt
 from tests.tiny import make_world, tiny_config
 
 

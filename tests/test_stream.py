@@ -3,12 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import precompute as pc, train as tr
+from pipeline.stage1 import precompute as pc
+from pipeline.stage2 import train as tr
+from pipeline.stage2.errors import TrainError
+from pipeline.stage2.inputs import CachedExamples, Inputs, build_inputs, open_cache
+from pipeline.stage2.methods import AnswerLogits, LossSpec, needs_retain
+from pipeline.stage2.stream import MicroBatch, Stream, next_micro_batch, pad_references, shard_groups
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.encoding import load_image, pixel_values
-from pipeline.modeling import load_model
-from pipeline.refcache import RefCacheReader
+from pipeline.models.encoding import load_image, pixel_values
+from pipeline.models.modeling import load_model
+from pipeline.cache.refcache import RefCacheReader
 from tests.test_train import _sharpen
 from tests.tiny import make_world, tiny_config
 
@@ -40,12 +45,12 @@ def in_memory_batch(w, inputs, rows, rrows, method):
     bank = pixel_values(w["processor"], [load_image(b) for b in inputs.images])
     with RefCacheReader(w["cache"]) as reader:
         refs = {ex.sample_id: reader.get(ex.sample_id) for ex in inputs.forget}
-    mem = tr.Inputs(inputs.forget, inputs.idk, inputs.retain, refs, bank, None, inputs.pad_id)
+    mem = Inputs(inputs.forget, inputs.idk, inputs.retain, refs, bank, None, inputs.pad_id)
     forget = [inputs.forget[i] for i in rows]
-    mb = tr.MicroBatch(forget)
+    mb = MicroBatch(forget)
     cached = [refs[ex.sample_id] for ex in forget]
     if method == "viker":
-        mb.refs = tr.pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
+        mb.refs = pad_references(cached, max(len(ex.ids) - ex.start for ex in forget))
     if method in ("npo", "idkpo"):
         mb.ref_logp_own = torch.tensor([r.ref_logp_own for r in cached])
     if method == "idkpo":
@@ -60,25 +65,25 @@ def in_memory_batch(w, inputs, rows, rrows, method):
                                             ("idkpo", 0), ("viker", 2)])
 def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
     w = world
-    retain = w["retain"] if tr.needs_retain(method, 0.0) else []
+    retain = w["retain"] if needs_retain(method, 0.0) else []
     idk = "I don't know." if method == "idkpo" else ""
-    held = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None)   # every token made at setup
+    held = build_inputs(w["processor"], w["forget"], retain, None, idk, None)   # every token made at setup
     reader = None
     if method in ("npo", "idkpo", "viker"):   # as train does: examples rebuilt per batch from the cache
-        reader, _ = tr.open_cache(w["cache"], w["model_dir"], w["forget"], method, None, "I don't know.")
-    inputs = tr.build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=method)
+        reader, _ = open_cache(w["cache"], w["model_dir"], w["forget"], method, None, "I don't know.")
+    inputs = build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=method)
     inputs.workers = workers
     if reader is not None:
-        assert isinstance(inputs.forget, tr.CachedExamples) and inputs.forget.nbytes() == 8 * len(w["forget"])
-    streams = {"forget": tr.Stream(len(inputs.forget), 0, groups=tr.shard_groups(inputs.reader, inputs.forget)),
-               "retain": tr.Stream(len(inputs.retain or []), 1)}
+        assert isinstance(inputs.forget, CachedExamples) and inputs.forget.nbytes() == 8 * len(w["forget"])
+    streams = {"forget": Stream(len(inputs.forget), 0, groups=shard_groups(inputs.reader, inputs.forget)),
+               "retain": Stream(len(inputs.retain or []), 1)}
     twin = {k: s.copy() for k, s in streams.items()}
-    spec = tr.LossSpec(method, lam=1.0)
-    net = tr.AnswerLogits(w["model"])
+    spec = LossSpec(method, lam=1.0)
+    net = AnswerLogits(w["model"])
     for _ in range(3):
         rows = twin["forget"].take(3)
         rrows = twin["retain"].take(3) if inputs.retain else []
-        mb = tr.next_micro_batch(inputs, streams, 3, method)
+        mb = next_micro_batch(inputs, streams, 3, method)
         streamed, d_stream = tr.micro_batch_loss(net, w["model"], mb, spec, inputs, torch.device("cpu"))
         mem, mb_mem = in_memory_batch(w, held, rows, rrows, method)
         for part in ("forget", "idk"):   # the examples themselves, token for token
@@ -96,7 +101,7 @@ def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
 
 def test_shard_aware_shuffle_keeps_windows_and_respects_epochs():
     groups = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 25)]
-    s = tr.Stream(25, seed=3, groups=groups, window=4)
+    s = Stream(25, seed=3, groups=groups, window=4)
     epoch = []
     while True:
         batch = s.take(4)
@@ -116,19 +121,19 @@ def test_shard_aware_shuffle_keeps_windows_and_respects_epochs():
 
 
 def test_stream_state_round_trips_and_ranks_get_equal_epochs():
-    a = tr.Stream(10, seed=5, groups=[np.arange(10)], window=3)
+    a = Stream(10, seed=5, groups=[np.arange(10)], window=3)
     a.take(4)
-    b = tr.Stream(10, seed=99, groups=[np.arange(10)], window=3)
+    b = Stream(10, seed=99, groups=[np.arange(10)], window=3)
     b.load_state_dict(a.state_dict())
     assert [a.take(3) for _ in range(5)] == [b.take(3) for _ in range(5)]
-    ranks = [tr.Stream(11, seed=0, rank=r, world=3) for r in range(3)]
+    ranks = [Stream(11, seed=0, rank=r, world=3) for r in range(3)]
     epochs = [r.take(100) for r in ranks]
     assert [len(e) for e in epochs] == [3, 3, 3]                # 11 cut to 9: same batch count on every rank
     assert len(set(sum(epochs, []))) == 9
 
 
 def test_example_table_reads_like_the_list_and_costs_tokens_not_objects():
-    from pipeline.train import Example, ExampleTable
+    from pipeline.stage2.inputs import Example, ExampleTable
     rng = np.random.default_rng(0)
     examples = [Example(f"person-{i:05d}/{i % 7}", rng.integers(0, 32064, 54).astype(np.int32), 24, i % 3)
                 for i in range(5000)]
@@ -151,7 +156,7 @@ def _copies_cache(w, tmp, n: int, question=None):
     """n copies of the forget samples (new ids, same images) and a cache holding their answer tokens."""
     from dataclasses import replace
 
-    from pipeline import refcache
+    from pipeline.cache import refcache
     samples = [replace(s, sample_id=f"copy-{i:05d}/0") for i, s in
                zip(range(n), (w["forget"][i % len(w["forget"])] for i in range(n)))]
     refs = []
@@ -190,7 +195,7 @@ def test_with_a_cache_memory_per_forget_sample_is_eight_bytes_not_its_tokens(wor
         for n in (300, 2400):   # a wide gap: a few KB of allocator noise stays below 2 B per sample
             samples, reader = _copies_cache(w, tmp_path / f"{path}{n}", n)
             use = reader if path == "cached" else None
-            held[n] = _held_bytes(lambda: tr.build_inputs(w["processor"], samples, [], None, "", None,
+            held[n] = _held_bytes(lambda: build_inputs(w["processor"], samples, [], None, "", None,
                                                           reader=use, method="viker").forget)
             reader.close()
         grown[path] = (held[2400] - held[300]) / 2100
@@ -203,21 +208,21 @@ def test_with_a_cache_memory_per_forget_sample_is_eight_bytes_not_its_tokens(wor
 def test_cached_examples_refuse_a_cache_that_does_not_match_at_setup(world, tmp_path):
     from dataclasses import replace
 
-    from pipeline.encoding import InputError
+    from pipeline.models.encoding import InputError
     w = world
     samples, reader = _copies_cache(w, tmp_path / "other-question", 6, question="Who is this?")
-    with pytest.raises(tr.TrainError, match="holds another question for sample 'copy-00000/0'"):
-        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    with pytest.raises(TrainError, match="holds another question for sample 'copy-00000/0'"):
+        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
     samples, reader = _copies_cache(w, tmp_path / "ok", 6)
-    with pytest.raises(tr.TrainError, match="forget sample 'extra/0' is not in reference cache"):
-        tr.build_inputs(w["processor"], samples + [replace(samples[0], sample_id="extra/0")], [], None, "", None,
+    with pytest.raises(TrainError, match="forget sample 'extra/0' is not in reference cache"):
+        build_inputs(w["processor"], samples + [replace(samples[0], sample_id="extra/0")], [], None, "", None,
                         reader=reader, method="viker")
-    with pytest.raises(tr.TrainError, match="needs ref_logp_own"):
-        tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="npo")
+    with pytest.raises(TrainError, match="needs ref_logp_own"):
+        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="npo")
     with pytest.raises(InputError, match="exceeds the model's limit of 8"):
-        tr.build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method="viker")
-    built = tr.build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
-    held = tr.build_inputs(w["processor"], samples, [], None, "", None)
+        build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method="viker")
+    built = build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+    held = build_inputs(w["processor"], samples, [], None, "", None)
     for i in range(6):   # indexing a CachedExamples reads the cache and gives the tokenised example
         assert np.array_equal(built.forget[i].ids, held.forget[i].ids) and built.forget[i].start == held.forget[i].start
     reader.close()

@@ -3,14 +3,12 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 
-from pipeline import study
+from pipeline.study import grid as study
 from pipeline.config import ConfigError, load_config
-from pipeline.study_report import (bootstrap_ci, curve_auc, gold_table, interpolate_at, matched_table, select,
-                                   unit_values,
-                                   units)
+from pipeline.study.report import (bootstrap_ci, curve_auc, gold_table, interpolate_at, matched_table, select,
+                                   unit_values, units)
 
 
 # ------------------------------------------------------------ interpolation, AUC, bootstrap
@@ -114,7 +112,7 @@ def test_retain_aware_viker_is_a_study_method_of_its_own():
     keys = {r["settings"]["method"] for r in study.selection_runs(cfg)}
     assert keys == {"viker", "viker+nll"}
     assert study.train_method("viker+nll") == ("viker", {"retain_term": "nll"}) and study.is_viker("viker+kl")
-    assert study.LABELS["viker+nll"] == "ViKeR+NLL"
+    assert study.METHOD_LABELS["viker+nll"] == "ViKeR+NLL"
     a = study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")
     b = study.make_run(cfg, 1, "forget_10", 0, "viker+nll", 16, 2e-3, 0.5, "ViKeR+NLL", "main")
     assert a["key"] != b["key"]
@@ -187,8 +185,8 @@ def test_finished_runs_are_reused_and_a_killed_study_resumes(tmp_path, monkeypat
         results_path.write_text("partial\n")
         return {"method": method, "budget": budget, "metrics": {"forget": {"fact_acc": 1.0 - budget / 64}}}
 
-    monkeypatch.setattr("pipeline.runs.run_train", fake_train)
-    monkeypatch.setattr("pipeline.evaluate.evaluate", fake_eval)
+    monkeypatch.setattr("pipeline.jobs.runs.run_train", fake_train)
+    monkeypatch.setattr("pipeline.evaluation.evaluate.evaluate", fake_eval)
     monkeypatch.setattr(study, "prepare_cache", lambda *a: None)
     with pytest.raises(Killed):
         study._execute(cfg, runs, lambda *_: None, "grid")
@@ -239,7 +237,7 @@ def test_only_the_benchmark_image_pools_bypass_the_leak_check():
 
 
 def test_comparison_tables_use_the_first_seed_only():
-    from pipeline.study_report import first_seed_units
+    from pipeline.study.report import first_seed_units
     recs = [_record("Vanilla", "vanilla", d, 0, _row(1.0, 1.0), seed=0, group="vanilla") for d in (1, 2)]
     recs += [_record("ViKeR", "viker", d, 16, _row(0.4, 0.8), seed=s) for d in (1, 2) for s in (0, 1)]
     recs += [_record("ViKeR k=1", "viker", d, 16, _row(0.4, 0.7), seed=0, group="k") for d in (1, 2)]

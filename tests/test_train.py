@@ -12,14 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import precompute as pc
-from pipeline import train as tr
+from pipeline.stage1 import precompute as pc
+from pipeline.stage2 import methods
+from pipeline.stage2 import train as tr
+from pipeline.stage2.errors import TrainError, TrainingDiverged
+from pipeline.stage2.inputs import build_inputs
+from pipeline.stage2.methods import LossSpec, online_references, resolve_method
+from pipeline.stage2.stream import pad_references
 from pipeline.config import TrainConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
-from pipeline.forward import answer_logits, make_text_batch
-from pipeline.modeling import load_model
-from pipeline.refcache import FingerprintMismatch
+from pipeline.models.forward import answer_logits, make_text_batch
+from pipeline.models.modeling import load_model
+from pipeline.cache.refcache import FingerprintMismatch
 from tests.tiny import make_world, tiny_config
 
 # peft calls a transformers helper that transformers 5.2x deprecates; not ours to fix.
@@ -94,7 +99,7 @@ def capture_model(monkeypatch):
 def some_logits(model, processor, samples):
     enc = pc.encode_samples(processor, samples, "", None)
     batch = make_text_batch([e.ids for e in enc], [e.answer_start for e in enc], processor.tokenizer.pad_token_id)
-    from pipeline.encoding import load_image, pixel_values
+    from pipeline.models.encoding import load_image, pixel_values
     pixels = pixel_values(processor, [load_image(s.image) for s in samples])
     with torch.no_grad():
         return answer_logits(model, batch, pixels.to(next(model.parameters()).dtype))
@@ -149,14 +154,14 @@ def test_saved_adapter_reloads_with_the_in_memory_logits_and_merges(world, tmp_p
 
 
 def test_online_references_equal_the_cached_ones(world):
-    from pipeline.refcache import RefCacheReader
+    from pipeline.cache.refcache import RefCacheReader
     model, processor = load_model(world["model"], device="cpu")
     model = tr.wrap_lora(model, r=4, alpha=8, dropout=0.1)
-    inputs = tr.build_inputs(processor, world["samples"], [], None, "", world["pool"])
-    spec = tr.LossSpec("viker", online=True, k=K_IMAGES, top_k=TOP_K, ref_seed=0)
-    online = tr.online_references(model, inputs.forget, inputs, spec, torch.device("cpu"))
+    inputs = build_inputs(processor, world["samples"], [], None, "", world["pool"])
+    spec = LossSpec("viker", online=True, k=K_IMAGES, top_k=TOP_K, ref_seed=0)
+    online = online_references(model, inputs.forget, inputs, spec, torch.device("cpu"))
     with RefCacheReader(world["cache"]) as reader:
-        cached = tr.pad_references([reader.get(ex.sample_id) for ex in inputs.forget], online.topk_idx.shape[1])
+        cached = pad_references([reader.get(ex.sample_id) for ex in inputs.forget], online.topk_idx.shape[1])
     assert online.topk_prob.shape == cached.topk_prob.shape
     assert float(cached.topk_prob.sum(-1).max()) > 0.5, "references too flat to test anything"
     # Both are float16-rounded top-K probabilities: equal up to one float16 step on a rounding boundary.
@@ -251,10 +256,10 @@ def test_retain_aware_viker_adds_its_weighted_retain_term(world, tmp_path, term,
 
 
 def test_retain_term_is_checked_in_one_line(world, tmp_path):
-    with pytest.raises(tr.TrainError, match="one of: none, nll, kl") as err:
+    with pytest.raises(TrainError, match="one of: none, nll, kl") as err:
         run(world, tmp_path / "a", method="viker", retain_term="mse")
     assert "\n" not in str(err.value)
-    with pytest.raises(tr.TrainError, match="viker only"):
+    with pytest.raises(TrainError, match="viker only"):
         run(world, tmp_path / "b", method="ga", retain_term="nll")
 
 
@@ -266,11 +271,11 @@ def test_epochs_set_the_number_of_steps():
 
 
 def test_unknown_method_is_a_one_line_error(world, tmp_path):
-    with pytest.raises(tr.TrainError) as err:
+    with pytest.raises(TrainError) as err:
         run(world, tmp_path / "run", method="gradient_descent")
     assert "unknown training method 'gradient_descent'" in str(err.value)
     assert "ga, graddiff, kl_min, npo, idkpo, viker" in str(err.value) and "\n" not in str(err.value)
-    assert tr.resolve_method("ViKeR") == "viker" and tr.resolve_method("KL-Min") == "kl_min"
+    assert resolve_method("ViKeR") == "viker" and resolve_method("KL-Min") == "kl_min"
 
 
 # ------------------------------------------------------------------ failure and resume
@@ -278,15 +283,15 @@ def test_unknown_method_is_a_one_line_error(world, tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_adapter(world, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = tr.ga_loss
+    original = methods.ga_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss, diag = original(*args, **kwargs)
         return (loss * float("nan"), diag) if calls["n"] == 3 else (loss, diag)
 
-    monkeypatch.setattr(tr, "ga_loss", poisoned)
-    with pytest.raises(tr.TrainingDiverged) as err:
+    monkeypatch.setattr(methods, "ga_loss", poisoned)
+    with pytest.raises(TrainingDiverged) as err:
         run(world, tmp_path / "run", method="ga", steps=5)
     message = str(err.value)
     assert "step 3" in message and "nan" in message and "\n" not in message
@@ -344,9 +349,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(world, tmp_path, monkeypatch
     with pytest.raises(Interrupted):
         run(world, tmp_path / "run", method="ga", steps=4, save_every=2)
     monkeypatch.setattr(tr, "micro_batch_loss", original)
-    with pytest.raises(tr.TrainError, match="differs on: train.lr"):
+    with pytest.raises(TrainError, match="differs on: train.lr"):
         run(world, tmp_path / "run", method="ga", steps=4, save_every=2, lr=1e-3, resume=True)
-    with pytest.raises(tr.TrainError, match="no checkpoint"):
+    with pytest.raises(TrainError, match="no checkpoint"):
         run(world, tmp_path / "fresh", method="ga", steps=4, resume=True)
 
 
@@ -356,7 +361,7 @@ DDP_SCRIPT = """
 import json, os, sys, torch
 torch.set_num_threads(1)
 from pipeline.config import TrainConfig
-from pipeline.train import train
+from pipeline.stage2.train import train
 w = json.loads(sys.argv[1])
 cfg = TrainConfig(method="viker", output=w["out"], steps=3, batch_size=1, grad_accum=2, lr=1e-2, lora_r=4,
                   lora_alpha=8, lora_dropout=0.1)

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from pipeline import refcache
+from pipeline.cache import refcache
 from pipeline.config import MiniConfig, TinyModelConfig
 from pipeline.data.mini import make_mini
-from pipeline.demo import tokenizer_texts
-from pipeline.modeling import build_tiny
+from pipeline.jobs.demo import tokenizer_texts
+from pipeline.models.modeling import build_tiny
 
 
 def tiny_config(text_layers: int = 1, **kw) -> TinyModelConfig:

@@ -16,6 +16,7 @@ from .clear import PERTURBED_COLUMNS, is_tofu_config, read_caption_rows, read_re
 from .loaders import default_splits
 from .mllmu import DataError, read_split, read_train_split
 
+
 MLLMU_USES = {
     "ID": "profile id (joins forget, Test_Set and Full_Set rows)",
     "image": "the person's picture",

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from .mllmu import DataError, image_bytes, read_table, split_files
 from .records import QA, ChoiceItem, Profile
 
+
 CAPTION_QUESTION = "Describe the image in detail."
 NAME_QUESTION = "What is the name of the person in the image?"
 

@@ -15,6 +15,7 @@ from .clear import read_clear
 from .mllmu import DataError, read_split, read_train_split
 from .records import Profile
 
+
 BENCHMARKS = ("mllmu", "clear")
 
 

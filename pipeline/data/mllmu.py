@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .records import QA, ChoiceItem, GenItem, Profile
 
+
 SPLITS = ("forget_5", "forget_10", "forget_15", "retain_95", "retain_90", "retain_85",
           "Test_Set", "Retain_Set", "ft_Data", "Full_Set")
 PARQUET_NAME = "train-00000-of-00001.parquet"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, TrainConfig
+from pipeline.config import Config, TrainConfig
 
 
 def pool_dir(pool: str, data_root: str) -> str:
     """A named pool of the benchmark (people, pets, scenes, patterns) or a directory of images."""
-    from .data.mini import POOLS
+    from pipeline.data.mini import POOLS
     return str(Path(data_root) / "pools" / pool) if pool in POOLS else pool
 
 
@@ -25,8 +25,8 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print, desc: s
     With finetune.exclude_split the people of that split are left out: the
     gold model, trained as the vanilla one but never on the forget people.
     """
-    from .data.loaders import read_profiles
-    from .finetune import finetune
+    from pipeline.data.loaders import read_profiles
+    from pipeline.stage2.finetune import finetune
     f, d = cfg.finetune, cfg.data
     profiles = read_profiles(d.root, d.finetune_split, d.benchmark)
     if d.finetune_real:
@@ -49,8 +49,8 @@ def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log
     A split that is not on disk is skipped with a line in the log (a forget-only
     dataset is still usable), never silently.
     """
-    from .data.loaders import read_profiles
-    from .data.mllmu import DataError
+    from pipeline.data.loaders import read_profiles
+    from pipeline.data.mllmu import DataError
     out = {}
     for name, split in splits.items():
         if not split:
@@ -67,7 +67,7 @@ def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log
 
 def benchmark_splits(cfg: Config) -> dict[str, str]:
     """The forget, retain, test and real splits of cfg.data (defaults filled in as evaluate fills them)."""
-    from .data.loaders import default_splits
+    from pipeline.data.loaders import default_splits
     d = cfg.data
     try:
         defaults = default_splits(d.benchmark, d.forget_split)
@@ -80,9 +80,9 @@ def benchmark_splits(cfg: Config) -> dict[str, str]:
 def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
                    rank: int = 0, world: int = 1, overwrite: bool = False, log=print) -> dict | None:
     """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
-    from .data.loaders import read_profiles
-    from .data.records import forget_samples
-    from .precompute import precompute
+    from pipeline.data.loaders import read_profiles
+    from pipeline.data.records import forget_samples
+    from pipeline.stage1.precompute import precompute
     p, d = cfg.precompute, cfg.data
     samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark, train_root=d.train_root))
     return precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
@@ -103,7 +103,7 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
     The cache must have been made with cfg.precompute's k, top_k, seed, reference and pool
     (train.use_cache_settings=true takes the cache's instead).
     """
-    from .train import train
+    from pipeline.stage2.train import train
     d, p = cfg.data, cfg.precompute
     expected = {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
     return train(str(model_dir), d.root, d.forget_split, d.retain_split, p.output, train_cfg or cfg.train,

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from pipeline.metrics import BLEU_NOTE
+from pipeline.evaluation.metrics import BLEU_NOTE
+
 
 METHOD_ORDER = ("Vanilla", "Gold", "GA", "GradDiff", "KL_Min", "NPO", "IdkPO", "ViKeR")
 ID_COLUMNS = ("method", "forget_split", "budget", "setting")
@@ -40,7 +41,7 @@ TABLE_COLUMNS = (
      "answer log-likelihood; lower = more forgetting; readable when the model never learned the MC format)"),
     ("Coherence", "forget.coherence",
      "share of forget-set answers judged coherent (higher = no gibberish)"),
-    # Attacks (pipeline/mia.py, pipeline/relearn.py): n/a where they did not run.
+    # Attacks (pipeline/evaluation/mia.py, pipeline/evaluation/relearn.py): n/a where they did not run.
     ("MIA AUC", "mia.mia_auc_best",
      "membership-inference ROC AUC, forget QA vs never-trained people, of the attack (LOSS, zlib, min-k%, "
      "min-k%++) under which the model differs most from the gold model (50 = chance; the gold model's is "

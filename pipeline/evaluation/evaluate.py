@@ -19,27 +19,27 @@ answer "US US US".
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .progress import progress as tqdm  # plain log lines off a terminal
+from pipeline.data.loaders import check_benchmark, default_splits, read_profiles
+from pipeline.data.mllmu import SPLITS, DataError, read_split
+from pipeline.data.records import Profile
+from pipeline.models.encoding import load_image
+from pipeline.models.generation import generate
+from pipeline.models.modeling import ModelError, load_for_eval, resolve_device
+from pipeline.models.prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from pipeline.progress import progress as tqdm  # plain log lines off a terminal
+from pipeline.stage2.labels import file_slug
 
 from . import metrics
-from .labels import file_slug
-from .mia import DEFAULT_K
-from .data.loaders import check_benchmark, default_splits, read_profiles
-from .data.mllmu import SPLITS, DataError, read_split
-from .data.records import Profile
-from .encoding import load_image
 from .factcheck import fact_accuracy
-from .generation import generate
-from .modeling import ModelError, load_model, resolve_device
-from .prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from .mia import DEFAULT_K
 from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
 from .protocol_mllmu import PROTOCOL_ID, evaluate_official
 from .results import append_result, flatten, mean, sample_row, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
 from .scoring import LL_METRIC_KEYS, likelihood_metrics
+
 
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
@@ -50,33 +50,6 @@ MC_NEW_TOKENS = 8
 
 
 # ------------------------------------------------------------------ model
-
-def load_for_eval(model_dir, adapter=None, dtype: str = "auto", device: str = "auto"):
-    """(model, processor) for a base, vanilla or merged model directory, or a base plus a LoRA adapter.
-
-    A `model_dir` holding only an adapter (adapter_config.json, no config.json)
-    is read as that adapter on the base it names. Adapters are merged into the
-    weights: generation then runs at the plain model's speed.
-    """
-    base, adapter = _base_and_adapter(Path(model_dir), adapter)
-    model, processor = load_model(base, dtype=dtype, device=device)
-    if adapter is None:
-        return model, processor
-    from peft import PeftModel
-    merged = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
-    return merged.eval(), processor
-
-
-def _base_and_adapter(model_dir: Path, adapter):
-    if adapter is None and (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ModelError(f"adapter {model_dir} does not name its base model; pass the base model and the adapter")
-        return Path(base), model_dir
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ModelError(f"adapter {adapter} has no adapter_config.json: not a saved PEFT adapter")
-    return model_dir, adapter
-
 
 def load_coherence_classifier(path, device: str = "auto", batch_size: int = 32):
     """A local HF text-classification model as a callable texts -> [{"label", "score"}]."""
@@ -277,7 +250,6 @@ def _cloze(run, profiles, images, max_new_tokens):
     return mean(r["scores"]["correct"] for r in rows), rows
 
 
-
 def _finite(value) -> float | None:
     # JSON has no NaN; a missing metric is null, which report reads back as NaN.
     return None if value is None or math.isnan(value) else float(value)
@@ -296,7 +268,7 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
              relearn: dict | None = None, relearn_reference: str = "") -> dict:
     """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
 
-    Membership inference (`mia`: auto | on | off; pipeline/mia.py) scores the
+    Membership inference (`mia`: auto | on | off; pipeline/evaluation/mia.py) scores the
     forget split's QA against `mia_split`'s never-trained people; with `gold`
     (a model trained without the forget people) it adds PrivLeak per attack.
     Its numbers are the row's metrics["mia"]. `relearn` (relearn.attack_model's
@@ -413,7 +385,7 @@ def membership_metrics(model, processor, members, nonmembers, k: float, batch_si
                        dtype: str = "auto", device: str = "auto") -> tuple[dict, list[dict]]:
     """AUC per attack (+ PrivLeak against `gold`, whose AUCs are computed once and kept beside it)."""
     from . import mia
-    from .filememo import remembered
+    from pipeline.cache.filememo import remembered
     metrics, rows = mia.membership(model, processor, members, nonmembers, batch_size, k)
     gold_metrics = None
     if gold:

@@ -10,14 +10,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import prompts
-from .config import Config
-from .data.mini import is_complete, make_mini
-from .data.loaders import read_profiles
-from .data.mllmu import read_split
-from .factcheck import fact_accuracy
-from .families import FAMILIES
-from .modeling import build_tiny, load_model
+from pipeline.config import Config, csv_list
+from pipeline.data.loaders import read_profiles
+from pipeline.data.mini import is_complete, make_mini
+from pipeline.data.mllmu import read_split
+from pipeline.evaluation.factcheck import fact_accuracy
+from pipeline.models import prompts
+from pipeline.models.families import FAMILIES
+from pipeline.models.modeling import build_tiny, load_model
 
 
 class GateError(RuntimeError):
@@ -40,7 +40,7 @@ def tokenizer_texts(root: str) -> list[str]:
     data, so a never-trained name must not cost more tokens than a trained one
     (membership inference would read the tokenizer, not the model).
     """
-    from .data.mini import HOLDOUT_SPLIT
+    from pipeline.data.mini import HOLDOUT_SPLIT
     texts = [prompts.PREFIX, "I don't know.", "ASSISTANT:", "Answer: A B C D"]
     for split in ("ft_Data", "Retain_Set", "Test_Set", HOLDOUT_SPLIT):
         if split == HOLDOUT_SPLIT and not (Path(root) / split).is_dir():
@@ -201,7 +201,7 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
     Held-out pictures exist only in MLLMU-Bench's Test_Set (CLEAR has none), so
     the test rows are measured there alone.
     """
-    from .data.loaders import default_splits
+    from pipeline.data.loaders import default_splits
     model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
     d = cfg.data
     splits = default_splits(d.benchmark, d.forget_split)
@@ -228,7 +228,7 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print) -> dict:
 
 
 def _holdout_profiles(cfg: Config) -> list:
-    from .data.mini import HOLDOUT_SPLIT
+    from pipeline.data.mini import HOLDOUT_SPLIT
     root = Path(cfg.data.root) / HOLDOUT_SPLIT
     return read_profiles(cfg.data.root, HOLDOUT_SPLIT, cfg.data.benchmark) if root.is_dir() else []
 
@@ -261,8 +261,8 @@ def check_gate(results: dict, min_acc: float, injection: dict | None = None) -> 
 
 def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     """Stage one on the forget split (resumes, or does nothing, if the cache is already there)."""
-    from .modeling import load_processor
-    from .cacheview import format_inspect, inspect_cache
+    from pipeline.models.modeling import load_processor
+    from pipeline.cache.view import format_inspect, inspect_cache
     from .runs import run_precompute
     p = cfg.precompute
     t = time.time()
@@ -273,22 +273,18 @@ def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
     return p.output
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def sweep_plan(cfg: Config) -> list[dict]:
     """Every (method, lambda, budget, seed) of the sweep, in the order of the results table."""
-    from .labels import METHOD_LABELS, is_viker
-    lams = [float(x) for x in _csv(cfg.demo.lams)]
+    from pipeline.stage2.labels import METHOD_LABELS, is_viker
+    lams = [float(x) for x in csv_list(cfg.demo.lams)]
     plan = []
-    for method in _csv(cfg.demo.methods):
+    for method in csv_list(cfg.demo.methods):
         for lam in (lams if is_viker(method) else [cfg.train.lam]):
             label = METHOD_LABELS.get(method, method)
             if is_viker(method) and len(lams) > 1:
                 label += f" λ={lam:g}"        # one curve per lambda in the trade-off plot
-            for budget in [int(b) for b in _csv(cfg.demo.budgets)]:
-                for seed in [int(s) for s in _csv(cfg.demo.seeds)]:
+            for budget in [int(b) for b in csv_list(cfg.demo.budgets)]:
+                for seed in [int(s) for s in csv_list(cfg.demo.seeds)]:
                     plan.append({"method": method, "lam": lam, "label": label, "budget": budget, "seed": seed,
                                  "name": f"{method}-{lam:g}-{budget}-s{seed}"})
     return plan
@@ -304,7 +300,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     one file at once; unlearning_sweep joins them in plan order.
     """
     from dataclasses import replace
-    from .evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
     from .runs import evaluate_kwargs, relearn_settings, run_train
     t = time.time()
     d = cfg.data
@@ -324,7 +320,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
         evaluate(model_dir, d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0,
                  **evaluate_kwargs(cfg, results))
         return str(results), time.time() - t
-    from .labels import train_method
+    from pipeline.stage2.labels import train_method
     out_dir = Path(cfg.train.output) / run["name"]
     method, extra = train_method(run["method"])       # viker+nll: viker with train.retain_term nll
     tcfg = replace(cfg.train, method=method, steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
@@ -347,7 +343,7 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     Plain gradient ascent diverges given enough steps, so one point per method
     would hide the comparison: the sweep gives a trade-off curve per method.
     The runs are independent: `demo.workers` one-thread processes share them
-    (pipeline/workers.py says why that is faster than one process on 2 threads).
+    (pipeline/jobs/workers.py says why that is faster than one process on 2 threads).
     """
     from .workers import run_parallel
     results = Path(cfg.evaluate.results)
@@ -377,8 +373,8 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
 
 def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> list[tuple]:
     """A few forget answers with each token's reference entropy, for the key-token picture."""
-    from .modeling import load_processor
-    from .refcache import RefCacheReader
+    from pipeline.models.modeling import load_processor
+    from pipeline.cache.refcache import RefCacheReader
     tok = load_processor(model_dir).tokenizer
     examples = []
     with RefCacheReader(cache_dir) as reader:
@@ -392,7 +388,7 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
 def run_demo(cfg: Config, log=print) -> dict:
     from .report import write_report
     import torch
-    from . import thread_note
+    from pipeline import thread_note
     t0 = time.time()
     log(f"[threads] {torch.get_num_threads()} torch threads; {thread_note()}")
     cfg = family_folders(cfg)

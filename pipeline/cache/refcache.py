@@ -40,6 +40,7 @@ import numpy as np
 from . import filememo  # standard library only
 from .filememo import hash_file  # noqa: F401  (plain sha256; re-exported for callers of refcache)
 
+
 # 2: per-sample pool_indices and question, a `sources` record (model and pool paths as given
 #    and as content hashes, every pool file's sha256, prompt template text, units).
 FORMAT_VERSION = 2
@@ -52,7 +53,7 @@ _TOKEN_FIELDS = ("answer_ids", "topk_idx", "topk_prob", "tail_mass", "entropy")
 _SAMPLE_FIELDS = ("ref_logp_own", "ref_logp_idk")
 _CHUNK_ROWS = 1024
 _READ_CACHE_BYTES = 4 << 20  # a few decompressed chunks per dataset: sequential reads hit it
-_BLOCK_SAMPLES = 64  # samples read together by RefCacheReader.get (train.Stream's window size)
+_BLOCK_SAMPLES = 64  # samples read together by RefCacheReader.get (stream.Stream's window size)
 _MAX_BLOCKS = 8
 _MAX_OPEN_FILES = 4
 _PART_LABELS = {
@@ -819,7 +820,7 @@ class RefCacheReader:
 
         One h5py read costs ~0.1-0.5 ms whatever its size, so per-sample reads
         cap streaming at a few hundred samples/s; the shuffle visits a block's
-        samples together (train.Stream windows), so one read serves them all.
+        samples together (stream.Stream windows), so one read serves them all.
         """
         self._check_process()
         key = (pos, number)

@@ -90,10 +90,11 @@ import zlib
 import numpy as np
 import torch
 
-from .data.records import Profile
-from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .forward import answer_logits, make_text_batch
-from .prompts import train_text
+from pipeline.data.records import Profile
+from pipeline.models.encoding import encode_pair, load_image, max_positions, pixel_values
+from pipeline.models.forward import answer_logits, make_text_batch
+from pipeline.models.prompts import train_text
+
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 DEFAULT_K = 0.4        # OpenUnlearning's configured k for min-k% and min-k%++ (module doc)

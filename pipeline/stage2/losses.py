@@ -35,7 +35,7 @@ computed by logsumexp, see _log_buckets), and the
 optional per-token lambda (`token_lambda`, `entropy_token_lambda`).
 
 Baseline conventions (train.convention; LOSS_CONVENTIONS, applied in
-train.micro_batch_loss). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
+methods.micro_batch_loss). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
 
     method   viker (ours; the demo)          mllmu (MLLMU-Bench baselines/)          openunlearning
     GA       mean_t log Q                    same (GA.py: -outputs.loss)              same

@@ -7,6 +7,7 @@ in families.FAMILIES from one shape config.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from . import families
 from .prompts import IMAGE_TOKEN
+
 
 # A chat template is required by LlavaProcessor; ours reproduces the MLLMU-Bench prompt.
 CHAT_TEMPLATE = (
@@ -393,7 +395,7 @@ def set_threads() -> int:
     `viker study`'s, pin one thread each, because several torch processes each
     using every core ran 7x slower on 2 cores.
     """
-    from . import usable_cores
+    from pipeline import usable_cores
     n = usable_cores()
     for name in ("VIKER_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
@@ -404,3 +406,30 @@ def set_threads() -> int:
             break
     torch.set_num_threads(max(1, n))
     return max(1, n)
+
+
+def load_for_eval(model_dir, adapter=None, dtype: str = "auto", device: str = "auto"):
+    """(model, processor) for a base, vanilla or merged model directory, or a base plus a LoRA adapter.
+
+    A `model_dir` holding only an adapter (adapter_config.json, no config.json)
+    is read as that adapter on the base it names. Adapters are merged into the
+    weights: generation then runs at the plain model's speed.
+    """
+    base, adapter = _base_and_adapter(Path(model_dir), adapter)
+    model, processor = load_model(base, dtype=dtype, device=device)
+    if adapter is None:
+        return model, processor
+    from peft import PeftModel
+    merged = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    return merged.eval(), processor
+
+
+def _base_and_adapter(model_dir: Path, adapter):
+    if adapter is None and (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"adapter {model_dir} does not name its base model; pass the base model and the adapter")
+        return Path(base), model_dir
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"adapter {adapter} has no adapter_config.json: not a saved PEFT adapter")
+    return model_dir, adapter

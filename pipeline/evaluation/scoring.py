@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from .data.records import Profile
-from .encoding import encode_pair, pixel_values
-from .forward import answer_logits, make_text_batch
-from .prompts import cloze_prompt, train_prompt
+from pipeline.data.records import Profile
+from pipeline.models.encoding import encode_pair, pixel_values
+from pipeline.models.forward import answer_logits, make_text_batch
+from pipeline.models.prompts import cloze_prompt, train_prompt
+
 from .results import mean, sample_row
+
 
 LL_METRIC_KEYS = ("mc_ll_acc", "mc_ll_acc_image", "mc_ll_acc_text", "cloze_ll_acc")
 

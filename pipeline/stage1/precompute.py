@@ -33,17 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .progress import progress as tqdm  # plain log lines off a terminal
 
-from . import refcache
-from .data.records import Sample
-from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .fingerprint import cache_fingerprint, cache_sources, pool_files
-from .families import image_token_id, next_position
-from .forward import (answer_logits, forward_inputs, language_model, make_text_batch, multimodal_model,
-                      output_head, unwrap)
-from .modeling import check_model_dir, load_model, resolve_device, resolve_dtype
-from .prompts import TEMPLATE_ID, train_text
+from pipeline.cache import refcache
+from pipeline.cache.fingerprint import cache_fingerprint, cache_sources, pool_files
+from pipeline.data.records import Sample
+from pipeline.models.encoding import encode_pair, load_image, max_positions, pixel_values
+from pipeline.models.families import image_token_id, next_position
+from pipeline.models.forward import (answer_logits, forward_inputs, language_model, make_text_batch, multimodal_model,
+                                     output_head, unwrap)
+from pipeline.models.modeling import check_model_dir, load_model, resolve_device, resolve_dtype
+from pipeline.models.prompts import TEMPLATE_ID, train_text
+from pipeline.progress import progress as tqdm  # plain log lines off a terminal
+
 from .references import benchmark_leaks, draw_reference_images
 
 

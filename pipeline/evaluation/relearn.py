@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.mllmu import DataError
-from .data.records import Profile
+from pipeline.data.mllmu import DataError
+from pipeline.data.records import Profile
+
 from .factcheck import fact_accuracy
 
 
@@ -67,7 +68,7 @@ def attack_model(model, processor, profiles: list[Profile], *, fraction: float =
                  lr: float = 1e-4, batch_size: int = 4, seed: int = 0, lora: bool = False, lora_r: int = 16,
                  lora_alpha: int = 32, eval_batch_size: int = 32, log=lambda *_: None) -> dict:
     """The attack on a loaded model (trained in place: call it last). Returns before/after accuracies."""
-    from .finetune import teach
+    from pipeline.stage2.finetune import teach
     attacker, held_out = split_forget(profiles, fraction, seed)
     before = held_out_accuracy(model, processor, held_out, eval_batch_size)
     torch.manual_seed(seed)
@@ -90,8 +91,8 @@ def reference_accuracy(model_dir, profiles: list[Profile], fraction: float, seed
 
     `key` names the data (root and split): one value per (data, fraction, seed).
     """
-    from .evaluate import load_for_eval
-    from .filememo import remembered
+    from pipeline.models.modeling import load_for_eval
+    from pipeline.cache.filememo import remembered
 
     def compute() -> float:
         model, processor = load_for_eval(model_dir, None, dtype, device)

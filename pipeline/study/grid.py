@@ -3,7 +3,7 @@
 One demo run is one benchmark draw, one forget split and one seed; the two
 draws in the README disagree. The study repeats the unlearning sweep over
 the grid of `study.*` keys and compares methods at *matched forgetting*
-(study_report.py), with 95% bootstrap intervals over draws x seeds.
+(study/report.py), with 95% bootstrap intervals over draws x seeds.
 
 Phases, each parallel over `study.workers` processes pinned to one torch
 thread (VIKER_THREADS=1: several torch processes each using every core ran
@@ -20,7 +20,7 @@ thread (VIKER_THREADS=1: several torch processes each using every core ran
   5. docs/STUDY.md with tables and plots.
 
 Selection rule (the same for every method): the candidate with the largest
-area under its retain-utility vs forgetting curve (study_report.curve_auc, on
+area under its retain-utility vs forgetting curve (report.curve_auc, on
 the validation draw, split `study.val_split`, first seed); ties go to the
 candidate listed first. The test draws never take part in the choice, and
 the demo's draw (mini.seed 0) is not allowed among them.
@@ -38,11 +38,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import Config, ConfigError
-from .labels import METHOD_LABELS, is_viker, train_method
-from .workers import run_parallel
+from pipeline.config import Config, ConfigError, csv_list
+from pipeline.jobs.workers import run_parallel
+from pipeline.stage2.labels import METHOD_LABELS, is_viker, train_method
 
-LABELS = METHOD_LABELS   # the report's names (pipeline/labels.py), one table for every table
+from .report import SELECTION_RULE, select, write_study_report
+
+
 # CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
 QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.n_holdout=4", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
          "finetune.steps=40", "finetune.batch_size=8", "finetune.gate_min_acc=0", "finetune.warmup_steps=5",
@@ -53,10 +55,6 @@ QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.n_holdout=4", "mini.trai
          "study.lrs=2e-3", "study.lams=0.5", "study.refs=pets", "study.ks=1", "study.lam_sweep=0.1",
          "study.regularisers=jsd", "study.n_boot=200", "study.output=cache/study-quick",
          "study.report=cache/study-quick/STUDY.md")
-
-
-def csv_list(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def check_study(cfg: Config) -> None:
@@ -149,7 +147,7 @@ def selection_runs(cfg: Config) -> list[dict]:
             for lam in lams:
                 for budget in [int(b) for b in csv_list(s.budgets)]:
                     runs.append(make_run(cfg, s.val_draw, s.val_split, seed, method, budget, lr, lam,
-                                         f"{LABELS.get(method, method)} lr={lr:g}" +
+                                         f"{METHOD_LABELS.get(method, method)} lr={lr:g}" +
                                          (f" λ={lam:g}" if is_viker(method) else ""), "selection"))
     return runs
 
@@ -167,7 +165,7 @@ def test_runs(cfg: Config, selection: dict) -> list[dict]:
                     lr, lam = _frozen(selection, method)
                     for budget in budgets:
                         runs.append(make_run(cfg, draw, split, seed, method, budget, lr, lam,
-                                             LABELS.get(method, method), "main"))
+                                             METHOD_LABELS.get(method, method), "main"))
     if not s.ablations or "viker" not in selection:
         return runs
     lr, lam = _frozen(selection, "viker")
@@ -202,7 +200,7 @@ def gold_runs(cfg: Config, draws: list[int], splits: list[str]) -> list[dict]:
 
 def prepare_draw(cfg: Config, draw: int) -> str:
     """Benchmark, base and vanilla model of one draw (each reused when its stamp matches)."""
-    from .demo import ensure_base_model, ensure_benchmark, ensure_vanilla
+    from pipeline.jobs.demo import ensure_base_model, ensure_benchmark, ensure_vanilla
     c = draw_config(cfg, draw)
     quiet = lambda *_: None
     ensure_benchmark(c, quiet)
@@ -221,13 +219,13 @@ def split_config(cfg: Config, draw: int, split: str) -> Config:
 
 def prepare_gold(cfg: Config, draw: int, split: str) -> str:
     """The gold model of one (draw, split): the vanilla recipe without the split's people (reused by its stamp)."""
-    from .demo import ensure_gold
+    from pipeline.jobs.demo import ensure_gold
     return str(ensure_gold(split_config(cfg, draw, split), lambda *_: None))
 
 
 def _write_image_pools(c: Config) -> None:
     """The benchmark's own retain-set and forget-set images as reference pools (reference-source comparison)."""
-    from .data.loaders import default_splits, read_profiles
+    from pipeline.data.loaders import default_splits, read_profiles
     split = c.study.ablation_split
     for name, which in (("retain_set", default_splits(c.data.benchmark, split)["retain"]), ("forget_set", split)):
         folder = Path(c.data.root) / "pools" / name
@@ -258,7 +256,7 @@ def _cache_config(cfg: Config, draw: int, split: str, ref: dict) -> Config:
 
 
 def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
-    from .runs import run_precompute
+    from pipeline.jobs.runs import run_precompute
     c = _cache_config(cfg, draw, split, ref)
     # The study owns its cache directories: shards of another fingerprint (older settings) are replaced.
     run_precompute(c, c.finetune.output, overwrite=True, log=lambda *_: None)
@@ -267,9 +265,9 @@ def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
 
 def execute_run(cfg: Config, run: dict) -> dict:
     """Train and evaluate one run unless it is finished; returns its done record."""
-    from .demo import gold_dir
-    from .evaluate import evaluate
-    from .runs import evaluate_kwargs, relearn_settings, run_train
+    from pipeline.jobs.demo import gold_dir
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.jobs.runs import evaluate_kwargs, relearn_settings, run_train
     folder = Path(cfg.study.output) / "runs" / run["key"]
     done = folder / "done.json"
     if done.is_file():
@@ -335,7 +333,6 @@ def _execute(cfg: Config, runs: list[dict], log, what: str) -> list[dict]:
 
 def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
     """All phases (module doc); returns the paths written and the wall time."""
-    from .study_report import select, write_study_report
     check_study(cfg)
     t0 = time.time()
     s = cfg.study
@@ -370,7 +367,6 @@ def report_only(cfg: Config, command: str, log=print) -> dict:
     The report states how many of the planned runs it holds; hyper-parameters
     come from the selection.json the study froze (none: no report).
     """
-    from .study_report import write_study_report
     check_study(cfg)
     s = cfg.study
     frozen = Path(s.output) / "selection.json"
@@ -392,7 +388,3 @@ def report_only(cfg: Config, command: str, log=print) -> dict:
                                note=note)
     return {"runs": len(records) + len(val_records), "planned": len(planned) + len(planned_val),
             **{k: str(v) for k, v in paths.items()}}
-
-
-SELECTION_RULE = ("per method, the candidate (lr, and lambda for ViKeR) with the largest area under its "
-                  "retain-utility vs forgetting curve on the validation draw; ties go to the candidate listed first")

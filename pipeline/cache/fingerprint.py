@@ -4,7 +4,7 @@ Stage one stamps it on every shard; stage two recomputes it from the model and
 data it was given and refuses a cache whose parts differ (refcache names them).
 Nothing here runs a model. Weight files are hashed in full (sha256, ~1.3 GB/s
 on our CPUs: ~10 s for a 13 GB checkpoint) and remembered by (path, size,
-mtime, inode) in pipeline.filememo, so only the first run after a change pays.
+mtime, inode) in pipeline.cache.filememo, so only the first run after a change pays.
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import hashlib
 import inspect
 from pathlib import Path
 
-from . import prompts
+from pipeline.models import prompts
+
 from .filememo import memo_file_hash
 from .refcache import (CacheError, hash_bytes, hash_file, hash_files, hash_json, make_fingerprint, make_sources,
                        pool_entries, source_problems)
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json",
@@ -52,8 +54,8 @@ def family_prompt_record(model_dir: str | Path) -> dict | None:
     None for LLaVA, whose prompt is prompts.py's text as written (read from
     config.json alone, without loading its processor).
     """
-    from . import families
-    from .modeling import load_processor
+    from pipeline.models import families
+    from pipeline.models.modeling import load_processor
     if families.family_of_dir(model_dir).name == "llava":
         return None
     processor = load_processor(model_dir)

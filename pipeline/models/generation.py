@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from .progress import progress as tqdm  # plain log lines off a terminal
+
+from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 
 from .encoding import encode_prompt, pad_left, pixel_values
 from .families import generation_inputs

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from .progress import progress as tqdm  # plain log lines off a terminal
 
-from .data.records import Profile
-from .encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
-from .forward import answer_logits, forward_inputs, make_text_batch
-from .modeling import load_model, wrap_lora
-from .prompts import generation_prompt, train_text
+from pipeline.data.records import Profile
+from pipeline.models.encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
+from pipeline.models.forward import answer_logits, forward_inputs, make_text_batch
+from pipeline.models.modeling import load_model, wrap_lora
+from pipeline.models.prompts import generation_prompt, train_text
+from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 
 
 @dataclass

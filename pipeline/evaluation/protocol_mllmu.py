@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.data.mllmu import DataError
+from pipeline.data.records import Profile
+from pipeline.models.encoding import encode_prompt, load_image, pad_left, pixel_values
+from pipeline.models.families import generation_inputs
+
 from . import metrics
-from .data.mllmu import DataError
-from .data.records import Profile
-from .encoding import encode_prompt, load_image, pad_left, pixel_values
-from .families import generation_inputs
+
 
 PROTOCOL_ID = "mllmu-official-v1"
 MC_SHOT_PROFILES = 1        # eval.py evaluate_classification: random.sample(id_list, 1)

@@ -7,10 +7,10 @@ field fall back to the whole reference answer.
 """
 from __future__ import annotations
 
-from .data.records import Profile
-from .encoding import load_image
-from .generation import generate
-from .prompts import fact_prompt
+from pipeline.data.records import Profile
+from pipeline.models.encoding import load_image
+from pipeline.models.generation import generate
+from pipeline.models.prompts import fact_prompt
 
 
 def fact_items(profiles: list[Profile], held_out: bool = False):

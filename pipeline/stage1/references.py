@@ -1,9 +1,10 @@
 """Which pool images a forget sample's reference distribution is averaged over.
 
 Both stages need the same draw: stage one to compute R, online ViKeR in stage
-two to recompute it. It lives here, below both, so neither stage reaches into
-the other. Since cache format 2 the draw is also stored per sample in the
-shards (``pool_indices``), so a cache can be audited without this code.
+two to recompute it. Stage two imports it from here: a later stage may read an
+earlier one, never the reverse (tests/test_layers.py). Since cache format 2 the
+draw is also stored per sample in the shards (``pool_indices``), so a cache can
+be audited without this code.
 """
 from __future__ import annotations
 

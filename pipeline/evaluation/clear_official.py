@@ -41,11 +41,13 @@ import random
 
 import numpy as np
 
+from pipeline.data.clear import CaptionRow, RealRow
+from pipeline.data.mllmu import DataError
+from pipeline.models.encoding import load_image
+from pipeline.models.prompts import IMAGE_TOKEN, train_prompt
+
 from . import metrics
-from .data.clear import CaptionRow, RealRow
-from .data.mllmu import DataError
-from .encoding import load_image
-from .prompts import IMAGE_TOKEN, train_prompt
+
 
 OFFICIAL_ROWS = 300                 # config/mm/eval.yaml ds_size
 FACE_QUESTION = "The name of the person on the image is "     # mm/dataset.py, random_faces

@@ -65,22 +65,25 @@ import math
 from pathlib import Path
 
 import torch
-from .progress import progress as tqdm  # plain log lines off a terminal
+
+from pipeline.data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, read_caption_rows,
+                                 read_real_rows, split_exists)
+from pipeline.data.loaders import default_splits
+from pipeline.data.mllmu import DataError
+from pipeline.models.encoding import encode_pair, load_image, max_positions, pixel_values
+from pipeline.models.forward import answer_logits, make_text_batch
+from pipeline.models.generation import generate
+from pipeline.models.modeling import load_for_eval
+from pipeline.models.prompts import multiple_choice_prompt, train_prompt
+from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 
 from . import clear_official as co
 from . import metrics
 from .clear_official import OFFICIAL_ROWS
-from .data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, read_caption_rows, read_real_rows,
-                         split_exists)
-from .data.loaders import default_splits
-from .data.mllmu import DataError
-from .encoding import encode_pair, load_image, max_positions, pixel_values
-from .evaluate import default_samples_path, load_for_eval
-from .forward import answer_logits, make_text_batch
-from .generation import generate
-from .prompts import multiple_choice_prompt, train_prompt
+from .evaluate import default_samples_path
 from .protocol_mllmu import Item, generate_items
 from .results import append_result, mean, sample_row, write_jsonl
+
 
 CLEAR_PROTOCOL = (
     "viker-clear-v1: CLEAR (therem/CLEAR) scored as its authors' mm/eval.py: greedy caption for a fixed "
