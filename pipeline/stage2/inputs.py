@@ -170,7 +170,7 @@ class CachedExamples:
 class Inputs:
     """What the loop draws micro-batches from.
 
-    References and images are read on demand (see Loader). With a cache the
+    References and images are read on demand (see stream.Loader). With a cache the
     forget (and idk) examples are CachedExamples, rebuilt per batch from the
     cache, so memory does not grow with the number of cached samples beyond 8
     bytes each; without one, token ids are made once at setup (ExampleTable).
@@ -186,7 +186,7 @@ class Inputs:
     reader: RefCacheReader | None = None   # the open reference cache, when the method uses one
     processor: object = None
     workers: int = 0
-    loaders: dict | None = None      # "forget"/"retain" -> Loader, made at the first micro-batch
+    loaders: dict | None = None      # "forget"/"retain" -> stream.Loader, made at the first micro-batch
 
 
 def open_inputs(processor, model, forget: list[Sample], retain: list[Sample], method: str, *, use_cache: bool,

@@ -108,7 +108,6 @@ class Run:
     n_forget: int
     steps: int
     start: int                     # the step a resumed run continues after (0 for a fresh one)
-    autocast: object
 
     @property
     def method(self) -> str:
@@ -157,8 +156,7 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
                                pool_dir, idk_answer, spec, world, steps)
     description["benchmark"] = benchmark
     run = Run(cfg, spec, Path(cfg.output), rank, world, dev, model, processor, inputs, net, params, optimizer,
-              scheduler, streams, description, n_forget, steps, start=0, autocast=(torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
-                        else contextlib.nullcontext()))
+              scheduler, streams, description, n_forget, steps, start=0)
     if resume:
         run.start = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, streams, description,
                                     rank, world)
@@ -173,6 +171,11 @@ def lora_model(model_dir, cfg: TrainConfig, dtype: str, dev: torch.device):
     model = wrap_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
     model.train()
     return model, processor
+
+
+def autocast(dev: torch.device):
+    """The gradient forward's autocast: bf16 on CUDA, none on the CPU (the model runs in its own dtype)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def gradient_net(model, world: int, dev: torch.device) -> torch.nn.Module:
@@ -232,7 +235,7 @@ def accumulate(run: Run) -> tuple[torch.Tensor, dict]:
         # DDP averages gradients only on the last micro-batch of the step.
         sync = (run.net.no_sync() if run.world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext())
         with sync:
-            with run.autocast:
+            with autocast(run.dev):
                 loss, d = micro_batch_loss(run.net, run.model, mb, run.spec, run.inputs, run.dev)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach() / cfg.grad_accum
