@@ -3,7 +3,7 @@
 Owns the record types (`records`: Profile, QA, choice and generation items,
 forget samples), the MLLMU-Bench parquet reader and writer (`mllmu`), the CLEAR
 reader (`clear`), one entry point over both (`loaders`), the miniature
-benchmark and its settings (`mini`, `portraits`) and `viker data check`
+benchmark and its settings (`mini`, `mini_settings`, `portraits`) and `viker data check`
 (`check`). Nothing here loads a model or torch.
 
 May import: the package root and `pipeline.progress` only. Every layer above

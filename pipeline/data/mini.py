@@ -18,12 +18,13 @@ plus reference image pools under `pools/` (people never seen, pets, scenes, patt
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from . import portraits
+from .mini_settings import MiniConfig
 from .mllmu import write_split
 from .records import QA, ChoiceItem, GenItem, Profile
 
@@ -38,21 +39,6 @@ JOBS = ["baker", "pilot", "nurse", "painter", "farmer", "chemist", "tailor", "sc
         "architect", "violinist", "carpenter", "librarian", "geologist", "florist", "journalist", "plumber",
         "astronomer", "jeweller"]
 POOLS = ("people", "pets", "scenes", "patterns")
-
-
-@dataclass
-class MiniConfig:
-    """The miniature benchmark generator (`viker data make-mini`)."""
-    seed: int = 0
-    n_fictitious: int = 60        # profiles that forget/retain splits are drawn from
-    n_real: int = 12              # "real" people: learned, never in a forget split
-    train_images: int = 3         # jittered training portraits per person
-    test_images: int = 2          # held-out portraits (other pose/background/accessories)
-    pool_size: int = 24           # images per reference pool
-    # People never trained on, drawn like the fictitious ones (split Holdout_Set): the non-members of
-    # membership inference (evaluate.mia). Drawn from their own generator: the rest of the world is the same.
-    n_holdout: int = 12
-    image_size: int = 64          # stored PNG side; the processor resizes
 
 
 FORGET_FRACTIONS = {"forget_5": 0.05, "forget_10": 0.10, "forget_15": 0.15}
