@@ -8,8 +8,8 @@ All three steps run on the same micro-batch through `pipeline.stage2.methods.mic
 (the loop's own code): forward + backward + clipping + AdamW step. The modes
 are interleaved (one step of each per round) so that drift on a shared
 machine hits them alike; the median of the rounds after warm-up is reported.
-DESIGN.md section 7 targets: cached/GA <= 1.05; online/cached is reported
-(2.77x measured at k=5 on an H100).
+Targets (docs/PERFORMANCE.md): cached/GA <= 1.05; online/cached is reported
+(2.77x measured earlier at k=5 on an H100).
 """
 from __future__ import annotations
 

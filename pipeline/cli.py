@@ -12,8 +12,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.stage2.labels import METHOD_LABELS, method_label  # noqa: F401  (METHOD_LABELS re-exported for old imports)
-
 from .config import ConfigError, load_config
 
 
@@ -52,6 +50,8 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ConfigError as exc:       # first, and alone: refusing a setting imports nothing heavy
+            raise click.ClickException(str(exc).splitlines()[0]) from None
         except _known_errors() as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except OSError as exc:
@@ -64,7 +64,7 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 overrides_arg = click.argument("overrides", nargs=-1)
 
 
-def _load(config_path, overrides, check_family: bool = True):
+def _load(config_path, overrides, check_family: bool = True, models: bool = True):
     """The given config; without one, configs/demo.yaml when run from the repository (the demo's settings).
 
     `check_family`: a model.family other than auto must be the family of the
@@ -83,6 +83,8 @@ def _load(config_path, overrides, check_family: bool = True):
         if found != cfg.model.family:
             raise ConfigError(f"model.family is {cfg.model.family} but the model at {cfg.model.path} is {found} "
                               f"(leave model.family=auto outside the demo)")
+    if models:
+        _model_libraries()
     return cfg
 
 
@@ -102,7 +104,15 @@ def main():
     viker study [--quick]           all methods over draws x splits x seeds -> docs/STUDY.md
     viker cache inspect|verify|merge DIR      (verify --model M --pool P: a copied cache)
     viker cache show DIR SAMPLE_ID  one sample's tokens, reference entropy and alternatives
+    viker attack relearn            relearning attack: does fine-tuning on part of the forget set bring it back?
+    viker config show               the resolved configuration (file + KEY=VALUE overrides) as YAML
     """
+    from pipeline.threads import apply_wait_policy
+    apply_wait_policy()                    # before torch loads OpenMP
+
+
+def _model_libraries() -> None:
+    """Threads and library logging for commands that run a model; after their config was checked."""
     import warnings
     from transformers.utils import logging as hf_logging
     from pipeline.models.modeling import set_threads
@@ -124,8 +134,9 @@ def demo(config_path, overrides):
     learned it. Outputs land under cache/ (a family other than LLaVA in folders
     suffixed with its name) and are reused when their inputs did not change.
     """
+    cfg = _load(config_path, overrides, check_family=False)    # refuse a bad setting before importing the jobs
     from pipeline.jobs.demo import run_demo
-    run_demo(_load(config_path, overrides, check_family=False))
+    run_demo(cfg)
 
 
 @main.command()
@@ -145,8 +156,9 @@ def study(config_path, quick, report_only, overrides):
     resumes. Settings: the `study` section (configs/study.yaml).
     """
     import shlex
-    from pipeline.study.grid import QUICK, report_only as write_only, run_study
-    cfg = load_config(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides))
+    from pipeline.study.quick import QUICK
+    cfg = _load(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides), check_family=False)
+    from pipeline.study.grid import report_only as write_only, run_study
     command = ("viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
     if report_only:
         write_only(cfg, command=command, log=click.echo)
@@ -186,7 +198,7 @@ def check_data_cmd(root, benchmark):
 def make_mini_cmd(config_path, out, overrides):
     """Generate the miniature benchmark: parquet splits + reference image pools."""
     from pipeline.data.mini import make_mini
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, models=False)
     path = make_mini(out or cfg.data.root, cfg.mini)
     click.echo(f"miniature benchmark written to {path}")
 
@@ -200,9 +212,9 @@ def finetune(config_path, overrides):
 
     Afterwards the vanilla model's attribute accuracy is measured and saved.
     """
+    cfg = _load(config_path, overrides)
     from pipeline.jobs.demo import vanilla_gate
     from pipeline.jobs.runs import run_finetune
-    cfg = _load(config_path, overrides)
     info = run_finetune(cfg)
     click.echo(f"vanilla model saved to {cfg.finetune.output} ({info['train_seconds']}s)")
     vanilla_gate(cfg, cfg.finetune.output, log=click.echo)
@@ -230,22 +242,14 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite,
     Several jobs:  viker precompute --shard-index 0 --num-shards 8 ...; then viker cache merge DIR
     The output directory holds one cache: shards of another run there are refused (--overwrite removes them).
     """
-    from pipeline.stage1.precompute import dist_env
     from pipeline.jobs.runs import run_precompute
+    from pipeline.models.distributed import distributed_state
     cfg = _load(config_path, overrides)
     p = cfg.precompute
     if allow_benchmark_images:
         p.allow_benchmark_images = True
-    rank, world, local_rank = dist_env()
-    device = cfg.model.device
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+    group = distributed_state(cfg.model.device)   # torchrun / accelerate launch: joins the process group
+    rank, world, device = group.rank, group.world, str(group.device)
     if (shard_index is None) != (num_shards is None):
         raise click.UsageError("--shard-index and --num-shards go together")
     if shard_index is not None:
@@ -282,8 +286,8 @@ def train(config_path, resume, overwrite, overrides):
     a cache made with other precompute.k/top_k/seed/pool/reference is refused unless
     train.use_cache_settings=true.
     """
-    from pipeline.jobs.runs import run_train
     cfg = _load(config_path, overrides)
+    from pipeline.jobs.runs import run_train
     result = run_train(cfg, cfg.model.path, resume=resume, overwrite=overwrite, log=click.echo)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
                f"(final loss {result['final_loss']:.4f}); adapter saved to {result['adapter']}")
@@ -312,33 +316,21 @@ def evaluate(config_path, adapter, method, budget, gold, overrides):
     --gold) where never-trained people exist (evaluate.mia, evaluate.mia_split).
     Rows go to evaluate.results and record the protocol.
     """
-    from pipeline.evaluation.clear_eval import evaluate_clear, format_clear_row
-    from pipeline.evaluation.evaluate import evaluate as run, format_row
     cfg = _load(config_path, overrides)
-    setting, fingerprint, seed = {}, "", 0
+    from pipeline.evaluation.clear_eval import format_clear_row
+    from pipeline.evaluation.evaluate import format_row
+    from pipeline.jobs.runs import run_evaluate
+    run = {}
     if adapter:
         info = _training_info(adapter)
+        run = dict(setting=info.get("setting", {}), cache_fingerprint=info.get("cache_fingerprint", ""),
+                   seed=info.get("seed", 0), budget=budget if budget is not None else info.get("steps", 0))
         method = method or info.get("method", "adapter")
-        setting = info.get("setting", {})
-        fingerprint = info.get("cache_fingerprint", "")
-        seed = info.get("seed", 0)
-        budget = budget if budget is not None else info.get("steps", 0)
-    e, d = cfg.evaluate, cfg.data
-    common = dict(adapter=adapter, method=method or "Vanilla", setting=setting, budget=budget or 0, seed=seed,
-                  cache_fingerprint=fingerprint, sets=e.sets, max_new_tokens=e.max_new_tokens,
-                  batch_size=e.batch_size, results_path=e.results, max_profiles=e.max_profiles,
-                  dtype=cfg.model.dtype, device=cfg.model.device)
-    if d.benchmark == "clear":
-        row = evaluate_clear(cfg.model.path, d.root, d.forget_split, d.retain_split, protocol=e.protocol,
-                             gold=gold or e.gold, eval_seed=e.seed, **common)
-    else:
-        row = run(cfg.model.path, d.root, d.forget_split, d.retain_split, few_shot=e.few_shot,
-                  coherence_classifier=e.coherence_classifier, benchmark=d.benchmark, protocol=e.protocol,
-                  likelihood_sets=e.likelihood_sets, tasks=e.tasks, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k,
-                  gold=gold or e.gold,
-                  eval_seed=e.seed, test_images=e.test_images, few_shot_split=e.few_shot_split, **common)
-    click.echo(format_clear_row(row) if d.benchmark == "clear" else format_row(row))
-    click.echo(f"row appended to {e.results}")
+    elif budget is not None:
+        run["budget"] = budget
+    row = run_evaluate(cfg, adapter=adapter, method=method or "Vanilla", gold=gold, **run)
+    click.echo(format_clear_row(row) if cfg.data.benchmark == "clear" else format_row(row))
+    click.echo(f"row appended to {cfg.evaluate.results}")
 
 
 @main.group()
@@ -365,24 +357,16 @@ def relearn_cmd(config_path, adapter, reference, overrides):
     the row as JSON. pipeline/evaluation/relearn.py says how the forget set is split.
     """
     import json
-    from pathlib import Path
-    from pipeline.data.loaders import read_profiles
-    from pipeline.evaluation.evaluate import memo_key, relearn_metrics
-    from pipeline.models.modeling import load_for_eval
-    from pipeline.evaluation.relearn import format_attack
-    from pipeline.jobs.runs import relearn_settings
     cfg = _load(config_path, overrides)
+    from pipeline.evaluation.relearn import format_attack
+    from pipeline.jobs.runs import config_record, run_relearn_attack
     d = cfg.data
-    members = read_profiles(d.root, d.forget_split, d.benchmark)
     label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
-    model, processor = load_for_eval(cfg.model.path, adapter, cfg.model.dtype, cfg.model.device)
-    result = relearn_metrics(model, processor, members, relearn_settings(cfg), reference or cfg.model.path,
-                             memo_key(d.root, d.forget_split), cfg.model.dtype, cfg.model.device,
-                             cfg.evaluate.batch_size)
+    result = run_relearn_attack(cfg, adapter, reference or cfg.model.path)
     click.echo(format_attack(result, label))
     if cfg.relearn.results:
         row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
-               "forget_split": d.forget_split, "data_root": d.root, "relearn": result}
+               "forget_split": d.forget_split, "data_root": d.root, "relearn": result, "config": config_record(cfg)}
         Path(cfg.relearn.results).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.relearn.results, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -408,6 +392,7 @@ def _training_info(adapter: str) -> dict:
     if recorded is not None and Path(adapter).is_dir() and adapter_files_digest(Path(adapter)) != recorded:
         raise ModelError(f"adapter {adapter} does not match the digest recorded in {path}: it is not the "
                          f"adapter that run produced")
+    from pipeline.stage2.labels import method_label
     t = info.get("train", {})
     return {"method": method_label(info), "steps": info.get("result", {}).get("steps", info.get("steps")),
             "seed": t.get("seed", 0), "cache_fingerprint": info.get("cache_fingerprint", ""),
@@ -424,12 +409,34 @@ def report(config_path, results, out, overrides):
     """Comparison table (Markdown + CSV) and trade-off plot from a results file."""
     from pathlib import Path
     from pipeline.jobs.report import write_report
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, models=False)
     results = results or cfg.evaluate.results
     paths = write_report(results, out or str(Path(results).parent / "report"), acc_metric=cfg.evaluate.table_acc)
     click.echo(Path(paths["markdown"]).read_text())
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+
+
+@main.group("config")
+def config_group():
+    """The configuration: every key, its default and range are in docs/CONFIG.md."""
+
+
+@config_group.command("show")
+@config_option
+@overrides_arg
+@one_line_errors
+def config_show(config_path, overrides):
+    """Print the resolved configuration (defaults, then --config, then KEY=VALUE overrides) as YAML.
+
+    Everything is checked as every command checks it: an unknown key, a bad
+    choice or a value out of range is refused with one line.
+    """
+    from pipeline.config import config_yaml
+    cfg = _load(config_path, overrides, check_family=False, models=False)
+    click.echo(f"# resolved from {config_path or (DEMO_CONFIG if Path(DEMO_CONFIG).is_file() else 'the defaults')}"
+               + (" with " + " ".join(overrides) if overrides else ""))
+    click.echo(config_yaml(cfg), nl=False)
 
 
 @main.group()

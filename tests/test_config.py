@@ -73,3 +73,98 @@ def test_retain_split_pairs_with_forget_split():
     assert default_splits("mllmu", "forget_5")["retain"] == "retain_95"
     with pytest.raises(DataError):
         default_splits("mllmu", "mine")
+
+
+# ------------------------------------------------------------ the typed schema
+
+def test_lists_come_from_yaml_lists_or_comma_strings(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("demo:\n  budgets: [8, 16]\n  lams: 0.5\nevaluate:\n  sets:\n    - forget\n    - retain\n")
+    cfg = load_config(f, ["study.lrs=1e-3,2e-3", "precompute.scores=[reference, own]"])
+    assert cfg.demo.budgets == [8, 16] and cfg.demo.lams == [0.5] and cfg.evaluate.sets == ["forget", "retain"]
+    assert cfg.study.lrs == [1e-3, 2e-3] and cfg.precompute.scores == ["reference", "own"]
+    assert load_config(None, ["train.method=GA"]).train.method == "ga", "choices are matched case-insensitively"
+
+
+def test_lists_are_not_shared_between_configs():
+    a, b = Config(), Config()
+    a.demo.budgets.append(99)
+    assert b.demo.budgets == [16, 32, 48]
+
+
+def test_rules_between_keys_are_checked_at_load():
+    for bad, needle in (("train.retain_term=nll", "applies to method viker only"),
+                        ("train.online_reference=true", "online_reference' applies to method viker only"),
+                        ("precompute.scores=own,idk", "must include reference"),
+                        ("model.device=gpu", "'model.device' must be auto, cpu, cuda or cuda:N")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, ["train.method=npo", bad] if "viker only" in needle else [bad])
+    assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
+
+
+def test_family_choices_are_the_family_table():
+    import typing
+    from pipeline.config import ModelConfig
+    from pipeline.models.families import FAMILIES
+    choices = typing.get_args(typing.get_type_hints(ModelConfig)["family"])
+    assert set(choices) == {"auto", *FAMILIES}
+
+
+def test_docs_config_md_is_generated_from_the_schema():
+    from pipeline.config import reference_markdown
+    doc = Path(__file__).parent.parent / "docs" / "CONFIG.md"
+    assert doc.read_text() == reference_markdown(), \
+        "docs/CONFIG.md is out of date: python -m pipeline.config > docs/CONFIG.md"
+
+
+def test_every_key_has_a_meaning_in_the_docs():
+    import dataclasses
+    from pipeline.config import SECTIONS
+    missing = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+               if not f.metadata.get("doc")]
+    assert missing == []
+
+
+def test_config_show_prints_the_resolved_yaml():
+    import yaml
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    result = CliRunner().invoke(main, ["config", "show", "--config", "configs/demo.yaml", "train.lr=3e-4",
+                                       "demo.budgets=4,8"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["train"]["lr"] == 3e-4 and shown["demo"]["budgets"] == [4, 8]
+    assert shown["data"]["finetune_real"] is True, "the file's values are in it"
+    assert load_config(None, [f"{s}.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                              for s, keys in shown.items() for k, v in keys.items()]) == load_config(
+        "configs/demo.yaml", ["train.lr=3e-4", "demo.budgets=4,8"]), "what it prints loads back to the same config"
+    bad = CliRunner().invoke(main, ["config", "show", "evaluate.mia=of"])
+    assert bad.exit_code == 1 and "config key 'evaluate.mia' must be one of: auto, on, off" in bad.output
+
+
+def test_a_bad_setting_stops_the_demo_at_once_without_loading_a_model_library():
+    """`viker demo evaluate.mia=of` is refused with one line before anything heavy is imported."""
+    import subprocess
+    import sys
+    import time
+    code = ("import sys\nfrom pipeline.cli import main\ntry:\n    main(['demo', 'evaluate.mia=of'])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print('LOADED' if any(m in sys.modules for m in ('torch', 'transformers')) else 'LIGHT', code)")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    took = time.perf_counter() - t
+    assert out.stdout.split() == ["LIGHT", "1"], out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == ["Error: config key 'evaluate.mia' must be one of: auto, on, off; got 'of'"]
+    assert took < 5, f"refusing a bad key took {took:.1f}s"
+
+
+def test_method_choices_are_the_registry():
+    """train.method and the sweeps' method lists offer exactly what pipeline/stage2/methods/ registers."""
+    import typing
+    from pipeline.config import DemoConfig, StudyConfig, TrainConfig
+    from pipeline.stage2.methods import METHOD_NAMES, SWEEP_KEYS
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["method"]) == METHOD_NAMES
+    for section in (DemoConfig, StudyConfig):
+        element = typing.get_args(typing.get_type_hints(section)["methods"])[0]
+        assert typing.get_args(element) == SWEEP_KEYS

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import pipeline.evaluation.evaluate as ev
+from tests.tiny import evaluate_with
 from pipeline.evaluation import metrics, mia
 from pipeline.data.mllmu import DataError, read_split
 from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
@@ -171,7 +172,7 @@ def test_eval_sets_select_the_four_sets(world):
 def test_missing_split_and_bad_inputs_are_one_line(world, tmp_path):
     root, model_dir = world
     with pytest.raises(DataError, match="split 'forget_99' not found") as err:
-        ev.evaluate(model_dir, root, "forget_99", "retain_90", results_path=tmp_path / "r.jsonl")
+        evaluate_with(ev.evaluate, model_dir, root, "forget_99", "retain_90", results_path=tmp_path / "r.jsonl")
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="shares 1 profile"):
         ev.eval_sets(root, "forget_10", "forget_15")
@@ -200,8 +201,8 @@ def test_vocabulary_holds_the_benchmarks_words(world):
 def two_runs(world, tmp_path_factory):
     root, model_dir = world
     out = tmp_path_factory.mktemp("eval")
-    first = ev.evaluate(model_dir, root, "forget_10", method="Vanilla", results_path=out / "results.jsonl", **FAST)
-    second = ev.evaluate(model_dir, root, "forget_10", method="GA", setting={"steps": 5, "lr": 1e-3}, budget=5,
+    first = evaluate_with(ev.evaluate, model_dir, root, "forget_10", method="Vanilla", results_path=out / "results.jsonl", **FAST)
+    second = evaluate_with(ev.evaluate, model_dir, root, "forget_10", method="GA", setting={"steps": 5, "lr": 1e-3}, budget=5,
                          seed=1, sets="forget", cache_fingerprint="ab12", results_path=out / "results.jsonl", **FAST)
     return out, first, second
 
@@ -257,15 +258,15 @@ def test_results_accumulate_and_csv_has_one_line_per_run(two_runs):
 
 def test_tasks_left_out_cost_nothing_and_read_none(world, tmp_path):
     root, model_dir = world
-    row = ev.evaluate(model_dir, root, "forget_10", sets="forget", likelihood_sets="forget", tasks="gen,fact",
+    row = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="forget", likelihood_sets="forget", tasks="gen,fact",
                       results_path=tmp_path / "r.jsonl", mia="off", **FAST)
     m = row["metrics"]["forget"]
     assert m["mc_acc"] is None and m["cloze_acc"] is None and m["rougeL"] is not None and m["fact_acc"] is not None
     assert m["mc_ll_acc"] is not None, "the likelihood reading of MC stays"
     kinds = {json.loads(line)["kind"] for line in open(row["samples"])}
     assert "mc" not in kinds and "cloze" not in kinds and "gen" in kinds and row["tasks"] == ["gen", "fact"]
-    with pytest.raises(ValueError, match="unknown evaluation task"):
-        ev.evaluate(model_dir, root, "forget_10", tasks="gen,essay", results_path=tmp_path / "r.jsonl", **FAST)
+    with pytest.raises(ValueError, match="config key 'evaluate.tasks' must be one of"):
+        evaluate_with(ev.evaluate, model_dir, root, "forget_10", tasks="gen,essay", results_path=tmp_path / "r.jsonl", **FAST)
 
 
 def test_membership_needs_never_trained_people(world, tmp_path):
@@ -273,15 +274,15 @@ def test_membership_needs_never_trained_people(world, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(root, bare, ignore=shutil.ignore_patterns("Holdout_Set"))
     out = tmp_path / "r.jsonl"
-    row = ev.evaluate(model_dir, bare, "forget_10", sets="forget", results_path=out, likelihood_sets="forget", **FAST)
+    row = evaluate_with(ev.evaluate, model_dir, bare, "forget_10", sets="forget", results_path=out, likelihood_sets="forget", **FAST)
     assert "mia" not in row["metrics"] and "skipped: no split 'Holdout_Set'" in row["mia_note"]
     assert row["mia_note"] in ev.format_row(row)
     with pytest.raises(DataError, match="MLLMU-Bench has none") as err:
-        ev.evaluate(model_dir, bare, "forget_10", sets="forget", results_path=out, mia="on", **FAST)
+        evaluate_with(ev.evaluate, model_dir, bare, "forget_10", sets="forget", results_path=out, mia="on", **FAST)
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match="evaluate.mia is one of"):
-        ev.evaluate(model_dir, root, "forget_10", sets="forget", results_path=out, mia="maybe", **FAST)
-    off = ev.evaluate(model_dir, root, "forget_10", sets="forget", results_path=out, mia="off", **FAST)
+    with pytest.raises(ValueError, match="config key 'evaluate.mia' must be one of"):
+        evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="forget", results_path=out, mia="maybe", **FAST)
+    off = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="forget", results_path=out, mia="off", **FAST)
     assert "mia" not in off["metrics"]
 
 
@@ -294,12 +295,12 @@ def test_gold_model_gives_privleak_and_is_scored_once(world, tmp_path, monkeypat
     real = mia.membership
     monkeypatch.setattr(mia, "membership", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(sets="forget", likelihood_sets="forget", gold=str(gold), **FAST)
-    row = ev.evaluate(model_dir, root, "forget_10", results_path=tmp_path / "a.jsonl", **kw)
+    row = evaluate_with(ev.evaluate, model_dir, root, "forget_10", results_path=tmp_path / "a.jsonl", **kw)
     m = row["metrics"]["mia"]
     for a in mia.ATTACKS:   # the same weights: the gold model's AUC is the model's, PrivLeak 0
         assert m[f"gold_auc_{a}"] == pytest.approx(m[f"mia_auc_{a}"]) and m[f"privleak_{a}"] == pytest.approx(0)
     assert (gold / "mia-gold.json").is_file() and len(calls) == 2
-    ev.evaluate(model_dir, root, "forget_10", results_path=tmp_path / "b.jsonl", **kw)
+    evaluate_with(ev.evaluate, model_dir, root, "forget_10", results_path=tmp_path / "b.jsonl", **kw)
     assert len(calls) == 3, "the gold model's scores are remembered, not recomputed"
     assert "PrivLeak +0.0% vs gold" in ev.format_row(row)
 
@@ -359,7 +360,7 @@ def test_configured_classifier_replaces_the_model_free_score(world, tmp_path, mo
     # Loops the model-free score calls incoherent: only the classifier can make them coherent.
     monkeypatch.setattr(ev, "generate", lambda m, p, images, prompts, **kw: ["zq zq zq zq zq"] * len(prompts))
     assert not metrics.is_coherent("zq zq zq zq zq", ev.benchmark_vocabulary(root))
-    row = ev.evaluate(model_dir, root, "forget_10", sets=("forget",), coherence_classifier=str(clf),
+    row = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets=("forget",), coherence_classifier=str(clf),
                       results_path=tmp_path / "results.jsonl", device="cpu", **FAST)
     assert row["coherence_kind"] == f"classifier: {clf}"
     assert row["metrics"]["forget"]["coherence"] == 1.0
@@ -380,7 +381,7 @@ def official_root(world, tmp_path_factory):
 
 def test_official_protocol_end_to_end(world, official_root, tmp_path):
     _, model_dir = world
-    row = ev.evaluate(model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
+    row = evaluate_with(ev.evaluate, model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
                       sets="forget,test,retain,real", protocol="official", eval_seed=1, **FAST)
     assert row["protocol"] == "official" and row["protocol_id"] == "mllmu-official-v1" and row["eval_seed"] == 1
     assert "mia" in row["metrics"]        # membership inference does not depend on the protocol
@@ -403,7 +404,7 @@ def test_official_protocol_end_to_end(world, official_root, tmp_path):
     assert forget_mc_img and all(s["n_images"] >= 2 for s in forget_mc_img), "shot images + the item's image"
     assert all(s["n_images"] == 1 for s in samples if s["set"] == "real" and s["kind"] == "mc" and s["type"] == "image")
     with pytest.raises(DataError, match="few-shot examples from split 'Full_Set'"):
-        ev.evaluate(model_dir, world[0], "forget_10", results_path=tmp_path / "r2.jsonl", sets="forget",
+        evaluate_with(ev.evaluate, model_dir, world[0], "forget_10", results_path=tmp_path / "r2.jsonl", sets="forget",
                     protocol="official", **FAST)
 
 

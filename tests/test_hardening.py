@@ -21,7 +21,7 @@ from pipeline.cache import refcache as rc
 from pipeline.stage2 import train as tr
 from pipeline.stage2.checkpoint import TMP_AREA, adapter_files_digest
 from pipeline.cli import main
-from pipeline.config import RANGES, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from tests.test_refcache import FP, SETTINGS, make_samples, write_cache
 from tests.tiny import make_world, tiny_config
 
@@ -236,12 +236,43 @@ def test_bad_numeric_settings_are_refused_at_load_with_their_range(override, mes
     assert str(err.value) == message
 
 
-def test_every_ranged_key_exists_and_its_default_is_in_range():
-    cfg = load_config(None)             # the defaults pass every row
-    for key, low, high in RANGES:
-        section, name = key.split(".")
-        assert hasattr(getattr(cfg, section), name), key
+def test_every_numeric_key_has_a_range_and_every_range_a_numeric_key():
+    """Both directions: a new int/float key without bounds fails here; bounds on a text key too."""
+    import dataclasses
+    from pipeline.config import SECTIONS
+    from pipeline.schema import bounds, field_types, is_numeric
+    cfg = load_config(None)             # the defaults pass every range
+    for name, cls in SECTIONS.items():
+        types = field_types(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{name}.{f.name}"
+            if types[f.name] is bool:
+                assert not bounds(f), key
+            elif is_numeric(types[f.name]):
+                assert bounds(f), f"numeric key {key} has no range: give its setting(...) ge/gt/le/lt"
+            else:
+                assert not bounds(f), f"{key} is not numeric but has a range"
+            assert hasattr(getattr(cfg, name), f.name)
     assert cfg.train.use_cache_settings is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.idk_beta=0", "config key 'train.idk_beta' must be > 0, got 0.0"),
+    ("evaluate.seed=-1", "config key 'evaluate.seed' must be >= 0, got -1"),
+    ("demo.lr=0", "config key 'demo.lr' must be > 0, got 0.0"),
+    ("study.val_draw=0", "config key 'study.val_draw' must be >= 1, got 0"),
+    ("study.workers=0", "config key 'study.workers' must be >= 1, got 0"),
+    ("study.n_boot=10", "config key 'study.n_boot' must be >= 100, got 10"),
+    ("demo.budgets=16,0", "config key 'demo.budgets' must be >= 1, got [16, 0]"),
+    ("evaluate.mia=of", "config key 'evaluate.mia' must be one of: auto, on, off; got 'of'"),
+    ("evaluate.tasks=gen,essay", "config key 'evaluate.tasks' must be one of: mc, gen, cloze, fact; got 'essay'"),
+    ("train.method=sgd", "config key 'train.method' must be one of: ga, graddiff, kl_min, npo, idkpo, viker; got 'sgd'"),
+    ("evaluate.sets=", "config key 'evaluate.sets' needs at least 1 item, got []"),
+])
+def test_keys_that_had_no_range_or_choice_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
 
 
 # ================================================================ the CLI on a tiny world
@@ -469,6 +500,8 @@ def test_a_nan_stop_records_the_steps_done(env, cache, tmp_path, monkeypatch):
     assert "training stopped at step 3" in line
     config = json.loads((run / "train_config.json").read_text())
     assert config["steps"] == 2 and config["result"]["steps"] == 2 and config["planned_steps"] == 50
+    assert config["config"]["train"]["steps"] == 50 and config["config"]["train"]["method"] == "ga", \
+        "the adapter records the resolved configuration it was made with"
     assert config["adapter_sha256"] == adapter_files_digest(run / "adapter")
     from pipeline.cli import _training_info
     assert _training_info(str(run / "adapter"))["steps"] == 2

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Lowest first. A module belongs to the longest prefix it starts with.
 LAYERS = (
-    ("pipeline", "pipeline.progress"),  # the package root (OpenMP thread policy) and the progress bar
+    ("pipeline", "pipeline.progress", "pipeline.threads", "pipeline.schema"),  # root, progress bar, OpenMP policy,
+                                                                              # the typed-settings helpers
     ("pipeline.data",),                 # benchmark records and readers
     ("pipeline.models",),               # model families, loading, prompts, tokenisation, forward passes
     ("pipeline.config",),               # every setting: defaults, YAML, overrides, ranges

@@ -367,7 +367,7 @@ def test_entropy_token_lambda():
         L.entropy_token_lambda(entropy, mask, lam=0.5, scale=0.0)
 
 
-# ------------------------------------------------------- baseline conventions (losses.LOSS_CONVENTIONS)
+# ------------------------------------------------------- baseline conventions (methods.LOSS_CONVENTIONS)
 
 def test_npo_per_token_convention_by_hand():
     from pipeline.stage2.losses import npo_loss, per_token
@@ -382,25 +382,13 @@ def test_npo_per_token_convention_by_hand():
     assert summed.item() == pytest.approx(-5.0 * math.log(1 / (1 + math.exp(-1.2))), rel=1e-6)
 
 
-def test_idkpo_conventions_by_hand():
-    from pipeline.stage2.losses import idkpo_loss, idkpo_scale, retain_nll_weight
-    assert idkpo_scale("viker", 0.4, 0.1) == (0.4, 1.0)
-    assert idkpo_scale("mllmu", 0.4, 0.1) == (0.1, pytest.approx(20.0))
-    assert idkpo_scale("openunlearning", 0.4, 0.1) == (0.1, pytest.approx(20.0))
-    beta, scale = idkpo_scale("mllmu", 0.4, 0.1)
+def test_idkpo_scaled_form_by_hand():
+    # OpenUnlearning's form: beta = idk_beta (0.1), scale 2/beta (which convention uses it: methods/idkpo.py,
+    # tests/test_methods.py).
+    from pipeline.stage2.losses import idkpo_loss
+    beta, scale = 0.1, 2.0 / 0.1
     # margin = 0.1 * ((-2 - -4) - (-5 - -3)) = 0.4
     loss, d = idkpo_loss(torch.tensor([-2.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-3.0]),
                          beta, scale=scale)
     assert d["reward_margin"].item() == pytest.approx(0.4)
     assert loss.item() == pytest.approx(-20.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
-    assert [retain_nll_weight(c, "kl_min") for c in ("viker", "mllmu", "openunlearning")] == [0.0, 1.0, 0.0]
-    assert retain_nll_weight("viker", "graddiff") == 1.0 and retain_nll_weight("mllmu", "npo") == 0.0
-
-
-def test_unknown_convention_is_one_line():
-    from pipeline.config import TrainConfig
-    from pipeline.stage2.errors import TrainError
-    from pipeline.stage2.methods import loss_spec
-    with pytest.raises(TrainError, match="train.convention 'tofu' is not one of: viker, mllmu, openunlearning"):
-        loss_spec(TrainConfig(convention="tofu"), "npo", 5, 64, 0)
-    assert loss_spec(TrainConfig(convention="MLLMU"), "npo", 5, 64, 0).convention == "mllmu"

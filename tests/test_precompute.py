@@ -310,22 +310,23 @@ def test_own_images_share_one_prefix_per_distinct_image(tiny_model):
 def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tmp_path):
     from pipeline.stage2.errors import TrainError
     from pipeline.stage2.inputs import build_inputs, open_cache
+    from pipeline.stage2.methods import get_method
     root, model_dir, samples = world
     out = tmp_path / "viker-only"
     manifest = run(world, out, scores="reference")
     assert manifest["settings"]["scores"] == ["reference"]
     _, processor = load_model(model_dir, device="cpu")
     pool = str(root / "pools" / "people")
-    reader, _ = open_cache(out, model_dir, samples, "viker", pool, "I don't know.")
+    reader, _ = open_cache(out, model_dir, samples, get_method("viker"), pool, "I don't know.")
     with reader:   # stage two's own setup accepts it for ViKeR...
-        build_inputs(processor, samples, [], None, "", None, reader=reader, method="viker")
+        build_inputs(processor, samples, [], None, "", None, reader=reader, method=get_method("viker"))
         assert all(reader.get(s.sample_id).ref_logp_own is None for s in samples)
         assert all(reader.get(s.sample_id).ref_logp_idk is None for s in samples)
     for method in ("npo", "idkpo"):   # ...and refuses it for the methods that need the scores
-        reader, _ = open_cache(out, model_dir, samples, method, pool, "I don't know.")
+        reader, _ = open_cache(out, model_dir, samples, get_method(method), pool, "I don't know.")
         with reader, pytest.raises(TrainError, match=f"method {method} needs ref_logp_own"):
             build_inputs(processor, samples, [], None, "I don't know." if method == "idkpo" else "", None,
-                         reader=reader, method=method)
+                         reader=reader, method=get_method(method))
     with pytest.raises(ValueError, match="must include 'reference'"):
         run(world, tmp_path / "bad", scores="own,idk")
 

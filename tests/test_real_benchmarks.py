@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import pipeline.evaluation.clear_eval as ce
+from tests.tiny import evaluate_with
 from pipeline.evaluation import clear_official as co
 from pipeline.evaluation import metrics as mt
 from pipeline.evaluation import evaluate as ev
@@ -462,7 +463,7 @@ def test_mllmu_end_to_end(world):
     root = world["mllmu"]
     runs = _unlearn(world, root, "mllmu", "forget_10", "mllmu")
     results = world["base"] / "mllmu-results.jsonl"
-    row = ev.evaluate(str(world["model"]), str(root), "forget_10", adapter=runs["viker"]["adapter"], method="ViKeR",
+    row = evaluate_with(ev.evaluate, str(world["model"]), str(root), "forget_10", adapter=runs["viker"]["adapter"], method="ViKeR",
                       results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu")
     assert row["retain_split"] == "retain_90"
     assert row["n_items"]["test"] == {"profiles": 2, "mc": 4, "gen": 2, "cloze": 2}, "Test_Set filtered to forget"
@@ -480,7 +481,7 @@ def test_clear_end_to_end(world):
     runs = _unlearn(world, root, "clear", "forget10", "clear")
     results = world["base"] / "clear-results.jsonl"
     # As `viker evaluate` calls it with data.benchmark=clear.
-    row = ce.evaluate_clear(str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"],
+    row = evaluate_with(ce.evaluate_clear, str(world["model"]), str(root), "forget10", adapter=runs["viker"]["adapter"],
                             method="ViKeR", results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu",
                             sets="forget,test,retain,real")
     assert row["protocol"] == "viker" and row["protocol_description"] == ce.CLEAR_PROTOCOL
@@ -655,7 +656,7 @@ def test_clear_official_end_to_end_with_gold(world, tmp_path):
                 [{"image": img(400), "question": "Which city is this?", "answer": "Paris",
                   "options": ["Rome", "Oslo"]}])
     # The vanilla model as its own gold: identical truth ratios, so KS p = 1 and 1 - JS = 1.
-    row = ce.evaluate_clear(str(world["model"]), str(root), "forget10", results_path=tmp_path / "r.jsonl",
+    row = evaluate_with(ce.evaluate_clear, str(world["model"]), str(root), "forget10", results_path=tmp_path / "r.jsonl",
                             max_new_tokens=3, batch_size=16, device="cpu", protocol="official",
                             gold=str(world["model"]))
     assert row["protocol"] == "official" and row["protocol_id"] == co.PROTOCOL_ID and row["max_profiles"] == 300
@@ -731,11 +732,11 @@ def test_data_check_on_clear_and_the_training_split(tmp_path, world):
 
 def test_protocol_choice_errors_are_one_line(world, tmp_path):
     with pytest.raises(DataError, match="clear_eval.evaluate_clear"):
-        ev.evaluate(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+        evaluate_with(ev.evaluate, str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
                     benchmark="clear")
-    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
-        ev.evaluate(str(world["model"]), str(world["mllmu"]), "forget_10", results_path=tmp_path / "r.jsonl",
+    with pytest.raises(ValueError, match="config key 'evaluate.protocol' must be one of: viker, official; got 'paper'"):
+        evaluate_with(ev.evaluate, str(world["model"]), str(world["mllmu"]), "forget_10", results_path=tmp_path / "r.jsonl",
                     protocol="paper")
-    with pytest.raises(DataError, match="evaluate.protocol is one of: official, viker; got 'paper'"):
-        ce.evaluate_clear(str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
+    with pytest.raises(ValueError, match="config key 'evaluate.protocol' must be one of: viker, official; got 'paper'"):
+        evaluate_with(ce.evaluate_clear, str(world["model"]), str(world["clear"]), "forget10", results_path=tmp_path / "r.jsonl",
                           protocol="paper")

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import pipeline.evaluation.evaluate as ev
+from tests.tiny import evaluate_with
+from pipeline.config import RelearnConfig
 from pipeline.evaluation import relearn as rl
 from pipeline.data.mllmu import DataError, read_split
 from pipeline.models.modeling import load_model
@@ -64,7 +66,7 @@ def test_the_attack_teaches_its_items_and_tests_the_others(world, monkeypatch):
     monkeypatch.setattr(rl, "held_out_accuracy", lambda m, p, profiles, bs=32: asked.append(_items(profiles))
                         or real(m, p, profiles, bs))
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    result = rl.attack_model(model, processor, forget, fraction=0.25, steps=3, lr=1e-3, batch_size=2, seed=0)
+    result = rl.attack_model(model, processor, forget, RelearnConfig(fraction=0.25, steps=3, lr=1e-3, batch_size=2, seed=0))
     attacker, held_out = rl.split_forget(forget, 0.25, 0)
     assert asked == [_items(held_out), _items(held_out)], "accuracy before and after, on the held-out items only"
     assert result["n_attack_qa"] == len(_items(attacker)) and result["n_held_out_qa"] == len(_items(held_out))
@@ -75,7 +77,7 @@ def test_the_attack_teaches_its_items_and_tests_the_others(world, monkeypatch):
 def test_evaluate_runs_the_attack_last_against_the_reference(world, tmp_path):
     root, model_dir, _ = world
     settings = dict(fraction=0.1, steps=2, lr=1e-3, batch_size=2, seed=0)
-    row = ev.evaluate(model_dir, root, "forget_10", sets="forget", likelihood_sets="forget", max_new_tokens=6,
+    row = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="forget", likelihood_sets="forget", max_new_tokens=6,
                       results_path=tmp_path / "r.jsonl", relearn=settings)
     r = row["metrics"]["relearn"]
     if r["acc_vanilla"]:

@@ -7,7 +7,7 @@ from pipeline.stage1 import precompute as pc
 from pipeline.stage2 import train as tr
 from pipeline.stage2.errors import TrainError
 from pipeline.stage2.inputs import CachedExamples, Inputs, build_inputs, open_cache
-from pipeline.stage2.methods import AnswerLogits, LossSpec, needs_retain
+from pipeline.stage2.methods import AnswerLogits, LossSpec, get_method
 from pipeline.stage2.stream import MicroBatch, Stream, next_micro_batch, pad_references, shard_groups
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
@@ -65,20 +65,21 @@ def in_memory_batch(w, inputs, rows, rrows, method):
                                             ("idkpo", 0), ("viker", 2)])
 def test_streamed_losses_equal_the_in_memory_path(world, method, workers):
     w = world
-    retain = w["retain"] if needs_retain(method, 0.0) else []
-    idk = "I don't know." if method == "idkpo" else ""
+    spec = LossSpec(method, lam=1.0)
+    m = get_method(method)
+    retain = w["retain"] if m.needs_retain(spec) else []
+    idk = "I don't know." if m.idk_answers else ""
     held = build_inputs(w["processor"], w["forget"], retain, None, idk, None)   # every token made at setup
     reader = None
-    if method in ("npo", "idkpo", "viker"):   # as train does: examples rebuilt per batch from the cache
-        reader, _ = open_cache(w["cache"], w["model_dir"], w["forget"], method, None, "I don't know.")
-    inputs = build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=method)
+    if m.uses_cache(spec):   # as train does: examples rebuilt per batch from the cache
+        reader, _ = open_cache(w["cache"], w["model_dir"], w["forget"], m, None, "I don't know.")
+    inputs = build_inputs(w["processor"], w["forget"], retain, None, idk, None, reader=reader, method=m)
     inputs.workers = workers
     if reader is not None:
         assert isinstance(inputs.forget, CachedExamples) and inputs.forget.nbytes() == 8 * len(w["forget"])
     streams = {"forget": Stream(len(inputs.forget), 0, groups=shard_groups(inputs.reader, inputs.forget)),
                "retain": Stream(len(inputs.retain or []), 1)}
     twin = {k: s.copy() for k, s in streams.items()}
-    spec = LossSpec(method, lam=1.0)
     net = AnswerLogits(w["model"])
     for _ in range(3):
         rows = twin["forget"].take(3)
@@ -196,7 +197,7 @@ def test_with_a_cache_memory_per_forget_sample_is_eight_bytes_not_its_tokens(wor
             samples, reader = _copies_cache(w, tmp_path / f"{path}{n}", n)
             use = reader if path == "cached" else None
             held[n] = _held_bytes(lambda: build_inputs(w["processor"], samples, [], None, "", None,
-                                                          reader=use, method="viker").forget)
+                                                          reader=use, method=get_method("viker")).forget)
             reader.close()
         grown[path] = (held[2400] - held[300]) / 2100
     # Held tokens cost their bytes per sample (measured ~126 B here: uint16 ids, offsets, starts, image rows,
@@ -212,16 +213,16 @@ def test_cached_examples_refuse_a_cache_that_does_not_match_at_setup(world, tmp_
     w = world
     samples, reader = _copies_cache(w, tmp_path / "other-question", 6, question="Who is this?")
     with pytest.raises(TrainError, match="holds another question for sample 'copy-00000/0'"):
-        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method=get_method("viker"))
     samples, reader = _copies_cache(w, tmp_path / "ok", 6)
     with pytest.raises(TrainError, match="forget sample 'extra/0' is not in reference cache"):
         build_inputs(w["processor"], samples + [replace(samples[0], sample_id="extra/0")], [], None, "", None,
-                        reader=reader, method="viker")
+                        reader=reader, method=get_method("viker"))
     with pytest.raises(TrainError, match="needs ref_logp_own"):
-        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="npo")
+        build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method=get_method("npo"))
     with pytest.raises(InputError, match="exceeds the model's limit of 8"):
-        build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method="viker")
-    built = build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method="viker")
+        build_inputs(w["processor"], samples, [], 8, "", None, reader=reader, method=get_method("viker"))
+    built = build_inputs(w["processor"], samples, [], None, "", None, reader=reader, method=get_method("viker"))
     held = build_inputs(w["processor"], samples, [], None, "", None)
     for i in range(6):   # indexing a CachedExamples reads the cache and gives the tokenised example
         assert np.array_equal(built.forget[i].ids, held.forget[i].ids) and built.forget[i].start == held.forget[i].start

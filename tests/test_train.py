@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.stage1 import precompute as pc
-from pipeline.stage2 import methods
+from pipeline.stage2 import losses
 from pipeline.stage2 import train as tr
 from pipeline.stage2.errors import TrainError, TrainingDiverged
 from pipeline.stage2.inputs import build_inputs
@@ -283,14 +283,14 @@ def test_unknown_method_is_a_one_line_error(world, tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_adapter(world, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = methods.ga_loss
+    original = losses.ga_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss, diag = original(*args, **kwargs)
         return (loss * float("nan"), diag) if calls["n"] == 3 else (loss, diag)
 
-    monkeypatch.setattr(methods, "ga_loss", poisoned)
+    monkeypatch.setattr(losses, "ga_loss", poisoned)   # methods/ga.py calls it through losses
     with pytest.raises(TrainingDiverged) as err:
         run(world, tmp_path / "run", method="ga", steps=5)
     message = str(err.value)

@@ -37,3 +37,35 @@ def assert_caches_agree(prefix_dir, naive_dir, atol: float = 1e-5) -> None:
             # own-image and idk scores run through prefix reuse too (grouped by the own image)
             assert x.ref_logp_own == pytest.approx(y.ref_logp_own, rel=1e-5, abs=1e-4)
             assert x.ref_logp_idk == pytest.approx(y.ref_logp_idk, rel=1e-5, abs=1e-4)
+
+
+_RUN_KEYS = ("adapter", "method", "setting", "budget", "seed", "cache_fingerprint", "results_path", "samples_path",
+             "relearn", "relearn_reference", "config")
+
+
+def evaluate_with(fn, model_dir, root, forget_split: str, retain_split: str = "", **kw):
+    """Call an evaluation stage (evaluate.evaluate, clear_eval.evaluate_clear) the short way tests like.
+
+    model.*, data.* and evaluate.* keys given as keywords become the config
+    sections the stage takes, each value coerced and range-checked as a config
+    file's would be (`eval_seed` is evaluate.seed: `seed` is the run's);
+    `relearn` may be a dict of relearn.* keys.
+    """
+    from pipeline.config import DataConfig, EvalConfig, ModelConfig, RelearnConfig
+    from pipeline.schema import check_section, coerce, field_types
+
+    def section(cls, name, values):
+        types = field_types(cls)
+        made = cls(**{k: coerce(f"{name}.{k}", v, types[k]) for k, v in values.items()})
+        check_section(name, made)
+        return made
+    run = {k: kw.pop(k) for k in _RUN_KEYS if k in kw}
+    if isinstance(run.get("relearn"), dict):
+        run["relearn"] = section(RelearnConfig, "relearn", run["relearn"])
+    model = section(ModelConfig, "model", {"path": str(model_dir), **{k: kw.pop(k) for k in ("dtype", "device")
+                                                                      if k in kw}})
+    data = section(DataConfig, "data", {"root": str(root), "forget_split": forget_split, "retain_split": retain_split,
+                                        **{k: kw.pop(k) for k in ("benchmark", "test_split", "real_split") if k in kw}})
+    if "eval_seed" in kw:
+        kw["seed"] = kw.pop("eval_seed")
+    return fn(model, data, section(EvalConfig, "evaluate", kw), **run)

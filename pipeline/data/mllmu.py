@@ -2,7 +2,7 @@
 
 The layout is the published dataset's: one folder per split
 (`forget_10/train-00000-of-00001.parquet`, `Test_Set/...`), columns as
-DESIGN.md 3.1 lists them, of which only `ID` and a picture are required: the
+docs/DATA.md lists them, of which only `ID` and a picture are required: the
 published variants (with or without `metadata`, Full_Set's `question`/`answer`,
 MLLMMU/baseline_train_split's image + metadata) all read, as the authors'
 readers read them (docs/REAL_BENCHMARKS.md section 2). The miniature benchmark
@@ -106,10 +106,6 @@ def split_files(root: str | Path, split: str) -> list[Path]:
     if not files:
         raise DataError(f"split '{split}' has no parquet file in {folder}")
     return files
-
-
-def split_path(root: str | Path, split: str) -> Path:
-    return split_files(root, split)[0]
 
 
 def read_table(path: Path, required) -> pa.Table:

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import DataConfig, EvalConfig, ModelConfig
 from pipeline.data.clear import (CAPTION_QUESTION, NAME_QUESTION, CaptionRow, RealRow, read_caption_rows,
                                  read_real_rows, split_exists)
 from pipeline.data.loaders import default_splits
@@ -304,22 +305,29 @@ def _vocabulary(rows: dict[str, list]) -> set[str]:
     return words
 
 
-def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_split: str = "", *, adapter=None,
-                   method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
-                   cache_fingerprint: str = "", sets=CLEAR_SETS, test_split: str = "", real_split: str = "real_faces",
-                   max_new_tokens: int = 300, max_profiles: int = 0, batch_size: int = 16, results_path,
-                   samples_path=None, dtype: str = "auto", device: str = "auto", protocol: str = "viker",
-                   gold: str = "", eval_seed: int = 0) -> dict:
-    """Evaluate one model (+ adapter) by CLEAR's protocol; append its row to `results_path` and return it.
+def evaluate_clear(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adapter=None, method: str = "Vanilla",
+                   setting: dict | None = None, budget: float = 0, seed: int = 0, cache_fingerprint: str = "",
+                   results_path=None, samples_path=None, config: dict | None = None) -> dict:
+    """Evaluate model.path (+ adapter) by CLEAR's protocol; append its row to the results file and return it.
 
-    The row has the keys of evaluate.py's rows (method, forget_split, setting,
-    budget, seed, model, adapter, metrics: {forget, retain, real}) plus
+    Takes the model, data and evaluate config sections, as evaluate.evaluate
+    does. The row has the keys of evaluate.py's rows (method, forget_split,
+    setting, budget, seed, model, adapter, metrics: {forget, retain, real}) plus
     `benchmark`, `protocol` (viker | official), `protocol_description` and
-    `eval_splits`. protocol="official" follows the authors' code (clear_official.py:
-    the first 300 rows unless max_profiles says otherwise, captions generated
-    without the image, CLEAR's truth ratio and Prob., the Forget/Retain/Real
-    harmonic means, and Forget Quality against the `gold` model when given).
+    `eval_splits`. settings.protocol "official" follows the authors' code
+    (clear_official.py: the first 300 rows unless max_profiles says otherwise,
+    captions generated without the image, CLEAR's truth ratio and Prob., the
+    Forget/Retain/Real harmonic means, and Forget Quality against settings.gold
+    when given). Evaluation sets "test" and "forget" both name the forget set
+    (CLEAR has no other-images test set).
     """
+    model_dir, dtype, device = model.path, model.dtype, model.device
+    data_root, forget_split, retain_split = data.root, data.forget_split, data.retain_split
+    test_split, real_split = data.test_split, data.real_split or "real_faces"
+    sets, max_new_tokens, max_profiles, batch_size = settings.sets, settings.max_new_tokens, settings.max_profiles, \
+        settings.batch_size
+    protocol, gold, eval_seed = settings.protocol, settings.gold, settings.seed
+    results_path = results_path or settings.results
     if protocol == "official":
         return _evaluate_clear_official(model_dir, data_root, forget_split, retain_split, adapter=adapter,
                                         method=method, setting=setting, budget=budget, seed=seed,
@@ -327,7 +335,7 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
                                         real_split=real_split, max_new_tokens=max_new_tokens,
                                         max_profiles=max_profiles or OFFICIAL_ROWS, batch_size=batch_size,
                                         results_path=results_path, samples_path=samples_path, dtype=dtype,
-                                        device=device, gold=gold, eval_seed=eval_seed)
+                                        device=device, gold=gold, eval_seed=eval_seed, config=config)
     if protocol != "viker":
         raise DataError(f"evaluate.protocol is one of: official, viker; got {protocol!r}")
     names = parse_clear_sets(sets)
@@ -363,6 +371,8 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
                     for name in names},
         "metrics": results,
     }
+    if config is not None:
+        row["config"] = config
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
     return row
@@ -372,7 +382,8 @@ def evaluate_clear(model_dir, data_root, forget_split: str = "forget10", retain_
 
 def _evaluate_clear_official(model_dir, data_root, forget_split, retain_split, *, adapter, method, setting, budget,
                              seed, cache_fingerprint, sets, test_split, real_split, max_new_tokens, max_profiles,
-                             batch_size, results_path, samples_path, dtype, device, gold, eval_seed) -> dict:
+                             batch_size, results_path, samples_path, dtype, device, gold, eval_seed,
+                             config=None) -> dict:
     names = parse_clear_sets(sets)
     splits = clear_eval_splits(data_root, forget_split, retain_split, test_split, real_split)
     rows = read_clear_sets(data_root, splits, names, max_profiles)
@@ -404,6 +415,8 @@ def _evaluate_clear_official(model_dir, data_root, forget_split, retain_split, *
         "n_items": {name: {"rows": len(items)} for name, items in rows.items()},
         "metrics": results, "clear": clear,
     }
+    if config is not None:
+        row["config"] = config
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
     return row

@@ -1,4 +1,4 @@
-"""Evaluation by the MLLMU-Bench protocol (DESIGN.md 6): four sets, one results row per run.
+"""Evaluation by the MLLMU-Bench protocol: four sets, one results row per run.
 
 Sets: forget (the forget split), test (the forget people on their *other*
 images with paraphrased questions: does forgetting generalise?), retain (the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline.config import DataConfig, EvalConfig, ModelConfig, RelearnConfig
 from pipeline.data.loaders import check_benchmark, default_splits, read_profiles
 from pipeline.data.mllmu import SPLITS, DataError, read_split
 from pipeline.data.records import Profile
@@ -34,10 +35,9 @@ from pipeline.stage2.labels import file_slug
 
 from . import metrics
 from .factcheck import fact_accuracy
-from .mia import DEFAULT_K
 from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
 from .protocol_mllmu import PROTOCOL_ID, evaluate_official
-from .results import append_result, flatten, mean, sample_row, to_csv, write_jsonl  # noqa: F401  (kept importable from here)
+from .results import append_result, mean, sample_row, write_jsonl
 from .scoring import LL_METRIC_KEYS, likelihood_metrics
 
 
@@ -257,69 +257,82 @@ def _finite(value) -> float | None:
 
 # ------------------------------------------------------------- a run
 
-def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *, adapter=None,
-             method: str = "Vanilla", setting: dict | None = None, budget: float = 0, seed: int = 0,
-             cache_fingerprint: str = "", sets=SET_NAMES, few_shot: int = 1, max_new_tokens: int = 50,
-             max_profiles: int = 0, likelihood_sets=SET_NAMES,
-             batch_size: int = 32, coherence_classifier: str = "", results_path, samples_path=None,
-             dtype: str = "auto", device: str = "auto", benchmark: str = "mllmu", protocol: str = "viker",
-             eval_seed: int = 0, test_images: str = "random", few_shot_split: str = "Full_Set",
-             tasks=TASKS, mia: str = "auto", mia_split: str = "Holdout_Set", mia_k: float = DEFAULT_K, gold: str = "",
-             relearn: dict | None = None, relearn_reference: str = "") -> dict:
-    """Evaluate one model on the chosen sets; append its row to `results_path` and return it.
+def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adapter=None, method: str = "Vanilla",
+             setting: dict | None = None, budget: float = 0, seed: int = 0, cache_fingerprint: str = "",
+             results_path=None, samples_path=None, relearn: RelearnConfig | None = None, relearn_reference: str = "",
+             config: dict | None = None) -> dict:
+    """Evaluate model.path (+ `adapter`) on the sets of `settings`; append its row to the results file and return it.
 
-    Membership inference (`mia`: auto | on | off; pipeline/evaluation/mia.py) scores the
-    forget split's QA against `mia_split`'s never-trained people; with `gold`
-    (a model trained without the forget people) it adds PrivLeak per attack.
-    Its numbers are the row's metrics["mia"]. `relearn` (relearn.attack_model's
-    keyword arguments) runs the relearning attack last, on this very model,
-    against the accuracy of `relearn_reference` (default: model_dir, the
-    vanilla model an adapter was trained from): metrics["relearn"].
+    The model, data and evaluation settings come as their config sections
+    (model, data, evaluate), so that every key of them reaches this function
+    whoever calls it; `method`, `setting`, `budget`, `seed` and
+    `cache_fingerprint` describe the run the row is about, `config` (the
+    resolved configuration, jobs.runs.config_record) is recorded in the row.
+    `results_path` overrides settings.results (the demo and the study keep
+    their own files).
 
-    `protocol="official"` scores as MLLMU-Bench's eval.py does (protocol_mllmu:
-    its prompts, few-shot profiles drawn with `eval_seed` from `few_shot_split`,
-    text-only items without the image, Test_Set pictures drawn at random or
-    `test_images="all"`); "viker" is this module's own protocol (module doc).
+    Membership inference (settings.mia: auto | on | off; pipeline/evaluation/mia.py)
+    scores the forget split's QA against settings.mia_split's never-trained
+    people; with settings.gold (a model trained without the forget people) it
+    adds PrivLeak per attack: metrics["mia"]. `relearn` (the relearn section)
+    runs the relearning attack last, on this very model, against the accuracy
+    of `relearn_reference` (default: model.path, the vanilla model an adapter
+    was trained from): metrics["relearn"].
 
-    CLEAR is evaluated by clear_eval.evaluate_clear (its own protocol and row layout).
+    settings.protocol "official" scores as MLLMU-Bench's eval.py does
+    (protocol_mllmu: its prompts, few-shot profiles drawn with settings.seed from
+    settings.few_shot_split, text-only items without the image, Test_Set
+    pictures drawn at random or all); "viker" is this module's own protocol
+    (module doc). CLEAR is evaluated by clear_eval.evaluate_clear.
     """
+    e, model_dir, data_root = settings, model.path, data.root
+    forget_split, retain_split, benchmark = data.forget_split, data.retain_split, data.benchmark
+    dtype, device = model.dtype, model.device
     if check_benchmark(benchmark) == "clear":
-        # CLEAR has its own protocol and row layout; callers pick clear_eval.evaluate_clear (cli does),
+        # CLEAR has its own protocol and row layout; callers pick clear_eval.evaluate_clear (jobs.runs does),
         # so that this module and clear_eval do not import each other.
         raise DataError("benchmark clear is evaluated by clear_eval.evaluate_clear, not evaluate.evaluate")
-    names = parse_sets(sets)
-    parse_tasks(tasks)
-    protocol = check_protocol(protocol)
-    chosen = eval_sets(data_root, forget_split, retain_split, names=names)   # bad data fails before the model loads
-    nonmembers, mia_note = membership_split(data_root, mia, mia_split, benchmark)
-    shots = official_shot_source(data_root, few_shot_split) if protocol == "official" else {}
-    classifier = load_coherence_classifier(coherence_classifier, device) if coherence_classifier else None
+    names = parse_sets(e.sets)
+    tasks = parse_tasks(e.tasks)
+    protocol = check_protocol(e.protocol)
+    pairs = default_splits(benchmark, forget_split) if not (data.test_split and data.real_split) else {}
+    chosen = eval_sets(data_root, forget_split, retain_split, data.test_split or pairs["test"],
+                       data.real_split or pairs["real"], names=names, benchmark=benchmark)   # bad data fails before the model loads
+    nonmembers, mia_note = membership_split(data_root, e.mia, e.mia_split, benchmark)
+    shots = official_shot_source(data_root, e.few_shot_split) if protocol == "official" else {}
+    classifier = load_coherence_classifier(e.coherence_classifier, device) if e.coherence_classifier else None
     vocabulary = None if classifier else benchmark_vocabulary(data_root)
-    model, processor = load_for_eval(model_dir, adapter, dtype, device)
-    results, samples = {}, []
+    loaded, processor = load_for_eval(model_dir, adapter, dtype, device)
+    results, samples, scored = {}, [], {}
     for name in tqdm(names, desc="evaluate"):
         profiles, other_images = chosen[name]
-        if max_profiles:      # a fixed subset (the first N) keeps quick sweeps comparable across runs
-            profiles = profiles[:max_profiles]
+        if e.max_profiles:      # a fixed subset (the first N) keeps quick sweeps comparable across runs
+            profiles = profiles[:e.max_profiles]
+        scored[name] = profiles
         if protocol == "official":
             results[name], rows = evaluate_profiles_official(
-                model, processor, profiles, other_images, shots, set_name=name, seed=eval_seed,
-                test_images=test_images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                loaded, processor, profiles, other_images, shots, set_name=name, seed=e.seed,
+                test_images=e.test_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
         else:
             results[name], rows = evaluate_profiles(
-                model, processor, profiles, other_images, few_shot=few_shot, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
-                likelihood=name in parse_sets(likelihood_sets), tasks=tasks)
+                loaded, processor, profiles, other_images, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
+                likelihood=name in e.likelihood_sets,
+                tasks=tasks)
         samples += rows
     members = read_profiles(data_root, forget_split, benchmark) if nonmembers or relearn is not None else []
     if nonmembers:
-        results["mia"], rows = membership_metrics(model, processor, members, nonmembers, mia_k, batch_size,
-                                                  gold, memo_key(data_root, forget_split, mia_split, mia_k),
+        results["mia"], rows = membership_metrics(loaded, processor, members, nonmembers, e.mia_k, e.batch_size,
+                                                  e.gold, memo_key(data_root, forget_split, e.mia_split, e.mia_k),
                                                   dtype, device)
         samples += rows
     if relearn is not None:      # last: the attack trains this model in place
-        results["relearn"] = relearn_metrics(model, processor, members, relearn, relearn_reference or model_dir,
-                                             memo_key(data_root, forget_split), dtype, device, batch_size)
+        results["relearn"] = relearn_metrics(loaded, processor, members, relearn, relearn_reference or model_dir,
+                                             memo_key(data_root, forget_split), dtype, device, e.batch_size)
+    mia_split, mia_k, gold, few_shot, max_new_tokens = e.mia_split, e.mia_k, e.gold, e.few_shot, e.max_new_tokens
+    coherence_classifier, eval_seed, test_images, few_shot_split = (e.coherence_classifier, e.seed, e.test_images,
+                                                                    e.few_shot_split)
+    results_path = results_path or e.results
     results_path = Path(results_path)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
@@ -332,10 +345,12 @@ def evaluate(model_dir, data_root, forget_split: str, retain_split: str = "", *,
         "coherence_kind": f"classifier: {coherence_classifier}" if classifier else metrics.COHERENCE_LABEL,
         "bleu_note": metrics.BLEU_NOTE,
         "data_root": str(data_root), "few_shot": few_shot, "max_new_tokens": max_new_tokens,
-        "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path), "tasks": list(parse_tasks(tasks)),
-        "n_items": {name: _counts(chosen[name][0]) for name in names},
+        "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path), "tasks": list(tasks),
+        "n_items": {name: _counts(scored[name]) for name in names},
         "metrics": results,
     }
+    if config is not None:
+        row["config"] = config
     if mia_note:
         row["mia_note"] = mia_note
     if nonmembers:
@@ -402,10 +417,10 @@ def membership_metrics(model, processor, members, nonmembers, k: float, batch_si
     return metrics, samples
 
 
-def relearn_metrics(model, processor, members, settings: dict, reference_dir, key: str, dtype: str = "auto",
+def relearn_metrics(model, processor, members, settings: RelearnConfig, reference_dir, key: str, dtype: str = "auto",
                     device: str = "auto", batch_size: int = 32) -> dict:
     from . import relearn
-    result = relearn.attack_model(model, processor, members, eval_batch_size=batch_size, **settings)
+    result = relearn.attack_model(model, processor, members, settings, eval_batch_size=batch_size)
     vanilla = relearn.reference_accuracy(reference_dir, members, result["fraction"], result["seed"], key,
                                          dtype, device, batch_size)
     return {k: _finite(float(v)) for k, v in relearn.with_recovery(result, vanilla).items()}   # no NaN in JSON

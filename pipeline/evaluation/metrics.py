@@ -1,4 +1,4 @@
-"""Evaluation metrics on plain strings (MLLMU-Bench protocol, DESIGN.md section 6).
+"""Evaluation metrics on plain strings (MLLMU-Bench protocol; docs/REAL_BENCHMARKS.md section 6).
 
 Everything here is a pure function of text, so the evaluator can score saved
 per-sample outputs again without a model. No torch, no transformers.

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config import RelearnConfig
 from pipeline.data.mllmu import DataError
 from pipeline.data.records import Profile
 
@@ -64,11 +65,15 @@ def held_out_accuracy(model, processor, held_out: list[Profile], batch_size: int
     return float(fact_accuracy(model, processor, held_out, batch_size=batch_size, desc="relearn fact")["acc"])
 
 
-def attack_model(model, processor, profiles: list[Profile], *, fraction: float = 0.1, steps: int = 40,
-                 lr: float = 1e-4, batch_size: int = 4, seed: int = 0, lora: bool = False, lora_r: int = 16,
-                 lora_alpha: int = 32, eval_batch_size: int = 32, log=lambda *_: None) -> dict:
-    """The attack on a loaded model (trained in place: call it last). Returns before/after accuracies."""
+def attack_model(model, processor, profiles: list[Profile], settings: RelearnConfig, *, eval_batch_size: int = 32,
+                 log=lambda *_: None) -> dict:
+    """The attack (settings: the relearn config section) on a loaded model, trained in place: call it last.
+
+    Returns before/after accuracies.
+    """
     from pipeline.stage2.finetune import teach
+    r = settings
+    fraction, steps, lr, seed, lora = r.fraction, r.steps, r.lr, r.seed, r.lora
     attacker, held_out = split_forget(profiles, fraction, seed)
     before = held_out_accuracy(model, processor, held_out, eval_batch_size)
     torch.manual_seed(seed)
@@ -76,9 +81,9 @@ def attack_model(model, processor, profiles: list[Profile], *, fraction: float =
         for param in model.parameters():
             param.requires_grad_(True)
     with torch.enable_grad():
-        model, info = teach(model, processor, attacker, steps=steps, batch_size=batch_size, lr=lr,
-                            warmup_steps=0, seed=seed, augment=False, formats=False, lora=lora, lora_r=lora_r,
-                            lora_alpha=lora_alpha, desc="relearn", log=log)
+        model, info = teach(model, processor, attacker, steps=steps, batch_size=r.batch_size, lr=lr,
+                            warmup_steps=0, seed=seed, augment=False, formats=False, lora=lora, lora_r=r.lora_r,
+                            lora_alpha=r.lora_alpha, desc="relearn", log=log)
     after = held_out_accuracy(model, processor, held_out, eval_batch_size)
     return {"fraction": fraction, "steps": steps, "lr": lr, "seed": seed, "lora": lora,
             "n_attack_qa": sum(len(p.qa) for p in attacker), "n_held_out_qa": sum(len(p.qa) for p in held_out),

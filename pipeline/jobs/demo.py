@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import Config, csv_list
+from pipeline.config import Config
 from pipeline.data.loaders import read_profiles
 from pipeline.data.mini import is_complete, make_mini
 from pipeline.data.mllmu import read_split
@@ -276,15 +276,15 @@ def ensure_references(cfg: Config, model_dir: str | Path, log=print) -> str:
 def sweep_plan(cfg: Config) -> list[dict]:
     """Every (method, lambda, budget, seed) of the sweep, in the order of the results table."""
     from pipeline.stage2.labels import METHOD_LABELS, is_viker
-    lams = [float(x) for x in csv_list(cfg.demo.lams)]
+    lams = list(cfg.demo.lams)
     plan = []
-    for method in csv_list(cfg.demo.methods):
+    for method in cfg.demo.methods:
         for lam in (lams if is_viker(method) else [cfg.train.lam]):
             label = METHOD_LABELS.get(method, method)
             if is_viker(method) and len(lams) > 1:
                 label += f" λ={lam:g}"        # one curve per lambda in the trade-off plot
-            for budget in [int(b) for b in csv_list(cfg.demo.budgets)]:
-                for seed in [int(s) for s in csv_list(cfg.demo.seeds)]:
+            for budget in list(cfg.demo.budgets):
+                for seed in list(cfg.demo.seeds):
                     plan.append({"method": method, "lam": lam, "label": label, "budget": budget, "seed": seed,
                                  "name": f"{method}-{lam:g}-{budget}-s{seed}"})
     return plan
@@ -300,25 +300,22 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     one file at once; unlearning_sweep joins them in plan order.
     """
     from dataclasses import replace
-    from pipeline.evaluation.evaluate import evaluate
-    from .runs import evaluate_kwargs, relearn_settings, run_train
+    from .runs import run_evaluate, run_train
     t = time.time()
-    d = cfg.data
-    attack = dict(relearn=relearn_settings(cfg), relearn_reference=str(model_dir))
+    attack = dict(relearn=True, relearn_reference=str(model_dir))
     if run == "gold":
         results = Path(cfg.train.output) / "gold.results.jsonl"
         results.parent.mkdir(parents=True, exist_ok=True)
         results.unlink(missing_ok=True)
         # Its membership AUC against chance (0.5), not against itself: gold="" (PrivLeak would be 0 by definition).
-        evaluate(str(gold_dir(cfg)), d.root, d.forget_split, d.retain_split, method="Gold", budget=0,
-                 **(attack if cfg.demo.attack_budget else {}), **{**evaluate_kwargs(cfg, results), "gold": ""})
+        run_evaluate(cfg, model_dir=gold_dir(cfg), method="Gold", results_path=results, gold="",
+                     **(attack if cfg.demo.attack_budget else {}))
         return str(results), time.time() - t
     if run is None:
         results = Path(cfg.train.output) / "vanilla.results.jsonl"
         results.parent.mkdir(parents=True, exist_ok=True)
         results.unlink(missing_ok=True)
-        evaluate(model_dir, d.root, d.forget_split, d.retain_split, method="Vanilla", budget=0,
-                 **evaluate_kwargs(cfg, results))
+        run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
         return str(results), time.time() - t
     from pipeline.stage2.labels import train_method
     out_dir = Path(cfg.train.output) / run["name"]
@@ -331,9 +328,9 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
         setting.update(lam=run["lam"], regulariser=tcfg.regulariser)
     results = out_dir / "results.jsonl"
     results.unlink(missing_ok=True)
-    evaluate(model_dir, d.root, d.forget_split, d.retain_split, adapter=out["adapter"], method=run["label"],
-             setting=setting, budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint,
-             **(attack if run["budget"] == cfg.demo.attack_budget else {}), **evaluate_kwargs(cfg, results))
+    run_evaluate(cfg, model_dir=model_dir, adapter=out["adapter"], method=run["label"], setting=setting,
+                 budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint, results_path=results,
+                 train=tcfg, **(attack if run["budget"] == cfg.demo.attack_budget else {}))
     return str(results), time.time() - t
 
 
@@ -388,7 +385,7 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
 def run_demo(cfg: Config, log=print) -> dict:
     from .report import write_report
     import torch
-    from pipeline import thread_note
+    from pipeline.threads import thread_note
     t0 = time.time()
     log(f"[threads] {torch.get_num_threads()} torch threads; {thread_note()}")
     cfg = family_folders(cfg)

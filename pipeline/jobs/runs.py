@@ -1,14 +1,15 @@
-"""The edge where a `Config` becomes the flat arguments of each stage.
+"""The one place where a loaded `Config` becomes each stage's call.
 
-`viker finetune|precompute|train` and `viker demo` both start stages from a
-config; they call these functions so that the mapping from config keys to
-arguments is written once.
+`viker finetune|precompute|train|evaluate|attack`, `viker demo` and `viker
+study` all start stages through these functions, so the mapping from config
+keys to a stage is written once (tests/test_settings_reach.py sets every key
+to a sentinel and checks that it arrives on every path).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config, ConfigError, TrainConfig, config_dict
 
 
 def pool_dir(pool: str, data_root: str) -> str:
@@ -25,12 +26,13 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print, desc: s
     With finetune.exclude_split the people of that split are left out: the
     gold model, trained as the vanilla one but never on the forget people.
     """
-    from pipeline.data.loaders import read_profiles
+    from pipeline.data.loaders import default_splits, read_profiles
     from pipeline.stage2.finetune import finetune
     f, d = cfg.finetune, cfg.data
     profiles = read_profiles(d.root, d.finetune_split, d.benchmark)
     if d.finetune_real:
-        profiles += read_profiles(d.root, d.real_split, d.benchmark)
+        profiles += read_profiles(d.root, d.real_split or default_splits(d.benchmark, d.forget_split)["real"],
+                                  d.benchmark)
     if f.exclude_split:
         left_out = {p.id for p in read_profiles(d.root, f.exclude_split, d.benchmark)}
         profiles = [p for p in profiles if p.id not in left_out]
@@ -110,20 +112,50 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
                  device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
                  benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
-                 train_root=d.train_root)
+                 train_root=d.train_root, config=config_record(cfg, train_cfg))
 
 
-def evaluate_kwargs(cfg: Config, results_path, **extra) -> dict:
-    """The `evaluate.*` settings as evaluate()'s keyword arguments (the demo's sweep and the study's runs)."""
-    e = cfg.evaluate
-    return dict(sets=e.sets, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                coherence_classifier=e.coherence_classifier, results_path=results_path, max_profiles=e.max_profiles,
-                likelihood_sets=e.likelihood_sets, dtype=cfg.model.dtype, device=cfg.model.device,
-                tasks=e.tasks, mia=e.mia, mia_split=e.mia_split, mia_k=e.mia_k, gold=e.gold, **extra)
+def config_record(cfg: Config, train: TrainConfig | None = None) -> dict:
+    """The resolved configuration a row or an adapter records (with the run's own train section, if any)."""
+    from dataclasses import replace
+    return config_dict(cfg if train is None else replace(cfg, train=train))
 
 
-def relearn_settings(cfg: Config) -> dict:
-    """The `relearn.*` settings as relearn.attack_model's keyword arguments."""
-    r = cfg.relearn
-    return dict(fraction=r.fraction, steps=r.steps, lr=r.lr, batch_size=r.batch_size, seed=r.seed, lora=r.lora,
-                lora_r=r.lora_r, lora_alpha=r.lora_alpha)
+def run_evaluate(cfg: Config, *, model_dir=None, adapter=None, method: str = "Vanilla", setting: dict | None = None,
+                 budget: float = 0, seed: int = 0, cache_fingerprint: str = "", results_path=None, samples_path=None,
+                 gold: str | None = None, relearn: bool = False, relearn_reference: str = "",
+                 train: TrainConfig | None = None) -> dict:
+    """`viker evaluate` and every evaluation of the demo and the study: cfg's model, data and evaluate sections.
+
+    `model_dir` replaces model.path, `gold` evaluate.gold (the gold model itself is
+    scored against chance: gold=""), `results_path` evaluate.results; `relearn`
+    adds the relearning attack with the relearn section against
+    `relearn_reference`. `train` is the run's train section, recorded in the row
+    with the rest of the resolved configuration.
+    """
+    from dataclasses import replace
+    model = cfg.model if model_dir is None else replace(cfg.model, path=str(model_dir))
+    settings = cfg.evaluate if gold is None else replace(cfg.evaluate, gold=gold)
+    run = dict(adapter=adapter, method=method, setting=setting, budget=budget, seed=seed,
+               cache_fingerprint=cache_fingerprint, results_path=results_path, samples_path=samples_path,
+               config=config_record(cfg, train))
+    if cfg.data.benchmark == "clear":
+        if relearn:
+            raise ConfigError("the relearning attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
+        from pipeline.evaluation.clear_eval import evaluate_clear
+        return evaluate_clear(model, cfg.data, settings, **run)
+    from pipeline.evaluation.evaluate import evaluate
+    return evaluate(model, cfg.data, settings, relearn=cfg.relearn if relearn else None,
+                    relearn_reference=str(relearn_reference), **run)
+
+
+def run_relearn_attack(cfg: Config, adapter=None, reference: str = "") -> dict:
+    """`viker attack relearn`: the relearn section's attack on model.path (+ adapter) against `reference`."""
+    from pipeline.data.loaders import read_profiles
+    from pipeline.evaluation.evaluate import memo_key, relearn_metrics
+    from pipeline.models.modeling import load_for_eval
+    d, m = cfg.data, cfg.model
+    members = read_profiles(d.root, d.forget_split, d.benchmark)
+    model, processor = load_for_eval(m.path, adapter, m.dtype, m.device)
+    return relearn_metrics(model, processor, members, cfg.relearn, reference or m.path,
+                           memo_key(d.root, d.forget_split), m.dtype, m.device, cfg.evaluate.batch_size)

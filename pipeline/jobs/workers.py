@@ -54,6 +54,8 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
                 each(i, out[i])
     else:
         import multiprocessing
+        from pipeline.threads import apply_wait_policy
+        apply_wait_policy()          # the workers inherit the decision through their environment
         # spawn, not fork: a forked torch with its thread pool already started can deadlock.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=init_worker) as pool:

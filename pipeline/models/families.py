@@ -122,7 +122,7 @@ def qwen_image_processor_class():
 
     transformers 5.x will not build the Qwen processor without a video
     processor, and that needs torchvision, which breaks beside the CPU torch
-    build here (DESIGN.md 8). viker never passes videos: this subclass lists
+    build here. viker never passes videos: this subclass lists
     only the image processor and the tokenizer, and behaves the same on images.
     """
     global _QWEN_PROCESSOR

@@ -384,10 +384,6 @@ def wrap_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.05, target
     return peft_model
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def set_threads() -> int:
     """Use every core we were given, not more (oversubscription slows small models); returns the count.
 
@@ -395,7 +391,7 @@ def set_threads() -> int:
     `viker study`'s, pin one thread each, because several torch processes each
     using every core ran 7x slower on 2 cores.
     """
-    from pipeline import usable_cores
+    from pipeline.threads import usable_cores
     n = usable_cores()
     for name in ("VIKER_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()

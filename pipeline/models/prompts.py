@@ -2,7 +2,7 @@
 
 The image always comes first. Stage one relies on that: the `USER: <image>`
 prefix is identical for every question asked about one image, so its key/value
-cache is computed once per reference image and reused (DESIGN.md 4.2).
+cache is computed once per reference image and reused (docs/DATA.md, Prompts).
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections import OrderedDict
@@ -101,14 +100,6 @@ def answer_probs_naive(model, pad_id: int, seqs, starts, pixels: torch.Tensor) -
     logits = answer_logits(model, batch, pixels)
     probs = torch.softmax(logits.float(), dim=-1)
     return [probs[i, : len(s) - a] for i, (s, a) in enumerate(zip(seqs, starts))]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, pad_id: int, seqs, starts, pixels: torch.Tensor) -> list[float]:
-    batch = make_text_batch(seqs, starts, pad_id).to(pixels.device)
-    logp = torch.log_softmax(answer_logits(model, batch, pixels).float(), dim=-1)
-    tok = torch.gather(logp, -1, batch.answer_ids.unsqueeze(-1)).squeeze(-1)
-    return (tok * batch.answer_mask).sum(-1).tolist()
 
 
 def reference_distribution(model, processor, enc: Encoded, images) -> torch.Tensor:
@@ -289,9 +280,10 @@ def answer_probs_prefix(prefix: PrefixCache, image, pad_id: int, seqs, starts) -
 SCORES = ("reference", "own", "idk")
 
 
-def parse_scores(text: str) -> tuple[str, ...]:
-    """`precompute.scores` -> the fields to compute; R itself is the cache's reason to exist."""
-    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+def parse_scores(scores) -> tuple[str, ...]:
+    """`precompute.scores` (a list, or a comma-separated string) -> the fields to compute; R is the cache's reason to exist."""
+    items = scores.split(",") if isinstance(scores, str) else scores
+    names = tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
     unknown = [s for s in names if s not in SCORES]
     if unknown:
         raise ValueError(f"precompute.scores: unknown {unknown[0]!r} (use a subset of {','.join(SCORES)})")
@@ -453,11 +445,6 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
 
 # ---------------------------------------------------------------- the command
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world, local_rank) as torchrun / accelerate launch set them."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir: str | None, reference: str = "pool",
                k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
                prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
@@ -538,7 +525,7 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
 
 
 def check_settings(*, k: int, top_k: int, shard_size: int, batch_size: int, seed: int) -> None:
-    """The ranges config.RANGES checks, again for callers that pass arguments directly."""
+    """The ranges the config schema checks, again for callers that pass arguments directly."""
     for name, value in (("k", k), ("top_k", top_k), ("shard_size", shard_size), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"precompute.{name} must be >= 1, got {value}")

@@ -4,7 +4,8 @@ Owns the training recipe (`train`: setup -> loop -> save), what the loop
 reads (`inputs`: tokenised examples, the cache opened and checked against
 the run), in which order and how it is batched (`stream`: seeded shuffles,
 the DataLoader, reference padding), each method and its loss (`methods`,
-built from the small loss functions in `losses`), what a run writes
+a module a method and their registry, built from the small loss functions
+in `losses`), what a run writes
 (`checkpoint`: the adapter published atomically, checkpoints, resume), the
 errors it raises (`errors`), method names and labels (`labels`) and the
 fine-tuning that makes the vanilla and gold models (`finetune`, whose

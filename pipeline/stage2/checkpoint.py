@@ -50,7 +50,7 @@ _RESUMABLE = {"output", "save_every", "merge"}
 
 
 def _run_identity(run: dict) -> dict:
-    ident = {k: v for k, v in run.items() if k not in ("versions", "train")}
+    ident = {k: v for k, v in run.items() if k not in ("versions", "train", "config")}
     ident["train"] = {k: v for k, v in run["train"].items() if k not in _RESUMABLE}
     return ident
 
@@ -140,14 +140,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def save_adapter(model, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    _replace_dir(tmp, path)
-    return path
 
 
 def save_merged(model, processor, path: Path) -> Path:

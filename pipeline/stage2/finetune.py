@@ -1,7 +1,7 @@
 """Knowledge injection (`viker finetune`): teach a base model the benchmark -> the *vanilla* model.
 
 MLLMU-Bench fine-tunes LLaVA on its `ft_Data` before any unlearning; we do the
-same with the training prompt of DESIGN.md 3.3. For the tiny model: full
+same with the training prompt (docs/DATA.md, Prompts). For the tiny model: full
 fine-tuning on CPU, with a fresh image jitter every step so the model learns
 people rather than pixels. For a real LLaVA: bf16 on a GPU, optionally LoRA
 (merged into the saved weights, so the vanilla model is a plain checkpoint).
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.records import Profile
+from pipeline.models.distributed import autocast as precision_autocast
 from pipeline.models.encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
 from pipeline.models.forward import answer_logits, forward_inputs, make_text_batch
 from pipeline.models.modeling import load_model, wrap_lora
@@ -187,7 +188,7 @@ def teach(model, processor, profiles: list[Profile], *, steps: int = 0, epochs: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     gen = torch.Generator().manual_seed(seed)
     pad_id = processor.tokenizer.pad_token_id
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = precision_autocast(dev)   # bf16 on CUDA unless accelerate launch --mixed_precision says otherwise
 
     steps_run, why = steps, f"budget of {steps} steps used up"
     order: list[int] = []

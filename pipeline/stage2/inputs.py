@@ -187,21 +187,24 @@ class Inputs:
     processor: object = None
     workers: int = 0
     loaders: dict | None = None      # "forget"/"retain" -> stream.Loader, made at the first micro-batch
+    method: str = ""                 # the method these inputs were built for ("" in tests and benchmarks)
+    reads: tuple[str, ...] = ()      # the cache fields its loss reads (Method.cache_fields), sent per batch
 
 
-def open_inputs(processor, model, forget: list[Sample], retain: list[Sample], method: str, *, use_cache: bool,
+def open_inputs(processor, model, forget: list[Sample], retain: list[Sample], method, *, use_cache: bool,
                 online: bool, cache_dir, model_dir, pool_dir, idk_answer: str,
                 recorded: dict | None) -> tuple[Inputs, dict]:
     """The loop's Inputs, and what the cache is ({} without one); `use_cache`: the method reads the cache.
 
-    `recorded`: the fingerprint check_cache accepted. Online ViKeR gets the pool's pixels.
+    `method`: the run's methods.Method (what it reads is asked of it). `recorded`: the
+    fingerprint check_cache accepted. Online ViKeR gets the pool's pixels.
     """
     reader, cache = None, {}
     if use_cache:
         reader, cache = open_cache(cache_dir, model_dir, forget, method, pool_dir, idk_answer, recorded)
     try:   # with a cache the forget examples keep no tokens: they are read from it per batch
         inputs = build_inputs(processor, forget, retain, max_positions(model),
-                              idk_answer if method == "idkpo" else "", pool_dir if online else None,
+                              idk_answer if method.idk_answers else "", pool_dir if online else None,
                               reader=reader, method=method)
     except BaseException:
         if reader is not None:
@@ -211,12 +214,13 @@ def open_inputs(processor, model, forget: list[Sample], retain: list[Sample], me
 
 
 def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_length, idk_answer: str,
-                 pool_dir, reader: RefCacheReader | None = None, method: str = "") -> Inputs:
+                 pool_dir, reader: RefCacheReader | None = None, method=None) -> Inputs:
     """Tokenise every sample once; images stay encoded and are decoded per micro-batch by the loader.
 
     With `reader` (the open reference cache of a method that uses one) the forget
     examples are checked against the cache and kept as CachedExamples (no tokens
-    held: the cache has them); `method` names the cached columns that must be there.
+    held: the cache has them); `method` (a methods.Method) names the cached columns
+    that must be there (Method.scores) and the fields each batch carries (Method.cache_fields).
     """
     if not forget:
         raise TrainError("the forget split holds no samples")
@@ -254,21 +258,23 @@ def build_inputs(processor, forget: list[Sample], retain: list[Sample], max_leng
         pool = pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool_files(pool_dir)])
     pad_id = processor.tokenizer.pad_token_id
     return Inputs(forget_ex, idk_ex, retain_ex, {}, None, pool, 0 if pad_id is None else pad_id,
-                  images=images, processor=processor, reader=reader)
+                  images=images, processor=processor, reader=reader, method=method.name if method else "",
+                  reads=method.cache_fields if method else ())
 
 
 SETUP_CHUNK = 1024   # samples tokenised together when checking them against the cache (bounds setup memory)
 
 
 def build_cached_examples(processor, samples: list[Sample], reader: RefCacheReader, image_row, max_length,
-                          idk_answer: str, method: str) -> CachedExamples:
+                          idk_answer: str, method) -> CachedExamples:
     """The forget samples as CachedExamples, after checking every one against the cache.
 
     One pass in cache order, SETUP_CHUNK samples at a time, keeping nothing per
     sample but its slot and image row: each is tokenised as stage one did (an
     empty answer or a too-long sequence fails here, as does a bad image in
     `image_row`), must be cached with the same question, prompt ids and answer
-    tokens, and must carry the reference log-likelihoods the method needs.
+    tokens, and must carry the reference log-likelihoods the method needs (`method`: a
+    methods.Method, or None for none).
     """
     cache_dir = reader.cache_dir
     slots = np.empty(len(samples), np.int32)
@@ -280,7 +286,8 @@ def build_cached_examples(processor, samples: list[Sample], reader: RefCacheRead
     prompts = PromptIds(processor)
     shard, row = reader.slot_locations(slots)
     order = np.lexsort((row, shard))
-    needed = {"npo": ("ref_logp_own",), "idkpo": ("ref_logp_own", "ref_logp_idk")}.get(method, ())
+    needed = method.scores if method is not None else ()
+    name = method.name if method is not None else ""
     for first in range(0, len(order), SETUP_CHUNK):
         chunk = order[first: first + SETUP_CHUNK]
         by_shard: dict[int, list[tuple[int, Example]]] = defaultdict(list)
@@ -293,7 +300,7 @@ def build_cached_examples(processor, samples: list[Sample], reader: RefCacheRead
             by_shard[int(shard[i])].append((int(row[i]), ex))
             questions[int(shard[i])].append((int(row[i]), e.sample))
         for pos, rows in by_shard.items():
-            _check_shard_rows(reader, pos, rows, needed, method, cache_dir)
+            _check_shard_rows(reader, pos, rows, needed, name, cache_dir)
             _check_shard_questions(reader, pos, questions[pos], cache_dir)
     return CachedExamples(reader, slots, images, prompts)
 
@@ -376,17 +383,18 @@ def cache_setting_differences(settings: dict, recorded: dict, expected: dict, po
     return found
 
 
-def open_cache(cache_dir, model_dir, samples: list[Sample], method: str, pool_dir, idk_answer: str,
+def open_cache(cache_dir, model_dir, samples: list[Sample], method, pool_dir, idk_answer: str,
                recorded: dict | None = None) -> tuple[RefCacheReader, dict]:
     """The open reader of a cache made for this run, and what the cache is (fingerprint, settings).
 
-    `recorded`: the fingerprint an earlier `check_cache` already accepted (skips
+    `method`: the run's methods.Method; one that reads idk answers must find this run's
+    idk answer in the cache. `recorded`: the fingerprint an earlier `check_cache` already accepted (skips
     hashing again). The samples are checked against it by build_cached_examples.
     """
     if recorded is None:
         recorded = check_cache(cache_dir, model_dir, samples, pool_dir)
     cached_idk = recorded.get("parts", {}).get("idk_answer")
-    if method == "idkpo" and cached_idk is not None and cached_idk != idk_answer:
+    if method.idk_answers and cached_idk is not None and cached_idk != idk_answer:
         raise TrainError(f"reference cache {cache_dir} scored the idk answer {cached_idk!r}, "
                          f"this run uses {idk_answer!r}")
     reader = RefCacheReader(cache_dir)

@@ -1,44 +1,42 @@
 """Method names: the paper's display labels (tables, plots) and their ASCII file-name form.
 
-Shared by the CLI and the demo (the demo must not import the CLI module).
+Read from the method registry (stage2/methods/: each method module declares its
+name, label and sweep variants). Shared by the CLI and the demo (the demo must
+not import the CLI module); importing it loads no torch.
 """
 from __future__ import annotations
 
 import re
 
-METHOD_LABELS = {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO",
-                 "viker": "ViKeR", "viker+nll": "ViKeR+NLL", "viker+kl": "ViKeR+KL"}
-# Sweep method keys beyond train.method (demo.methods, study.methods): ViKeR with a retain term
-# (train.retain_term; ours), compared as methods of their own.
-RETAIN_AWARE = {"viker+nll": "nll", "viker+kl": "kl"}
+from .methods import METHODS, SWEEP_VARIANTS
+from .methods.viker import METHOD as _VIKER
+
+# Display label of every sweep key: train.method's names and the variants (viker+nll: ViKeR+NLL).
+METHOD_LABELS = {**{name: m.label for name, m in METHODS.items()},
+                 **{key: v.label for key, v in SWEEP_VARIANTS.items()}}
 
 
 def train_method(key: str) -> tuple[str, dict]:
     """(train.method, extra train settings) of a sweep method key ('viker+nll' -> viker, retain_term nll)."""
     key = key.strip().lower()
-    if key in RETAIN_AWARE:
-        return "viker", {"retain_term": RETAIN_AWARE[key]}
+    if key in SWEEP_VARIANTS:
+        variant = SWEEP_VARIANTS[key]
+        return variant.method, dict(variant.settings)
     return key, {}
 
 
 def is_viker(key: str) -> bool:
-    return train_method(key)[0] == "viker"
+    """Whether a sweep key trains ViKeR (its lambda is swept)."""
+    return train_method(key)[0] == _VIKER.name
 
 
 def method_label(info: dict) -> str:
-    """The paper's name of a training run's method, ablations included."""
-    t = info.get("train", {})
-    label = METHOD_LABELS.get(info.get("method", ""), info.get("method", "adapter"))
-    if info.get("method") == "viker":
-        if not t.get("use_ga", True):
-            label += " w/o GA"
-        if (info.get("cache_settings") or {}).get("reference") == "own":
-            label += " w/o Vis"
-        if t.get("regulariser", "kl") != "kl":
-            label += f" ({t['regulariser'].upper()})"
-        if t.get("retain_term", "none") != "none":
-            label += f"+{t['retain_term'].upper()}"
-    return label
+    """The paper's name of a training run's method, ablations included (Method.run_label)."""
+    name = info.get("method", "")
+    method = METHODS.get(name)
+    if method is None:
+        return METHOD_LABELS.get(name, info.get("method", "adapter"))
+    return method.run_label(info.get("train", {}), info.get("cache_settings") or {})
 
 
 def file_slug(label: str) -> str:

@@ -1,12 +1,13 @@
-"""Unlearning losses for stage two (DESIGN.md section 5).
+"""Unlearning losses for stage two (docs/METHODS.md).
 
 Every function takes plain tensors and plain floats and returns per-example
 losses of shape [B] plus a dict of detached float32 [B] diagnostics; the
-training loop reduces both (mean over the batch) and composes the methods:
+method modules (stage2/methods/) call them, and reduce and compose them (mean
+over the batch, the retain term weighted by alpha = train.retain_weight):
 
     GA        mean_i log Q_i(y_i)
     GradDiff  GA(forget) + alpha * NLL(retain)
-    KL_Min    GA(forget) + KL(P_vanilla || P_cur) on retain
+    KL_Min    GA(forget) + alpha * KL(P_vanilla || P_cur) on retain
     NPO       -(2/beta) * logsigmoid(-beta * (ll_cur - ll_ref))            beta = 0.4
     IdkPO     -logsigmoid(beta * ((ll_cur - ll_ref)[idk] - (ll_cur - ll_ref)[gt]))
     ViKeR     mean_i [ log Q_i(y_i) + lambda_i * D(R~_i, Q~_i) ]                (the paper's; no retain data)
@@ -34,8 +35,8 @@ papers), the floors that keep padded positions finite (Q's tail has none: it is
 computed by logsumexp, see _log_buckets), and the
 optional per-token lambda (`token_lambda`, `entropy_token_lambda`).
 
-Baseline conventions (train.convention; LOSS_CONVENTIONS, applied in
-methods.micro_batch_loss). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
+Baseline conventions (train.convention; each method module's CONVENTIONS
+table in stage2/methods/). ll = summed answer log-likelihood, lbar = ll / T (per-token mean):
 
     method   viker (ours; the demo)          mllmu (MLLMU-Bench baselines/)          openunlearning
     GA       mean_t log Q                    same (GA.py: -outputs.loss)              same
@@ -64,7 +65,6 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("kl", "jsd", "cos")
-LOSS_CONVENTIONS = ("viker", "mllmu", "openunlearning")
 
 # Floor for probabilities inside a log. Softmax in float32 underflows to 0 once
 # logits drift ~100 apart (GA drives them there); the smallest normal float32
@@ -162,7 +162,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-likelihood of the answer (ll in DESIGN.md), [B]."""
+    """Summed log-likelihood of the answer (ll in docs/METHODS.md), [B]."""
     return _masked_sum(token_logprobs(logits, labels), mask)
 
 
@@ -211,7 +211,7 @@ def npo_loss(ll_cur: torch.Tensor, ll_ref: torch.Tensor, beta: float = 0.4):
 def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1, scale: float = 1.0):
     """DPO with chosen = the "I don't know" answer, rejected = the ground truth: -scale * logsigmoid(margin).
 
-    scale = 1 is DPO's paper form (convention viker); OpenUnlearning writes 2/beta (`idkpo_scale`).
+    scale = 1 is DPO's paper form (convention viker); OpenUnlearning writes 2/beta (methods/idkpo.py).
     """
     chosen = beta * (ll_cur_idk.float() - ll_ref_idk.float())
     rejected = beta * (ll_cur_gt.float() - ll_ref_gt.float())
@@ -228,23 +228,6 @@ def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1, 
 def per_token(ll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A summed answer log-likelihood [B] as a per-token mean (mask: the answer tokens it summed)."""
     return ll.float() / mask.to(torch.float32).sum(-1).clamp_min(1.0)
-
-
-def idkpo_scale(convention: str, beta: float, idk_beta: float) -> tuple[float, float]:
-    """(beta, scale) of IdkPO: viker shares NPO's beta with scale 1; mllmu/openunlearning use idk_beta and 2/beta."""
-    if convention == "viker":
-        return beta, 1.0
-    return idk_beta, 2.0 / idk_beta
-
-
-def retain_nll_weight(convention: str, method: str, retain_term: str = "none") -> float:
-    """Weight of the retain NLL term when train.retain_weight is 0 (the table in the module doc).
-
-    ViKeR+NLL (train.retain_term nll, ours) takes GradDiff's alpha 1.
-    """
-    if method == "graddiff" or (method == "kl_min" and convention == "mllmu") or retain_term == "nll":
-        return 1.0
-    return 0.0
 
 
 # ----------------------------------------------------------------- ViKeR

@@ -147,11 +147,12 @@ class ExampleData(torch.utils.data.Dataset):
 class Collate:
     """Decode a batch's images and pad its references (in the DataLoader worker, off the training loop).
 
-    The batch's examples come back with `image` renumbered to their row of the batch's pixels.
+    The batch's examples come back with `image` renumbered to their row of the batch's pixels;
+    `reads`: the cache fields the method's loss reads (Inputs.reads: refs, ref_logp_own, ref_logp_idk).
     """
 
-    def __init__(self, processor, method: str):
-        self.processor, self.method = processor, method
+    def __init__(self, processor, reads: tuple[str, ...]):
+        self.processor, self.reads = processor, tuple(reads)
 
     def __call__(self, items) -> dict:
         # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
@@ -164,12 +165,11 @@ class Collate:
             out["idk"] = [dataclasses.replace(idk, image=j) for j, (_, _, _, idk, _) in enumerate(items)]
         cached = [item[4] for item in items]
         if cached and cached[0] is not None:
-            if self.method == "viker":
-                out["refs"] = pad_stored(cached, max(len(ex.ids) - ex.start for ex in forget))
-            if self.method in ("npo", "idkpo"):
-                out["ref_logp_own"] = np.array([r.ref_logp_own for r in cached], np.float32)
-            if self.method == "idkpo":
-                out["ref_logp_idk"] = np.array([r.ref_logp_idk for r in cached], np.float32)
+            for name in self.reads:
+                if name == "refs":
+                    out["refs"] = pad_stored(cached, max(len(ex.ids) - ex.start for ex in forget))
+                else:   # a per-sample score, named as the cache's RefSample field
+                    out[name] = np.array([getattr(r, name) for r in cached], np.float32)
         return out
 
 
@@ -212,19 +212,26 @@ class Loader:
         return got
 
 
-def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> dict[str, Loader]:
+def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int) -> dict[str, Loader]:
     loaders = {"forget": Loader(ExampleData(inputs.forget, inputs.images, inputs.reader, inputs.idk),
-                                Collate(inputs.processor, method), streams["forget"], batch_size, inputs.workers)}
+                                Collate(inputs.processor, inputs.reads), streams["forget"], batch_size,
+                                inputs.workers)}
     if inputs.retain:
         loaders["retain"] = Loader(ExampleData(inputs.retain, inputs.images, None),
-                                   Collate(inputs.processor, method), streams["retain"], batch_size, inputs.workers)
+                                   Collate(inputs.processor, ()), streams["retain"], batch_size, inputs.workers)
     return loaders
 
 
-def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str) -> MicroBatch:
-    """The next micro-batch; leaves its images in inputs.bank, rows renumbered from 0 (forget, then retain)."""
+def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str = "") -> MicroBatch:
+    """The next micro-batch; leaves its images in inputs.bank, rows renumbered from 0 (forget, then retain).
+
+    What it carries besides the examples is what `inputs` were built for (Inputs.reads); `method`,
+    the run's method name, is checked against theirs.
+    """
+    if method and inputs.method and method != inputs.method:
+        raise TrainError(f"micro-batches for method {method} asked of inputs built for {inputs.method}")
     if inputs.loaders is None:   # made here, after a resumed run has restored the streams
-        inputs.loaders = make_loaders(inputs, streams, batch_size, method)
+        inputs.loaders = make_loaders(inputs, streams, batch_size)
     rows = streams["forget"].take(batch_size)
     got = inputs.loaders["forget"].next(rows)
     refs = widen_stored(got["refs"]) if "refs" in got else None

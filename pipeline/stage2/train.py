@@ -10,18 +10,19 @@
             step, a checkpoint every train.save_every steps (checkpoint.py);
     save    the adapter and train_config.json, published together.
 
-What each method computes on a micro-batch is in methods.py (the losses
-themselves in losses.py); this file only runs the steps.
+What each method computes on a micro-batch is in methods/ (a module a method;
+the losses themselves in losses.py); this file only runs the steps.
 
-Multi-process: launched by torchrun / accelerate launch (WORLD_SIZE > 1) each
-rank takes forget items rank::world of every epoch's shuffled order, the
-gradients are averaged by torch DDP, and rank 0 alone logs and saves.
+Multi-process: launched by torchrun / accelerate launch (read through
+accelerate's PartialState, models/distributed.py) each rank takes forget items
+rank::world of every epoch's shuffled order, the gradients are averaged by
+torch DDP, and rank 0 alone logs and saves. The gradient forward's autocast
+follows `accelerate launch --mixed_precision` (default: bf16 on CUDA).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import time
@@ -36,15 +37,16 @@ import torch.distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.data.loaders import default_splits, read_profiles
 from pipeline.data.records import forget_samples
-from pipeline.models.modeling import load_model, resolve_device, wrap_lora
+from pipeline.models.distributed import autocast, distributed_state, release
+from pipeline.models.modeling import load_model, wrap_lora
 from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 
 from .checkpoint import (CHECKPOINT, adapter_digest, append_log, claim_output, describe_run, load_checkpoint,
                          prepare_output, publish, remove_temporary, save_checkpoint, save_merged)
 from .errors import TrainError, TrainingDiverged
 from .inputs import Inputs, check_cache, open_inputs
-from .methods import (AnswerLogits, LossSpec, check_options, frozen_dtype, loss_spec, micro_batch_loss, needs_cache,
-                      needs_retain, resolve_method)
+from .methods import (AnswerLogits, LossSpec, check_options, frozen_dtype, get_method, loss_spec, micro_batch_loss,
+                      resolve_method)
 from .stream import Stream, make_streams, next_micro_batch
 
 
@@ -52,7 +54,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
           benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
-          log=print, train_root: str = "") -> dict:
+          log=print, train_root: str = "", config: dict | None = None) -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
@@ -63,28 +65,33 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     A directory holding another run's adapter or train_config.json is refused
     unless `overwrite` (removes them first) or `resume`. The adapter and
     train_config.json appear together at the end (after a NaN stop: the last
-    good adapter, with the steps done). Returns steps, timings, final loss and paths.
+    good adapter, with the steps done). `config` (the resolved configuration,
+    jobs.runs.config_record) is recorded in train_config.json. Returns steps,
+    timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
     spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
     check_options(cfg, method, cache_dir, pool_dir)
     out = Path(cfg.output)
     claim_output(out, resume, overwrite, remove=False)   # refuse before any work, remove on rank 0 below
-    rank, world, dev, own_group = init_distributed(device)
+    group = distributed_state(device)   # torchrun / accelerate launch: joins (or forms) the process group
+    rank, world, dev = group.rank, group.world, group.device
     try:
+        autocast(dev)   # a bad or unsupported ACCELERATE_MIXED_PRECISION fails here, before the model loads
         run = setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg, spec, rank=rank,
                     world=world, dev=dev, pool_dir=pool_dir, idk_answer=idk_answer, dtype=dtype, resume=resume,
                     benchmark=benchmark, expect_cache=expect_cache, log=log, train_root=train_root)
         if rank == 0:
             claim_output(out, resume, overwrite, remove=True)
             prepare_output(out, run.description, resume, run.start)
+        if config is not None:      # the resolved configuration, recorded beside the adapter (not part of its identity)
+            run.description["config"] = config
         last_loss, seconds = loop(run)
         return save(run, last_loss, seconds)
     finally:
         if rank == 0:
             remove_temporary(out)   # a failed save (disk full) must not leave half an adapter behind
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        release(group)   # only a group this call formed: train may run inside the caller's
 
 
 @dataclass
@@ -120,11 +127,11 @@ class Run:
 def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: TrainConfig, spec: LossSpec, *,
           rank, world, dev, pool_dir, idk_answer, dtype, resume, benchmark, expect_cache, log, train_root) -> Run:
     """The model, the inputs, the optimizer and the streams, in the order that fixes every random draw."""
-    method = spec.method
+    method = get_method(spec.method)   # what it needs is asked of it (methods/)
     seed_everything(cfg.seed)
     forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
     recorded = None
-    if needs_cache(method, spec):
+    if method.uses_cache(spec):
         # Refuse a cache for another model or forget set before paying for loading the model.
         recorded = check_cache(cache_dir, model_dir, forget, pool_dir, expected=expect_cache,
                                use_cache_settings=cfg.use_cache_settings, log=log if rank == 0 else None)
@@ -132,10 +139,10 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
     # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
     torch.manual_seed(cfg.seed + rank)
     retain = []
-    if needs_retain(method, cfg.retain_weight, spec.retain_term):
+    if method.needs_retain(spec):
         retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
         retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
-    inputs, cache = open_inputs(processor, model, forget, retain, method, use_cache=needs_cache(method, spec),
+    inputs, cache = open_inputs(processor, model, forget, retain, method, use_cache=method.uses_cache(spec),
                                 online=spec.online, cache_dir=cache_dir, model_dir=model_dir, pool_dir=pool_dir,
                                 idk_answer=idk_answer, recorded=recorded)
     if inputs.pool is not None:   # each pool image is reused for many samples: keep it on the device
@@ -152,7 +159,7 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
     scheduler = linear_schedule(optimizer, cfg.warmup_steps, steps)
     streams = make_streams(inputs, cfg.seed, rank, world)
     net = gradient_net(model, world, dev)
-    description = describe_run(cfg, method, model_dir, data_root, forget_split, retain_split, cache_dir, cache,
+    description = describe_run(cfg, method.name, model_dir, data_root, forget_split, retain_split, cache_dir, cache,
                                pool_dir, idk_answer, spec, world, steps)
     description["benchmark"] = benchmark
     run = Run(cfg, spec, Path(cfg.output), rank, world, dev, model, processor, inputs, net, params, optimizer,
@@ -171,11 +178,6 @@ def lora_model(model_dir, cfg: TrainConfig, dtype: str, dev: torch.device):
     model = wrap_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
     model.train()
     return model, processor
-
-
-def autocast(dev: torch.device):
-    """The gradient forward's autocast: bf16 on CUDA, none on the CPU (the model runs in its own dtype)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def gradient_net(model, world: int, dev: torch.device) -> torch.nn.Module:
@@ -308,19 +310,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def init_distributed(device: str):
-    """(rank, world, device, whether we created the process group) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if world <= 1:
-        return 0, 1, dev, False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dev, created

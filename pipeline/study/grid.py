@@ -38,41 +38,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, csv_list
+from pipeline.config import Config, ConfigError
 from pipeline.jobs.workers import run_parallel
 from pipeline.stage2.labels import METHOD_LABELS, is_viker, train_method
 
+from .quick import QUICK  # noqa: F401  (the --quick grid, read by tests as grid.QUICK)
 from .report import SELECTION_RULE, select, write_study_report
 
 
-# CI-sized grid: the machinery end to end (three draws, reuse, selection, report) in minutes.
-QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.n_holdout=4", "mini.train_images=1", "mini.test_images=1", "mini.pool_size=6",
-         "finetune.steps=40", "finetune.batch_size=8", "finetune.gate_min_acc=0", "finetune.warmup_steps=5",
-         "tiny.vocab_size=400", "tiny.vision_hidden=32", "tiny.vision_layers=1", "tiny.text_hidden=32",
-         "tiny.text_layers=1", "tiny.text_heads=2", "tiny.max_positions=256", "precompute.k=2",
-         "precompute.top_k=8", "evaluate.max_profiles=2", "evaluate.max_new_tokens=8",
-         "study.splits=forget_10", "study.seeds=0", "study.methods=ga,viker,viker+nll", "study.budgets=2,4",
-         "study.lrs=2e-3", "study.lams=0.5", "study.refs=pets", "study.ks=1", "study.lam_sweep=0.1",
-         "study.regularisers=jsd", "study.n_boot=200", "study.output=cache/study-quick",
-         "study.report=cache/study-quick/STUDY.md")
 
-
-def check_study(cfg: Config) -> None:
-    s = cfg.study
-    draws = [int(d) for d in csv_list(s.draws)]
-    if len(set(draws)) < 3:
-        raise ConfigError(f"study.draws needs >= 3 distinct benchmark draws, got {s.draws!r}")
-    if 0 in draws or s.val_draw == 0:
-        raise ConfigError("study.draws and study.val_draw must not use mini.seed 0: that is the demo's draw")
-    if s.val_draw in draws:
-        raise ConfigError(f"study.val_draw {s.val_draw} is also a test draw: choose hyper-parameters elsewhere")
-    for key in ("forget_metric", "utility_metric"):
-        if getattr(s, key) not in ("fact_acc", "mc_ll_acc", "mc_acc"):
-            raise ConfigError(f"study.{key} must be fact_acc, mc_ll_acc or mc_acc, got {getattr(s, key)!r}")
-    if s.workers < 1:
-        raise ConfigError("study.workers must be >= 1")
-    if "mc_acc" in (s.forget_metric, s.utility_metric) and "mc" not in csv_list(cfg.evaluate.tasks):
-        raise ConfigError("study.forget_metric/utility_metric mc_acc needs the mc task: add mc to evaluate.tasks")
 
 
 # ---------------------------------------------------------------- settings
@@ -139,13 +113,13 @@ def _frozen(selection: dict, method: str) -> tuple[float, float]:
 
 def selection_runs(cfg: Config) -> list[dict]:
     s = cfg.study
-    seed = int(csv_list(s.seeds)[0])
+    seed = s.seeds[0]
     runs = []
-    for method in csv_list(s.methods):
-        lams = [float(x) for x in csv_list(s.lams)] if is_viker(method) else [cfg.train.lam]
-        for lr in [float(x) for x in csv_list(s.lrs)]:
+    for method in s.methods:
+        lams = list(s.lams) if is_viker(method) else [cfg.train.lam]
+        for lr in list(s.lrs):
             for lam in lams:
-                for budget in [int(b) for b in csv_list(s.budgets)]:
+                for budget in list(s.budgets):
                     runs.append(make_run(cfg, s.val_draw, s.val_split, seed, method, budget, lr, lam,
                                          f"{METHOD_LABELS.get(method, method)} lr={lr:g}" +
                                          (f" λ={lam:g}" if is_viker(method) else ""), "selection"))
@@ -155,13 +129,13 @@ def selection_runs(cfg: Config) -> list[dict]:
 def test_runs(cfg: Config, selection: dict) -> list[dict]:
     """The main grid with frozen hyper-parameters, then the comparisons on the ablation split."""
     s = cfg.study
-    draws, seeds = [int(d) for d in csv_list(s.draws)], [int(x) for x in csv_list(s.seeds)]
-    budgets = [int(b) for b in csv_list(s.budgets)]
+    draws, seeds = list(s.draws), list(s.seeds)
+    budgets = list(s.budgets)
     runs = []
     for draw in draws:
-        for split in csv_list(s.splits):
+        for split in s.splits:
             for seed in seeds:
-                for method in csv_list(s.methods):
+                for method in s.methods:
                     lr, lam = _frozen(selection, method)
                     for budget in budgets:
                         runs.append(make_run(cfg, draw, split, seed, method, budget, lr, lam,
@@ -171,10 +145,10 @@ def test_runs(cfg: Config, selection: dict) -> list[dict]:
     lr, lam = _frozen(selection, "viker")
     variants = [("ViKeR w/o GA", "ablation", {}, {"use_ga": False}),
                 ("ViKeR w/o Vis", "ablation", reference_settings(cfg, "own"), {})]
-    variants += [(f"ViKeR ref={r}", "reference", reference_settings(cfg, r), {}) for r in csv_list(s.refs)]
-    variants += [(f"ViKeR k={k}", "k", reference_settings(cfg, k=int(k)), {}) for k in csv_list(s.ks)]
-    variants += [(f"ViKeR λ={x}", "lambda", {}, {"lam": float(x)}) for x in csv_list(s.lam_sweep)]
-    variants += [(f"ViKeR D={d.upper()}", "regulariser", {}, {"regulariser": d}) for d in csv_list(s.regularisers)]
+    variants += [(f"ViKeR ref={r}", "reference", reference_settings(cfg, r), {}) for r in s.refs]
+    variants += [(f"ViKeR k={k}", "k", reference_settings(cfg, k=int(k)), {}) for k in s.ks]
+    variants += [(f"ViKeR λ={x}", "lambda", {}, {"lam": float(x)}) for x in s.lam_sweep]
+    variants += [(f"ViKeR D={d.upper()}", "regulariser", {}, {"regulariser": d}) for d in s.regularisers]
     variants += [("ViKeR per-token λ", "token_lambda", {}, {"token_lambda": True})]
     seed = seeds[0]
     for draw in draws:
@@ -266,8 +240,7 @@ def prepare_cache(cfg: Config, draw: int, split: str, ref: dict) -> str:
 def execute_run(cfg: Config, run: dict) -> dict:
     """Train and evaluate one run unless it is finished; returns its done record."""
     from pipeline.jobs.demo import gold_dir
-    from pipeline.evaluation.evaluate import evaluate
-    from pipeline.jobs.runs import evaluate_kwargs, relearn_settings, run_train
+    from pipeline.jobs.runs import run_evaluate, run_train
     folder = Path(cfg.study.output) / "runs" / run["key"]
     done = folder / "done.json"
     if done.is_file():
@@ -279,22 +252,22 @@ def execute_run(cfg: Config, run: dict) -> dict:
     results = folder / "results.jsonl"
     results.unlink(missing_ok=True)           # a half-finished earlier attempt
     gold = str(gold_dir(split_config(cfg, st["draw"], st["split"])))
-    common = {**evaluate_kwargs(c, results, samples_path=folder / "samples.jsonl"), "gold": gold}
     vanilla = c.finetune.output
+    common = dict(results_path=results, samples_path=folder / "samples.jsonl", gold=gold)
     if (st.get("attacks") or {}).get("relearn") is not None:
-        common.update(relearn=relearn_settings(c), relearn_reference=vanilla)
+        common.update(relearn=True, relearn_reference=vanilla)
     if st["method"] == "vanilla":
-        row = evaluate(vanilla, c.data.root, st["split"], method="Vanilla", budget=0, **common)
+        row = run_evaluate(c, model_dir=vanilla, method="Vanilla", **common)
     elif st["method"] == "gold":      # its membership AUC against chance (0.5), not against itself
-        row = evaluate(gold, c.data.root, st["split"], method="Gold", budget=0, **{**common, "gold": ""})
+        row = run_evaluate(c, model_dir=gold, method="Gold", **{**common, "gold": ""})
     else:
         method, extra = train_method(st["method"])
         tcfg = replace(c.train, method=method, steps=st["budget"], lr=st["lr"], lam=st["lam"],
                        seed=st["seed"], output=str(folder / "train"), **extra, **st["train"])
         out = run_train(c, vanilla, tcfg, overwrite=True, log=lambda *_: None)   # a killed attempt is replaced
-        row = evaluate(vanilla, c.data.root, st["split"], adapter=out["adapter"], method=run["variant"],
-                       setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
-                       seed=st["seed"], **common)
+        row = run_evaluate(c, model_dir=vanilla, adapter=out["adapter"], method=run["variant"],
+                           setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
+                           seed=st["seed"], train=tcfg, **common)
     record = {**run, "row": row, "seconds": round(time.time() - t0, 2)}
     tmp = folder / "done.json.tmp"
     tmp.write_text(json.dumps(record, ensure_ascii=False))
@@ -323,7 +296,7 @@ def _execute(cfg: Config, runs: list[dict], log, what: str) -> list[dict]:
     todo = _runs_needing(cfg, runs)
     # The first training seed's runs go first (the main table and every comparison, which use that
     # seed only): a study stopped early still has every table, `--report-only` says which runs are missing.
-    first_seed = int(csv_list(cfg.study.seeds)[0])
+    first_seed = cfg.study.seeds[0]
     todo.sort(key=lambda r: r["settings"]["seed"] != first_seed)      # stable: the grid's order otherwise
     log(f"[study] {what}: {len(runs)} runs, {len(runs) - len(todo)} reused")
     _parallel(cfg.study.workers, prepare_cache, _caches(cfg, todo), log, f"{what} caches")
@@ -333,18 +306,17 @@ def _execute(cfg: Config, runs: list[dict], log, what: str) -> list[dict]:
 
 def run_study(cfg: Config, command: str = "viker study", log=print) -> dict:
     """All phases (module doc); returns the paths written and the wall time."""
-    check_study(cfg)
     t0 = time.time()
     s = cfg.study
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
-    draws = [int(d) for d in csv_list(s.draws)]
+    draws = list(s.draws)
     _parallel(s.workers, prepare_draw, [(cfg, d) for d in [s.val_draw] + draws], log, "vanilla models")
-    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    splits = sorted(set(s.splits) | ({s.ablation_split} if s.ablations else set()))
     _parallel(s.workers, prepare_gold, [(cfg, s.val_draw, s.val_split)] + [(cfg, d, sp) for d in draws for sp in splits],
               log, "gold models (without the forget people)")
 
-    val_seed = int(csv_list(s.seeds)[0])
+    val_seed = s.seeds[0]
     val_runs = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
     val_records = _execute(cfg, val_runs, log, "selection")
     selection = select(val_records, s.forget_metric, s.utility_metric)
@@ -367,14 +339,13 @@ def report_only(cfg: Config, command: str, log=print) -> dict:
     The report states how many of the planned runs it holds; hyper-parameters
     come from the selection.json the study froze (none: no report).
     """
-    check_study(cfg)
     s = cfg.study
     frozen = Path(s.output) / "selection.json"
     if not frozen.is_file():
         raise ConfigError(f"{frozen} does not exist: the study has not finished its selection phase yet")
     selection = json.loads(frozen.read_text())["chosen"]
-    draws = [int(d) for d in csv_list(s.draws)]
-    splits = sorted(set(csv_list(s.splits)) | ({s.ablation_split} if s.ablations else set()))
+    draws = list(s.draws)
+    splits = sorted(set(s.splits) | ({s.ablation_split} if s.ablations else set()))
     planned_val = vanilla_runs(cfg, [s.val_draw], [s.val_split]) + selection_runs(cfg)
     planned = vanilla_runs(cfg, draws, splits) + gold_runs(cfg, draws, splits) + test_runs(cfg, selection)
     read = lambda runs: [json.loads(p.read_text()) for p in

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import csv_list
 from pipeline.stage2.labels import METHOD_LABELS
 
 
@@ -255,7 +254,7 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
     forget_col = f"forget.{s.forget_metric}"
     all_units = units(records)
     seconds = [r["seconds"] for r in records + val_records if "seconds" in r]
-    main_variants = [METHOD_LABELS.get(m, m) for m in csv_list(s.methods)]
+    main_variants = [METHOD_LABELS.get(m, m) for m in s.methods]
     when = (f"in **{wall_seconds / 60:.1f} min** wall time" if not math.isnan(wall_seconds)
             else "from the runs finished so far")
     out = ["# Study: methods at matched forgetting over draws, splits and seeds\n",
@@ -282,9 +281,9 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
             "attack's recovery on these models are the targets: the main tables' MIA AUC should come down to "
             "this, their PrivLeak (relative to this AUC, same attack) to 0, and a relearn recovery above the "
             "gold model's is knowledge the unlearning hid rather than removed.\n",
-            gold_table(records, csv_list(s.splits), forget_col, s.n_boot)]
+            gold_table(records, s.splits, forget_col, s.n_boot)]
     paths = {"markdown": md_path}
-    for split in csv_list(s.splits):
+    for split in s.splits:
         for share in (0.5, 0.25):
             out.append(f"## Main table: {split}, matched forgetting at {int(share * 100)}% of vanilla Forget ACC\n")
             out.append(matched_table(all_units, main_variants, split, forget_col, share, s.n_boot))
@@ -295,7 +294,7 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
         split = s.ablation_split
         # The variants ran on the first seed only; the GA/ViKeR rows beside them must too, or they
         # would average over more units than the rows they are compared with.
-        all_units = first_seed_units(all_units, int(csv_list(s.seeds)[0]))
+        all_units = first_seed_units(all_units, s.seeds[0])
         for group, title in GROUP_TITLES.items():
             variants = sorted({k[0] for k in all_units if k[1] == group})
             if not variants:

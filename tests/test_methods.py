@@ -1,0 +1,306 @@
+"""The method registry: one module a method, what each declares, and its loss on a tiny tensor case.
+
+The tensor cases are test_losses.py's (PROBS, LABELS, MASK and the ViKeR bucket
+case), reused through each method's own loss call; the loss functions
+themselves are tested there.
+"""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.stage2 import labels
+from pipeline.stage2 import methods as M
+from pipeline.stage2.errors import TrainError
+from pipeline.stage2.methods import forward as F
+from pipeline.stage2.stream import MicroBatch, Refs
+from tests.test_losses import LABELS, MASK, PROBS, _logits_from_probs, _np_kl
+
+TRAIN_METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
+SWEEP = TRAIN_METHODS + ("viker+nll", "viker+kl")
+
+
+# ------------------------------------------------------------------ the registry
+
+
+def test_registry_names_are_the_config_choices():
+    assert M.METHOD_NAMES == TRAIN_METHODS and isinstance(M.METHOD_NAMES, tuple)
+    assert M.SWEEP_KEYS == SWEEP and isinstance(M.SWEEP_KEYS, tuple)
+    assert tuple(M.METHODS) == TRAIN_METHODS
+    assert all(isinstance(m, M.Method) and m.name == name for name, m in M.METHODS.items())
+    assert M.get_method("ViKeR") is M.METHODS["viker"] and M.get_method("KL-Min") is M.METHODS["kl_min"]
+    assert M.resolve_method(" GradDiff ") == "graddiff"
+    with pytest.raises(TrainError) as err:
+        M.get_method("viker+nll")   # a sweep key, not a train.method
+    assert str(err.value) == ("unknown training method 'viker+nll'; choose one of: "
+                              "ga, graddiff, kl_min, npo, idkpo, viker")
+
+
+def test_each_method_lives_in_its_own_module():
+    for name, m in M.METHODS.items():
+        assert type(m).__module__ == f"pipeline.stage2.methods.{name}"
+
+
+@pytest.mark.parametrize("name", TRAIN_METHODS)
+def test_declarations_are_complete(name):
+    m = M.METHODS[name]
+    assert m.label and set(m.conventions) == set(M.LOSS_CONVENTIONS)
+    assert set(m.cache_fields) <= set(M.CACHE_FIELDS)
+    assert set(m.retain_term_choices) <= set(M.RETAIN_TERMS) and "none" in m.retain_term_choices
+    for term in m.retain_term_choices:
+        for convention in M.LOSS_CONVENTIONS:
+            d = m.defaults(M.LossSpec(name, retain_term=term, convention=convention))
+            assert d.retain and set(d.retain) <= {"nll", "kl"} and d.retain_weight >= 0
+
+
+def test_labels_are_read_from_the_registry():
+    assert labels.METHOD_LABELS == {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO",
+                                    "idkpo": "IdkPO", "viker": "ViKeR", "viker+nll": "ViKeR+NLL",
+                                    "viker+kl": "ViKeR+KL"}
+    assert tuple(labels.METHOD_LABELS) == M.SWEEP_KEYS
+    assert labels.train_method("viker+nll") == ("viker", {"retain_term": "nll"})
+    assert labels.train_method(" ViKeR+KL ") == ("viker", {"retain_term": "kl"})
+    assert labels.train_method("npo") == ("npo", {})
+    assert [k for k in SWEEP if labels.is_viker(k)] == ["viker", "viker+nll", "viker+kl"]
+    info = {"method": "viker", "train": {"use_ga": False, "regulariser": "jsd", "retain_term": "kl"},
+            "cache_settings": {"reference": "own"}}
+    assert labels.method_label(info) == "ViKeR w/o GA w/o Vis (JSD)+KL"
+    assert labels.method_label({"method": "kl_min", "train": {"use_ga": False}}) == "KL_Min"
+    assert labels.method_label({}) == "adapter" and labels.method_label({"method": "odd"}) == "odd"
+    assert labels.file_slug(labels.METHOD_LABELS["viker+nll"]) == "viker-nll"
+
+
+def test_the_registry_and_labels_load_without_torch():
+    # labels.py reads the registry, and the CLI imports labels: neither may pull torch in.
+    code = ("import sys, pipeline.stage2.labels, pipeline.stage2.methods as m; m.get_method('npo'); "
+            "print(sorted(x for x in ('torch', 'transformers') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the options
+
+
+def test_retain_term_and_online_reference_are_checked_against_the_declarations():
+    with pytest.raises(TrainError, match="retain_term applies to viker only"):
+        M.check_retain_term("nll", "kl_min")
+    with pytest.raises(TrainError, match="one of: none, nll, kl"):
+        M.check_retain_term("mse", "viker")
+    assert M.check_retain_term(" KL ", "viker") == "kl"
+    with pytest.raises(TrainError, match="online_reference applies to viker only, not npo"):
+        M.check_options(TrainConfig(method="npo", online_reference=True), "npo", "cache", "pool")
+    with pytest.raises(TrainError, match="method idkpo needs a reference cache"):
+        M.check_options(TrainConfig(method="idkpo", output="out"), "idkpo", None, None)
+    M.check_options(TrainConfig(method="viker", online_reference=True, output="out"), "viker", None, "pool")
+    M.check_options(TrainConfig(method="graddiff", output="out"), "graddiff", None, None)
+    spec = M.loss_spec(TrainConfig(online_reference=True), "viker", 5, 64, 0)
+    assert spec.online and not M.METHODS["viker"].uses_cache(spec)
+    assert M.METHODS["viker"].uses_cache(M.loss_spec(TrainConfig(), "viker", 5, 64, 0))
+
+
+def test_unknown_convention_is_one_line():
+    with pytest.raises(TrainError, match="train.convention 'tofu' is not one of: viker, mllmu, openunlearning"):
+        M.loss_spec(TrainConfig(convention="tofu"), "npo", 5, 64, 0)
+    assert M.loss_spec(TrainConfig(convention="MLLMU"), "npo", 5, 64, 0).convention == "mllmu"
+
+
+# ------------------------------------------------------------------ retain_weight: one meaning
+
+
+def test_default_retain_terms_are_todays_numbers():
+    def terms(name, convention="viker", term="none", weight=0.0):
+        return M.METHODS[name].retain_terms(M.LossSpec(name, convention=convention, retain_term=term,
+                                                       retain_weight=weight))
+    for c in M.LOSS_CONVENTIONS:
+        assert terms("ga", c) == terms("npo", c) == terms("idkpo", c) == terms("viker", c) == ()
+        assert terms("graddiff", c) == (("nll", 1.0),)
+        assert terms("viker", c, "nll") == (("nll", 1.0),) and terms("viker", c, "kl") == (("kl", 1.0),)
+    assert [terms("kl_min", c) for c in M.LOSS_CONVENTIONS] == [(("kl", 1.0),), (("kl", 1.0), ("nll", 1.0)),
+                                                                 (("kl", 1.0),)]
+    # train.retain_weight is the alpha of that same term, never a term of its own.
+    assert terms("kl_min", weight=2.0) == (("kl", 2.0),)
+    assert terms("kl_min", "mllmu", weight=2.0) == (("kl", 2.0), ("nll", 2.0))
+    assert terms("graddiff", weight=0.5) == (("nll", 0.5),)
+    assert terms("viker", term="kl", weight=2.0) == (("kl", 2.0),)
+    assert terms("idkpo", "openunlearning", weight=1.0) == terms("npo", weight=1.0) == (("nll", 1.0),)
+    assert not M.METHODS["ga"].needs_retain(M.LossSpec("ga"))
+    assert M.METHODS["kl_min"].needs_retain(M.LossSpec("kl_min"))
+
+
+def test_kl_min_retain_weight_weighs_the_kl_and_adds_no_nll():
+    spec = M.LossSpec("kl_min", retain_weight=2.0)
+    got, d = M.METHODS["kl_min"].combine(_out(retain=True), _batch(retain=True), spec, "cpu", vanilla=VANILLA)
+    assert got.item() == pytest.approx(GA_MEAN + 2.0 * KL_UNIFORM, abs=1e-6)
+    assert "retain/kl" in d and "retain/nll" not in d
+    torch.testing.assert_close(d["retain/kl"], torch.full((2,), KL_UNIFORM), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ needs: declared = read
+
+
+def _batch(retain=False, **fields):
+    mb = MicroBatch(forget=["f0", "f1"], **fields)
+    if retain:
+        mb.retain = ["r0", "r1"]
+    return mb
+
+
+def _full_batch():
+    return MicroBatch(forget=["f0", "f1"], idk=["i0", "i1"], retain=["r0", "r1"], refs=REFS2,
+                      ref_logp_own=torch.tensor([-3.0, -2.0]), ref_logp_idk=torch.tensor([-2.0, -1.0]))
+
+
+def _out(retain=False, idk=False):
+    out = {"forget": (_logits_from_probs(PROBS), LABELS, MASK)}
+    if idk:
+        out["idk"] = (_logits_from_probs(PROBS), IDK_LABELS, MASK)
+    if retain:
+        out["retain"] = (_logits_from_probs(PROBS), LABELS, MASK)
+    return out
+
+
+@pytest.fixture
+def stub_forwards(monkeypatch):
+    """forward_parts and frozen_logits without a model: they hand out _out's tensors and record what was asked."""
+    asked = {"parts": None, "frozen": 0}
+
+    def parts(net, model, parts, inputs, dev):
+        asked["parts"] = set(parts)
+        full = _out(retain=True, idk=True)
+        return {name: full[name] for name in parts}
+
+    def frozen(model, examples, inputs, dev, images=None):
+        asked["frozen"] += 1
+        return VANILLA, None
+
+    monkeypatch.setattr(F, "forward_parts", parts)
+    monkeypatch.setattr(F, "frozen_logits", frozen)
+    return asked
+
+
+@pytest.mark.parametrize("name,settings", [(n, {}) for n in TRAIN_METHODS] +
+                         [("viker", {"retain_term": "nll"}), ("viker", {"retain_term": "kl"}),
+                          ("npo", {"retain_weight": 1.0}), ("kl_min", {"convention": "mllmu"})])
+def test_a_method_reads_what_it_declares_and_nothing_else(name, settings, stub_forwards):
+    m, spec = M.METHODS[name], M.LossSpec(name, **settings)
+    needs = m.needs(spec)
+    mb = _full_batch()
+    for field in ("refs", "ref_logp_own", "ref_logp_idk", "idk", "retain"):
+        if field not in needs:
+            setattr(mb, field, None)      # what it does not declare, it must not read
+    loss, diags = M.micro_batch_loss(None, None, mb, spec, None, "cpu")
+    assert torch.isfinite(loss) and diags["forget/loss"].shape == (2,)
+    assert stub_forwards["parts"] == {"forget"} | ({"idk"} & set(needs)) | ({"retain"} & set(needs))
+    assert stub_forwards["frozen"] == int(any(t == "kl" for t, _ in m.retain_terms(spec)))
+    for field in needs:                   # what it declares, a micro-batch must carry
+        short = _full_batch()
+        setattr(short, field, None)
+        with pytest.raises(TrainError, match=f"method {name} needs {field} in every micro-batch"):
+            M.micro_batch_loss(None, None, short, spec, None, "cpu")
+
+
+def test_declared_needs_per_method():
+    needs = {n: M.METHODS[n].needs(M.LossSpec(n)) for n in TRAIN_METHODS}
+    assert needs == {"ga": (), "graddiff": ("retain",), "kl_min": ("retain",), "npo": ("ref_logp_own",),
+                     "idkpo": ("ref_logp_own", "ref_logp_idk", "idk"), "viker": ("refs",)}
+    assert M.METHODS["viker"].needs(M.LossSpec("viker", online=True)) == ()
+    assert [M.METHODS[n].scores for n in ("npo", "idkpo", "viker")] == [("ref_logp_own",),
+                                                                        ("ref_logp_own", "ref_logp_idk"), ()]
+
+
+# ------------------------------------------------------------------ each method's loss, by hand
+
+# test_losses' two-example case: per-example GA = mean log Q(y) over answer tokens.
+GA = [(math.log(0.3) + math.log(0.4)) / 2, math.log(0.1)]
+GA_MEAN = sum(GA) / 2
+LL = [math.log(0.3) + math.log(0.4), math.log(0.1)]            # summed answer log-likelihoods
+IDK_LABELS = torch.tensor([[3, 3], [3, -100]])
+LL_IDK = [2 * math.log(0.4), math.log(0.4)]
+# The vanilla model of the retain part: uniform, so KL(P_van || Q) is the same at every answer token.
+VANILLA = torch.zeros(2, 2, 4)
+KL_UNIFORM = _np_kl([0.25] * 4, [0.1, 0.2, 0.3, 0.4])
+# test_losses' ViKeR bucket case (Q = PROBS row 0; R on (3, 2) = (0.6, 0.3), tail 0.1), at every position.
+REFS2 = Refs(torch.tensor([[[3, 2]] * 2] * 2), torch.tensor([[[0.6, 0.3]] * 2] * 2), torch.full((2, 2), 0.1),
+             torch.zeros(2, 2))
+
+
+def test_ga_loss_by_hand():
+    loss, d = M.METHODS["ga"].combine(_out(), _batch(), M.LossSpec("ga"), "cpu")
+    assert loss.item() == pytest.approx(GA_MEAN, abs=1e-6)
+    torch.testing.assert_close(d["forget/nll"], -torch.tensor(GA), atol=1e-6, rtol=0)
+    with_retain, d = M.METHODS["ga"].combine(_out(retain=True), _batch(retain=True),
+                                             M.LossSpec("ga", retain_weight=0.5), "cpu")
+    assert with_retain.item() == pytest.approx(GA_MEAN - 0.5 * GA_MEAN, abs=1e-6) and "retain/nll" in d
+
+
+def test_graddiff_loss_by_hand():
+    # The retain part is the forget part again: NLL = -GA, alpha 1 by default.
+    loss, d = M.METHODS["graddiff"].combine(_out(retain=True), _batch(retain=True), M.LossSpec("graddiff"), "cpu")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(d["retain/nll"], -torch.tensor(GA), atol=1e-6, rtol=0)
+    loss, _ = M.METHODS["graddiff"].combine(_out(retain=True), _batch(retain=True),
+                                            M.LossSpec("graddiff", retain_weight=3.0), "cpu")
+    assert loss.item() == pytest.approx(GA_MEAN - 3.0 * GA_MEAN, abs=1e-6)
+
+
+@pytest.mark.parametrize("convention", M.LOSS_CONVENTIONS)
+def test_kl_min_loss_by_hand(convention):
+    loss, d = M.METHODS["kl_min"].combine(_out(retain=True), _batch(retain=True),
+                                          M.LossSpec("kl_min", convention=convention), "cpu", vanilla=VANILLA)
+    nll = -GA_MEAN if convention == "mllmu" else 0.0   # MLLMU-Bench's KL_Min.py: loss_retain = NLL + KL
+    assert loss.item() == pytest.approx(GA_MEAN + KL_UNIFORM + nll, abs=1e-6)
+    assert ("retain/nll" in d) == (convention == "mllmu")
+
+
+@pytest.mark.parametrize("convention", M.LOSS_CONVENTIONS)
+def test_npo_loss_by_hand(convention):
+    ref = [-3.0, -2.0]
+    mb = _batch(ref_logp_own=torch.tensor(ref))
+    loss, d = M.METHODS["npo"].combine(_out(), mb, M.LossSpec("npo", beta=0.4, convention=convention), "cpu")
+    tokens = [2, 1] if convention == "mllmu" else [1, 1]     # mllmu: per-token mean log-likelihoods
+    ratio = [(LL[i] - ref[i]) / tokens[i] for i in range(2)]
+    expected = [5.0 * math.log(1 + math.exp(0.4 * r)) for r in ratio]   # -(2/b) logsigmoid(-b x)
+    assert loss.item() == pytest.approx(sum(expected) / 2, abs=1e-5)
+    torch.testing.assert_close(d["forget/log_ratio"], torch.tensor(ratio), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("convention", M.LOSS_CONVENTIONS)
+def test_idkpo_loss_by_hand(convention):
+    ref_gt, ref_idk = [-3.0, -2.0], [-2.0, -1.0]
+    mb = _batch(idk=["i0", "i1"], ref_logp_own=torch.tensor(ref_gt), ref_logp_idk=torch.tensor(ref_idk))
+    spec = M.LossSpec("idkpo", beta=0.4, idk_beta=0.1, convention=convention)
+    beta, scale = (0.4, 1.0) if convention == "viker" else (0.1, 20.0)   # DPO's form | OpenUnlearning's 2/beta
+    assert M.METHODS["idkpo"].beta_scale(spec) == (beta, pytest.approx(scale))
+    loss, d = M.METHODS["idkpo"].combine(_out(idk=True), mb, spec, "cpu")
+    margin = [beta * ((LL_IDK[i] - ref_idk[i]) - (LL[i] - ref_gt[i])) for i in range(2)]
+    expected = [scale * math.log(1 + math.exp(-m)) for m in margin]
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    torch.testing.assert_close(d["forget/reward_margin"], torch.tensor(margin), atol=1e-5, rtol=0)
+
+
+def test_viker_loss_by_hand_and_its_retain_terms():
+    # test_losses.test_viker_loss_hand_value_and_flags, on one position: log Q(y) + lam * KL(R~ || Q~).
+    logits = _logits_from_probs([[[0.1, 0.2, 0.3, 0.4]]])
+    out = {"forget": (logits, torch.tensor([[3]]), torch.ones(1, 1))}
+    refs = Refs(torch.tensor([[[3, 2]]]), torch.tensor([[[0.6, 0.3]]]), torch.tensor([[0.1]]), torch.zeros(1, 1))
+    kl = 0.6 * math.log(0.6 / 0.4) + 0.3 * math.log(0.3 / 0.3) + 0.1 * math.log(0.1 / 0.3)
+    viker = M.METHODS["viker"]
+    loss, d = viker.combine(out, MicroBatch(["f0"]), M.LossSpec("viker", lam=0.5), "cpu", refs=refs)
+    assert loss.item() == pytest.approx(math.log(0.4) + 0.5 * kl, abs=1e-6)
+    assert not [k for k in d if k.startswith("retain/")]
+    no_ga, _ = viker.combine(out, MicroBatch(["f0"]), M.LossSpec("viker", lam=0.5, use_ga=False), "cpu", refs=refs)
+    assert no_ga.item() == pytest.approx(0.5 * kl, abs=1e-6)
+    # ViKeR+KL, alpha 2: the KL alone; ViKeR+NLL, alpha 1 by default; plain ViKeR with alpha 0.5: NLL.
+    retain = {**out, "retain": _out(retain=True)["retain"]}
+    mb = MicroBatch(["f0"], retain=["r0", "r1"])
+    cases = [(dict(retain_term="kl", retain_weight=2.0), 2.0 * KL_UNIFORM, "retain/kl"),
+             (dict(retain_term="nll"), -GA_MEAN, "retain/nll"),
+             (dict(retain_weight=0.5), -0.5 * GA_MEAN, "retain/nll")]
+    for settings, term, key in cases:
+        loss, d = viker.combine(retain, mb, M.LossSpec("viker", lam=0.5, **settings), "cpu", refs=refs,
+                                vanilla=VANILLA)
+        assert loss.item() == pytest.approx(math.log(0.4) + 0.5 * kl + term, abs=1e-6), settings
+        assert [k for k in d if k.startswith("retain/")] == [key]
