@@ -260,7 +260,7 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite,
         if not 0 <= shard_index < num_shards:
             raise click.UsageError(f"--shard-index must be >= 0 and < --num-shards ({num_shards}), got {shard_index}")
         rank, world = shard_index, num_shards
-    manifest = run_precompute(cfg, cfg.model.path, prefix_cache=p.prefix_cache and not no_prefix_cache,
+    manifest = run_precompute(cfg, cfg.model.path, prefix_cache=False if no_prefix_cache else None,
                               device=device, rank=rank, world=world, overwrite=overwrite, log=click.echo)
     if manifest is not None:
         click.echo(f"reference cache ready: {p.output} ({manifest['totals']['n_samples']} samples, "

@@ -65,6 +65,7 @@ def recompute(cache_dir, pool_dir, model_dir=None, n=3) -> list[dict]:
 def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
     import torch
 
+    from pipeline.config import PrecomputeConfig
     from pipeline.stage1 import precompute as pc
     from pipeline.data.mllmu import read_split
     from pipeline.data.records import forget_samples
@@ -73,8 +74,9 @@ def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
     root, model_dir = make_world(tmp_path_factory, tiny_config(), n_fictitious=20, pool_size=6)
     samples = forget_samples(read_split(root, "forget_10"))[:4]
     cache = tmp_path_factory.mktemp("refs")
-    pc.precompute(str(model_dir), samples, str(cache), pool_dir=str(root / "pools" / "people"), k=3, top_k=8,
-                  seed=0, shard_size=4, batch_size=4, device="cpu", dtype="float32", log=lambda *_: None)
+    settings = PrecomputeConfig(output=str(cache), k=3, top_k=8, seed=0, shard_size=4, batch_size=4, dtype="float32")
+    pc.precompute(str(model_dir), samples, settings, pool_dir=str(root / "pools" / "people"), device="cpu",
+                  log=lambda *_: None)
     script = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
               f"from test_cache_portable import recompute; "
               f"r = recompute({str(cache)!r}, {str(root / 'pools' / 'people')!r}); "

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.config import PrecomputeConfig
 from pipeline.stage1 import precompute as pc
 from pipeline.cache import refcache
 from pipeline.cli import main
@@ -25,8 +26,9 @@ def world(tmp_path_factory):
     root, model_dir = make_world(tmp_path_factory, tiny_config(), n_fictitious=20, pool_size=6)
     samples = forget_samples(read_split(root, "forget_10"))[:5]
     out = tmp_path_factory.mktemp("refs")
-    pc.precompute(str(model_dir), samples, str(out), pool_dir=str(root / "pools" / "people"), k=3, top_k=8,
-                  seed=0, shard_size=3, batch_size=4, device="cpu", log=lambda *_: None)
+    settings = PrecomputeConfig(output=str(out), k=3, top_k=8, seed=0, shard_size=3, batch_size=4)
+    pc.precompute(str(model_dir), samples, settings, pool_dir=str(root / "pools" / "people"), device="cpu",
+                  log=lambda *_: None)
     return root, model_dir, samples, out
 
 
@@ -130,8 +132,8 @@ def test_leak_check_refuses_benchmark_images_in_the_pool(world, tmp_path):
                      f"pool image {pool / 'b-resaved.bmp'} equals (pixels) test image "
                      f"Test_Set/{test.id}#{test.all_images.index(test.images[-1])}"]
     with pytest.raises(ValueError, match="a-copy.png equals .*forget image.*and 1 more.*--allow-benchmark-images"):
-        pc.precompute(str(model_dir), samples, str(tmp_path / "out"), pool_dir=str(pool), k=3, top_k=8,
-                      device="cpu", log=lambda *_: None, benchmark_sets=sets)
+        pc.precompute(str(model_dir), samples, PrecomputeConfig(output=str(tmp_path / "out"), k=3, top_k=8),
+                      pool_dir=str(pool), device="cpu", log=lambda *_: None, benchmark_sets=sets)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert benchmark_leaks(pool_files(root / "pools" / "people"), sets) == []
 

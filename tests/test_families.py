@@ -6,6 +6,7 @@ processor's own pixel_values; stage one's prefix path equals its naive path;
 run through the CLI.
 """
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 from pipeline.models import families, prompts
 from pipeline.stage1 import precompute as pc
 from pipeline.cli import main
+from pipeline.config import PrecomputeConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
 from pipeline.models.encoding import encode_pair, pixel_values
@@ -124,10 +126,12 @@ def test_qwen_positions_equal_the_models_rope_index(tmp_path_factory):
 def test_prefix_path_equals_naive_path_in_float32(world, tmp_path):
     family, root, model_dir = world
     samples = forget_samples(read_split(root, "forget_10"))[:5]
-    args = dict(pool_dir=str(root / "pools" / "people"), k=2, top_k=8, seed=0, shard_size=3, batch_size=4,
-                device="cpu", log=lambda *_: None)
-    pc.precompute(str(model_dir), samples, str(tmp_path / "prefix"), prefix_cache=True, **args)
-    pc.precompute(str(model_dir), samples, str(tmp_path / "naive"), prefix_cache=False, **args)
+    section = PrecomputeConfig(k=2, top_k=8, seed=0, shard_size=3, batch_size=4)
+    args = dict(pool_dir=str(root / "pools" / "people"), device="cpu", log=lambda *_: None)
+    pc.precompute(str(model_dir), samples, replace(section, output=str(tmp_path / "prefix"), prefix_cache=True),
+                  **args)
+    pc.precompute(str(model_dir), samples, replace(section, output=str(tmp_path / "naive"), prefix_cache=False),
+                  **args)
     assert_caches_agree(tmp_path / "prefix", tmp_path / "naive")
     manifest = json.loads((tmp_path / "prefix" / "manifest.json").read_text())
     template = manifest["sources"]["prompt_template"]

@@ -1,9 +1,11 @@
 """Knowledge injection: the schedule, the teacher-forced check and the stop on convergence."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from pipeline.config import FinetuneConfig
 from pipeline.stage2 import finetune as ft
 from pipeline.data.mllmu import read_split
 from pipeline.models.forward import make_text_batch
@@ -73,23 +75,35 @@ def test_finetune_stops_once_the_checked_answers_are_known(world, tmp_path, monk
     root, model_dir = world
     profiles = read_split(root, "ft_Data")[:2]
     logged = []
-    common = dict(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, device="cpu", check_every=2, check_size=5)
+    recipe = FinetuneConfig(base=str(model_dir), steps=8, batch_size=4, lr=1e-3, warmup_steps=1, check_every=2,
+                            check_size=5)
+
+    def run(name, **changes):
+        settings = dataclasses.replace(recipe, output=str(tmp_path / name), **changes)
+        return ft.finetune(settings, profiles, device="cpu", log=logged.append)
     real = ft.fraction_known
     shares = iter([0.2, 0.97])                     # a third call would raise StopIteration
     monkeypatch.setattr(ft, "fraction_known", lambda model, checks: next(shares))
-    info = ft.finetune(str(model_dir), str(tmp_path / "a"), profiles, stop_known=0.95, log=logged.append, **common)
+    info = run("a", stop_known=0.95)
     assert info["steps"] == 4 and info["max_steps"] == 8 and info["known_checks"] == [(2, 0.2), (4, 0.97)]
     assert info["final_known"] == 0.97
     assert "97.0% of 5 checked answers known" in info["stopped"] and "stopped after 4 of at most 8 steps" in logged[-1]
     monkeypatch.setattr(ft, "fraction_known", real)
-    common["steps"] = 6
+    recipe = dataclasses.replace(recipe, steps=6)
     # An unreachable share: the whole budget runs, and the log says so.
-    info = ft.finetune(str(model_dir), str(tmp_path / "b"), profiles, stop_known=1.0, log=logged.append, **common)
+    info = run("b", stop_known=1.0)
     assert info["steps"] == 6 and "budget of 6 steps used up" in info["stopped"]
     assert [s for s, _ in info["known_checks"]] == [2, 4, 6]   # and one last look when the budget ran out
     # stop_known 0: no check at all.
-    info = ft.finetune(str(model_dir), str(tmp_path / "c"), profiles, stop_known=0, log=logged.append, **common)
+    info = run("c", stop_known=0)
     assert info["steps"] == 6 and info["known_checks"] == [] and info["final_known"] is None
+
+
+def test_a_hand_built_section_is_range_checked_like_a_loaded_one(tmp_path):
+    from pipeline.schema import ConfigError
+    with pytest.raises(ConfigError, match="config key 'finetune.batch_size' must be >= 1, got 0"):
+        ft.finetune(FinetuneConfig(base=str(tmp_path / "none"), output=str(tmp_path / "out"), batch_size=0), [])
+    assert not (tmp_path / "out").exists()
 
 
 def test_gate_error_says_how_injection_ended():

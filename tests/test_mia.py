@@ -1,10 +1,12 @@
 """Membership-inference attacks: hand-computed statistics, exact AUC, PrivLeak, and planted members."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.config import FinetuneConfig
 from pipeline.stage2 import finetune as ft
 from pipeline.evaluation import mia
 from pipeline.data.mllmu import read_split
@@ -158,7 +160,7 @@ def test_gold_comparison_by_hand():
 
 # ------------------------------------------------------------------ the tiny model
 
-STEPS = dict(steps=400, batch_size=8, lr=3e-3, warmup_steps=5, augment=False, device="cpu", dtype="float32")
+RECIPE = FinetuneConfig(steps=400, batch_size=8, lr=3e-3, warmup_steps=5, augment=False, stop_known=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +207,9 @@ def test_planted_members_are_found(world, tmp_path):
     """
     root, model_dir, profiles = world
     members, nonmembers, retain = profiles[:4], profiles[4:8], profiles[8:]
-    ft.finetune(str(model_dir), str(tmp_path / "target"), members + retain, log=lambda *_: None, **STEPS)
-    ft.finetune(str(model_dir), str(tmp_path / "gold"), retain, log=lambda *_: None, **STEPS)
+    for name, taught in (("target", members + retain), ("gold", retain)):
+        ft.finetune(replace(RECIPE, base=str(model_dir), output=str(tmp_path / name)), taught, dtype="float32",
+                    device="cpu", log=lambda *_: None)
     model, processor = load_model(tmp_path / "target", dtype="float32", device="cpu")
     metrics, rows = mia.membership(model, processor, members, nonmembers, batch_size=16)
     assert metrics["n_members"] == 24 and metrics["n_nonmembers"] == 24 and len(rows) == 48

@@ -3,6 +3,7 @@ import torch
 
 from pipeline.data.mllmu import read_split
 from pipeline.models.encoding import InputError, encode_pair, load_image, pixel_values
+from pipeline.config import FinetuneConfig
 from pipeline.stage2.finetune import finetune
 from pipeline.models.modeling import ModelError, load_model, wrap_lora
 from pipeline.models.prompts import train_text
@@ -70,8 +71,9 @@ def test_one_finetuning_step_moves_the_weights(world, tmp_path):
     root, model_dir = world
     before = load_model(model_dir)[0].state_dict()
     profiles = read_split(root, "ft_Data")[:3]
-    info = finetune(str(model_dir), str(tmp_path / "vanilla"), profiles, steps=1, batch_size=4, lr=1e-2,
-                    warmup_steps=1, device="cpu")
+    recipe = FinetuneConfig(base=str(model_dir), output=str(tmp_path / "vanilla"), steps=1, batch_size=4, lr=1e-2,
+                            warmup_steps=1, stop_known=0.0)
+    info = finetune(recipe, profiles, device="cpu")
     after = load_model(tmp_path / "vanilla")[0].state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert "model.language_model.embed_tokens.weight" in moved and len(moved) > len(before) // 2

@@ -1,4 +1,5 @@
 """Stage one against its definition: direct computation, naive vs prefix path, resume, refusal."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -10,6 +11,7 @@ import torch
 from pipeline.stage2 import losses
 from pipeline.stage1 import precompute as pc
 from pipeline.cache import refcache
+from pipeline.config import PrecomputeConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
 from pipeline.jobs.demo import tokenizer_texts
@@ -30,12 +32,15 @@ def world(tmp_path_factory):
     return root, model_dir, samples
 
 
-def run(env, out, **kw):
+SECTION = PrecomputeConfig(k=3, top_k=K, seed=0, shard_size=3, batch_size=4)
+
+
+def run(env, out, pool_dir="people", rank=0, world=1, **changes):
+    """precompute into `out` with SECTION and `changes` to it (e.g. reference="own")."""
     root, model_dir, samples = env
-    args = dict(pool_dir=str(root / "pools" / "people"), k=3, top_k=K, seed=0, shard_size=3, batch_size=4,
-                device="cpu", log=lambda *_: None)
-    args.update(kw)
-    return pc.precompute(str(model_dir), samples, str(out), **args)
+    settings = dataclasses.replace(SECTION, output=str(out), **changes)
+    return pc.precompute(str(model_dir), samples, settings, pool_dir=pool_dir and str(root / "pools" / pool_dir),
+                         device="cpu", rank=rank, world=world, log=lambda *_: None)
 
 
 def digests(folder):
@@ -313,7 +318,7 @@ def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tm
     from pipeline.stage2.methods import get_method
     root, model_dir, samples = world
     out = tmp_path / "viker-only"
-    manifest = run(world, out, scores="reference")
+    manifest = run(world, out, scores=["reference"])
     assert manifest["settings"]["scores"] == ["reference"]
     _, processor = load_model(model_dir, device="cpu")
     pool = str(root / "pools" / "people")
@@ -328,7 +333,16 @@ def test_scores_subset_is_recorded_and_refused_by_methods_that_need_it(world, tm
             build_inputs(processor, samples, [], None, "I don't know." if method == "idkpo" else "", None,
                          reader=reader, method=get_method(method))
     with pytest.raises(ValueError, match="must include 'reference'"):
-        run(world, tmp_path / "bad", scores="own,idk")
+        run(world, tmp_path / "bad", scores=["own", "idk"])
+
+
+def test_a_hand_built_section_is_range_checked_like_a_loaded_one(world, tmp_path):
+    from pipeline.schema import ConfigError
+    for change, key in (({"k": 0}, "precompute.k"), ({"shard_size": 0}, "precompute.shard_size"),
+                        ({"seed": -1}, "precompute.seed")):
+        with pytest.raises(ConfigError, match=f"config key '{key}' must be >= "):
+            run(world, tmp_path / "bad", **change)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_prefix_reuse_needs_one_shared_image_head():

@@ -20,7 +20,7 @@ from pipeline.evaluation import evaluate as ev
 from pipeline.stage1 import precompute as pc
 from pipeline.models import prompts
 from pipeline.stage2 import train as tr
-from pipeline.config import TinyModelConfig, TrainConfig
+from pipeline.config import PrecomputeConfig, TinyModelConfig, TrainConfig
 from pipeline.data.clear import (CAPTION_QUESTION, NAME_QUESTION, RealRow, read_caption_rows, read_clear,
                                  read_real_rows)
 from pipeline.data.loaders import default_splits, read_profiles
@@ -441,8 +441,9 @@ def _unlearn(world, root, benchmark, forget_split, tag):
     """precompute -> viker (2 steps) and ga + retain NLL (2 steps); returns the two training results."""
     samples = forget_samples(read_profiles(root, forget_split, benchmark))
     cache = world["base"] / f"refs-{tag}"
-    manifest = pc.precompute(str(world["model"]), samples, str(cache), pool_dir=str(world["pool"]), k=2, top_k=8,
-                             shard_size=4, batch_size=8, dtype="float32", device="cpu", log=lambda *_: None)
+    settings = PrecomputeConfig(output=str(cache), k=2, top_k=8, shard_size=4, batch_size=8, dtype="float32")
+    manifest = pc.precompute(str(world["model"]), samples, settings, pool_dir=str(world["pool"]), device="cpu",
+                             log=lambda *_: None)
     assert manifest["totals"]["n_samples"] == len(samples)
     results = {}
     for method, extra in (("viker", {"lam": 0.5}), ("ga", {"retain_weight": 1.0})):

@@ -65,13 +65,29 @@ def test_the_attack_teaches_its_items_and_tests_the_others(world, monkeypatch):
     real = rl.held_out_accuracy
     monkeypatch.setattr(rl, "held_out_accuracy", lambda m, p, profiles, bs=32: asked.append(_items(profiles))
                         or real(m, p, profiles, bs))
+    from pipeline.stage2 import finetune as ft
+    taught, real_teach = [], ft.teach
+    monkeypatch.setattr(ft, "teach", lambda *a, **k: taught.append(a[3]) or real_teach(*a, **k))
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    result = rl.attack_model(model, processor, forget, RelearnConfig(fraction=0.25, steps=3, lr=1e-3, batch_size=2, seed=0))
+    settings = RelearnConfig(fraction=0.25, steps=3, lr=1e-3, batch_size=2, seed=0)
+    result = rl.attack_model(model, processor, forget, settings)
     attacker, held_out = rl.split_forget(forget, 0.25, 0)
+    assert taught == [rl.attack_recipe(settings)], "the attack fine-tunes with its own recipe"
     assert asked == [_items(held_out), _items(held_out)], "accuracy before and after, on the held-out items only"
     assert result["n_attack_qa"] == len(_items(attacker)) and result["n_held_out_qa"] == len(_items(held_out))
     assert any(not torch.equal(before[n], t) for n, t in model.state_dict().items()), "the attack trained the model"
     assert 0 <= result["acc_before"] <= 1 and 0 <= result["acc_after"] <= 1
+
+
+def test_the_attack_recipe_comes_from_the_relearn_section_alone():
+    """The attacker trains relearn.steps steps exactly: no warm-up, no stop rule, no jitter, whatever finetune says."""
+    r = RelearnConfig(steps=7, lr=3e-4, batch_size=5, seed=2, lora=True, lora_r=8, lora_alpha=16)
+    recipe = rl.attack_recipe(r)
+    assert (recipe.steps, recipe.lr, recipe.batch_size, recipe.seed, recipe.lora, recipe.lora_r,
+            recipe.lora_alpha) == (7, 3e-4, 5, 2, True, 8, 16)
+    assert (recipe.warmup_steps, recipe.stop_known, recipe.augment, recipe.formats) == (0, 0.0, False, False)
+    assert (recipe.epochs, recipe.weight_decay, recipe.max_grad_norm, recipe.check_every, recipe.check_size) == (
+        100.0, 0.0, 1.0, 50, 128)
 
 
 def test_evaluate_runs_the_attack_last_against_the_reference(world, tmp_path):

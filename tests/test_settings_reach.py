@@ -4,10 +4,12 @@ Each key of the sections the stages read is set to a sentinel: a valid value
 other than its default, generated from the schema (so a new key is covered
 without touching this file). The stage functions are replaced by recorders
 and every command path runs; then each key's sentinel must be found where the
-stage receives it. The evaluation stages take their config sections whole,
-so there the sections that arrive must equal the configured ones, except for
-the fields a path sets on purpose (listed per path below). A mapping that
-drops or forgets a key (as `viker demo` once dropped evaluate.protocol) fails here.
+stage receives it. The stages take their config sections whole (finetune,
+precompute, train, evaluate, relearn), so the sections that arrive must equal
+the configured ones, except for the fields a path sets on purpose (listed per
+path below); the keys a mapping or job consumes itself are listed in CONSUMED.
+A mapping that drops or forgets a key (as `viker demo` once dropped
+evaluate.protocol) fails here.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pipeline.schema import bounds, choices, element_type, field_types, is_list
 
 # Keys whose sentinel must keep a rule between keys true (check_rules): these keep their default.
 KEEP_DEFAULT = {"train.retain_term", "train.online_reference"}
-# Keys a stage does not receive because the mapping itself consumes them, and where.
+# Keys that arrive in a stage's section but that the stage does not read: the mapping or a job consumes them, and where.
 CONSUMED = {
     "finetune.exclude_split": "jobs.runs.run_finetune leaves that split's people out of the profiles",
     "finetune.gate_min_acc": "jobs.demo.vanilla_gate / check_gate, after knowledge injection",
@@ -114,7 +116,7 @@ def calls(monkeypatch):
     monkeypatch.setattr("pipeline.data.loaders.read_profiles", profiles)
     monkeypatch.setattr("pipeline.data.records.forget_samples", lambda ps: list(ps))
     monkeypatch.setattr("pipeline.stage2.finetune.finetune",
-                        record("finetune", lambda *a, **k: Path(a[1]).mkdir(parents=True, exist_ok=True) or
+                        record("finetune", lambda *a, **k: Path(a[0].output).mkdir(parents=True, exist_ok=True) or
                                {"train_seconds": 0, "final_loss": 0.0}))
     monkeypatch.setattr("pipeline.stage1.precompute.precompute", record("precompute", None))
     monkeypatch.setattr("pipeline.stage2.train.train",
@@ -137,30 +139,21 @@ def calls(monkeypatch):
 
 def check_finetune(cfg: Config, call, excluded_split: str = ""):
     args, kw = call
-    f = cfg.finetune
-    assert (args[0], args[1]) == (f.base, f.output)
-    for field in dataclasses.fields(f):
-        key = f"finetune.{field.name}"
-        if key in CONSUMED or field.name in ("base", "output"):
-            continue
-        assert kw[field.name] == getattr(f, field.name), key
+    settings, profiles = args
+    assert settings == cfg.finetune, "the finetune section arrives whole"
     assert (kw["dtype"], kw["device"]) == (cfg.model.dtype, cfg.model.device)
     if excluded_split:
-        assert not [p for p in args[2] if p.split == excluded_split], "finetune.exclude_split's people left out"
-    assert any(p.split == cfg.data.real_split for p in args[2]) == cfg.data.finetune_real
+        assert not [p for p in profiles if p.split == excluded_split], "finetune.exclude_split's people left out"
+    assert any(p.split == cfg.data.real_split for p in profiles) == cfg.data.finetune_real
 
 
 def check_precompute(cfg: Config, call, model_dir: str):
     args, kw = call
     p = cfg.precompute
-    assert args[0] == model_dir and args[2] == p.output
-    for field in dataclasses.fields(p):
-        if field.name == "output":
-            continue
-        if field.name == "pool":     # a pool name is the benchmark's folder of that name
-            assert kw["pool_dir"] == pool_dir(p.pool, cfg.data.root), "precompute.pool"
-        else:
-            assert kw[field.name] == getattr(p, field.name), f"precompute.{field.name}"
+    assert args[0] == model_dir
+    assert args[2] == p, "the precompute section arrives whole"
+    assert kw["pool_dir"] == pool_dir(p.pool, cfg.data.root), "precompute.pool (a name: the benchmark's folder)"
+    assert kw.get("prefix_cache") is None, "precompute.prefix_cache: the section's (only --no-prefix-cache overrides)"
     assert kw["device"] == cfg.model.device
 
 
@@ -209,6 +202,9 @@ def test_cli_paths(tmp_path, calls, benchmark):
     check_finetune(cfg, calls["finetune"][-1], cfg.finetune.exclude_split)
     invoke(tmp_path, cfg, "precompute")
     check_precompute(cfg, calls["precompute"][-1], cfg.model.path)
+    invoke(tmp_path, cfg, "precompute", "--no-prefix-cache")
+    args, kw = calls["precompute"][-1]
+    assert args[2] == cfg.precompute and kw["prefix_cache"] is False, "--no-prefix-cache overrides the section"
     invoke(tmp_path, cfg, "train")
     check_train(cfg, calls["train"][-1], cfg.model.path)
     invoke(tmp_path, cfg, "evaluate")
@@ -278,6 +274,8 @@ def test_study_paths(tmp_path, calls):
 # ------------------------------------------------------------------ stages that take a section read all of it
 
 @pytest.mark.parametrize("section,modules,unread", [
+    ("finetune", ("stage2/finetune.py",), {k.split(".")[1] for k in CONSUMED if k.startswith("finetune.")}),
+    ("precompute", ("stage1/precompute.py",), {"pool"}),                  # pool: runs.pool_dir resolves it
     ("evaluate", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"table_acc"}),   # table_acc: viker report
     ("relearn", ("evaluation/relearn.py",), {"results"}),                                   # results: the CLI's file
     ("model", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"family"}),           # family: the demo's

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import PrecomputeConfig
 from pipeline.stage1 import precompute as pc
 from pipeline.stage2 import train as tr
 from pipeline.stage2.errors import TrainError
@@ -28,8 +29,9 @@ def world(tmp_path_factory):
     forget = forget_samples(read_split(root, "forget_10"))
     retain = forget_samples(read_split(root, "retain_90"))[:12]
     cache = tmp_path_factory.mktemp("refs")
-    pc.precompute(str(model_dir), forget, str(cache), pool_dir=str(root / "pools" / "people"), k=3, top_k=8,
-                  seed=0, shard_size=4, batch_size=8, dtype="float32", device="cpu", log=lambda *_: None)
+    settings = PrecomputeConfig(output=str(cache), k=3, top_k=8, seed=0, shard_size=4, batch_size=8, dtype="float32")
+    pc.precompute(str(model_dir), forget, settings, pool_dir=str(root / "pools" / "people"), device="cpu",
+                  log=lambda *_: None)
     model, processor = load_model(model_dir, device="cpu")
     model = tr.wrap_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():   # a non-zero adapter, so kl_min's vanilla and current models differ

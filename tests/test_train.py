@@ -19,7 +19,7 @@ from pipeline.stage2.errors import TrainError, TrainingDiverged
 from pipeline.stage2.inputs import build_inputs
 from pipeline.stage2.methods import LossSpec, online_references, resolve_method
 from pipeline.stage2.stream import pad_references
-from pipeline.config import TrainConfig
+from pipeline.config import PrecomputeConfig, TrainConfig
 from pipeline.data.mllmu import read_split
 from pipeline.data.records import forget_samples
 from pipeline.models.forward import answer_logits, make_text_batch
@@ -62,9 +62,9 @@ def world(tmp_path_factory):
     caches = {}
     for reference in ("pool", "own"):
         caches[reference] = tmp_path_factory.mktemp(f"refs-{reference}")
-        pc.precompute(str(model_dir), samples, str(caches[reference]), pool_dir=str(pool), reference=reference,
-                      k=K_IMAGES, top_k=TOP_K, seed=0, shard_size=4, batch_size=8, dtype="float32", device="cpu",
-                      log=lambda *_: None)
+        settings = PrecomputeConfig(output=str(caches[reference]), reference=reference, k=K_IMAGES, top_k=TOP_K,
+                                    seed=0, shard_size=4, batch_size=8, dtype="float32")
+        pc.precompute(str(model_dir), samples, settings, pool_dir=str(pool), device="cpu", log=lambda *_: None)
     return {"root": root, "model": model_dir, "pool": pool, "cache": caches["pool"], "own_cache": caches["own"],
             "samples": samples}
 

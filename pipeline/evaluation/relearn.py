@@ -11,9 +11,10 @@ methods to evaluate robust unlearning in LLMs"). The attack here:
      10% by default, at least one item) and the rest; the split depends on the
      data and the seed only, so every method is attacked with the same items;
   2. the unlearned model (adapter merged) is fine-tuned on the attacker's
-     share: the knowledge-injection loop (finetune.teach) for `relearn.steps`
-     steps, plain training prompt, no image jitter, full fine-tuning by default
-     (`relearn.lora` for a 7B);
+     share: the knowledge-injection loop (finetune.teach, with the recipe
+     attack_recipe builds from the relearn section) for `relearn.steps` steps,
+     no warm-up, plain training prompt, no image jitter, full fine-tuning by
+     default (`relearn.lora` for a 7B);
   3. Forget ACC (fact accuracy: the greedy answer contains the fact,
      factcheck.fact_accuracy) is measured on the *other* items, before and
      after, and on the vanilla model.
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import RelearnConfig
+from pipeline.config import FinetuneConfig, RelearnConfig
 from pipeline.data.mllmu import DataError
 from pipeline.data.records import Profile
 
@@ -65,6 +66,21 @@ def held_out_accuracy(model, processor, held_out: list[Profile], batch_size: int
     return float(fact_accuracy(model, processor, held_out, batch_size=batch_size, desc="relearn fact")["acc"])
 
 
+def attack_recipe(settings: RelearnConfig) -> FinetuneConfig:
+    """The attacker's fine-tuning recipe for finetune.teach, from the relearn section.
+
+    Every field teach reads is set here, so the knowledge-injection defaults
+    (warm-up, stop rule, augmentation) never leak into the attack: relearn.steps
+    steps exactly (no convergence stop), no warm-up, the plain training prompt
+    without image jitter.
+    """
+    r = settings
+    return FinetuneConfig(steps=r.steps, epochs=100.0, batch_size=r.batch_size, lr=r.lr, warmup_steps=0,
+                          weight_decay=0.0, max_grad_norm=1.0, seed=r.seed, augment=False, formats=False,
+                          lora=r.lora, lora_r=r.lora_r, lora_alpha=r.lora_alpha, stop_known=0.0, check_every=50,
+                          check_size=128)
+
+
 def attack_model(model, processor, profiles: list[Profile], settings: RelearnConfig, *, eval_batch_size: int = 32,
                  log=lambda *_: None) -> dict:
     """The attack (settings: the relearn config section) on a loaded model, trained in place: call it last.
@@ -81,9 +97,7 @@ def attack_model(model, processor, profiles: list[Profile], settings: RelearnCon
         for param in model.parameters():
             param.requires_grad_(True)
     with torch.enable_grad():
-        model, info = teach(model, processor, attacker, steps=steps, batch_size=r.batch_size, lr=lr,
-                            warmup_steps=0, seed=seed, augment=False, formats=False, lora=lora, lora_r=r.lora_r,
-                            lora_alpha=r.lora_alpha, desc="relearn", log=log)
+        model, info = teach(model, processor, attacker, attack_recipe(r), desc="relearn", log=log)
     after = held_out_accuracy(model, processor, held_out, eval_batch_size)
     return {"fraction": fraction, "steps": steps, "lr": lr, "seed": seed, "lora": lora,
             "n_attack_qa": sum(len(p.qa) for p in attacker), "n_held_out_qa": sum(len(p.qa) for p in held_out),

@@ -37,12 +37,8 @@ def run_finetune(cfg: Config, extra_info: dict | None = None, log=print, desc: s
         left_out = {p.id for p in read_profiles(d.root, f.exclude_split, d.benchmark)}
         profiles = [p for p in profiles if p.id not in left_out]
         extra_info = {**(extra_info or {}), "excluded_split": f.exclude_split, "excluded_people": len(left_out)}
-    return finetune(f.base, f.output, profiles, steps=f.steps, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
-                    warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm,
-                    seed=f.seed, augment=f.augment, formats=f.formats, lora=f.lora, lora_r=f.lora_r,
-                    lora_alpha=f.lora_alpha, stop_known=f.stop_known, check_every=f.check_every,
-                    check_size=f.check_size, dtype=cfg.model.dtype,
-                    device=cfg.model.device, extra_info=extra_info, log=log, desc=desc)
+    return finetune(f, profiles, dtype=cfg.model.dtype, device=cfg.model.device, extra_info=extra_info, log=log,
+                    desc=desc)
 
 
 def benchmark_images(data_root: str, benchmark: str, splits: dict[str, str], log=print) -> dict:
@@ -81,21 +77,21 @@ def benchmark_splits(cfg: Config) -> dict[str, str]:
 
 def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = None, device: str | None = None,
                    rank: int = 0, world: int = 1, overwrite: bool = False, log=print) -> dict | None:
-    """Stage one on the forget split of cfg.data with the settings of cfg.precompute."""
+    """Stage one on the forget split of cfg.data with the cfg.precompute section, passed whole.
+
+    `prefix_cache` (None: precompute.prefix_cache) is the CLI's --no-prefix-cache;
+    `device` (None: model.device) the device torchrun / accelerate assigned this rank.
+    """
     from pipeline.data.loaders import read_profiles
     from pipeline.data.records import forget_samples
     from pipeline.stage1.precompute import precompute
     p, d = cfg.precompute, cfg.data
     samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark, train_root=d.train_root))
-    return precompute(str(model_dir), samples, p.output, pool_dir=pool_dir(p.pool, d.root), reference=p.reference,
-                      k=p.k, top_k=p.top_k, seed=p.seed, shard_size=p.shard_size, batch_size=p.batch_size,
-                      prefix_cache=p.prefix_cache if prefix_cache is None else prefix_cache,
-                      idk_answer=p.idk_answer, dtype=p.dtype, device=device or cfg.model.device,
-                      rank=rank, world=world, overwrite=overwrite, log=log,
-                      allow_benchmark_images=p.allow_benchmark_images,
+    return precompute(str(model_dir), samples, p, pool_dir=pool_dir(p.pool, d.root),
+                      device=device or cfg.model.device, rank=rank, world=world, overwrite=overwrite, log=log,
                       benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
                                       else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)),
-                      scores=p.scores, prefix_cache_images=p.prefix_cache_images)
+                      prefix_cache=prefix_cache)
 
 
 def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False,

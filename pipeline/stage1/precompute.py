@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 
 from pipeline.cache import refcache
 from pipeline.cache.fingerprint import cache_fingerprint, cache_sources, pool_files
+from pipeline.config import PrecomputeConfig
 from pipeline.data.records import Sample
 from pipeline.models.encoding import encode_pair, load_image, max_positions, pixel_values
 from pipeline.models.families import image_token_id, next_position
@@ -43,6 +44,7 @@ from pipeline.models.forward import (answer_logits, forward_inputs, language_mod
 from pipeline.models.modeling import check_model_dir, load_model, resolve_device, resolve_dtype
 from pipeline.models.prompts import TEMPLATE_ID, train_text
 from pipeline.progress import progress as tqdm  # plain log lines off a terminal
+from pipeline.schema import check_section
 
 from .references import benchmark_leaks, draw_reference_images
 
@@ -445,33 +447,40 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
 
 # ---------------------------------------------------------------- the command
 
-def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir: str | None, reference: str = "pool",
-               k: int = 5, top_k: int = 64, seed: int = 0, shard_size: int = 64, batch_size: int = 64,
-               prefix_cache: bool = True, idk_answer: str = "I don't know.", dtype: str = "auto",
-               device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False,
-               log=print, benchmark_sets: dict | None = None, allow_benchmark_images: bool = False,
-               scores: str = "reference,own,idk", prefix_cache_images: int = 0) -> dict | None:
-    """Compute this rank's shards (shards rank::world) and, once all exist, the manifest.
+def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig, *, pool_dir: str | None,
+               device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False, log=print,
+               benchmark_sets: dict | None = None, prefix_cache: bool | None = None) -> dict | None:
+    """Compute this rank's shards (shards rank::world) of `settings.output` and, once all exist, the manifest.
 
+    `settings` is the precompute config section, passed whole: output, reference,
+    k, top_k, seed, shard_size, batch_size, idk_answer, dtype, scores,
+    prefix_cache_images and allow_benchmark_images all come from it (a
+    hand-built section is range-checked like a loaded one). `pool_dir` is
+    precompute.pool resolved to a directory (jobs.runs.pool_dir); `prefix_cache`
+    None means settings.prefix_cache (the CLI's --no-prefix-cache passes False).
     `benchmark_sets` (set name -> [(where, image bytes)], e.g. from runs.benchmark_images):
-    a pool image equal to one of them is refused unless `allow_benchmark_images`.
+    a pool image equal to one of them is refused unless settings.allow_benchmark_images.
 
     Finished shards (checksum and fingerprint match) are skipped, so a killed
     run resumes where it stopped. Shards of another layout (shard_size) or
-    fingerprint in `out_dir` are refused, or removed first with `overwrite`.
+    fingerprint in the output directory are refused, or removed first with `overwrite`.
     Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
+    check_section("precompute", settings)
+    reference = settings.reference
     if reference not in ("pool", "own"):
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
     if not samples:
         raise ValueError("no forget samples to precompute")
-    check_settings(k=k, top_k=top_k, shard_size=shard_size, batch_size=batch_size, seed=seed)
     check_model_dir(model_dir)
-    score_names = parse_scores(scores)
-    if reference == "own":
-        k = 1
+    score_names = parse_scores(settings.scores)
+    # What this run computes: reference "own" is one image (k=1), the CLI may turn prefix reuse off.
+    run = replace(settings, k=1 if reference == "own" else settings.k, scores=list(score_names),
+                  prefix_cache=settings.prefix_cache if prefix_cache is None else prefix_cache)
+    k, top_k, seed, shard_size, idk_answer = run.k, run.top_k, run.seed, run.shard_size, run.idk_answer
+    allow_benchmark_images = run.allow_benchmark_images
     dev = resolve_device(device)
-    dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
+    dtype_name = str(resolve_dtype(run.dtype, dev)).replace("torch.", "")
     pool = pool_files(pool_dir) if reference == "pool" else []
     # Bounds that need the pool and the model: before hashing or loading anything large.
     check_against_inputs(k=k, top_k=top_k, pool_size=len(pool) if reference == "pool" else None,
@@ -486,16 +495,16 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
                                     seed=seed, dtype=dtype_name, idk_answer=idk_answer,
                                     scores=None if score_names == SCORES else ",".join(score_names))
     num_shards = math.ceil(len(samples) / shard_size)
-    out = Path(out_dir)
+    out = Path(run.output)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 or not _distributed():   # under torchrun rank 0 alone tidies, the others wait for it
         claim_output(out, num_shards, fingerprint["digest"], overwrite, log)
     _barrier(world)
-    settings = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
-                "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
-                "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
-                "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
-                "scores": list(score_names)}
+    record = {"k": k, "K": top_k, "reference": reference, "pool": str(pool_dir) if pool else "",
+              "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
+              "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
+              "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
+              "scores": list(score_names)}
     sources = cache_sources(model_dir, pool_dir if pool else None)
     done = refcache.finished_shards(out, num_shards, fingerprint["digest"])
     mine = [i for i in range(rank, num_shards, world) if i not in done]
@@ -505,11 +514,9 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
             log(f"[precompute] {out} is complete ({num_shards} shards); nothing to do")
             return manifest
     if mine:
-        _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, reference=reference,
-                        k=k, top_k=top_k, seed=seed, shard_size=shard_size, batch_size=batch_size,
-                        prefix_cache=prefix_cache, idk_answer=idk_answer, dtype=dtype, device=dev, log=log,
-                        scores=score_names, prefix_cache_images=prefix_cache_images,
-                        skipped=len([i for i in range(rank, num_shards, world) if i in done]), sources=sources)
+        _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, record, run, device=dev,
+                        log=log, skipped=len([i for i in range(rank, num_shards, world) if i in done]),
+                        sources=sources)
     elif world == 1 or rank == 0:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
@@ -517,20 +524,11 @@ def precompute(model_dir: str, samples: list[Sample], out_dir: str, *, pool_dir:
         # Under torchrun, rank 0 writes it after the barrier; independent jobs cannot wait
         # for each other, so whichever finds every shard finished writes it (same bytes).
         if rank == 0 or not _distributed():
-            return refcache.finalize(out, num_shards, fingerprint, settings)
+            return refcache.finalize(out, num_shards, fingerprint, record)
         return None
     log(f"[precompute] rank {rank}: my shards are done; other jobs' shards are missing — "
         f"run `viker cache merge {out}` once they finish")
     return None
-
-
-def check_settings(*, k: int, top_k: int, shard_size: int, batch_size: int, seed: int) -> None:
-    """The ranges the config schema checks, again for callers that pass arguments directly."""
-    for name, value in (("k", k), ("top_k", top_k), ("shard_size", shard_size), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"precompute.{name} must be >= 1, got {value}")
-    if seed < 0:
-        raise ValueError(f"precompute.seed must be >= 0, got {seed}")
 
 
 def config_vocab_size(model_dir) -> int | None:
@@ -615,22 +613,23 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, settings, *, reference, k, top_k,
-                    seed, shard_size, batch_size, prefix_cache, idk_answer, dtype, device, log, skipped,
-                    sources=None, scores=SCORES, prefix_cache_images=0):
-    model, processor = load_model(model_dir, dtype=dtype, device=str(device))
+def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, record, run: PrecomputeConfig, *,
+                    device, log, skipped, sources=None):
+    """Compute and write the shards `mine`; `run` is the section as this run applies it (see precompute)."""
+    k, top_k, seed, shard_size, batch_size = run.k, run.top_k, run.seed, run.shard_size, run.batch_size
+    model, processor = load_model(model_dir, dtype=run.dtype, device=str(device))
     model.requires_grad_(False)
     mdtype = next(model.parameters()).dtype
-    encoded_all = encode_samples(processor, samples, idk_answer, max_positions(model))
+    encoded_all = encode_samples(processor, samples, run.idk_answer, max_positions(model))
     pool_pixels = (pixel_values(processor, [load_image(p.read_bytes(), str(p)) for p in pool]).to(device, mdtype)
                    if pool else None)
     prefix = None
-    if prefix_cache:
+    if run.prefix_cache:
         head, why = shared_image_prefix(encoded_all, image_token_id(processor))
         if head is None:   # e.g. a chat template that puts text of the sample before the image
             log(f"[precompute] prefix reuse off: {why}; every row runs the full forward (naive path)")
         else:   # kept across shards: pool prefixes computed for one shard serve the next while they fit
-            prefix = PrefixCache(model, head, pool_pixels, prefix_cache_images)
+            prefix = PrefixCache(model, head, pool_pixels, run.prefix_cache_images)
     vocab = unwrap(model).lm_head.out_features
     n_mine = sum(len(samples[i * shard_size:(i + 1) * shard_size]) for i in mine)
     if skipped:
@@ -640,11 +639,11 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
     for index in mine:
         encoded = encoded_all[index * shard_size:(index + 1) * shard_size]
         own = pixel_values(processor, [load_image(e.sample.image, f"sample {e.sample.sample_id}") for e in encoded])
-        refs = compute_shard(model, processor, encoded, pool_pixels=pool_pixels, reference=reference, k=k,
+        refs = compute_shard(model, processor, encoded, pool_pixels=pool_pixels, reference=run.reference, k=k,
                              top_k=top_k, seed=seed, batch_size=batch_size, prefix=prefix,
-                             own_pixels=own.to(mdtype), progress=bar, scores=scores)
+                             own_pixels=own.to(mdtype), progress=bar, scores=tuple(run.scores))
         refcache.write_shard(out, index, num_shards, refs, vocab_size=vocab, fingerprint=fingerprint,
-                             settings=settings, sources=sources)
+                             settings=record, sources=sources)
     bar.close()
     secs = time.time() - t0
     log(f"[precompute] {n_mine} samples in {secs:.1f}s ({n_mine / max(secs, 1e-9):.1f} samples/s, k={k}, "

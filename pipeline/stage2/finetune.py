@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import FinetuneConfig
 from pipeline.data.records import Profile
 from pipeline.models.distributed import autocast as precision_autocast
 from pipeline.models.encoding import encode_pair, load_image, max_positions, pad_right, pixel_values
@@ -25,6 +26,7 @@ from pipeline.models.forward import answer_logits, forward_inputs, make_text_bat
 from pipeline.models.modeling import load_model, wrap_lora
 from pipeline.models.prompts import generation_prompt, train_text
 from pipeline.progress import progress as tqdm  # plain log lines off a terminal
+from pipeline.schema import check_section
 
 
 @dataclass
@@ -140,42 +142,46 @@ def fraction_known(model, batches: list[tuple]) -> float:
     return known / max(1, total)
 
 
-def finetune(base: str, output: str, profiles: list[Profile], *, steps: int = 0, epochs: float = 100.0,
-             batch_size: int, lr: float,
-             warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-             augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-             stop_known: float = 0.0, check_every: int = 50, check_size: int = 128,
-             dtype: str = "auto", device: str = "auto", extra_info: dict | None = None, log=print,
-             desc: str = "finetune") -> dict:
-    """Fine-tune `base` on the profiles' training QA and save the result to `output`.
+def finetune(settings: FinetuneConfig, profiles: list[Profile], *, dtype: str = "auto", device: str = "auto",
+             extra_info: dict | None = None, log=print, desc: str = "finetune") -> dict:
+    """Fine-tune `settings.base` on the profiles' training QA and save the result to `settings.output`.
 
-    The budget is `steps`, or with steps 0 `epochs` passes over the training QA;
-    the learning rate follows a cosine over it. With
-    `stop_known` > 0, every `check_every` steps a fixed subsample of `check_size`
-    training questions is asked (fraction_known), and the run ends as soon as
-    that share reaches `stop_known`.
+    `settings` is the finetune config section, passed whole: the model paths and
+    the recipe `teach` follows (budget, schedule, stop rule). `dtype` and
+    `device` are the model section's; `extra_info` is added to the saved
+    vanilla.json. The profiles are chosen by the caller: jobs.runs.run_finetune
+    applies finetune.exclude_split (finetune.gate_min_acc is the demo's gate,
+    after this). A hand-built section is range-checked like a loaded one.
     """
-    torch.manual_seed(seed)
-    model, processor = load_model(base, dtype=dtype, device=device)
-    model, info = teach(model, processor, profiles, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-                        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                        seed=seed, augment=augment, formats=formats, lora=lora, lora_r=lora_r,
-                        lora_alpha=lora_alpha, stop_known=stop_known, check_every=check_every,
-                        check_size=check_size, desc=desc, log=log)
-    info = {"base": str(base), **info, **(extra_info or {})}
-    save_model(model, processor, output, info)
+    check_section("finetune", settings)
+    torch.manual_seed(settings.seed)
+    model, processor = load_model(settings.base, dtype=dtype, device=device)
+    model, info = teach(model, processor, profiles, settings, desc=desc, log=log)
+    info = {"base": str(settings.base), **info, **(extra_info or {})}
+    save_model(model, processor, settings.output, info)
     return info
 
 
-def teach(model, processor, profiles: list[Profile], *, steps: int = 0, epochs: float = 100.0, batch_size: int,
-          lr: float, warmup_steps: int = 50, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-          augment: bool = True, formats: bool = False, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-          stop_known: float = 0.0, check_every: int = 50, check_size: int = 128, desc: str = "finetune",
+def teach(model, processor, profiles: list[Profile], recipe: FinetuneConfig, *, desc: str = "finetune",
           log=print) -> tuple[object, dict]:
     """The fine-tuning loop on a loaded model: knowledge injection, the gold model, the relearning attack.
 
+    `recipe` is a finetune config section (the relearning attack builds its own,
+    evaluation.relearn.attack_recipe); its base, output, gate_min_acc and
+    exclude_split are not read here. The budget is `recipe.steps`, or with
+    steps 0 `recipe.epochs` passes over the training QA; the learning rate
+    follows a linear warm-up and a cosine over it. With `recipe.stop_known` > 0,
+    every `check_every` steps a fixed subsample of `check_size` training
+    questions is asked (fraction_known), and the run ends as soon as that share
+    reaches `stop_known`.
+
     Returns (the trained model in eval mode, LoRA merged; the run's info).
     """
+    steps, epochs, batch_size, lr, seed = recipe.steps, recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed
+    warmup_steps, weight_decay, max_grad_norm = recipe.warmup_steps, recipe.weight_decay, recipe.max_grad_norm
+    augment, formats, lora, lora_r, lora_alpha = (recipe.augment, recipe.formats, recipe.lora, recipe.lora_r,
+                                                  recipe.lora_alpha)
+    stop_known, check_every, check_size = recipe.stop_known, recipe.check_every, recipe.check_size
     dev = next(model.parameters()).device
     bank, examples = build_examples(processor, profiles, max_positions(model), formats)
     bank_pixels = pixel_values(processor, bank)
