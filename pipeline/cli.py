@@ -151,8 +151,9 @@ def study(config_path, quick, report_only, overrides):
     """Every method over benchmark draws x forget splits x seeds; tables and plots -> docs/STUDY.md.
 
     Hyper-parameters are chosen on a separate validation draw by one rule for
-    all methods, then frozen; methods are compared at matched forgetting with
-    95% bootstrap intervals. Finished runs are reused, so a killed study
+    all methods, then frozen; methods are compared at matched forgetting, with
+    95% t intervals over benchmark draws and paired differences between
+    methods. Finished runs are reused, so a killed study
     resumes. Settings: the `study` section (configs/study.yaml).
     """
     import shlex
@@ -351,12 +352,18 @@ def relearn_cmd(config_path, adapter, reference, overrides):
 
     \b
     Prints the accuracy on the held-out forget QA before and after the attack,
-    the vanilla model's, and recovery = after / vanilla. Attack the gold model
+    the vanilla model's, and recovery = after / vanilla; the worst cell of the
+    relearn.grid_lrs x relearn.grid_steps grid (worst_recovery), and the
+    held-out-people split (people_recovery). Attack the gold model
     (model.path=<gold model>, no --adapter, --reference <vanilla>) for the
-    control: what the attacker's share alone teaches. relearn.results appends
+    control: what the attacker's share alone teaches. A model that is not an
+    adapter over the vanilla model needs --reference. relearn.results appends
     the row as JSON. pipeline/evaluation/relearn.py says how the forget set is split.
     """
     import json
+    if not adapter and not reference:
+        raise click.UsageError("recovery needs a reference: the vanilla model, --reference DIR, when the attacked "
+                               "model is not an --adapter over it (model.path itself would be its own reference)")
     cfg = _load(config_path, overrides)
     from pipeline.evaluation.relearn import format_attack
     from pipeline.jobs.runs import config_record, run_relearn_attack

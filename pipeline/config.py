@@ -124,7 +124,8 @@ class TrainConfig:
     lam: float = setting(0.5, "ViKeR's lambda", ge=0)
     use_ga: bool = setting(True, "false: ViKeR's w/o GA ablation")
     token_lambda: bool = setting(False, "experimental: lambda_i from the reference entropy")
-    beta: float = setting(0.4, "NPO's beta (IdkPO's too under convention viker)", gt=0)
+    beta: float = setting(0.0, "NPO's beta (IdkPO's too under convention viker); 0: the convention's, 0.4 "
+                               "(NPO under openunlearning: 0.1, OpenUnlearning's NPO.yaml)", ge=0)
     convention: Literal["viker", "mllmu", "openunlearning"] = setting(
         "viker", "how the baselines' losses are written (docs/METHODS.md)")
     idk_beta: float = setting(0.1, "IdkPO's beta under conventions mllmu and openunlearning", gt=0)
@@ -167,7 +168,7 @@ class EvalConfig:
     likelihood_sets: list[SetName] = setting(doc="sets also scored by option likelihood (MC-LL, cloze-LL)",
                                              factory=lambda: ["forget", "test", "retain", "real"])
     tasks: list[Literal["mc", "gen", "cloze", "fact"]] = setting(
-        doc="generated-answer tasks (protocol viker): mc (letter), gen (ROUGE/BLEU/coherence), cloze, fact",
+        doc="generated-answer tasks (both protocols): mc (letter), gen (ROUGE/BLEU/coherence), cloze, fact",
         factory=lambda: ["mc", "gen", "cloze", "fact"], min_items=1)
     protocol: Literal["viker", "official"] = setting(
         "viker", "official: each benchmark's authors' prompts, images and scoring; viker: our uniform protocol")
@@ -187,8 +188,23 @@ class RelearnConfig:
     fraction: float = setting(0.1, "share of the forget QA the attacker fine-tunes on (>= 1 item)", gt=0, le=0.9)
     # Calibrated on the demo's world (forget_10, 4 attacker QA, 32 held out): 40 steps at 1e-4 leave the
     # vanilla (96.9%) and the gold model (3.1%) as they were, so what comes back was hidden, not taught.
-    steps: int = setting(40, "attacker's fine-tuning steps", ge=1)
-    lr: float = setting(1.0e-4, "attacker's learning rate", gt=0)
+    steps: int = setting(40, "attacker's fine-tuning steps (the default cell: recovery)", ge=1)
+    lr: float = setting(1.0e-4, "attacker's learning rate (the default cell)", gt=0)
+    # The worst-case grid, measured on the same world (item split, seed 0: lr 1e-5..3e-3 x 10..160 steps;
+    # seed 1: 1e-4, 3e-4 x 20, 40, 80). lr >= 1e-3 destroys the vanilla model (96.9% -> 0-47%): nothing
+    # hidden can come back through it. 3e-4 costs the vanilla model 1-4 of 32 items at 20-40 steps (up to 7
+    # at 80-160) and teaches the gold model 2 (3.1% -> 9.4%; every cell does on seed 1, the gold row shows
+    # it); 1e-5 and 3e-5 bring back less than 1e-4. Attacking GA, NPO, GradDiff and ViKeR (32 steps), 7 of
+    # the 8 (method, seed) worst cells of 1e-4..3e-4 x 20..80 lie in this 2 x 2 (ViKeR seed 0: 1e-4 x 80,
+    # 2 items more). 4 cells, 120 steps with the default one; with the people split one attack on the demo
+    # takes 4.4-5.0 s instead of 1.1-1.5 s (one thread; docs/PERFORMANCE.md).
+    grid_lrs: list[float] = setting(doc="learning rates of the worst-case grid, x grid_steps (empty: no grid, "
+                                        "the default cell only): worst_recovery",
+                                    factory=lambda: [1.0e-4, 3.0e-4], gt=0)
+    grid_steps: list[int] = setting(doc="steps of the worst-case grid, x grid_lrs (empty: no grid)",
+                                    factory=lambda: [20, 40], ge=1)
+    people: bool = setting(True, "also the held-out-people split: the attacker learns all QA of half the forget "
+                                 "people, the others' are tested (people_recovery)")
     batch_size: int = setting(4, "attacker's batch size", ge=1)
     seed: int = setting(0, "which QA the attacker holds: the same for every method compared", ge=0)
     lora: bool = setting(False, "LoRA attacker (a 7B); false: full fine-tuning, the stronger attacker")
@@ -243,7 +259,6 @@ class StudyConfig:
     workers: int = setting(2, "worker processes, one torch thread each", ge=1)
     output: str = setting("cache/study", "where the study's draws, caches and runs go")
     report: str = setting("docs/STUDY.md", "the report written at the end")
-    n_boot: int = setting(2000, "bootstrap resamples of the 95% intervals", ge=100)
 
 
 @dataclass

@@ -383,7 +383,7 @@ def test_official_protocol_end_to_end(world, official_root, tmp_path):
     _, model_dir = world
     row = evaluate_with(ev.evaluate, model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
                       sets="forget,test,retain,real", protocol="official", eval_seed=1, **FAST)
-    assert row["protocol"] == "official" and row["protocol_id"] == "mllmu-official-v1" and row["eval_seed"] == 1
+    assert row["protocol"] == "official" and row["protocol_id"] == "mllmu-official-v2" and row["eval_seed"] == 1
     assert "mia" in row["metrics"]        # membership inference does not depend on the protocol
     for name, values in row["metrics"].items():
         if name == "mia":
@@ -420,3 +420,41 @@ def test_official_batches_mix_text_only_and_multi_image_items(world):
     together = pm.generate_items(model, processor, items, max_new_tokens=4, batch_size=3)
     alone = [pm.generate_items(model, processor, [it], max_new_tokens=4, batch_size=1)[0] for it in items]
     assert together == alone
+
+
+def test_official_row_counts_scored_items_names_nltk_bleu_and_honours_tasks(world, official_root, tmp_path,
+                                                                           monkeypatch):
+    """No model: canned replies. n_items after max_profiles and the shot profiles; bleu_note; evaluate.tasks."""
+    from pipeline.evaluation import protocol_mllmu as pm
+    asked = []
+
+    def replies(model, processor, items, max_new_tokens, batch_size=16, desc=None):
+        asked.extend((it.task, max_new_tokens) for it in items)
+        return ["A ASSISTANT: B"] * len(items)
+
+    def no_fact(*args, **kwargs):
+        raise AssertionError("fact is not in evaluate.tasks")
+    monkeypatch.setattr(pm, "generate_items", replies)
+    monkeypatch.setattr(ev, "load_for_eval", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(ev, "fact_accuracy", no_fact)
+    _, model_dir = world
+    row = evaluate_with(ev.evaluate, model_dir, official_root, "forget_10", results_path=tmp_path / "r.jsonl",
+                        sets="retain", protocol="official", eval_seed=2, max_profiles=2, mia="off", tasks="mc,gen",
+                        max_new_tokens=9)
+    assert row["bleu_note"] == pm.BLEU_NOTE and "NLTK sentence_bleu" in row["bleu_note"]
+    assert row["mc_new_tokens"] == 50 and row["tasks"] == ["mc", "gen"]
+    assert {task for task, _ in asked} == {"mc", "gen"} and {n for task, n in asked if task == "mc"} == {50}
+    m = row["metrics"]["retain"]
+    assert m["cloze_acc_image"] is None and m["cloze_acc_text"] is None and m["fact_acc"] is None
+    assert m["mc_acc_image"] is not None and m["rougeL_image"] is not None
+    two = read_split(official_root, "retain_90")[:2]
+    source = ev.official_shot_source(official_root, "Full_Set")
+    (shot,) = pm.shot_profiles([p.id for p in two], source, 1, pm._rng(2, "retain", "mc"))
+    scored_mc = sum(len(p.choices) for p in two if p.id != shot.id)
+    assert row["n_items"]["retain"] == {"profiles": 2, "mc": scored_mc, "cloze": 0,
+                                        "gen": sum(len(p.generation) for p in two)}
+    assert scored_mc < ev._counts(two)["mc"], "the shot profile's questions are not counted"
+    samples = [json.loads(line) for line in open(row["samples"])]
+    assert sum(s["kind"] == "mc" for s in samples) == scored_mc
+    assert all(s["answer"] == "A" and s["reply"] == "A ASSISTANT: B" for s in samples)
+    assert all(s["scores"]["parsed"] == "A" for s in samples if s["kind"] == "mc")

@@ -297,6 +297,10 @@ def test_npo_hand_values():
     expected = [5.0 * math.log(1 + math.exp(0.4)), 5.0 * math.log(2)]
     torch.testing.assert_close(loss, torch.tensor(expected), atol=1e-5, rtol=0)
     torch.testing.assert_close(diag["log_ratio"], torch.tensor([1.0, 0.0]))
+    # OpenUnlearning's beta 0.1 (configs/trainer/NPO.yaml): 2/b = 20; log ratio 1 -> 20 log(1 + e^0.1).
+    loss, _ = L.npo_loss(torch.tensor([-2.0, -5.0]), torch.tensor([-3.0, -5.0]), beta=0.1)
+    torch.testing.assert_close(loss, torch.tensor([20.0 * math.log(1 + math.exp(0.1)), 20.0 * math.log(2)]),
+                               atol=1e-5, rtol=0)
 
 
 def test_idkpo_hand_values():

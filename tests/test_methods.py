@@ -115,7 +115,9 @@ def test_default_retain_terms_are_todays_numbers():
         return M.METHODS[name].retain_terms(M.LossSpec(name, convention=convention, retain_term=term,
                                                        retain_weight=weight))
     for c in M.LOSS_CONVENTIONS:
-        assert terms("ga", c) == terms("npo", c) == terms("idkpo", c) == terms("viker", c) == ()
+        assert terms("ga", c) == terms("idkpo", c) == terms("viker", c) == ()
+        # NPO: none, except OpenUnlearning's (configs/trainer/NPO.yaml: alpha 1, retain_loss_type NLL)
+        assert terms("npo", c) == ((("nll", 1.0),) if c == "openunlearning" else ())
         assert terms("graddiff", c) == (("nll", 1.0),)
         assert terms("viker", c, "nll") == (("nll", 1.0),) and terms("viker", c, "kl") == (("kl", 1.0),)
     assert [terms("kl_min", c) for c in M.LOSS_CONVENTIONS] == [(("kl", 1.0),), (("kl", 1.0), ("nll", 1.0)),
@@ -265,6 +267,55 @@ def test_npo_loss_by_hand(convention):
     expected = [5.0 * math.log(1 + math.exp(0.4 * r)) for r in ratio]   # -(2/b) logsigmoid(-b x)
     assert loss.item() == pytest.approx(sum(expected) / 2, abs=1e-5)
     torch.testing.assert_close(d["forget/log_ratio"], torch.tensor(ratio), atol=1e-5, rtol=0)
+
+
+def test_npo_openunlearning_is_their_npo_by_hand_and_by_their_code():
+    """OpenUnlearning's NPO (locuslab/open-unlearning, configs/trainer/NPO.yaml: beta 0.1, alpha 1, gamma 1,
+    retain_loss_type NLL; src/trainer/unlearn/npo.py NPO.compute_loss; src/trainer/utils.py compute_dpo_loss
+    and compute_batch_nll; src/trainer/unlearn/grad_diff.py GradDiff.compute_retain_loss)."""
+    import torch.nn.functional as TF
+    ref = [-3.0, -2.0]
+    # A retain batch of equal answer lengths: their outputs.loss (a token mean over the batch) and our
+    # per-example mean then batch mean are the same number there (docs/METHODS.md: what remains different).
+    r_probs = [[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]], [[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]]]
+    r_labels, r_mask = torch.tensor([[2, 3], [0, 1]]), torch.ones(2, 2, dtype=torch.bool)
+    out = {"forget": (_logits_from_probs(PROBS), LABELS, MASK), "retain": (_logits_from_probs(r_probs), r_labels, r_mask)}
+    mb = _batch(retain=True, ref_logp_own=torch.tensor(ref))
+    spec = M.loss_spec(TrainConfig(method="npo", convention="openunlearning"), "npo", 5, 64, 0)
+    assert spec.beta == 0 and M.METHODS["npo"].beta(spec) == 0.1
+    assert M.METHODS["npo"].retain_terms(spec) == (("nll", 1.0),) and "retain" in M.METHODS["npo"].needs(spec)
+    loss, d = M.METHODS["npo"].combine(out, mb, spec, "cpu")
+    # By hand: mean_i -(2/0.1) log sigmoid(-0.1 (ll_i - ll_ref_i)) + 1 * mean retain NLL.
+    forget = [20.0 * math.log(1 + math.exp(0.1 * (LL[i] - ref[i]))) for i in range(2)]
+    retain_nll = -(math.log(0.3) + math.log(0.4) + math.log(0.7) + math.log(0.2)) / 4
+    assert loss.item() == pytest.approx(sum(forget) / 2 + retain_nll, rel=1e-6)
+    # Their code, ported line for line (the logits here are already shifted: position t predicts labels[:, t]).
+    logits = _logits_from_probs(PROBS)
+    lose_loss = TF.cross_entropy(logits.transpose(-1, -2), LABELS, ignore_index=-100, reduction="none").sum(-1)
+    lose_ref_loss = -torch.tensor(ref)                                  # compute_batch_nll of the reference model
+    lose_log_ratio = -(lose_loss - lose_ref_loss)
+    beta, alpha, gamma = 0.1, 1.0, 1.0
+    forget_loss = -2 / beta * TF.logsigmoid(beta * (0.0 - lose_log_ratio)).mean()
+    retain_loss = TF.cross_entropy(_logits_from_probs(r_probs).reshape(-1, 4), r_labels.reshape(-1))  # outputs.loss
+    assert loss.item() == pytest.approx((gamma * forget_loss + alpha * retain_loss).item(), rel=1e-6)
+    # train.beta and train.retain_weight stay the user's overrides.
+    user = M.loss_spec(TrainConfig(method="npo", convention="openunlearning", beta=0.3, retain_weight=2.0),
+                       "npo", 5, 64, 0)
+    assert M.METHODS["npo"].beta(user) == 0.3 and M.METHODS["npo"].retain_terms(user) == (("nll", 2.0),)
+
+
+@pytest.mark.parametrize("convention", ["viker", "mllmu"])
+@pytest.mark.parametrize("name", ["npo", "idkpo"])
+def test_beta_zero_is_todays_beta_bit_for_bit(convention, name):
+    """train.beta's default 0 means the convention's: 0.4 under viker and mllmu, today's number exactly."""
+    mb = _full_batch()
+    spec = M.loss_spec(TrainConfig(method=name, convention=convention), name, 5, 64, 0)
+    today = M.loss_spec(TrainConfig(method=name, convention=convention, beta=0.4), name, 5, 64, 0)
+    assert spec.beta == 0 and today.beta == 0.4
+    got, _ = M.METHODS[name].combine(_out(idk=True), mb, spec, "cpu")
+    want, _ = M.METHODS[name].combine(_out(idk=True), mb, today, "cpu")
+    assert torch.equal(got, want)
+    assert M.METHODS[name].retain_terms(spec) == ()
 
 
 @pytest.mark.parametrize("convention", M.LOSS_CONVENTIONS)

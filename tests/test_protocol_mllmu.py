@@ -144,3 +144,125 @@ def test_summary_keeps_image_and_text_apart():
     out = pm.summarise(rows)
     assert out["mc_acc_image"] == 1.0 and out["mc_acc_text"] == 0.5
     assert out["cloze_acc_image"] == 1.0 and out["cloze_acc_text"] is None and out["rouge1_image"] is None
+
+
+# ------------------------------------------------------------------ what the outside review found (eval.py @ 0e3098e)
+
+def _person(pid: str) -> Profile:
+    """A profile whose every question names its id, so a prompt shows whose shots it holds and in what order."""
+    return Profile(
+        id=pid, image=f"{pid}-image".encode(),
+        choices=[ChoiceItem(f"Image question of {pid}?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "A", "image"),
+                 ChoiceItem(f"Text question of {pid}?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "B", "text")],
+        cloze=[GenItem(f"{pid} image cloze __.", f"{pid}-img", "Image_Textual"),
+               GenItem(f"{pid} text cloze __.", f"{pid}-txt", "Pure_Text")],
+        generation=[GenItem(f"What does {pid} do?", f"{pid} works.", "Image_Textual")])
+
+
+def test_shots_follow_the_few_shot_files_row_order_not_the_draw():
+    # eval.py :513-515: few_shot_df[few_shot_df['ID'].isin(selected_ids)].iterrows(): the file's row order.
+    people = [_person(pid) for pid in ("ada", "bo", "cy", "dee")]
+    ids = [p.id for p in people]
+    source = {p.id: p for p in reversed(people)}          # Full_Set rows: dee, cy, bo, ada
+    file_rank = {pid: i for i, pid in enumerate(source)}
+    # A seed whose two-profile cloze draw comes out against the file's order.
+    seed = next(s for s in range(100)
+                if (lambda d: file_rank[d[0]] > file_rank[d[1]])(pm._rng(s, "forget", "cloze").sample(ids, 2)))
+    drawn = pm._rng(seed, "forget", "cloze").sample(ids, 2)
+    in_file_order = sorted(drawn, key=file_rank.get)
+    assert drawn != in_file_order
+    assert [p.id for p in pm.shot_profiles(ids, source, 2, pm._rng(seed, "forget", "cloze"))] == in_file_order
+    items = pm.build_items(people, "forget", source, use_other_images=False, seed=seed, tasks=("cloze",))
+    img = _by(items, "cloze", "image")[0]
+    first, second = in_file_order
+    assert img.prompt.index(f"{first} image cloze") < img.prompt.index(f"{second} image cloze")
+    assert img.images[:2] == [f"{first}-image".encode(), f"{second}-image".encode()], "shot images follow too"
+    txt = _by(items, "cloze", "text")[0]
+    assert txt.prompt.index(f"{first} text cloze") < txt.prompt.index(f"{second} text cloze")
+    assert {it.profile for it in items} == set(ids) - set(drawn)
+
+
+@pytest.mark.parametrize("reply, scored", [
+    ("Paris ASSISTANT: and also", "Paris"),
+    ("  Paris\nUSER: again ASSISTANT: Rome ASSISTANT: x", "Paris\nUSER: again"),
+    ("ASSISTANT: Paris", ""),
+    ("Paris. Answer: Rome", "Paris. Answer: Rome"),       # eval.py's "Answer:" branch never runs for LLaVA
+    (" Paris ", "Paris"),
+])
+def test_reply_cut_is_eval_pys_split_on_the_decoded_prompt_and_reply(reply, scored):
+    assert pm.official_reply(reply) == scored
+    # eval.py decodes prompt + reply and keeps split("ASSISTANT:")[1].strip() (:627, :759): the same text,
+    # because every prompt built here holds "ASSISTANT:" exactly once, at its end.
+    people = [_person("ada"), _person("bo"), _person("cy")]
+    items = pm.build_items(people, "retain", {p.id: p for p in people}, use_other_images=False, seed=0)
+    assert {it.task for it in items} == {"mc", "cloze", "gen"}
+    for it in items:
+        assert it.prompt.count("ASSISTANT:") == 1 and it.prompt.rstrip().endswith("ASSISTANT:"), it.prompt
+        generated_text = it.prompt + reply
+        assert generated_text.split("ASSISTANT:")[1].strip() == scored
+
+
+def test_cloze_and_generation_score_the_cut_reply():
+    items = [pm.Item("gen", "image", "a", "Where?", "Paris", "p"),
+             pm.Item("cloze", "text", "a", "q", "Rome", "p"),
+             pm.Item("cloze", "text", "a", "q", "Rome", "p")]
+    rows = pm.score_items(items, ["Paris ASSISTANT: and also", "Paris ASSISTANT: Rome", "Rome ASSISTANT: x"])
+    gen, cloze_after, cloze_before = rows
+    assert gen["answer"] == "Paris" and gen["reply"] == "Paris ASSISTANT: and also"
+    from pipeline.evaluation import metrics
+    assert gen["scores"]["rougeL"] == metrics.rouge_scores("Paris", "Paris")["rougeL"] == 1.0
+    assert gen["scores"]["rougeL"] != metrics.rouge_scores("Paris ASSISTANT: and also", "Paris")["rougeL"]
+    assert gen["scores"]["bleu"] == metrics.bleu_official("Paris", "Paris")
+    assert not cloze_after["scores"]["correct"], "the ground truth after a second turn does not count"
+    assert cloze_before["scores"]["correct"]
+    assert "reply" not in pm.score_items(items[:1], ["Paris"])[0], "the whole reply is kept only when cut"
+
+
+def test_multiple_choice_reads_fifty_new_tokens(monkeypatch):
+    # eval.py evaluate_classification: max_new_tokens=50 for llava, image (:372) and text (:428) questions.
+    assert pm.MC_NEW_TOKENS == 50
+    from pipeline.evaluation import evaluate as ev
+    assert ev.OFFICIAL_MC_NEW_TOKENS == 50, "the official row's mc_new_tokens"
+    budgets = {}
+
+    def fake(model, processor, items, max_new_tokens, batch_size=16, desc=None):
+        if items:
+            budgets[items[0].task] = max_new_tokens
+        return ["A"] * len(items)
+    monkeypatch.setattr(pm, "generate_items", fake)
+    people = [_person(pid) for pid in ("ada", "bo", "cy", "dee")]
+    pm.evaluate_official(None, None, people, "retain", {p.id: p for p in people}, use_other_images=False,
+                         max_new_tokens=7)
+    assert budgets == {"mc": 50, "cloze": 7, "gen": 7}
+
+
+def test_tasks_leave_others_out_and_keep_the_rest_as_asked():
+    people = [_person(pid) for pid in ("ada", "bo", "cy", "dee")]
+    for p in people:
+        p.images = [f"{p.id}-other-{i}".encode() for i in range(3)]
+    source = {p.id: p for p in people}
+    full = pm.build_items(people, "test", source, use_other_images=True, seed=5)
+    for tasks in (("mc",), ("cloze",), ("gen",), ("mc", "gen")):
+        part = pm.build_items(people, "test", source, use_other_images=True, seed=5, tasks=tasks)
+        assert {it.task for it in part} == set(tasks)
+        assert part == [it for it in full if it.task in tasks], "same shots and pictures as in a full run"
+
+
+def test_item_counts_are_the_items_scored():
+    people = [_person(pid) for pid in ("ada", "bo", "cy")]
+    items = pm.build_items(people, "forget", {p.id: p for p in people}, use_other_images=False, seed=0)
+    rows = pm.score_items(items, ["x"] * len(items))
+    # One MC shot profile (2 questions) and two cloze shot profiles (2 each) are not scored; generation has no shots.
+    assert pm.item_counts(people, rows) == {"profiles": 3, "mc": 4, "cloze": 2, "gen": 3}
+
+
+def test_bleu_note_names_what_the_official_rows_compute():
+    from pipeline.evaluation import metrics
+    assert "NLTK sentence_bleu" in pm.BLEU_NOTE and "method1" in pm.BLEU_NOTE and "compute_bleu" in pm.BLEU_NOTE
+    assert pm.BLEU_NOTE != metrics.BLEU_NOTE
+    # eval.py compute_bleu(ground_truth, predicted_answer), :57-78, on the same strings.
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    for reference, reply in (("She is a nurse in Rome.", "She is a nurse."), ("Ada lives in Rome.", "Rome"),
+                             ("Bo works at the bank.", "Bo works at the bank.")):
+        theirs = sentence_bleu([reference.split()], reply.split(), smoothing_function=SmoothingFunction().method1)
+        assert metrics.bleu_official(reply, reference) == pytest.approx(theirs, abs=0)

@@ -100,7 +100,15 @@ class Fake:
 
 
 @pytest.fixture
-def calls(monkeypatch):
+def calls(monkeypatch, tmp_path):
+    # Modules that bind read_profiles & co. at import must be imported before those are replaced, or they
+    # would keep the fakes after this test (the patch is undone on the module attribute, not on their copy).
+    import importlib
+    for name in ("pipeline.stage1.precompute", "pipeline.stage2.train", "pipeline.stage2.finetune",
+                 "pipeline.evaluation.evaluate", "pipeline.evaluation.clear_eval", "pipeline.evaluation.relearn",
+                 "pipeline.jobs.demo", "pipeline.study.grid"):
+        importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)           # relative sentinel paths (e.g. finetune.output) land in the test's folder
     seen: dict[str, list] = {}
 
     def record(name, result):
@@ -210,8 +218,9 @@ def test_cli_paths(tmp_path, calls, benchmark):
     invoke(tmp_path, cfg, "evaluate")
     check_evaluate(cfg, calls["evaluate_clear" if benchmark == "clear" else "evaluate"][-1], cfg.model.path)
     if benchmark == "mllmu":
-        invoke(tmp_path, cfg, "attack", "relearn")
+        invoke(tmp_path, cfg, "attack", "relearn", "--reference", "sentinel-vanilla")
         model, processor, members, settings, reference, key, dtype, device, batch = calls["relearn_metrics"][-1][0]
+        assert reference == "sentinel-vanilla"
         assert settings == cfg.relearn and (dtype, device, batch) == (cfg.model.dtype, cfg.model.device,
                                                                       cfg.evaluate.batch_size)
 

@@ -7,11 +7,12 @@ import pytest
 
 from pipeline.study import grid as study
 from pipeline.config import ConfigError, load_config
-from pipeline.study.report import (bootstrap_ci, curve_auc, gold_table, interpolate_at, matched_table, select,
-                                   unit_values, units)
+from pipeline.study.report import (curve_auc, draw_interval, gold_table, interpolate_at, matched_table,
+                                   paired_differences, paired_table, relearn_gold_table, select, t_quantile,
+                                   unit_values, units, verdict)
 
 
-# ------------------------------------------------------------ interpolation, AUC, bootstrap
+# ------------------------------------------------------------ interpolation, AUC, intervals
 
 def test_interpolation_at_matched_forgetting():
     forget = [1.0, 0.6, 0.2]            # vanilla, 16 steps, 32 steps
@@ -25,6 +26,19 @@ def test_interpolation_at_matched_forgetting():
     assert interpolate_at([1.0, 0.4, 0.8, 0.0], [1.0, 0.5, 0.9, 0.0], 0.7) == pytest.approx(0.75)
 
 
+def test_interpolation_skips_a_point_whose_forget_acc_is_unknown():
+    nan = float("nan")
+    # The NaN budget is skipped: between (0.9, 1) and (0.3, 0), three quarters of the way to 0.45.
+    v = interpolate_at([0.9, nan, 0.3], [1.0, nan, 0.0], 0.45)
+    assert not math.isnan(v) and v == pytest.approx(1.0 + (0.9 - 0.45) / (0.9 - 0.3) * (0.0 - 1.0))
+    assert interpolate_at([0.9, nan, nan, 0.3], [1.0, 7.0, 7.0, 0.0], 0.45) == pytest.approx(0.25)
+    # No finite point before the one that reached: its value as it is (nothing to interpolate from) ...
+    assert interpolate_at([nan, 0.3, 0.1], [5.0, 0.4, 0.0], 0.45) == pytest.approx(0.4)
+    # ... and when it is not reached there, the interval runs from the first finite point on.
+    assert interpolate_at([nan, 0.6, 0.2], [5.0, 0.8, 0.4], 0.4) == pytest.approx(0.6)
+    assert math.isnan(interpolate_at([nan, nan], [1.0, 1.0], 0.5))
+
+
 def test_area_under_forget_utility_curve():
     assert curve_auc([1.0, 0.0], [1.0, 1.0]) == pytest.approx(1.0)         # all utility kept to full forgetting
     # Utility falls linearly from 1 to 0 while forgetting reaches 50%, nothing beyond: area 0.5 * 1 / 2.
@@ -35,15 +49,37 @@ def test_area_under_forget_utility_curve():
     assert math.isnan(curve_auc([0.0, 0.0], [1.0, 1.0]))                    # vanilla knows nothing
 
 
-def test_bootstrap_interval_known_answers():
-    mean, lo, hi, n = bootstrap_ci([0.3] * 7 + [float("nan")])
-    assert (mean, lo, hi, n) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3), 7)
-    # 400 fair coin flips: mean 0.5, 95% interval ~ 0.5 +- 1.96 * 0.5 / 20.
-    mean, lo, hi, n = bootstrap_ci([0.0, 1.0] * 200, n_boot=4000, seed=1)
-    assert mean == 0.5 and n == 400
-    assert lo == pytest.approx(0.5 - 0.049, abs=0.01) and hi == pytest.approx(0.5 + 0.049, abs=0.01)
-    assert bootstrap_ci([0.1, 0.9], seed=5) == bootstrap_ci([0.1, 0.9], seed=5)   # seeded
-    assert bootstrap_ci([])[3] == 0 and math.isnan(bootstrap_ci([None])[0])
+def test_t_quantiles_are_the_tables():
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(df) == pytest.approx(t, abs=1e-4)
+    assert t_quantile(2000) == pytest.approx(1.9600, abs=2e-3)
+    assert t_quantile(4, 0.90) == pytest.approx(2.1318, abs=1e-4)
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_draw_interval_is_a_t_interval_on_per_draw_means():
+    nan = float("nan")
+    # Draw 1: seeds 0.2, 0.4 (mean 0.3); draw 2: 0.5 (its other seed did not reach); draw 3: 0.7, 0.7.
+    iv = draw_interval([(1, 0.2), (1, 0.4), (2, 0.5), (2, nan), (3, 0.7), (3, None)])
+    assert (iv.n, iv.draws, iv.left_out) == (4, 3, 2)
+    assert iv.mean == pytest.approx(0.5)                     # mean of draw means, not of the 4 units (0.45)
+    half = 4.3027 * 0.2 / math.sqrt(3)                       # sd of (0.3, 0.5, 0.7) = 0.2, 2 df
+    assert (iv.low, iv.high) == (pytest.approx(0.5 - half, abs=1e-4), pytest.approx(0.5 + half, abs=1e-4))
+    # One seed: a t interval over draws; equal draws: a zero-width interval.
+    one = draw_interval([(1, 0.3), (2, 0.3), (3, 0.3)])
+    assert (one.mean, one.low, one.high, one.n) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3), 3)
+    # The seeds of one draw are not independent units: two draws of many seeds still have 1 df.
+    many = draw_interval([(d, v) for d, v in ((1, 0.4), (2, 0.6)) for _ in range(50)])
+    assert many.high - many.mean == pytest.approx(12.7062 * 0.1, abs=1e-3)
+    single = draw_interval([(1, 0.2), (1, 0.4)])             # one draw: a mean, no interval
+    assert single.mean == pytest.approx(0.3) and math.isnan(single.low) and single.draws == 1
+    empty = draw_interval([(1, nan)])
+    assert empty.n == 0 and empty.left_out == 1 and math.isnan(empty.mean)
+    assert verdict(draw_interval([(1, 0.1), (2, 0.2), (3, 0.15)]), "A", "B") == "A > B"
+    assert verdict(draw_interval([(1, -0.1), (2, -0.2), (3, -0.15)]), "A", "B") == "A < B"
+    assert verdict(draw_interval([(1, -0.1), (2, 0.2), (3, 0.0)]), "A", "B") == "no difference shown"
+    assert verdict(single, "A", "B") == "no difference shown" and verdict(empty, "A", "B") == "n/a"
 
 
 # ------------------------------------------------------------ synthetic records
@@ -76,15 +112,43 @@ def test_units_and_matched_values_from_records():
     assert set(u) == {(m, "main", d, "forget_10", 0) for m in ("GA", "ViKeR") for d in (1, 2)}
     ga = unit_values(u[("GA", "main", 1, "forget_10", 0)], "forget.fact_acc", 0.5, (("r", "retain.fact_acc"),))
     assert ga["retain.fact_acc"] == pytest.approx(0.6)            # halfway from (0.6, 0.8) to (0.4, 0.4)
-    table = matched_table(u, ["GA", "ViKeR"], "forget_10", "forget.fact_acc", 0.5, n_boot=500)
+    table = matched_table(u, ["GA", "ViKeR"], "forget_10", "forget.fact_acc", 0.5)
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "| 2/2 | 60.0 [60.0, 60.0]" in lines["GA"]
-    assert "| 2/2 | 85.0 [80.0, 90.0]" in lines["ViKeR"]
+    # Two draws: a t interval with 1 df, 85 +- 12.706 * 5 (the old bootstrap said [80.0, 90.0]).
+    assert "| 2/2 | 85.0 [21.5, 148.5]" in lines["ViKeR"]
 
 
-def _attacked(row, auc, leak, recovery):
-    return {"metrics": {**row["metrics"], "mia": {"mia_auc_best": auc, "privleak_best": leak},
-                        "relearn": {"recovery": recovery, "acc_after": recovery}}}
+def test_paired_differences_per_unit_and_their_table():
+    """ViKeR - GA per (draw, seed) at matched forgetting: +20 and +30 points of retain fact; the verdict names
+    a direction only when the interval excludes 0."""
+    u = units(_world())
+    d = paired_differences(u, "ViKeR", "GA", "forget_10", "forget.fact_acc", 0.5, (("r", "retain.fact_acc"),))
+    iv = d["retain.fact_acc"]
+    assert (iv.mean, iv.n, iv.draws) == (pytest.approx(0.25), 2, 2)
+    assert iv.low == pytest.approx(0.25 - 12.7062 * 0.05, abs=1e-4)        # 2 draws: 1 df, no direction
+    table = paired_table(u, [("ViKeR", "GA")], "forget_10", "forget.fact_acc", 0.5)
+    row = next(line for line in table.splitlines() if "| Retain fact |" in line)
+    assert row == "| ViKeR − GA | Retain fact | +25.0 | [-38.5, +88.5] | 2/2 (2) | no difference shown |"
+    # A third draw where ViKeR is 0.85: differences 20, 30, 25 -> interval excludes 0.
+    recs = _world() + [_record("Vanilla", "vanilla", 3, 0, _row(1.0, 1.0)),
+                       _record("GA", "ga", 3, 8, _row(0.6, 0.8)), _record("GA", "ga", 3, 16, _row(0.4, 0.4)),
+                       _record("ViKeR", "viker", 3, 8, _row(0.5, 0.85)),
+                       _record("ViKeR", "viker", 3, 16, _row(0.0, 0.5))]
+    table = paired_table(units(recs), [("ViKeR", "GA"), ("GA", "ViKeR")], "forget_10", "forget.fact_acc", 0.5)
+    assert "| ViKeR − GA | Retain fact | +25.0 | [+12.6, +37.4] | 3/3 (3) | ViKeR > GA |" in table
+    assert "| GA − ViKeR | Retain fact | -25.0 | [-37.4, -12.6] | 3/3 (3) | GA < ViKeR |" in table
+    # A unit where one of them never reaches the target is left out and counted.
+    recs.append(_record("ViKeR", "viker", 4, 8, _row(0.9, 0.9)))
+    recs += [_record("Vanilla", "vanilla", 4, 0, _row(1.0, 1.0)), _record("GA", "ga", 4, 8, _row(0.4, 0.5))]
+    table = paired_table(units(recs), [("ViKeR", "GA")], "forget_10", "forget.fact_acc", 0.5)
+    assert "| +25.0 | [+12.6, +37.4] | 3/4 (3) | ViKeR > GA |" in table
+
+
+def _attacked(row, auc, leak, recovery, **extra):
+    mia = {"mia_auc_min_k": auc, "privleak_min_k": leak, **{k: v for k, v in extra.items() if k.startswith("priv")}}
+    relearn = {"recovery": recovery, "acc_after": recovery, **{k: v for k, v in extra.items() if "recovery" in k}}
+    return {"metrics": {**row["metrics"], "mia": mia, "relearn": relearn}}
 
 
 def test_attack_columns_at_matched_forgetting_and_the_gold_table():
@@ -96,15 +160,46 @@ def test_attack_columns_at_matched_forgetting_and_the_gold_table():
             _record("Gold", "gold", 1, 0, _attacked(_row(0.05, 0.95), 0.52, 0.0, 0.1), group="gold")]
     u = units(recs)
     assert set(u) == {("GA", "main", 1, "forget_10", 0)}, "the gold model is a reference, not a curve"
-    table = matched_table(u, ["GA"], "forget_10", "forget.fact_acc", 0.5, n_boot=100)
+    table = matched_table(u, ["GA"], "forget_10", "forget.fact_acc", 0.5)
     head, ga = table.splitlines()[0], table.splitlines()[2]
-    assert "| MIA AUC | PrivLeak | Relearn |" in head
-    # halfway between budget 8 and 16: AUC 0.6, PrivLeak 20 (not x100), recovery 0.6
-    assert "| 60.0 [60.0, 60.0] | 20.0 [20.0, 20.0] | 60.0 [60.0, 60.0] |" in ga
-    plain = matched_table(units(_world()), ["GA"], "forget_10", "forget.fact_acc", 0.5, n_boot=100)
+    assert "| MIA AUC (min-k) | PrivLeak (min-k) | Relearn | AUC (retain fact) |" in head
+    assert "PrivLeak OU" not in head and "worst" not in head, "columns no row has are left out"
+    # halfway between budget 8 and 16: AUC 0.6, PrivLeak 20 (not x100), recovery 0.6; one draw: no interval
+    assert "| 60.0 [n/a] | 20.0 [n/a] | 60.0 [n/a] |" in ga
+    plain = matched_table(units(_world()), ["GA"], "forget_10", "forget.fact_acc", 0.5)
     assert "MIA AUC" not in plain and "Relearn" not in plain
-    gold = gold_table(recs, ["forget_10"], "forget.fact_acc", n_boot=100)
-    assert "| forget_10 | 1 | 5.0 [5.0, 5.0] | 95.0 [95.0, 95.0] | 52.0 [52.0, 52.0] | 10.0 [10.0, 10.0]" in gold
+    gold = gold_table(recs, ["forget_10"], "forget.fact_acc")
+    assert "| forget_10 | 1 | 5.0 [n/a] | 95.0 [n/a] | 52.0 [n/a] | 10.0 [n/a] | 10.0 [n/a] |" in gold
+    assert "| MIA AUC (min-k) | Relearn | Relearned ACC |" in gold
+
+
+def test_openunlearning_privleak_and_relearning_against_the_gold_control():
+    """PrivLeak OU appears when the rows have it (x1); relearn recovery minus the gold model of the unit's
+    draw and split, per unit; worst/people recovery when present, absent otherwise."""
+    recs = []
+    for draw, gold_rec in ((1, 0.10), (2, 0.20), (3, 0.15)):
+        recs.append(_record("Vanilla", "vanilla", draw, 0, _attacked(_row(1.0, 1.0), 0.9, 80.0, 1.0)))
+        recs.append(_record("Gold", "gold", draw, 0, _attacked(_row(0.05, 0.95), 0.5, 0.0, gold_rec,
+                                                               worst_recovery=gold_rec), group="gold"))
+        for seed, extra in ((0, 0.0), (1, 0.1)):
+            # Recovery 0.6 + extra at 50% (halfway between 0.8 and 0.4); worst recovery only on budget rows.
+            recs.append(_record("GA", "ga", draw, 8, _attacked(_row(0.6, 0.8), 0.7, 40.0, 0.8 + extra,
+                                                               privleak_ou_min_k=-40.0, worst_recovery=0.9),
+                                seed=seed))
+            recs.append(_record("GA", "ga", draw, 16, _attacked(_row(0.4, 0.4), 0.5, 0.0, 0.4 + extra,
+                                                                privleak_ou_min_k=0.0, worst_recovery=0.5),
+                                seed=seed))
+    u = units(recs)
+    head = matched_table(u, ["GA"], "forget_10", "forget.fact_acc", 0.5).splitlines()[0]
+    assert "| PrivLeak OU (min-k) | Relearn | Relearn (worst) |" in head and "people" not in head
+    table = relearn_gold_table(u, recs, ["GA"], "forget_10", "forget.fact_acc", 0.5)
+    # Per unit: 0.6 (+0.1 on seed 1) - gold of the draw; draw means 0.65 - g: 0.55, 0.45, 0.50,
+    # so 50 +- 4.30 * 5 / sqrt 3
+    assert "| GA − gold | Relearn | +50.0 | [+37.6, +62.4] | 6/6 (3) | GA > gold |" in table
+    assert "| GA − gold | Relearn (worst) | +55.0 | [+42.6, +67.4] | 6/6 (3) | GA > gold |" in table
+    assert "people" not in table
+    no_gold = [r for r in recs if r["settings"]["method"] != "gold"]
+    assert relearn_gold_table(units(no_gold), no_gold, ["GA"], "forget_10", "forget.fact_acc", 0.5) is None
 
 
 def test_retain_aware_viker_is_a_study_method_of_its_own():
@@ -216,7 +311,11 @@ def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
     assert "viker study --quick" in text and "## Main table: forget_10" in text and "per-token" in text
     # The attacks at matched forgetting, the gold models they are read against, the retain-aware ViKeR.
     # (The quick vanilla model knows nothing, so relearn recovery, relative to it, has no value here.)
-    assert "| MIA AUC | PrivLeak |" in text and "## Gold models" in text and "| Relearn | Relearned ACC |" in text
+    assert "| MIA AUC (min-k) | PrivLeak (min-k) |" in text and "## Gold models" in text
+    assert "| Relearn | Relearned ACC |" in text
+    # Methods compared paired, per unit, with the t interval over draws (one seed: over draws only).
+    assert "## Paired differences" in text and "| ViKeR − GA | Retain fact |" in text
+    assert "## Relearning against the gold control" in text and "overlap" not in text.lower()
     assert re.search(r"\| ViKeR\+NLL \| \d+/\d+ \|", text)
     assert json.loads((tmp_path / "s" / "selection.json").read_text())["draw"] == 4
     logs = []
@@ -244,3 +343,64 @@ def test_comparison_tables_use_the_first_seed_only():
     recs += [_record("ViKeR k=1", "viker", d, 16, _row(0.4, 0.7), seed=0, group="k") for d in (1, 2)]
     kept = first_seed_units(units(recs), 0)
     assert sorted((k[0], k[2]) for k in kept) == [("ViKeR", 1), ("ViKeR", 2), ("ViKeR k=1", 1), ("ViKeR k=1", 2)]
+
+
+def _finished_study(tmp_path):
+    """A study output with every planned run finished (synthetic rows, nothing trained): selection.json and
+    done.json records as run_study leaves them. ViKeR and ViKeR+NLL keep 20 points more retain fact than
+    GA and GradDiff on every draw, on top of a draw effect all methods share."""
+    over = [f"study.output={tmp_path}/s", f"study.report={tmp_path}/STUDY.md", "study.splits=forget_10",
+            "study.seeds=0,1", "study.methods=ga,graddiff,viker,viker+nll", "study.budgets=8,16",
+            "study.ablations=false"]
+    cfg = load_config("configs/study.yaml", over)
+    selection = {m: {"lr": 1e-3, "lam": 0.5, "auc": 0.5, "candidates": [{"lr": 1e-3, "lam": 0.5, "auc": 0.5}]}
+                 for m in cfg.study.methods}
+    out = tmp_path / "s"
+    (out / "runs").mkdir(parents=True)
+    (out / "selection.json").write_text(json.dumps({"chosen": selection}))
+    keep = {"ga": 0.0, "graddiff": 0.02, "viker": 0.2, "viker+nll": 0.22}
+    planned = (study.vanilla_runs(cfg, [cfg.study.val_draw], [cfg.study.val_split]) + study.selection_runs(cfg)
+               + study.vanilla_runs(cfg, cfg.study.draws, ["forget_10"])
+               + study.gold_runs(cfg, cfg.study.draws, ["forget_10"]) + study.test_runs(cfg, selection))
+    for run in planned:
+        st = run["settings"]
+        shift = 0.05 * st["draw"] + 0.01 * st["seed"]
+        if st["method"] == "vanilla":
+            row = _attacked(_row(1.0, 1.0), 0.9, 80.0, 1.0)
+        elif st["method"] == "gold":
+            row = _attacked(_row(0.05, 0.95), 0.5, 0.0, 0.1 + 0.01 * st["draw"])
+        else:
+            forget, retain = (0.6, 0.7) if st["budget"] == 8 else (0.2, 0.4)
+            row = _attacked(_row(forget, retain - shift + keep[st["method"]]), 0.6, 20.0, 0.5 - shift)
+        (out / "runs" / run["key"]).mkdir()
+        (out / "runs" / run["key"] / "done.json").write_text(json.dumps({**run, "row": row, "seconds": 1.0}))
+    return cfg, over
+
+
+def test_report_only_on_a_finished_study_has_the_paired_sections(tmp_path):
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    cfg, over = _finished_study(tmp_path)
+    result = study.report_only(cfg, command="viker study --report-only", log=lambda *_: None)
+    assert result["runs"] == result["planned"] == 79        # 25 selection runs, 6 vanilla/gold, 48 test runs
+    text = (tmp_path / "STUDY.md").read_text()
+    assert "95% Student t interval on the per-draw means" in text and "t = 4.30 with 3 draws" in text
+    assert "overlap" not in text.lower()
+    for section in ("## Paired differences", "### forget_10, matched forgetting at 25% of vanilla Forget ACC",
+                    "## Relearning against the gold control"):
+        assert section in text
+    # Every seed of a draw moves with the draw: the difference is 20 points on every unit, so the interval is
+    # [20, 20] and excludes 0; GradDiff - GA (2 points) likewise; ViKeR+NLL - ViKeR is not a comparison made.
+    assert "| ViKeR − GA | Retain fact | +20.0 | [+20.0, +20.0] | 6/6 (3) | ViKeR > GA |" in text
+    assert "| ViKeR − GradDiff | Retain fact | +18.0 | [+18.0, +18.0] | 6/6 (3) | ViKeR > GradDiff |" in text
+    assert "| ViKeR+NLL − GradDiff | Retain fact | +20.0 |" in text and "ViKeR+NLL − ViKeR" not in text
+    assert "| ViKeR − GA | Real fact | +0.0 | [+0.0, +0.0] | 6/6 (3) | no difference shown |" in text
+    assert re.search(r"\| GA − gold \| Relearn \| \+\d+\.\d \| \[\+\d+\.\d, \+\d+\.\d\] \| 6/6 \(3\) \| GA > gold \|",
+                     text)
+    assert "| MIA AUC (min-k) | PrivLeak (min-k) | Relearn |" in text
+    # The same through the command line.
+    (tmp_path / "STUDY.md").unlink()
+    res = CliRunner().invoke(main, ["study", "--report-only", *over])
+    assert res.exit_code == 0, res.output
+    assert "79 of 79 planned runs finished" in res.output
+    assert "## Paired differences" in (tmp_path / "STUDY.md").read_text()

@@ -312,7 +312,7 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         if protocol == "official":
             results[name], rows = evaluate_profiles_official(
                 loaded, processor, profiles, other_images, shots, set_name=name, seed=e.seed,
-                test_images=e.test_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+                test_images=e.test_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, tasks=tasks)
         else:
             results[name], rows = evaluate_profiles(
                 loaded, processor, profiles, other_images, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens,
@@ -358,8 +358,13 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None,
                    mia_best_attack=ATTACKS[int(results["mia"]["best_attack"])])
     if protocol == "official":
+        from .protocol_mllmu import BLEU_NOTE as OFFICIAL_BLEU_NOTE, item_counts as official_item_counts
+        # n_items: the items scored (after max_profiles, without the shot profiles' questions), per task.
         row.update(protocol_id=PROTOCOL_ID, eval_seed=eval_seed, test_images=test_images,
-                   few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None)
+                   few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None,
+                   bleu_note=OFFICIAL_BLEU_NOTE,
+                   n_items={name: official_item_counts(scored[name], [r for r in samples if r.get("set") == name])
+                            for name in names})
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
     return row
@@ -419,10 +424,15 @@ def membership_metrics(model, processor, members, nonmembers, k: float, batch_si
 
 def relearn_metrics(model, processor, members, settings: RelearnConfig, reference_dir, key: str, dtype: str = "auto",
                     device: str = "auto", batch_size: int = 32) -> dict:
+    """metrics["relearn"]: the attack on `model` (trained in place) against the reference model's accuracies.
+
+    Numbers only (null for none): recovery (the default cell), worst_recovery with
+    worst_lr and worst_steps (the grid's worst cell), people_recovery (the
+    held-out-people split), each with its accuracies (pipeline/evaluation/relearn.py).
+    """
     from . import relearn
     result = relearn.attack_model(model, processor, members, settings, eval_batch_size=batch_size)
-    vanilla = relearn.reference_accuracy(reference_dir, members, result["fraction"], result["seed"], key,
-                                         dtype, device, batch_size)
+    vanilla = relearn.reference_accuracy(reference_dir, members, settings, key, dtype, device, batch_size)
     return {k: _finite(float(v)) for k, v in relearn.with_recovery(result, vanilla).items()}   # no NaN in JSON
 
 
@@ -437,7 +447,10 @@ def check_protocol(protocol: str) -> str:
 
 
 def official_shot_source(data_root, split: str) -> dict[str, Profile]:
-    """{id: profile} of the few-shot split (eval.py --few_shot_data: Full_Set); the official protocol needs it."""
+    """{id: profile} of the few-shot split (eval.py --few_shot_data: Full_Set); the official protocol needs it.
+
+    In the split's row order: the shots follow it (protocol_mllmu.shot_profiles, eval.py :275-277, :513-515).
+    """
     if not (Path(data_root) / split).is_dir():
         raise DataError(f"evaluate.protocol official draws its few-shot examples from split '{split}' "
                         f"(MLLMU-Bench eval.py --few_shot_data), not found under {data_root}; "
@@ -447,17 +460,19 @@ def official_shot_source(data_root, split: str) -> dict[str, Profile]:
 
 def evaluate_profiles_official(model, processor, profiles: list[Profile], use_other_images: bool,
                                shots: dict[str, Profile], *, set_name: str, seed: int = 0, test_images: str = "random",
-                               max_new_tokens: int = 50, batch_size: int = 32):
+                               max_new_tokens: int = 50, batch_size: int = 32, tasks=TASKS):
     """(metrics, rows) of one set by MLLMU-Bench's own protocol, plus viker's fact accuracy.
 
     The pooled keys of METRIC_KEYS (mc_acc, rouge*, bleu, cloze_acc) stay None: the
     authors report Image_Textual and Pure_Text apart (protocol_mllmu.OFFICIAL_METRIC_KEYS).
+    `tasks` (evaluate.tasks) is honoured: a task left out is not asked and its metrics stay None.
     """
+    tasks = parse_tasks(tasks)
     official, rows = evaluate_official(model, processor, profiles, set_name, shots, use_other_images=use_other_images,
                                        seed=seed, test_images=test_images, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size)
-    fact = fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
-                         desc=f"{set_name} fact")
+                                       batch_size=batch_size, tasks=tasks)
+    fact = (fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
+                          desc=f"{set_name} fact") if "fact" in tasks else {"acc": float("nan")})
     result = {key: None for key in METRIC_KEYS}
     result.update(official, mc_acc_image=official["mc_acc_image"], mc_acc_text=official["mc_acc_text"],
                   fact_acc=_finite(fact["acc"]))

@@ -1,27 +1,32 @@
 """MLLMU-Bench's official evaluation protocol (evaluate.protocol: official), as its authors' eval.py runs it.
 
-Every rule here is read from franciscoliu/MLLMU-Bench `eval.py` (function named
-next to each); docs/REAL_BENCHMARKS.md lists them against viker's own protocol.
+Every rule here is read from franciscoliu/MLLMU-Bench `eval.py` at commit 0e3098e
+(function and line named next to each); docs/REAL_BENCHMARKS.md lists them against
+viker's own protocol.
 
     multiple choice   evaluate_classification: few-shot = ALL questions of ONE random profile
                       (random.sample(id_list, 1), its rows read from Full_Set), Image_Textual
                       shots with that profile's image, Pure_Text shots and items text-only
                       (tokenizer, no image); shots only for forget / retain / test (none for
-                      the real set); the shot profile's own questions are not scored; the
-                      answer letter is the first character of the reply, upper-cased, and
-                      counts only if it is an option letter.
+                      the real set); the shot profile's own questions are not scored; 50 new
+                      tokens (:372, :428); the answer letter is the first character of the
+                      reply, upper-cased, and counts only if it is an option letter (:375-376).
     cloze             evaluate_fill_in_the_blank: `__` -> `[Blank]` plus the authors'
                       instruction; shots = every Mask_Task item of TWO random profiles (llava),
-                      Image_Textual with images, Pure_Text without; correct when the ground
-                      truth is a case-insensitive substring of the reply.
+                      Image_Textual with images, Pure_Text without, in the few-shot file's row
+                      order (:513-515); correct when the ground truth is a case-insensitive
+                      substring of the reply cut at a second "ASSISTANT:" (:626-631).
     generation        evaluate_generation: no shots; Image_Textual with the image, Pure_Text
-                      text-only with its own wording; ROUGE F1 (stemmer) and NLTK BLEU (compute_bleu).
+                      text-only with its own wording; the reply cut as cloze's (:758-763); ROUGE
+                      F1 (stemmer) and NLTK BLEU, smoothing method1 (compute_bleu, :57-78).
     Test_Set          random.choice(row["images"]) per row and task; here seeded, or every
                       image (test_images="all").
 
 Image_Textual and Pure_Text results are reported apart (`*_image`, `*_text`); the
 pooled keys stay empty (None) because the paper never averages the two. Random
-draws use `random.Random(seed)` (the authors' code is unseeded).
+draws use `random.Random(seed)` (the authors' code is unseeded). eval.py runs all
+three tasks; `tasks` leaves some out (each task draws its own shots and pictures
+from its own generator, so the others are asked exactly as in a full run).
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ from pipeline.models.families import generation_inputs
 from . import metrics
 
 
-PROTOCOL_ID = "mllmu-official-v1"
+# v2: shots in the few-shot file's row order, replies cut at a second "ASSISTANT:", 50 new tokens for MC
+# (eval.py's); v1 rows score differently and must not be pooled with v2 rows.
+PROTOCOL_ID = "mllmu-official-v2"
 MC_SHOT_PROFILES = 1        # eval.py evaluate_classification: random.sample(id_list, 1)
 CLOZE_SHOT_PROFILES = 2     # eval.py evaluate_fill_in_the_blank: random.sample(id_list, 2) for llava
 # eval.py: `mode in ["forget", "retain_shared", "test"]` for MC; cloze adds retain_celebrity.
@@ -49,7 +56,20 @@ MC_INSTRUCTION = "Just give ONE letter representing the answer directly."
 CLOZE_INSTRUCTION = "\nPlease **ONLY** provide the correct answer that should replace the [Blank]."
 GEN_IMAGE_SUFFIX = "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH."
 GEN_TEXT_SUFFIX = "Answer the question based on your trained knowledge in one sentence in ENGLISH."
-MC_NEW_TOKENS = 8           # only the first character is read (eval.py generates 50)
+# eval.py evaluate_classification: max_new_tokens=50 for llava, Image_Textual (:372) and Pure_Text (:428)
+# alike. Only the first character is read, but it is read after .strip(), so a reply that opens with
+# blank lines finds its letter only as far as the budget reaches: the budget is the authors'.
+MC_NEW_TOKENS = 50
+TASKS = ("mc", "cloze", "gen")      # eval.py's three tasks (evaluate.tasks; fact is viker's own)
+TURN = "ASSISTANT:"
+# What the official rows' BLEU is (metrics.bleu_official), checked against eval.py compute_bleu (:57-78):
+# the same call on the same tokens. NLTK comes with rouge-score (a dependency), not declared by viker.
+BLEU_NOTE = (
+    "BLEU (protocol official) is MLLMU-Bench's: NLTK sentence_bleu, BLEU-4 with uniform weights, "
+    "whitespace tokens, SmoothingFunction().method1 (eval.py compute_bleu; metrics.bleu_official), "
+    "on the reply cut at a second 'ASSISTANT:': the authors' value. They pin nltk 3.9.1, whose "
+    "bleu_score.py computes as 3.10's. viker's own sacrebleu BLEU (protocol viker) is not used in these rows."
+)
 TYPES = {"image": "Image_Textual", "text": "Pure_Text"}
 OFFICIAL_METRIC_KEYS = tuple(f"{m}_{t}" for m in ("mc_acc", "cloze_acc", "rouge1", "rouge2", "rougeL", "bleu")
                              for t in ("image", "text"))
@@ -108,10 +128,22 @@ def generation_prompt(question: str, kind: str) -> str:
     return f"USER: {question}\n{GEN_TEXT_SUFFIX}\nASSISTANT:"
 
 
+def official_reply(reply: str) -> str:
+    """The part of a generated reply that eval.py scores: up to a second turn, stripped.
+
+    eval.py decodes the prompt and the reply together (`processor.decode(outputs[0][2:])`)
+    and keeps `generated_text.split("ASSISTANT:")[1].strip()`: MC :375 and :431, cloze
+    :626-627, generation :758-759. Every prompt built here holds "ASSISTANT:" once, at its
+    end (the shots end with "Correct Answer: ..", not a turn), so [1] is the reply up to
+    its own first "ASSISTANT:". Their `elif "Answer:"` branches (cloze :628, generation
+    :760) never run for LLaVA: the decoded prompt always contains "ASSISTANT:".
+    """
+    return reply.split(TURN)[0].strip()
+
+
 def parse_first_letter(answer: str, options) -> str | None:
-    """eval.py: the reply's first character, upper-cased, if it is an option letter; else None."""
-    text = answer.split("ASSISTANT:")[0].strip()
-    letter = text[:1].upper()
+    """eval.py :375-376: the reply's first character, upper-cased, if it is an option letter; else None."""
+    letter = official_reply(answer)[:1].upper()
     return letter if letter and letter in options else None
 
 
@@ -122,9 +154,15 @@ def cloze_correct(answer: str, ground_truth: str) -> bool:
 # ------------------------------------------------------------------ few-shot and images
 
 def shot_profiles(ids: list[str], source: dict[str, Profile], n: int, rng: random.Random) -> list[Profile]:
-    """random.sample(ids, n) looked up in the few-shot split (Full_Set); ids not found there give no shots."""
-    chosen = rng.sample(ids, min(n, len(ids)))
-    return [source[i] for i in chosen if i in source]
+    """random.sample(ids, n), in the few-shot split's row order; ids not found there give no shots.
+
+    eval.py draws the ids (:265, :503) but builds the shots by filtering the few-shot file,
+    `few_shot_df[few_shot_df['ID'].isin(selected_ids)].iterrows()` (:275-277, :513-515): the
+    shots follow the file's rows, not the draw. `source` is {id: profile} in that row order
+    (evaluate.official_shot_source).
+    """
+    chosen = set(rng.sample(ids, min(n, len(ids))))
+    return [p for pid, p in source.items() if pid in chosen]
 
 
 def item_images(p: Profile, use_other_images: bool, test_images: str, rng: random.Random) -> list[bytes]:
@@ -137,14 +175,23 @@ def item_images(p: Profile, use_other_images: bool, test_images: str, rng: rando
 
 
 def build_items(profiles: list[Profile], set_name: str, source: dict[str, Profile], *, use_other_images: bool,
-                seed: int = 0, test_images: str = "random") -> list[Item]:
-    """Every official prompt of one set, in the authors' order (cloze, multiple choice, generation per set)."""
+                seed: int = 0, test_images: str = "random", tasks=TASKS) -> list[Item]:
+    """Every official prompt of one set, in the authors' order (cloze, multiple choice, generation per set).
+
+    `tasks` (of TASKS; others are ignored) leaves tasks out: each task draws from its own
+    generator (_rng), so the ones kept get the same shots and pictures as in a full run.
+    """
     if test_images not in ("random", "all"):
         raise DataError(f"evaluate.test_images is random or all, not {test_images!r}")
     ids = [p.id for p in profiles]
-    return (_cloze_items(profiles, set_name, source, ids, use_other_images, seed, test_images)
-            + _mc_items(profiles, set_name, source, ids, use_other_images, seed, test_images)
-            + _gen_items(profiles, use_other_images, seed, test_images))
+    items = []
+    if "cloze" in tasks:
+        items += _cloze_items(profiles, set_name, source, ids, use_other_images, seed, test_images)
+    if "mc" in tasks:
+        items += _mc_items(profiles, set_name, source, ids, use_other_images, seed, test_images)
+    if "gen" in tasks:
+        items += _gen_items(profiles, use_other_images, seed, test_images)
+    return items
 
 
 def _rng(seed: int, set_name: str, task: str) -> random.Random:
@@ -246,18 +293,26 @@ def generate_items(model, processor, items: list[Item], max_new_tokens: int, bat
 
 
 def score_items(items: list[Item], answers: list[str]) -> list[dict]:
-    """Per-item scores by the authors' rules."""
+    """Per-item scores by the authors' rules, on the reply as eval.py keeps it (official_reply).
+
+    A row's `answer` is that scored text; `reply`, the whole generated reply, is added
+    when the cut changed it.
+    """
     rows = []
-    for it, answer in zip(items, answers):
+    for it, reply in zip(items, answers):
+        answer = official_reply(reply)
         if it.task == "mc":
-            letter = parse_first_letter(answer, it.options)
+            letter = parse_first_letter(reply, it.options)
             scores = {"parsed": letter, "correct": letter == it.reference}
         elif it.task == "cloze":
             scores = {"correct": cloze_correct(answer, it.reference)}
         else:
             scores = {**metrics.rouge_scores(answer, it.reference), "bleu": metrics.bleu_official(answer, it.reference)}
-        rows.append({"profile": it.profile, "kind": it.task, "type": it.kind, "question": it.question,
-                     "reference": it.reference, "answer": answer, "scores": scores, "n_images": len(it.images)})
+        row = {"profile": it.profile, "kind": it.task, "type": it.kind, "question": it.question,
+               "reference": it.reference, "answer": answer, "scores": scores, "n_images": len(it.images)}
+        if answer != reply:
+            row["reply"] = reply
+        rows.append(row)
     return rows
 
 
@@ -273,14 +328,23 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def item_counts(profiles: list[Profile], rows: list[dict]) -> dict[str, int]:
+    """n_items of an official row: the set's profiles (after max_profiles) and, per task, the items scored.
+
+    Scored items are the per-sample rows: the shot profiles' questions are not among them,
+    and with test_images=all an image item counts once per picture asked.
+    """
+    return {"profiles": len(profiles), **{task: sum(r["kind"] == task for r in rows) for task in ("mc", "gen", "cloze")}}
+
+
 def evaluate_official(model, processor, profiles: list[Profile], set_name: str, source: dict[str, Profile], *,
                       use_other_images: bool, seed: int = 0, test_images: str = "random", max_new_tokens: int = 50,
-                      batch_size: int = 16) -> tuple[dict, list[dict]]:
-    """(metrics, per-sample rows) of one set by the official protocol."""
+                      batch_size: int = 16, tasks=TASKS) -> tuple[dict, list[dict]]:
+    """(metrics, per-sample rows) of one set by the official protocol; tasks not in `tasks` stay None."""
     if not profiles:
         raise DataError(f"set '{set_name}' has no profiles")
     items = build_items(profiles, set_name, source, use_other_images=use_other_images, seed=seed,
-                        test_images=test_images)
+                        test_images=test_images, tasks=tasks)
     rows = []
     for task, tokens in (("cloze", max_new_tokens), ("mc", MC_NEW_TOKENS), ("gen", max_new_tokens)):
         chosen = [it for it in items if it.task == task]

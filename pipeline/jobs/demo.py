@@ -401,6 +401,10 @@ def run_demo(cfg: Config, log=print) -> dict:
     paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),
                          acc_metric=cfg.evaluate.table_acc)
     log("\n" + Path(paths["markdown"]).read_text())
+    from .findings import findings, format_findings, read_rows
+    paths["findings"] = results.parent / "report" / "findings.md"
+    paths["findings"].write_text(format_findings(findings(read_rows(results))))
+    log(paths["findings"].read_text())
     for name, path in paths.items():
         log(f"[report] {name}: {path}")
     log(f"\n[demo] done in {time.time() - t0:.1f}s")

@@ -8,7 +8,7 @@ over the batch, the retain term weighted by alpha = train.retain_weight):
     GA        mean_i log Q_i(y_i)
     GradDiff  GA(forget) + alpha * NLL(retain)
     KL_Min    GA(forget) + alpha * KL(P_vanilla || P_cur) on retain
-    NPO       -(2/beta) * logsigmoid(-beta * (ll_cur - ll_ref))            beta = 0.4
+    NPO       -(2/beta) * logsigmoid(-beta * (ll_cur - ll_ref))            beta = 0.4 (openunlearning: 0.1, + NLL(retain))
     IdkPO     -logsigmoid(beta * ((ll_cur - ll_ref)[idk] - (ll_cur - ll_ref)[gt]))
     ViKeR     mean_i [ log Q_i(y_i) + lambda_i * D(R~_i, Q~_i) ]                (the paper's; no retain data)
     ViKeR+NLL ViKeR(forget) + alpha * NLL(retain)         train.retain_term nll (ours, GradDiff's term)
@@ -43,10 +43,11 @@ table in stage2/methods/). ll = summed answer log-likelihood, lbar = ll / T (per
     GradDiff GA + NLL(retain)                same (GA_Difference.py)                  same (alpha 1)
     KL_Min   GA + KL(P_van||P_cur)           GA + NLL(retain) + KL (KL_Min.py:        GA + KL (GradDiff with
                                              loss_retain = outputs.loss + kl_div)     retain_loss_type KL)
-    NPO      -(2/b) logsig(-b (ll - ll_ref)) -(2/b) logsig(-b (lbar - lbar_ref))     as viker (utils.py
-             b = train.beta (0.4)            b = 0.4 (NPO.py: outputs.loss are        compute_dpo_loss, summed
-                                             per-token means)                          compute_batch_nll); add
-                                                                                      train.retain_weight=1
+    NPO      -(2/b) logsig(-b (ll - ll_ref)) -(2/b) logsig(-b (lbar - lbar_ref))     as viker with b = 0.1, + NLL(retain),
+             b = 0.4                         b = 0.4 (NPO.py: outputs.loss are        alpha 1 (NPO.yaml; npo.py; utils.py
+                                             per-token means)                          compute_dpo_loss, summed
+                                                                                      compute_batch_nll)
+    (NPO's b: train.beta when > 0; its default 0 means the convention's, as above.)
     IdkPO    -logsig(b * margin), b = beta   -(2/b') logsig(b' * margin), b' =        same as mllmu (utils.py
                                              train.idk_beta (0.1); retain term with   compute_dpo_loss; DPO
                                              train.retain_weight > 0 (MLLMU-Bench     class: gamma * forget +

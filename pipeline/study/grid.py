@@ -3,7 +3,10 @@
 One demo run is one benchmark draw, one forget split and one seed; the two
 draws in the README disagree. The study repeats the unlearning sweep over
 the grid of `study.*` keys and compares methods at *matched forgetting*
-(study/report.py), with 95% bootstrap intervals over draws x seeds.
+(study/report.py): each method's numbers with a 95% t interval over draws
+(the seeds of a draw share its benchmark, vanilla and gold models and cache,
+so the draws are the independent units), and the methods compared by paired
+per-unit differences with the same interval.
 
 Phases, each parallel over `study.workers` processes pinned to one torch
 thread (VIKER_THREADS=1: several torch processes each using every core ran

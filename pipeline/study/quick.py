@@ -8,5 +8,5 @@ QUICK = ("mini.n_fictitious=10", "mini.n_real=2", "mini.n_holdout=4", "mini.trai
          "precompute.top_k=8", "evaluate.max_profiles=2", "evaluate.max_new_tokens=8",
          "study.splits=forget_10", "study.seeds=0", "study.methods=ga,viker,viker+nll", "study.budgets=2,4",
          "study.lrs=2e-3", "study.lams=0.5", "study.refs=pets", "study.ks=1", "study.lam_sweep=0.1",
-         "study.regularisers=jsd", "study.n_boot=200", "study.output=cache/study-quick",
+         "study.regularisers=jsd", "study.output=cache/study-quick",
          "study.report=cache/study-quick/STUDY.md")

@@ -36,7 +36,7 @@ class LossSpec:
     regulariser: str = "kl"
     use_ga: bool = True
     token_lambda: bool = False
-    beta: float = 0.4
+    beta: float = 0.0              # NPO's (IdkPO's under viker) beta; 0: the method's default under the convention
     retain_weight: float = 0.0     # alpha of the method's retain term; 0: the method's default (Method.retain_terms)
     retain_term: str = "none"      # ViKeR's optional retain term: none (the paper's) | nll | kl
     online: bool = False

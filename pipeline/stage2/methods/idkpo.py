@@ -4,7 +4,7 @@
 
 ll = summed answer log-likelihood; both ll_ref come from stage one's cache
 (ref_logp_idk, ref_logp_own). Per convention:
-    viker                  beta = train.beta (0.4, shared with NPO), scale 1 (DPO's paper form)
+    viker                  beta = train.beta (0.4 when 0, shared with NPO), scale 1 (DPO's paper form)
     mllmu, openunlearning  beta = train.idk_beta (0.1), scale 2/beta (OpenUnlearning's compute_dpo_loss;
                            MLLMU-Bench has no IdkPO)
 Retain term: NLL(retain), alpha = train.retain_weight, off by default in every
@@ -34,7 +34,7 @@ class IdkPO(Method):
         """(beta, scale) of the loss under spec's convention."""
         if self.defaults(spec).idk_beta:
             return spec.idk_beta, 2.0 / spec.idk_beta
-        return spec.beta, 1.0
+        return spec.beta or 0.4, 1.0      # train.beta 0: the convention's, 0.4
 
     def forget_loss(self, out, mb, spec, refs, dev):
         from ..losses import idkpo_loss, sequence_logprob
