@@ -46,8 +46,9 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
     assert all("forget" in r["metrics"] and "retain" in r["metrics"] for r in rows)
     # Membership inference on every row (PrivLeak against the gold model, which itself is read against
     # chance); the relearning attack on the gold row and at demo.attack_budget only.
-    assert all("mia" in r["metrics"] for r in rows) and "privleak_best" not in rows[1]["metrics"]["mia"]
-    assert all("privleak_best" in r["metrics"]["mia"] for r in rows[2:])
+    assert all("mia" in r["metrics"] for r in rows) and "privleak_min_k" not in rows[1]["metrics"]["mia"]
+    assert all("privleak_min_k" in r["metrics"]["mia"] and "privleak_ou_min_k" in r["metrics"]["mia"]
+               for r in rows[2:])
     assert [("relearn" in r["metrics"]) for r in rows] == [False, True, False, True, False, True]
     assert sum(line.startswith("[unlearn] GA") for line in logs) == 2
     assert any("6 runs on 2 worker(s): 6 done" in line for line in logs)

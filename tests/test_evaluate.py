@@ -215,8 +215,9 @@ def test_evaluate_writes_a_full_row(two_runs):
     assert set(row["metrics"]) == {"forget", "test", "retain", "real", "mia"}
     m = row["metrics"].pop("mia")
     assert m["n_members"] == 6 * row["n_items"]["forget"]["profiles"] and m["n_nonmembers"] == 6 * 12
-    assert all(0.0 <= m[f"mia_auc_{a}"] <= 1.0 for a in mia.ATTACKS) and "privleak_best" not in m
-    assert m["mia_auc_best"] == m[f"mia_auc_{mia.ATTACKS[int(m['best_attack'])]}"]
+    assert all(0.0 <= m[f"mia_auc_{a}"] <= 1.0 for a in mia.ATTACKS) and "privleak_min_k" not in m
+    assert m["mia_auc_best_of_4_biased"] == m[f"mia_auc_{mia.ATTACKS[int(m['best_of_4_attack'])]}"]
+    assert row["mia_attack"] == "min_k"
     assert "membership AUC" in ev.format_row(first) and "(no gold model)" in ev.format_row(first)
     for name, values in row["metrics"].items():
         assert set(values) == set(ev.METRIC_KEYS), name
@@ -302,7 +303,7 @@ def test_gold_model_gives_privleak_and_is_scored_once(world, tmp_path, monkeypat
     assert (gold / "mia-gold.json").is_file() and len(calls) == 2
     evaluate_with(ev.evaluate, model_dir, root, "forget_10", results_path=tmp_path / "b.jsonl", **kw)
     assert len(calls) == 3, "the gold model's scores are remembered, not recomputed"
-    assert "PrivLeak +0.0% vs gold" in ev.format_row(row)
+    assert "PrivLeak +0.0% (viker: 100(AUC-g)/g), +0.0% (OpenUnlearning/MUSE" in ev.format_row(row)
 
 
 def _first_row(out):

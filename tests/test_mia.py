@@ -144,18 +144,46 @@ def test_gold_comparison_by_hand():
     out = mia.gold_comparison(aucs(0.9, 0.6, 0.97, 0.3), gold)
     assert out["privleak_loss"] == pytest.approx(100 * 0.35 / 0.55)
     assert out["privleak_zlib"] == pytest.approx(20.0) and out["privleak_min_k_pp"] == pytest.approx(-40.0)
-    assert out["mia_best_attack"] == "min_k" and out["mia_auc_best"] == 0.97
-    assert out["privleak_best"] == pytest.approx(100 * 0.37 / 0.6) == out["privleak_min_k"]
+    assert out["mia_best_of_4_attack"] == "min_k" and out["mia_auc_best_of_4_biased"] == 0.97
+    assert out["privleak_best_of_4_biased"] == pytest.approx(100 * 0.37 / 0.6) == out["privleak_min_k"]
+    assert out["privleak_ou_min_k"] == pytest.approx(100 * (0.6 - 0.97) / 0.4)
     # An over-unlearned attack can be the best one: |0.05 - 0.5| = 0.45 beats 0.37; its PrivLeak is negative.
     out = mia.gold_comparison(aucs(0.9, 0.6, 0.97, 0.05), gold)
-    assert out["mia_best_attack"] == "min_k_pp" and out["privleak_best"] == pytest.approx(-90.0)
+    assert out["mia_best_of_4_attack"] == "min_k_pp" and out["privleak_best_of_4_biased"] == pytest.approx(-90.0)
     # No gold: distance from chance, and no PrivLeak at all.
     for none in (None, {}):
         out = mia.gold_comparison(aucs(0.9, 0.6, 0.97, 0.01), none)
-        assert out == {"mia_best_attack": "min_k_pp", "mia_auc_best": 0.01}
-    assert mia.gold_comparison(aucs(0.9, 0.6, 0.97, 0.3), None)["mia_best_attack"] == "min_k"
+        assert out == {"mia_best_of_4_attack": "min_k_pp", "mia_auc_best_of_4_biased": 0.01}
+    assert mia.gold_comparison(aucs(0.9, 0.6, 0.97, 0.3), None)["mia_best_of_4_attack"] == "min_k"
     # Equal distances: the earlier attack in ATTACKS.
-    assert mia.gold_comparison(aucs(0.8, 0.2, 0.5, 0.5), None)["mia_best_attack"] == "loss"
+    assert mia.gold_comparison(aucs(0.8, 0.2, 0.5, 0.5), None)["mia_best_of_4_attack"] == "loss"
+
+
+def test_privleak_in_both_conventions_by_hand():
+    """g = 0.6, AUC = 0.9: viker's 100 (AUC - g) / g = +50; OpenUnlearning's / MUSE's 100 (g - AUC) / (1 - g) = -75."""
+    assert mia.privleak(0.9, 0.6) == pytest.approx(50.0)
+    assert mia.privleak_openunlearning(0.9, 0.6) == pytest.approx(-75.0)
+    assert mia.gold_comparison(aucs(0.9, 0.9, 0.9, 0.9), aucs(0.6, 0.6, 1.0, 0.6))["privleak_ou_min_k"] is None
+
+
+def test_the_best_of_four_attack_is_biased_and_the_fixed_one_is_not():
+    """Unlearned and gold models drawn from ONE distribution (perfect unlearning): PrivLeak should be ~0.
+
+    36 members, 72 non-members, four correlated attack scores per item; 400 simulated pairs. Choosing the
+    attack farthest from the gold model per row inflates |PrivLeak|; the pre-declared min-k% does not.
+    """
+    rng = np.random.default_rng(0)
+
+    def model_aucs():
+        shared = rng.normal(size=(108, 1))
+        scores = shared + rng.normal(size=(108, 4))          # four attacks reading the same samples
+        return {f"mia_auc_{a}": mia.auc(scores[:36, i], scores[36:, i]) for i, a in enumerate(mia.ATTACKS)}
+    best, fixed = [], []
+    for _ in range(400):
+        out = mia.gold_comparison(model_aucs(), model_aucs())
+        best.append(abs(out["privleak_best_of_4_biased"]))
+        fixed.append(abs(out[f"privleak_{mia.FIXED_ATTACK}"]))
+    assert np.mean(best) > 1.3 * np.mean(fixed), (np.mean(best), np.mean(fixed))
 
 
 # ------------------------------------------------------------------ the tiny model
@@ -218,7 +246,8 @@ def test_planted_members_are_found(world, tmp_path):
     gold_model, _ = load_model(tmp_path / "gold", dtype="float32", device="cpu")
     gold, _ = mia.membership(gold_model, processor, members, nonmembers, batch_size=16)
     out = mia.gold_comparison(metrics, gold)
-    assert out["mia_auc_best"] > 0.8 and out["privleak_best"] > 0 and out["privleak_loss"] > 0, (metrics, gold)
+    assert out["mia_auc_best_of_4_biased"] > 0.8 and out["privleak_min_k"] > 0 and out["privleak_loss"] > 0, \
+        (metrics, gold)
     # The same scores with random labels: no attack separates them.
     rng = np.random.default_rng(0)
     for a in mia.ATTACKS:

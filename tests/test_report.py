@@ -214,3 +214,25 @@ def test_method_variants_sort_after_their_method():
     from pipeline.jobs.report import _method_rank
     names = ["ViKeR λ=0.5", "Zeta", "GA", "ViKeR λ=0.05", "Vanilla", "NPO"]
     assert sorted(names, key=_method_rank) == ["Vanilla", "GA", "NPO", "ViKeR λ=0.05", "ViKeR λ=0.5", "Zeta"]
+
+
+def test_attack_columns_fixed_min_k_both_conventions_and_relearning_against_gold(tmp_path):
+    """The MIA columns are the pre-declared min-k% attack; Relearn is also shown minus the Gold row's."""
+    def row(method, budget, mia, relearn=None):
+        metrics = {"forget": {"mc_acc": 0.5}, "mia": mia}
+        if relearn is not None:
+            metrics["relearn"] = {"recovery": relearn, "worst_recovery": relearn + 0.1}
+        return {"method": method, "forget_split": "forget_10", "budget": budget, "metrics": metrics}
+    rows = [row("Gold", 0, {"mia_auc_min_k": 0.45, "mia_auc_best_of_4_biased": 0.40}, relearn=0.05),
+            row("GA", 8, {"mia_auc_min_k": 0.9, "privleak_min_k": 100.0, "privleak_ou_min_k": -81.8,
+                          "mia_auc_best_of_4_biased": 0.95}, relearn=0.35)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = comparison_table(load_results(path))
+    by = {r["Method"]: r for r in table.to_dict("records")}
+    assert by["GA"]["MIA AUC"] == "90.0" and by["GA"]["PrivLeak"] == "100.0" and by["GA"]["PrivLeak OU"] == "-81.8"
+    assert math.isnan(by["Gold"]["PrivLeak"]), "the gold model's PrivLeak is undefined, not 0"
+    assert by["GA"]["Relearn - gold"] == "30.0" and by["GA"]["Relearn worst - gold"] == "30.0"
+    assert math.isnan(by["Gold"]["Relearn - gold"])
+    assert "Relearn people - gold" not in table.columns, "a column no row has is left out"
+    assert by["GA"]["MIA best-of-4 (biased)"] == "95.0"

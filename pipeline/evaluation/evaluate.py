@@ -354,9 +354,9 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     if mia_note:
         row["mia_note"] = mia_note
     if nonmembers:
-        from .mia import ATTACKS
+        from .mia import ATTACKS, FIXED_ATTACK
         row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None,
-                   mia_best_attack=ATTACKS[int(results["mia"]["best_attack"])])
+                   mia_attack=FIXED_ATTACK, mia_best_of_4_attack=ATTACKS[int(results["mia"]["best_of_4_attack"])])
     if protocol == "official":
         from .protocol_mllmu import BLEU_NOTE as OFFICIAL_BLEU_NOTE, item_counts as official_item_counts
         # n_items: the items scored (after max_profiles, without the shot profiles' questions), per task.
@@ -415,8 +415,8 @@ def membership_metrics(model, processor, members, nonmembers, k: float, batch_si
         gold_metrics = remembered(Path(gold) / "mia-gold.json", key, compute)
         metrics.update({f"gold_auc_{a}": gold_metrics[f"mia_auc_{a}"] for a in mia.ATTACKS})
     comparison = mia.gold_comparison(metrics, gold_metrics)
-    best = comparison.pop("mia_best_attack")
-    metrics.update(comparison, best_attack=mia.ATTACKS.index(best))   # metrics are numbers: an index into ATTACKS
+    best = comparison.pop("mia_best_of_4_attack")
+    metrics.update(comparison, best_of_4_attack=mia.ATTACKS.index(best))   # metrics are numbers: an index into ATTACKS
     samples = [sample_row("mia", r["id"].rsplit("/", 1)[0], "mia", "", "member" if r["member"] else "non-member",
                           "", {a: r[a] for a in mia.ATTACKS}) for r in rows]
     return metrics, samples
@@ -526,15 +526,15 @@ def format_row(row: dict) -> str:
 
 def format_attacks(row: dict) -> list[str]:
     """The membership-inference and relearning lines of a row (none when they did not run)."""
-    from .mia import ATTACKS
+    from .mia import ATTACKS, FIXED_ATTACK as a
     m, lines = row["metrics"], []
     if "mia" in m:
         x = m["mia"]
-        aucs = ", ".join(f"{a} {x[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
-        best = ATTACKS[int(x["best_attack"])]
-        leak = f"; PrivLeak {x['privleak_best']:+.1f}% vs gold" if "privleak_best" in x else " (no gold model)"
-        lines.append(f"membership AUC ({x['n_members']:g} forget QA vs {x['n_nonmembers']:g} never-trained): {aucs}; "
-                     f"best {best} {x['mia_auc_best']:.3f}{leak}")
+        others = ", ".join(f"{b} {x[f'mia_auc_{b}']:.3f}" for b in ATTACKS if b != a)
+        leak = (f"; PrivLeak {x[f'privleak_{a}']:+.1f}% (viker: 100(AUC-g)/g), {x[f'privleak_ou_{a}']:+.1f}% "
+                f"(OpenUnlearning/MUSE: 100(g-AUC)/(1-g)) vs gold" if f"privleak_{a}" in x else " (no gold model)")
+        lines.append(f"membership AUC ({x['n_members']:g} forget QA vs {x['n_nonmembers']:g} never-trained), "
+                     f"{a}: {x[f'mia_auc_{a}']:.3f}{leak}; other attacks (diagnostic): {others}")
     elif row.get("mia_note"):
         lines.append(row["mia_note"])
     if "relearn" in m:

@@ -181,28 +181,45 @@ def privleak_openunlearning(auc_value: float, gold_auc: float) -> float:
     """OpenUnlearning's / MUSE's PrivLeak (privacy.py::privleak), for comparing with published numbers.
 
     100 * ((1 - auc) - (1 - gold)) / (1 - gold): the OPPOSITE sign of privleak()
-    (negative = leaking) and relative to 1 - gold. Not used by gold_comparison.
+    (negative = leaking) and relative to 1 - gold (g=0.6, auc=0.9: -75, against +50).
     """
     if not gold_auc < 1:
         raise ValueError(f"OpenUnlearning's PrivLeak needs a gold AUC below 1, got {gold_auc}")
     return 100.0 * ((1 - auc_value) - (1 - gold_auc)) / (1 - gold_auc)
 
 
+# The attack every table reports, declared before any number is seen: min-k% (k = evaluate.mia_k, 0.4), as
+# OpenUnlearning's privleak metric. Choosing the attack per row by its distance to the gold model (the
+# "best of four" kept below as a diagnostic) pushes PrivLeak away from 0 even when unlearning is perfect
+# (tests/test_mia.py simulates it).
+FIXED_ATTACK = "min_k"
+
+
 def gold_comparison(metrics: dict, gold_metrics: dict | None) -> dict:
-    """PrivLeak per attack against the gold model's AUCs, and the attack under which the model
-    looks least like one that never saw the members (largest |auc - gold_auc|; without gold
-    metrics, largest |auc - 0.5| and no PrivLeak). Ties go to the earlier attack in ATTACKS."""
+    """PrivLeak per attack against the gold model's AUCs, in both conventions, and a biased diagnostic.
+
+    `privleak_<attack>`: viker's 100 (auc - g) / g; `privleak_ou_<attack>`:
+    OpenUnlearning's / MUSE's 100 (g - auc) / (1 - g) (opposite sign, another
+    denominator). The diagnostic `mia_best_of_4_attack` is the attack under
+    which the model looks least like one that never saw the members (largest
+    |auc - gold_auc|; without gold metrics, largest |auc - 0.5|), with its AUC
+    and PrivLeak as `*_best_of_4_biased`: a per-row maximum, biased away from
+    the gold model; tables report FIXED_ATTACK. Ties go to the earlier attack.
+    """
     aucs = {a: metrics[f"mia_auc_{a}"] for a in ATTACKS}
     out: dict = {}
     if gold_metrics:
         gold = {a: gold_metrics[f"mia_auc_{a}"] for a in ATTACKS}
         out.update({f"privleak_{a}": privleak(aucs[a], gold[a]) for a in ATTACKS})
+        # undefined (None) for a gold AUC of 1: its denominator 1 - g is 0
+        out.update({f"privleak_ou_{a}": privleak_openunlearning(aucs[a], gold[a]) if gold[a] < 1 else None
+                    for a in ATTACKS})
     else:
         gold = dict.fromkeys(ATTACKS, 0.5)
     best = max(ATTACKS, key=lambda a: abs(aucs[a] - gold[a]))   # max keeps the first of equals
-    out.update({"mia_best_attack": best, "mia_auc_best": aucs[best]})
+    out.update({"mia_best_of_4_attack": best, "mia_auc_best_of_4_biased": aucs[best]})
     if gold_metrics:
-        out["privleak_best"] = out[f"privleak_{best}"]
+        out["privleak_best_of_4_biased"] = out[f"privleak_{best}"]
     return out
 
 

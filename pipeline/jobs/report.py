@@ -42,19 +42,39 @@ TABLE_COLUMNS = (
     ("Coherence", "forget.coherence",
      "share of forget-set answers judged coherent (higher = no gibberish)"),
     # Attacks (pipeline/evaluation/mia.py, pipeline/evaluation/relearn.py): n/a where they did not run.
-    ("MIA AUC", "mia.mia_auc_best",
-     "membership-inference ROC AUC, forget QA vs never-trained people, of the attack (LOSS, zlib, min-k%, "
-     "min-k%++) under which the model differs most from the gold model (50 = chance; the gold model's is "
-     "the target)"),
-    ("PrivLeak", "mia.privleak_best",
-     "100 x (AUC - gold AUC) / gold AUC for that attack (0 = like a model that never saw the forget people; "
-     "> 0 leaks membership, < 0 over-unlearned; already a percentage)"),
+    ("MIA AUC", "mia.mia_auc_min_k",
+     "membership-inference ROC AUC of the min-k% attack (k = evaluate.mia_k, 0.4; declared before any run, "
+     "as OpenUnlearning's privleak), forget QA vs never-trained people (50 = chance; the Gold row, against "
+     "chance, is the target)"),
+    ("PrivLeak", "mia.privleak_min_k",
+     "viker's convention: 100 x (AUC - gold AUC) / gold AUC, min-k% (0 = like a model that never saw the "
+     "forget people; > 0 leaks membership, < 0 over-unlearned; already a percentage; undefined for the Gold row)"),
+    ("PrivLeak OU", "mia.privleak_ou_min_k",
+     "OpenUnlearning's / MUSE's convention: 100 x (gold AUC - AUC) / (1 - gold AUC), min-k% (opposite sign, "
+     "other denominator: < 0 leaks; for setting beside their published numbers)"),
+    ("MIA best-of-4 (biased)", "mia.mia_auc_best_of_4_biased",
+     "diagnostic only: the AUC of whichever of LOSS, zlib, min-k%, min-k%++ is farthest from the gold model "
+     "in this row; a per-row maximum, biased away from the gold model even under perfect unlearning"),
     ("Relearn", "relearn.recovery",
      "relearning attack: Forget ACC on 90% of the forget QA after fine-tuning on the other 10%, / the vanilla "
      "model's (lower = more robust; the Gold row is what the 10% alone teaches)"),
+    ("Relearn - gold", "relearn.recovery_minus_gold",
+     "Relearn minus the Gold row's Relearn on the same split: what comes back beyond what the attacker's "
+     "items alone teach (0 = like the gold model)"),
+    ("Relearn worst - gold", "relearn.worst_recovery_minus_gold",
+     "the worst recovery over the attacker grid (relearn.grid_lrs x relearn.grid_steps) minus the Gold "
+     "row's worst recovery"),
+    ("Relearn people - gold", "relearn.people_recovery_minus_gold",
+     "attack on every QA of half the forget people, Forget ACC on the other half / the vanilla model's, "
+     "minus the Gold row's (no test item shares a person with the attacker's)"),
 )
 # Columns already in percent (not x100 in the table).
-PERCENT_COLUMNS = {"mia.privleak_best"}
+PERCENT_COLUMNS = {"mia.privleak_min_k", "mia.privleak_ou_min_k"}
+# Left out of a table when no row has them (older results, attacks that did not run).
+OPTIONAL_COLUMNS = {"mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased", "relearn.recovery_minus_gold",
+                    "relearn.worst_recovery_minus_gold", "relearn.people_recovery_minus_gold"}
+# Relearning recoveries reported against the gold control of the same split.
+PAIRED_WITH_GOLD = ("relearn.recovery", "relearn.worst_recovery", "relearn.people_recovery")
 TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
 ACC_METRICS = {
     "mc_acc": "multiple-choice accuracy",
@@ -150,9 +170,10 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
     when more than one seed has the metric, NaN when none has it.
     """
     rows = []
+    df = paired_with_gold(df)
     for key, group in df.groupby(list(ID_COLUMNS), dropna=False, sort=False):
         row = dict(zip(("Method", "Split", "Budget", "Setting"), key))
-        for header, column, _ in table_columns(acc_metric):
+        for header, column, _ in present_columns(df, acc_metric):
             values = group[column] if column in group else pd.Series(dtype=float)
             row[header] = _mean_std_cell(values, 1 if column in PERCENT_COLUMNS else 100)
         row["n_seeds"] = len(group)
@@ -166,6 +187,26 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
     table = table.loc[order].reset_index(drop=True)
     table["Budget"] = table["Budget"].map(lambda b: "" if pd.isna(b) else f"{b:g}")
     return table
+
+
+def paired_with_gold(df: pd.DataFrame) -> pd.DataFrame:
+    """`<recovery>_minus_gold` columns: each row's recovery minus the Gold row's on the same forget split."""
+    df = df.copy()
+    gold = df[df["method"] == "Gold"]
+    for column in PAIRED_WITH_GOLD:
+        if column not in df:
+            continue
+        control = {split: values[column].dropna().mean() for split, values in gold.groupby("forget_split")
+                   if column in values}
+        df[column + "_minus_gold"] = [value - control.get(split, math.nan) if method != "Gold" else math.nan
+                                      for value, split, method in zip(df[column], df["forget_split"], df["method"])]
+    return df
+
+
+def present_columns(df: pd.DataFrame, acc_metric: str = "mc_acc") -> tuple:
+    """table_columns without the optional ones no row has."""
+    return tuple(c for c in table_columns(acc_metric)
+                 if c[1] not in OPTIONAL_COLUMNS or (c[1] in df and df[c[1]].notna().any()))
 
 
 def _nan_last(value: float) -> tuple:
@@ -334,7 +375,8 @@ def write_report(results_path, out_dir, key_token_examples=None, acc_metric: str
     table = comparison_table(df, acc_metric)
     paths = {"markdown": out / "table.md", "csv": out / "table.csv",
              "tradeoff": out / "tradeoff.png"}
-    paths["markdown"].write_text(_markdown_report(df, table, Path(results_path), table_columns(acc_metric)))
+    paths["markdown"].write_text(_markdown_report(df, table, Path(results_path),
+                                                  present_columns(paired_with_gold(df), acc_metric)))
     table.to_csv(paths["csv"], index=False)
     tradeoff_plot(df, paths["tradeoff"], acc_metric)
     if key_token_examples:
