@@ -54,7 +54,7 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
     assert any("6 runs on 2 worker(s): 6 done" in line for line in logs)
     assert any(line.startswith("[gold] gold model (never trained on forget_10)") for line in logs)
     table = open(out["report"]["markdown"]).read()
-    assert "| MIA AUC | PrivLeak | Relearn |" in table
+    assert "| MIA AUC (min-k) | PrivLeak viker (min-k) | PrivLeak OU (min-k) | Relearn | Relearn - gold |" in table
 
 
 def _start_method(_):

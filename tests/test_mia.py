@@ -169,21 +169,40 @@ def test_privleak_in_both_conventions_by_hand():
 def test_the_best_of_four_attack_is_biased_and_the_fixed_one_is_not():
     """Unlearned and gold models drawn from ONE distribution (perfect unlearning): PrivLeak should be ~0.
 
-    36 members, 72 non-members, four correlated attack scores per item; 400 simulated pairs. Choosing the
-    attack farthest from the gold model per row inflates |PrivLeak|; the pre-declared min-k% does not.
+    36 members, 72 non-members, four correlated attack scores per item (members a little more member-like,
+    as after fine-tuning); 400 simulated (unlearned, gold) pairs. Choosing the attack farthest from the gold
+    model per row inflates |PrivLeak| (~1.7x here; the review measured 11.2 vs 7.1) and the chosen attack
+    changes from draw to draw; the pre-declared min-k% keeps only the sampling noise.
     """
     rng = np.random.default_rng(0)
 
     def model_aucs():
-        shared = rng.normal(size=(108, 1))
-        scores = shared + rng.normal(size=(108, 4))          # four attacks reading the same samples
+        scores = rng.normal(size=(108, 1)) + rng.normal(size=(108, 4))   # four attacks reading the same samples
+        scores[:36] += 0.3
         return {f"mia_auc_{a}": mia.auc(scores[:36, i], scores[36:, i]) for i, a in enumerate(mia.ATTACKS)}
-    best, fixed = [], []
+    best, fixed, fixed_ou, chosen = [], [], [], set()
     for _ in range(400):
         out = mia.gold_comparison(model_aucs(), model_aucs())
-        best.append(abs(out["privleak_best_of_4_biased"]))
-        fixed.append(abs(out[f"privleak_{mia.FIXED_ATTACK}"]))
-    assert np.mean(best) > 1.3 * np.mean(fixed), (np.mean(best), np.mean(fixed))
+        best.append(out["privleak_best_of_4_biased"])
+        fixed.append(out[f"privleak_{mia.FIXED_ATTACK}"])
+        fixed_ou.append(out[f"privleak_ou_{mia.FIXED_ATTACK}"])
+        chosen.add(out["mia_best_of_4_attack"])
+    assert mia.FIXED_ATTACK == "min_k" and chosen == set(mia.ATTACKS)
+    best_abs, fixed_abs = np.mean(np.abs(best)), np.mean(np.abs(fixed))
+    assert best_abs > 1.4 * fixed_abs, (best_abs, fixed_abs)     # 1.7-1.85 over seeds 0-7
+    # What is left for the fixed attack is the noise of two AUCs on 36 x 72 samples, in either convention.
+    assert fixed_abs < 20 and np.mean(np.abs(fixed_ou)) < 20, (fixed_abs, np.mean(np.abs(fixed_ou)))
+
+
+def test_the_attack_line_of_a_row_names_both_conventions():
+    """format_attacks: the fixed attack's AUC and PrivLeak in both conventions; OU undefined for a gold AUC of 1."""
+    from pipeline.evaluation.evaluate import format_attacks
+    x = {**aucs(0.8, 0.7, 0.9, 0.6), "privleak_min_k": 50.0, "privleak_ou_min_k": -75.0}
+    line = format_attacks({"metrics": {"mia": x}})[0]
+    assert "min_k: 0.900; PrivLeak +50.0% (viker: 100(AUC-g)/g), -75.0% (OpenUnlearning/MUSE: 100(g-AUC)/(1-g))" \
+        in line and "other attacks (diagnostic): loss 0.800, zlib 0.700, min_k_pp 0.600" in line
+    line = format_attacks({"metrics": {"mia": {**x, "privleak_ou_min_k": None}}})[0]
+    assert "+50.0% (viker: 100(AUC-g)/g), undefined (OpenUnlearning/MUSE" in line
 
 
 # ------------------------------------------------------------------ the tiny model

@@ -216,23 +216,97 @@ def test_method_variants_sort_after_their_method():
     assert sorted(names, key=_method_rank) == ["Vanilla", "GA", "NPO", "ViKeR λ=0.05", "ViKeR λ=0.5", "Zeta"]
 
 
-def test_attack_columns_fixed_min_k_both_conventions_and_relearning_against_gold(tmp_path):
-    """The MIA columns are the pre-declared min-k% attack; Relearn is also shown minus the Gold row's."""
-    def row(method, budget, mia, relearn=None):
-        metrics = {"forget": {"mc_acc": 0.5}, "mia": mia}
-        if relearn is not None:
-            metrics["relearn"] = {"recovery": relearn, "worst_recovery": relearn + 0.1}
-        return {"method": method, "forget_split": "forget_10", "budget": budget, "metrics": metrics}
-    rows = [row("Gold", 0, {"mia_auc_min_k": 0.45, "mia_auc_best_of_4_biased": 0.40}, relearn=0.05),
-            row("GA", 8, {"mia_auc_min_k": 0.9, "privleak_min_k": 100.0, "privleak_ou_min_k": -81.8,
-                          "mia_auc_best_of_4_biased": 0.95}, relearn=0.35)]
+def _attack_row(method, budget, mia, split="forget_10", seed=0, **relearn):
+    metrics = {"forget": {"mc_acc": 0.5}, "mia": mia}
+    if relearn:
+        metrics["relearn"] = relearn
+    return {"method": method, "forget_split": split, "budget": budget, "seed": seed, "metrics": metrics,
+            "mia_attack": "min_k", "mia_k": 0.4}
+
+
+def _attack_results(tmp_path, rows):
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = comparison_table(load_results(path))
-    by = {r["Method"]: r for r in table.to_dict("records")}
-    assert by["GA"]["MIA AUC"] == "90.0" and by["GA"]["PrivLeak"] == "100.0" and by["GA"]["PrivLeak OU"] == "-81.8"
-    assert math.isnan(by["Gold"]["PrivLeak"]), "the gold model's PrivLeak is undefined, not 0"
-    assert by["GA"]["Relearn - gold"] == "30.0" and by["GA"]["Relearn worst - gold"] == "30.0"
-    assert math.isnan(by["Gold"]["Relearn - gold"])
+    return path
+
+
+def test_attack_columns_fixed_min_k_both_conventions_and_relearning_against_gold(tmp_path):
+    """The MIA columns are the pre-declared min-k% attack in both PrivLeak conventions; Relearn is paired with Gold."""
+    gold_mia = {"mia_auc_min_k": 0.45, "mia_auc_best_of_4_biased": 0.40}
+    ga_mia = {"mia_auc_min_k": 0.9, "privleak_min_k": 100.0, "privleak_ou_min_k": -81.8,
+              "mia_auc_best_of_4_biased": 0.95}
+    rows = [_attack_row("Gold", 0, gold_mia, recovery=0.05, worst_recovery=0.15),
+            _attack_row("GA", 8, ga_mia, recovery=0.35, worst_recovery=0.45),
+            _attack_row("GA", 4, ga_mia)]
+    table = comparison_table(load_results(_attack_results(tmp_path, rows)))
+    attack = ["MIA AUC (min-k)", "PrivLeak viker (min-k)", "PrivLeak OU (min-k)", "Relearn", "Relearn - gold",
+              "Relearn worst - gold", "MIA AUC best-of-4 (biased)"]
+    assert list(table.columns)[-len(attack) - 1:] == attack + ["n_seeds"], "the biased diagnostic comes last"
     assert "Relearn people - gold" not in table.columns, "a column no row has is left out"
-    assert by["GA"]["MIA best-of-4 (biased)"] == "95.0"
+    by = {(r["Method"], r["Budget"]): r for r in table.to_dict("records")}
+    ga, gold = by[("GA", "8")], by[("Gold", "0")]
+    assert ga["MIA AUC (min-k)"] == "90.0" and ga["PrivLeak viker (min-k)"] == "100.0"   # % already: not x100
+    assert ga["PrivLeak OU (min-k)"] == "-81.8" and ga["MIA AUC best-of-4 (biased)"] == "95.0"
+    # Paired with the Gold row of the same split: 35 - 5 and 45 - 15 points; the raw recovery stays.
+    assert ga["Relearn"] == "35.0" and ga["Relearn - gold"] == "30.0" and ga["Relearn worst - gold"] == "30.0"
+    assert math.isnan(by[("GA", "4")]["Relearn - gold"]), "no attack on the row: n/a"
+    # The Gold row: its AUC (against chance) is shown; what is undefined for it is empty, not 0 and not n/a.
+    assert gold["MIA AUC (min-k)"] == "45.0" and gold["Relearn"] == "5.0"
+    for header in ("PrivLeak viker (min-k)", "PrivLeak OU (min-k)", "Relearn - gold", "Relearn worst - gold",
+                   "MIA AUC best-of-4 (biased)"):
+        assert gold[header] == "", header
+    gold_line = next(line for line in to_markdown(table).splitlines() if line.startswith("| Gold |"))
+    assert gold_line.endswith("| 45.0 |  |  | 5.0 |  |  |  | 1 |"), gold_line
+
+
+def test_gold_row_privleak_is_empty_even_when_the_row_has_one(tmp_path):
+    """A gold model evaluated against itself records PrivLeak 0: the table still leaves it empty."""
+    rows = [_attack_row("Gold", 0, {"mia_auc_min_k": 0.5, "privleak_min_k": 0.0, "privleak_ou_min_k": 0.0}),
+            _attack_row("GA", 8, {"mia_auc_min_k": 0.75, "privleak_min_k": 50.0, "privleak_ou_min_k": -50.0})]
+    by = {r["Method"]: r for r in comparison_table(load_results(_attack_results(tmp_path, rows))).to_dict("records")}
+    assert by["Gold"]["PrivLeak viker (min-k)"] == "" and by["Gold"]["PrivLeak OU (min-k)"] == ""
+    assert by["GA"]["PrivLeak viker (min-k)"] == "50.0" and by["GA"]["PrivLeak OU (min-k)"] == "-50.0"
+    assert "MIA AUC best-of-4 (biased)" not in by["GA"], "an optional column no row has is left out"
+
+
+def test_relearn_paired_with_the_gold_row_of_the_same_split_over_its_seeds(tmp_path):
+    """worst_recovery and people_recovery are paired like recovery: gold mean over seeds, per forget split."""
+    rows = [_attack_row("Gold", 0, {"mia_auc_min_k": 0.5}, seed=s, recovery=r, worst_recovery=r + 0.1,
+                        people_recovery=r + 0.2) for s, r in ((0, 0.0), (1, 0.2))]
+    rows += [_attack_row("Gold", 0, {"mia_auc_min_k": 0.5}, split="forget_5", recovery=0.5, people_recovery=0.5),
+             _attack_row("NPO", 8, {"mia_auc_min_k": 0.8}, recovery=0.4, worst_recovery=0.6, people_recovery=0.7),
+             _attack_row("NPO", 8, {"mia_auc_min_k": 0.8}, split="forget_5", recovery=0.6, people_recovery=0.6),
+             _attack_row("NPO", 8, {"mia_auc_min_k": 0.8}, split="forget_1", recovery=0.6)]
+    table = comparison_table(load_results(_attack_results(tmp_path, rows)))
+    by = {(r["Method"], r["Split"]): r for r in table.to_dict("records")}
+    npo = by[("NPO", "forget_10")]
+    # Gold on forget_10: recovery 10 (mean of 0 and 20), worst 20, people 30.
+    assert (npo["Relearn"], npo["Relearn - gold"], npo["Relearn worst - gold"], npo["Relearn people - gold"]) == \
+        ("40.0", "30.0", "40.0", "40.0")
+    assert by[("NPO", "forget_5")]["Relearn - gold"] == "10.0" and by[("NPO", "forget_5")]["Relearn people - gold"] \
+        == "10.0" and math.isnan(by[("NPO", "forget_5")]["Relearn worst - gold"]), "the split's own Gold row"
+    assert math.isnan(by[("NPO", "forget_1")]["Relearn - gold"]), "no Gold row for the split: n/a"
+    assert by[("Gold", "forget_10")]["Relearn"] == "10.0 ± 14.1" and by[("Gold", "forget_10")]["Relearn - gold"] == ""
+
+
+def test_legend_defines_the_attack_columns(tmp_path):
+    """The Legend spells out the fixed attack, both PrivLeak formulas, the pairing and the biased diagnostic."""
+    rows = [_attack_row("Gold", 0, {"mia_auc_min_k": 0.45, "mia_auc_best_of_4_biased": 0.4}, recovery=0.05,
+                        people_recovery=0.1),
+            _attack_row("GA", 8, {"mia_auc_min_k": 0.9, "privleak_min_k": 100.0, "privleak_ou_min_k": -81.8,
+                                  "mia_auc_best_of_4_biased": 0.95}, recovery=0.35, people_recovery=0.3)]
+    text = write_report(_attack_results(tmp_path, rows), tmp_path / "out")["markdown"].read_text()
+    legend = text.split("## Legend")[1]
+    assert "| MIA AUC (min-k) | PrivLeak viker (min-k) | PrivLeak OU (min-k) | Relearn | Relearn - gold | " \
+           "Relearn people - gold | MIA AUC best-of-4 (biased) | n_seeds |" in text
+    assert "- **MIA AUC (min-k)**: `mia.mia_auc_min_k`, membership-inference ROC AUC of the min-k% attack" in legend
+    assert "k = evaluate.mia_k, 0.4 by default" in legend and "read against chance, is g" in legend
+    assert "- **PrivLeak viker (min-k)**: `mia.privleak_min_k`, viker's convention, 100 x (AUC - g) / g" in legend
+    assert "- **PrivLeak OU (min-k)**: `mia.privleak_ou_min_k`, OpenUnlearning's / MUSE's convention, " \
+           "100 x (g - AUC) / (1 - g)" in legend and "g = 60, AUC = 90 gives viker +50, OU -75" in legend
+    assert "- **Relearn - gold**: `relearn.recovery_minus_gold`, Relearn minus the Gold row's Relearn from the " \
+           "same results file and forget split" in legend
+    assert "- **Relearn people - gold**:" in legend and "Relearn worst - gold" not in legend
+    assert "- **MIA AUC best-of-4 (biased)**: `mia.mia_auc_best_of_4_biased`, diagnostic only, not a result" in legend
+    assert "An empty cell is undefined" in legend and "n/a is not measured" in legend
+    assert "- Membership attack of the rows: min_k, k = 0.4." in legend

@@ -531,8 +531,10 @@ def format_attacks(row: dict) -> list[str]:
     if "mia" in m:
         x = m["mia"]
         others = ", ".join(f"{b} {x[f'mia_auc_{b}']:.3f}" for b in ATTACKS if b != a)
-        leak = (f"; PrivLeak {x[f'privleak_{a}']:+.1f}% (viker: 100(AUC-g)/g), {x[f'privleak_ou_{a}']:+.1f}% "
-                f"(OpenUnlearning/MUSE: 100(g-AUC)/(1-g)) vs gold" if f"privleak_{a}" in x else " (no gold model)")
+        ou = x.get(f"privleak_ou_{a}")     # None (null) for a gold AUC of 1: 1 - g = 0
+        leak = (f"; PrivLeak {x[f'privleak_{a}']:+.1f}% (viker: 100(AUC-g)/g), "
+                f"{'undefined' if ou is None else f'{ou:+.1f}%'} (OpenUnlearning/MUSE: 100(g-AUC)/(1-g)) vs gold"
+                if f"privleak_{a}" in x else " (no gold model)")
         lines.append(f"membership AUC ({x['n_members']:g} forget QA vs {x['n_nonmembers']:g} never-trained), "
                      f"{a}: {x[f'mia_auc_{a}']:.3f}{leak}; other attacks (diagnostic): {others}")
     elif row.get("mia_note"):

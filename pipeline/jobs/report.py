@@ -41,32 +41,42 @@ TABLE_COLUMNS = (
      "answer log-likelihood; lower = more forgetting; readable when the model never learned the MC format)"),
     ("Coherence", "forget.coherence",
      "share of forget-set answers judged coherent (higher = no gibberish)"),
-    # Attacks (pipeline/evaluation/mia.py, pipeline/evaluation/relearn.py): n/a where they did not run.
-    ("MIA AUC", "mia.mia_auc_min_k",
-     "membership-inference ROC AUC of the min-k% attack (k = evaluate.mia_k, 0.4; declared before any run, "
-     "as OpenUnlearning's privleak), forget QA vs never-trained people (50 = chance; the Gold row, against "
-     "chance, is the target)"),
-    ("PrivLeak", "mia.privleak_min_k",
-     "viker's convention: 100 x (AUC - gold AUC) / gold AUC, min-k% (0 = like a model that never saw the "
-     "forget people; > 0 leaks membership, < 0 over-unlearned; already a percentage; undefined for the Gold row)"),
-    ("PrivLeak OU", "mia.privleak_ou_min_k",
-     "OpenUnlearning's / MUSE's convention: 100 x (gold AUC - AUC) / (1 - gold AUC), min-k% (opposite sign, "
-     "other denominator: < 0 leaks; for setting beside their published numbers)"),
-    ("MIA best-of-4 (biased)", "mia.mia_auc_best_of_4_biased",
-     "diagnostic only: the AUC of whichever of LOSS, zlib, min-k%, min-k%++ is farthest from the gold model "
-     "in this row; a per-row maximum, biased away from the gold model even under perfect unlearning"),
+    # Attacks (pipeline/evaluation/mia.py, pipeline/evaluation/relearn.py): n/a where they did not run. One
+    # membership attack, declared before any run: min-k% (mia.FIXED_ATTACK); g is the gold model's AUC.
+    ("MIA AUC (min-k)", "mia.mia_auc_min_k",
+     "membership-inference ROC AUC of the min-k% attack (the mean of the k lowest answer-token log-probabilities, "
+     "k = evaluate.mia_k, 0.4 by default; the attack declared before any run, as OpenUnlearning's privleak), "
+     "forget QA (members) vs QA of people never trained on (non-members); 50 = chance. The Gold row's, read "
+     "against chance, is g: the target the other rows' AUC should come down to"),
+    ("PrivLeak viker (min-k)", "mia.privleak_min_k",
+     "viker's convention, 100 x (AUC - g) / g, min-k%: 0 = like a model that never saw the forget people, "
+     "> 0 = membership leaks, < 0 = over-unlearned; already a percentage; empty on the Gold row (undefined: "
+     "it is the reference)"),
+    ("PrivLeak OU (min-k)", "mia.privleak_ou_min_k",
+     "OpenUnlearning's / MUSE's convention, 100 x (g - AUC) / (1 - g), min-k% (their privleak; opposite sign, "
+     "< 0 = leaks, and relative to 1 - g: g = 60, AUC = 90 gives viker +50, OU -75), to set beside their "
+     "published numbers; already a percentage; empty on the Gold row"),
     ("Relearn", "relearn.recovery",
      "relearning attack: Forget ACC on 90% of the forget QA after fine-tuning on the other 10%, / the vanilla "
      "model's (lower = more robust; the Gold row is what the 10% alone teaches)"),
     ("Relearn - gold", "relearn.recovery_minus_gold",
-     "Relearn minus the Gold row's Relearn on the same split: what comes back beyond what the attacker's "
-     "items alone teach (0 = like the gold model)"),
+     "Relearn minus the Gold row's Relearn from the same results file and forget split (its mean over seeds), "
+     "in points: what comes back beyond what the attacker's items alone teach a model that never knew the "
+     "people (0 = like the gold model); empty on the Gold row"),
     ("Relearn worst - gold", "relearn.worst_recovery_minus_gold",
-     "the worst recovery over the attacker grid (relearn.grid_lrs x relearn.grid_steps) minus the Gold "
-     "row's worst recovery"),
+     "the worst (largest) recovery over the attacker grid (relearn.grid_lrs x relearn.grid_steps, "
+     "relearn.worst_recovery) minus the Gold row's, paired the same way"),
     ("Relearn people - gold", "relearn.people_recovery_minus_gold",
-     "attack on every QA of half the forget people, Forget ACC on the other half / the vanilla model's, "
-     "minus the Gold row's (no test item shares a person with the attacker's)"),
+     "attack on every QA of half the forget people, Forget ACC on the other half / the vanilla model's "
+     "(relearn.people_recovery: no test item shares a person with the attacker's), minus the Gold row's, "
+     "paired the same way"),
+    # Last, after every result: the old MIA AUC column, kept to read old tables by, named so nobody uses it.
+    ("MIA AUC best-of-4 (biased)", "mia.mia_auc_best_of_4_biased",
+     "diagnostic only, not a result: the AUC of whichever of LOSS, zlib, min-k%, min-k%++ lies farthest from g "
+     "in this row (the MIA AUC of tables before 2026-12-04); a per-row maximum, biased away from the gold model "
+     "even under perfect unlearning (tests/test_mia.py simulates it), and the chosen attack "
+     "(mia_best_of_4_attack) can change from row to row; empty on the Gold row (there it was read against "
+     "chance)"),
 )
 # Columns already in percent (not x100 in the table).
 PERCENT_COLUMNS = {"mia.privleak_min_k", "mia.privleak_ou_min_k"}
@@ -75,6 +85,10 @@ OPTIONAL_COLUMNS = {"mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased", "re
                     "relearn.worst_recovery_minus_gold", "relearn.people_recovery_minus_gold"}
 # Relearning recoveries reported against the gold control of the same split.
 PAIRED_WITH_GOLD = ("relearn.recovery", "relearn.worst_recovery", "relearn.people_recovery")
+# Undefined on the Gold row, which is their reference: an empty cell there, never 0 (n/a = not measured).
+GOLD_METHOD = "Gold"
+UNDEFINED_FOR_GOLD = {"mia.privleak_min_k", "mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased",
+                      *(column + "_minus_gold" for column in PAIRED_WITH_GOLD)}
 TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
 ACC_METRICS = {
     "mc_acc": "multiple-choice accuracy",
@@ -167,7 +181,8 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
     """Paper-shaped table: one row per (method, split, budget, setting), seeds averaged.
 
     Cells are percentages with one decimal, "mean ± std" (sample std, ddof=1)
-    when more than one seed has the metric, NaN when none has it.
+    when more than one seed has the metric, NaN when none has it; "" on the
+    Gold row for what is undefined there (UNDEFINED_FOR_GOLD), even if a row has it.
     """
     rows = []
     df = paired_with_gold(df)
@@ -175,7 +190,8 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
         row = dict(zip(("Method", "Split", "Budget", "Setting"), key))
         for header, column, _ in present_columns(df, acc_metric):
             values = group[column] if column in group else pd.Series(dtype=float)
-            row[header] = _mean_std_cell(values, 1 if column in PERCENT_COLUMNS else 100)
+            row[header] = "" if key[0] == GOLD_METHOD and column in UNDEFINED_FOR_GOLD else \
+                _mean_std_cell(values, 1 if column in PERCENT_COLUMNS else 100)
         row["n_seeds"] = len(group)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -192,13 +208,13 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
 def paired_with_gold(df: pd.DataFrame) -> pd.DataFrame:
     """`<recovery>_minus_gold` columns: each row's recovery minus the Gold row's on the same forget split."""
     df = df.copy()
-    gold = df[df["method"] == "Gold"]
+    gold = df[df["method"] == GOLD_METHOD]
     for column in PAIRED_WITH_GOLD:
         if column not in df:
             continue
         control = {split: values[column].dropna().mean() for split, values in gold.groupby("forget_split")
                    if column in values}
-        df[column + "_minus_gold"] = [value - control.get(split, math.nan) if method != "Gold" else math.nan
+        df[column + "_minus_gold"] = [value - control.get(split, math.nan) if method != GOLD_METHOD else math.nan
                                       for value, split, method in zip(df[column], df["forget_split"], df["method"])]
     return df
 
@@ -388,6 +404,11 @@ def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, source: Path, column
     legend = [f"- **{header}**: `{column}`, {meaning}." for header, column, meaning in columns]
     legend.append("- **n_seeds**: runs averaged; cells are % (x100), "
                   "mean ± sample std over seeds when several.")
+    legend.append("- An empty cell is undefined (the Gold row's PrivLeak and paired columns: the Gold row is their "
+                  "reference); n/a is not measured.")
+    if "mia_attack" in df or "mia_k" in df:
+        legend.append(f"- Membership attack of the rows: {_distinct_text(df, 'mia_attack', 'not recorded')}, "
+                      f"k = {_distinct_text(df, 'mia_k', 'not recorded')}.")
     legend.append(f"- Coherence is {_distinct_text(df, 'coherence_kind', 'not recorded')}.")
     legend.append(f"- {_distinct_text(df, 'bleu_note', BLEU_NOTE)}")
     return (f"# Unlearning results\n\nSource: `{source}`\n\n{to_markdown(table)}\n"
