@@ -54,7 +54,11 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
     assert any("6 runs on 2 worker(s): 6 done" in line for line in logs)
     assert any(line.startswith("[gold] gold model (never trained on forget_10)") for line in logs)
     table = open(out["report"]["markdown"]).read()
-    assert "| MIA AUC (min-k) | PrivLeak viker (min-k) | PrivLeak OU (min-k) | Relearn | Relearn - gold |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| Method |"))
+    # "Relearn - gold" needs a gold recovery: at this size the vanilla model may know none of the held-out
+    # items (recovery undefined), and the column is then left out (tests/test_report.py covers it).
+    for column in ("MIA AUC (min-k)", "PrivLeak viker (min-k)", "PrivLeak OU (min-k)", "Relearn"):
+        assert f"| {column} |" in header, header
 
 
 def _start_method(_):
