@@ -5,16 +5,13 @@ convention (MLLMU-Bench's GA_Difference.py, OpenUnlearning's GradDiff).
 """
 from __future__ import annotations
 
-from .base import Defaults, Method, every_convention
+from .base import Defaults, every_convention
+from .ga import GA
 
 
-class GradDiff(Method):
+class GradDiff(GA):              # GA's forget loss; what differs is the retain term
     name, label, position = "graddiff", "GradDiff", 20
     conventions = every_convention(Defaults(retain_weight=1.0, retain=("nll",)))
-
-    def forget_loss(self, out, mb, spec, refs, dev):
-        from ..losses import ga_loss
-        return ga_loss(*out["forget"])
 
 
 METHOD = GradDiff()

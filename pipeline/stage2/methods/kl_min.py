@@ -9,17 +9,14 @@ The vanilla model is the base with the adapter off (forward.frozen_logits).
 """
 from __future__ import annotations
 
-from .base import Defaults, Method, every_convention
+from .base import Defaults, every_convention
+from .ga import GA
 
 
-class KLMin(Method):
+class KLMin(GA):              # GA's forget loss; what differs is the retain term
     name, label, position = "kl_min", "KL_Min", 30
     conventions = every_convention(Defaults(retain_weight=1.0, retain=("kl",)),
                                    mllmu=Defaults(retain_weight=1.0, retain=("kl", "nll")))
-
-    def forget_loss(self, out, mb, spec, refs, dev):
-        from ..losses import ga_loss
-        return ga_loss(*out["forget"])
 
 
 METHOD = KLMin()
