@@ -52,10 +52,14 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except ConfigError as exc:       # first, and alone: refusing a setting imports nothing heavy
             raise click.ClickException(str(exc).splitlines()[0]) from None
-        except _known_errors() as exc:
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        except OSError as exc:
-            raise click.ClickException(os_error_line(exc)) from None
+        except click.ClickException:
+            raise
+        except Exception as exc:         # not SystemExit: a command's own exit code must not import the error types
+            if isinstance(exc, _known_errors()):
+                raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            if isinstance(exc, OSError):
+                raise click.ClickException(os_error_line(exc)) from None
+            raise
     return wrapper
 
 
@@ -89,6 +93,7 @@ def _load(config_path, overrides, check_family: bool = True, models: bool = True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="viker", prog_name="viker")
 def main():
     """viker: ViKeR unlearning for multimodal LLMs (LLaVA-1.5/NeXT, Qwen2.5-VL, Idefics3, Gemma 3), as a cached two-stage pipeline.
 

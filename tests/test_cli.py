@@ -152,3 +152,17 @@ def test_train_refuses_a_cache_for_another_model(env, cache, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == (
         f"Error: reference cache {cache} was made for a different setup: model weights differ")
+
+
+def test_version_and_commands_that_need_no_model_stay_light(tmp_path):
+    """`viker --version` answers; cache verify and data check import no model library."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"viker, version {version('viker')}"
+    code = ("import sys\nfrom pipeline.cli import main\nfor args in (['cache', 'verify', sys.argv[1]], "
+            "['data', 'check', sys.argv[1]]):\n    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "LIGHT", out.stdout + out.stderr
