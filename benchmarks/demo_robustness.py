@@ -59,7 +59,8 @@ def run_demo(work: Path, env_extra: dict, overrides: list[str]) -> float:
 
 
 def main() -> None:
-    from pipeline.jobs.findings import MARGIN, findings, read_rows
+    from pipeline.evaluation.results import read_jsonl
+    from pipeline.jobs.findings import MARGIN, findings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/viker-robustness", help="scratch folder (its cache/ is reused)")
     ap.add_argument("--out", default=str(REPO / "docs" / "DEMO_ROBUSTNESS.md"))
@@ -81,7 +82,7 @@ def main() -> None:
         if not args.from_results:
             seconds[name] = run_demo(work, env, over + args.overrides)
             shutil.copy(work / "cache" / "runs" / "demo" / "results.jsonl", saved)
-        rows = read_rows(saved)
+        rows = read_jsonl(saved)
         for seed in SEEDS:
             picked = [r for r in rows if r["method"] in ("Vanilla", "Gold") or r.get("seed", 0) == seed]
             runs[f"{name}, seed {seed}"] = {f.key: f for f in findings(picked)}

@@ -1,8 +1,8 @@
 """The demo's findings: read at matched forgetting, stated only past the margin, stable ids."""
 import math
 
-from pipeline.jobs.findings import MARGIN, at_matched, findings, format_findings
-from pipeline.jobs.matched import interpolate_at
+from pipeline.jobs.findings import MARGIN, findings, format_findings
+from pipeline.jobs.matched import at_matched, interpolate_at
 
 
 def test_interpolate_at_skips_an_unknown_point():
@@ -25,7 +25,7 @@ def test_methods_are_compared_where_they_forget_the_same_share():
             _row("IdkPO", 16, 0.95, 1.0)]
     by_key = {f.key: f for f in findings(rows)}
     ga_half = 0.8 + (0.6 - 0.5) / 0.6 * (0.2 - 0.8)
-    assert math.isclose(at_matched([rows[0], rows[2], rows[3]], 0.5, "retain.fact_acc"), ga_half)
+    assert math.isclose(at_matched([rows[0], rows[2], rows[3]], "forget.fact_acc", 0.5, "retain.fact_acc"), ga_half)
     viker = by_key["retain fact@0.5:ViKeR-vs-GA"]
     assert viker.sign == 1 and f"{100 * ga_half:.1f}" in viker.text
     assert by_key["reach@0.5:IdkPO"].sign == -1 and "never forgets" in by_key["reach@0.5:IdkPO"].text

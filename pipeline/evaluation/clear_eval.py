@@ -323,7 +323,7 @@ def evaluate_clear(model: ModelConfig, data: DataConfig, settings: EvalConfig, *
     """
     model_dir, dtype, device = model.path, model.dtype, model.device
     data_root, forget_split, retain_split = data.root, data.forget_split, data.retain_split
-    test_split, real_split = data.test_split, data.real_split or "real_faces"
+    test_split, real_split = data.test_split, data.real_split     # empty: clear_eval_splits takes CLEAR's pair
     sets, max_new_tokens, max_profiles, batch_size = settings.sets, settings.max_new_tokens, settings.max_profiles, \
         settings.batch_size
     protocol, gold, eval_seed = settings.protocol, settings.gold, settings.seed

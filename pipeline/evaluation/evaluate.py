@@ -329,11 +329,7 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     if relearn is not None:      # last: the attack trains this model in place
         results["relearn"] = relearn_metrics(loaded, processor, members, relearn, relearn_reference or model_dir,
                                              memo_key(data_root, forget_split), dtype, device, e.batch_size)
-    mia_split, mia_k, gold, few_shot, max_new_tokens = e.mia_split, e.mia_k, e.gold, e.few_shot, e.max_new_tokens
-    coherence_classifier, eval_seed, test_images, few_shot_split = (e.coherence_classifier, e.seed, e.test_images,
-                                                                    e.few_shot_split)
-    results_path = results_path or e.results
-    results_path = Path(results_path)
+    results_path = Path(results_path or e.results)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)
     row = {
@@ -342,9 +338,9 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         "setting": dict(setting or {}), "budget": budget, "seed": seed,
         "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
         "cache_fingerprint": cache_fingerprint,
-        "coherence_kind": f"classifier: {coherence_classifier}" if classifier else metrics.COHERENCE_LABEL,
+        "coherence_kind": f"classifier: {e.coherence_classifier}" if classifier else metrics.COHERENCE_LABEL,
         "bleu_note": metrics.BLEU_NOTE,
-        "data_root": str(data_root), "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+        "data_root": str(data_root), "few_shot": e.few_shot, "max_new_tokens": e.max_new_tokens,
         "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path), "tasks": list(tasks),
         "n_items": {name: _counts(scored[name]) for name in names},
         "metrics": results,
@@ -355,13 +351,13 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         row["mia_note"] = mia_note
     if nonmembers:
         from .mia import ATTACKS, FIXED_ATTACK
-        row.update(mia_split=mia_split, mia_k=mia_k, gold=gold or None,
+        row.update(mia_split=e.mia_split, mia_k=e.mia_k, gold=e.gold or None,
                    mia_attack=FIXED_ATTACK, mia_best_of_4_attack=ATTACKS[int(results["mia"]["best_of_4_attack"])])
     if protocol == "official":
         from .protocol_mllmu import BLEU_NOTE as OFFICIAL_BLEU_NOTE, item_counts as official_item_counts
         # n_items: the items scored (after max_profiles, without the shot profiles' questions), per task.
-        row.update(protocol_id=PROTOCOL_ID, eval_seed=eval_seed, test_images=test_images,
-                   few_shot_split=few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None,
+        row.update(protocol_id=PROTOCOL_ID, eval_seed=e.seed, test_images=e.test_images,
+                   few_shot_split=e.few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None,
                    bleu_note=OFFICIAL_BLEU_NOTE,
                    n_items={name: official_item_counts(scored[name], [r for r in samples if r.get("set") == name])
                             for name in names})

@@ -18,12 +18,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def read_jsonl(path) -> list[dict]:
+    """Every row of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def append_result(results_path: Path, row: dict) -> Path:
     """Append one row to the JSON-lines results, then rewrite the CSV view (same name, .csv) from all rows."""
     results_path.parent.mkdir(parents=True, exist_ok=True)
     with results_path.open("a") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(results_path)
     csv_path = results_path.with_suffix(".csv")
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     tmp.write_text(to_csv(rows))

@@ -283,8 +283,8 @@ def sweep_plan(cfg: Config) -> list[dict]:
             label = METHOD_LABELS.get(method, method)
             if is_viker(method) and len(lams) > 1:
                 label += f" λ={lam:g}"        # one curve per lambda in the trade-off plot
-            for budget in list(cfg.demo.budgets):
-                for seed in list(cfg.demo.seeds):
+            for budget in cfg.demo.budgets:
+                for seed in cfg.demo.seeds:
                     plan.append({"method": method, "lam": lam, "label": label, "budget": budget, "seed": seed,
                                  "name": f"{method}-{lam:g}-{budget}-s{seed}"})
     return plan
@@ -401,9 +401,10 @@ def run_demo(cfg: Config, log=print) -> dict:
     paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),
                          acc_metric=cfg.evaluate.table_acc)
     log("\n" + Path(paths["markdown"]).read_text())
-    from .findings import findings, format_findings, read_rows
+    from pipeline.evaluation.results import read_jsonl
+    from .findings import findings, format_findings
     paths["findings"] = results.parent / "report" / "findings.md"
-    paths["findings"].write_text(format_findings(findings(read_rows(results))))
+    paths["findings"].write_text(format_findings(findings(read_jsonl(results))))
     log(paths["findings"].read_text())
     for name, path in paths.items():
         log(f"[report] {name}: {path}")

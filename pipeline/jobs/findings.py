@@ -15,13 +15,11 @@ the docs state it.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from .matched import interpolate_at
+from .matched import at_matched, metric
 
 FORGET = "forget.fact_acc"
 LEVELS = (0.5, 0.25)                 # shares of the vanilla model's Forget ACC
@@ -40,16 +38,6 @@ class Finding:
     sign: int         # +1: the first named is higher, -1: lower (or never reaches the level), 0: no difference shown
 
 
-def read_rows(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _value(row: dict, column: str) -> float:
-    split, name = column.split(".", 1)
-    value = (row.get("metrics", {}).get(split) or {}).get(name)
-    return math.nan if value is None else float(value)
-
-
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
     """{method label: [vanilla row, rows by budget]}; several seeds of one label are kept apart (label#seed)."""
     vanilla = next((r for r in rows if r["method"] == "Vanilla"), None)
@@ -64,9 +52,9 @@ def curves(rows: list[dict]) -> dict[str, list[dict]]:
     return {label: [vanilla] + [r for _, r in sorted(p, key=lambda x: x[0])] for label, p in points.items()}
 
 
-def at_matched(curve: list[dict], share: float, column: str) -> float:
-    forget = [_value(r, FORGET) for r in curve]
-    return interpolate_at(forget, [_value(r, column) for r in curve], share * forget[0])
+def _sign(difference: float) -> int:
+    """+1 / -1 past the margin (in points), 0 under it."""
+    return 0 if abs(difference) < MARGIN else (1 if difference > 0 else -1)
 
 
 def findings(rows: list[dict]) -> list[Finding]:
@@ -78,17 +66,16 @@ def findings(rows: list[dict]) -> list[Finding]:
     for share in LEVELS:
         where = f"{100 * share:g}% of vanilla Forget ACC"
         for label, curve in by_label.items():
-            reached = not math.isnan(at_matched(curve, share, FORGET))
+            reached = not math.isnan(at_matched(curve, FORGET, share, FORGET))
             if not reached:
                 out.append(Finding(f"reach@{share}:{label}", f"{label} never forgets down to {where}", -1))
                 continue
             if base is not None and label != BASELINE:
                 for name, column in UTILITY:
-                    mine, theirs = at_matched(curve, share, column), at_matched(base, share, column)
+                    mine, theirs = at_matched(curve, FORGET, share, column), at_matched(base, FORGET, share, column)
                     if math.isnan(theirs) or math.isnan(mine):
                         continue
-                    diff = 100 * (mine - theirs)
-                    sign = 0 if abs(diff) < MARGIN else (1 if diff > 0 else -1)
+                    sign = _sign(100 * (mine - theirs))
                     verb = {1: f"keeps more {name} than", -1: f"keeps less {name} than",
                             0: f"keeps about as much {name} as"}[sign]
                     out.append(Finding(f"{name}@{share}:{label}-vs-{BASELINE}",
@@ -96,10 +83,9 @@ def findings(rows: list[dict]) -> list[Finding]:
                                        f"({100 * mine:.1f} vs {100 * theirs:.1f})", sign))
             if gold is not None:
                 name, column = MIA
-                mine, target = at_matched(curve, share, column), _value(gold, column)
+                mine, target = at_matched(curve, FORGET, share, column), metric(gold, column)
                 if not (math.isnan(mine) or math.isnan(target)):
-                    diff = 100 * (mine - target)
-                    sign = 0 if abs(diff) < MARGIN else (1 if diff > 0 else -1)
+                    sign = _sign(100 * (mine - target))
                     verb = {1: "above", -1: "below", 0: "within 5 points of"}[sign]
                     out.append(Finding(f"mia@{share}:{label}-vs-Gold",
                                        f"at {where}, {label}'s {name} is {verb} the gold model's "

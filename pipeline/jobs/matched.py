@@ -13,6 +13,19 @@ from __future__ import annotations
 import math
 
 
+def metric(row: dict, column: str) -> float:
+    """A results row's `<set>.<metric>` value (e.g. "retain.fact_acc"); NaN when missing or null."""
+    split, name = column.split(".", 1)
+    value = (row.get("metrics", {}).get(split) or {}).get(name)
+    return math.nan if value is None else float(value)
+
+
+def at_matched(curve: list[dict], forget_col: str, share: float, column: str) -> float:
+    """`column` of a curve of rows (vanilla first) where `forget_col` first falls to `share` of the vanilla's."""
+    forget = [metric(r, forget_col) for r in curve]
+    return interpolate_at(forget, [metric(r, column) for r in curve], share * forget[0])
+
+
 def interpolate_at(forget: list[float], values: list[float], target: float) -> float:
     """`values` where the curve `forget` (budget order, vanilla first) first falls to `target`; NaN if never."""
     previous = None

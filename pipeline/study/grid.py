@@ -120,9 +120,9 @@ def selection_runs(cfg: Config) -> list[dict]:
     runs = []
     for method in s.methods:
         lams = list(s.lams) if is_viker(method) else [cfg.train.lam]
-        for lr in list(s.lrs):
+        for lr in s.lrs:
             for lam in lams:
-                for budget in list(s.budgets):
+                for budget in s.budgets:
                     runs.append(make_run(cfg, s.val_draw, s.val_split, seed, method, budget, lr, lam,
                                          f"{METHOD_LABELS.get(method, method)} lr={lr:g}" +
                                          (f" λ={lam:g}" if is_viker(method) else ""), "selection"))

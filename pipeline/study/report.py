@@ -69,7 +69,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.jobs.matched import interpolate_at
+from pipeline.jobs.matched import at_matched, interpolate_at, metric
 from pipeline.stage2.labels import METHOD_LABELS
 
 
@@ -190,12 +190,6 @@ def verdict(iv: Interval, a: str, b: str) -> str:
 
 # ------------------------------------------------------------------ records -> units
 
-def metric(row: dict, column: str) -> float:
-    split, name = column.split(".", 1)
-    value = (row.get("metrics", {}).get(split) or {}).get(name)
-    return math.nan if value is None else float(value)
-
-
 def units(records: list[dict]) -> dict[tuple, list[dict]]:
     """{(variant, group, draw, split, seed): [vanilla row, rows by budget]} for every trained variant."""
     vanilla = {(r["settings"]["draw"], r["settings"]["split"]): r["row"] for r in records
@@ -226,9 +220,7 @@ def variant_units(all_units: dict, variant: str, split: str) -> dict[tuple, list
 
 
 def unit_values(rows: list[dict], forget_col: str, target_share: float, columns) -> dict[str, float]:
-    forget = [metric(r, forget_col) for r in rows]
-    target = target_share * forget[0]
-    return {col: interpolate_at(forget, [metric(r, col) for r in rows], target) for _, col in columns}
+    return {col: at_matched(rows, forget_col, target_share, col) for _, col in columns}
 
 
 def paired_differences(all_units: dict, a: str, b: str, split: str, forget_col: str, share: float,
@@ -251,7 +243,7 @@ def minus_gold(all_units: dict, variant: str, split: str, forget_col: str, share
         pairs = []
         for (draw, _seed), rows in sorted(variant_units(all_units, variant, split).items()):
             g = gold.get((draw, split))
-            value = unit_values(rows, forget_col, share, [("", col)])[col]
+            value = at_matched(rows, forget_col, share, col)
             pairs.append((draw, value - metric(g, col) if g is not None else math.nan))
         out[col] = draw_interval(pairs)
     return out
