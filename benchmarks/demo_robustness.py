@@ -33,18 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import matmul_gflops  # noqa: E402  (REPO is on the path first)
+
 RUNS = (("1 thread", {"VIKER_THREADS": "1"}, ["demo.workers=2"]),
         ("2 threads", {"VIKER_THREADS": "2"}, ["demo.workers=1"]))
 SEEDS = (0, 1)
-
-
-def matmul_gflops(n: int = 512, repeat: int = 20) -> float:
-    """One thread of an n x n float32 matmul, GFLOP/s (the figure the docs print beside timings)."""
-    code = ("import time, torch; torch.set_num_threads(1); a = torch.randn({n}, {n}); b = torch.randn({n}, {n}); "
-            "a @ b; t = time.perf_counter(); [a @ b for _ in range({r})]; "
-            "print(2 * {n} ** 3 * {r} / (time.perf_counter() - t) / 1e9)").format(n=n, r=repeat)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
 
 
 def run_demo(work: Path, env_extra: dict, overrides: list[str]) -> float:

@@ -58,6 +58,7 @@ make setup > setup.log 2>&1 || { tail -20 setup.log; exit 1; }
 install_s=$(since "$t")
 echo "[newcomer] install (make setup): ${install_s} s; load $(loadavg)"
 grep -E "^\[setup\]" setup.log || true
+echo "[newcomer] machine: $(.venv/bin/python "$src/benchmarks/machine.py")"
 
 t=$(now)
 make demo > demo.log 2>&1 || { tail -30 demo.log; exit 1; }
