@@ -135,11 +135,11 @@ def test_the_grid_attacks_from_the_same_weights_and_reports_the_worst_cell(world
     assert (result["n_attack_people"], result["n_people_attack_qa"], result["n_people_held_out_qa"]) == (
         len(people_attacker), len(_items(people_attacker)), len(_items(people_held)))
     assert all(isinstance(v, (int, float)) for v in result.values()), "numbers only: results rows stay numeric"
-    # A tie goes to the default cell, and no grid means the default cell is the worst.
+    # No grid: no worst case (it would repeat the default cell under another name, and another table column).
     alone = rl.attack_model(model, processor, forget, RelearnConfig(fraction=0.25, steps=3, lr=1e-3, seed=0,
                                                                     grid_lrs=[], people=False))
-    assert (alone["worst_lr"], alone["worst_steps"], alone["n_cells"]) == (1e-3, 3, 1)
-    assert alone["worst_acc_after"] == alone["acc_after"] and "people_acc_after" not in alone
+    assert alone["n_cells"] == 1 and not any(k.startswith("worst") for k in alone)
+    assert "people_acc_after" not in alone and "worst_recovery" not in rl.with_recovery(alone, 0.5)
 
 
 def test_a_lora_attacker_restarts_from_the_same_weights_too(world, monkeypatch):

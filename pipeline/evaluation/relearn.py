@@ -167,8 +167,9 @@ def attack_model(model, processor, profiles: list[Profile], settings: RelearnCon
     result = {"fraction": r.fraction, "steps": r.steps, "lr": r.lr, "seed": r.seed, "lora": r.lora,
               "n_attack_qa": _n_qa(attacker), "n_held_out_qa": _n_qa(held_out),
               "acc_before": before["item"], "acc_after": after["item", grid[0]][0],
-              "final_loss": after["item", grid[0]][1], "n_cells": len(grid),
-              "worst_acc_after": worst_acc, "worst_lr": worst_lr, "worst_steps": worst_steps}
+              "final_loss": after["item", grid[0]][1], "n_cells": len(grid)}
+    if len(grid) > 1:    # a worst case of one cell would repeat the default cell under another name
+        result.update(worst_acc_after=worst_acc, worst_lr=worst_lr, worst_steps=worst_steps)
     if r.people:   # the same keys with or without a people split (NaN: none, a forget set of one person)
         attacker, held_out = parts.get("people", ([], []))
         nan = float("nan")
