@@ -37,9 +37,10 @@ test: $(STAMP)
 clean-cache:
 	rm -rf cache/mini cache/models cache/refs cache/runs
 
-# --- the Docker image's Python environment, without a Docker engine -----------
-# The base image's torch version (read from the Dockerfile's FROM tag; PyPI's wheel
-# without its nvidia-* libraries runs the CPU tests), then the package installed by docker/install.sh exactly as the
+# --- the GPU box's install and the Docker image's Python environment, without a GPU or a Docker engine ---
+# A fresh venv with the base image's torch (read from the Dockerfile's FROM tag; PyPI's wheel without its
+# nvidia-* libraries runs the CPU tests) stands for a GPU box's CUDA torch. First the README's GPU-box
+# install, a plain `pip install .`, which must keep that torch; then docker/install.sh exactly as the
 # Dockerfile runs it; then `viker --help` and the fast end-to-end CLI test.
 TORCH_PURE_DEPS = filelock typing-extensions sympy networkx jinja2 fsspec setuptools
 IMAGE_VENV ?= .venv-image
@@ -50,10 +51,17 @@ test-image-env:
 	$(PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/pip install -q --no-deps "torch==$(IMAGE_TORCH)"
 	$(IMAGE_VENV)/bin/pip install -q $(TORCH_PURE_DEPS)
+	$(IMAGE_VENV)/bin/pip install -q .
+	$(IMAGE_VENV)/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; \
+	  sys.exit(0 if v == '$(IMAGE_TORCH)' else f'README GPU-box install: pip install . replaced torch $(IMAGE_TORCH) by {v}')"
+	@echo "[test-image-env] README GPU-box install (pip install . over torch $(IMAGE_TORCH)): ok"
 	PATH=$(CURDIR)/$(IMAGE_VENV)/bin:$$PATH sh docker/install.sh .
 	$(IMAGE_VENV)/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; \
 	  sys.exit(0 if v == '$(IMAGE_TORCH)' else f'pip replaced the base torch $(IMAGE_TORCH) by {v}')"
 	HF_HUB_OFFLINE=1 $(IMAGE_VENV)/bin/viker --help > /dev/null
+	cd / && $(CURDIR)/$(IMAGE_VENV)/bin/python -c "from pipeline.jobs import prebuilt as p; import sys; \
+	  sys.exit(0 if 'site-packages' in str(p.SHIPPED) and (p.SHIPPED / p.PROVENANCE).is_file() \
+	  and (p.SHIPPED / 'vanilla' / 'model.safetensors').is_file() else f'the demo models are not installed: {p.SHIPPED}')"
 	$(IMAGE_VENV)/bin/pip install -q "pytest>=7"
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	  tests/test_cli.py tests/test_image.py

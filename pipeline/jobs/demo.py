@@ -116,7 +116,9 @@ INJECTION_THREADS = {"threads": 1}
 
 
 def vanilla_stamp(cfg: Config) -> str:
-    return stamp_of(cfg.mini, cfg.tiny, cfg.finetune, INJECTION_THREADS)
+    """What a vanilla (or gold) model is made from; not where it and its base are kept (a shipped one moves)."""
+    from dataclasses import replace
+    return stamp_of(cfg.mini, cfg.tiny, replace(cfg.finetune, base="", output=""), INJECTION_THREADS)
 
 
 def ensure_vanilla(cfg: Config, log=print) -> Path:
@@ -126,12 +128,22 @@ def ensure_vanilla(cfg: Config, log=print) -> Path:
     if _stamp_matches(out, stamp):
         log(f"[finetune] vanilla model at {out} (reused)")
         return out
+    if _shipped("vanilla", cfg, out, stamp, log):
+        return out
     t = time.time()
     info = run_finetune(cfg, extra_info={"data": cfg.data.root,
                                          "splits": [cfg.data.finetune_split, cfg.data.real_split]}, log=log)
     (out / "viker-stamp.json").write_text(stamp)
     log(f"[finetune] vanilla model saved to {out} in {time.time() - t:.1f}s (final loss {info['final_loss']:.3f})")
     return out
+
+
+def _shipped(which: str, cfg: Config, out: Path, stamp: str, log) -> bool:
+    """The shipped checkpoint copied to `out` (demo.prebuilt, and made from these settings); False: train it."""
+    if not cfg.demo.prebuilt:
+        return False
+    from .prebuilt import install, world_digest
+    return install(which, out, stamp, lambda: world_digest(tokenizer_texts(cfg.data.root)), log)
 
 
 def gold_dir(cfg: Config) -> Path:
@@ -153,7 +165,8 @@ def _inject(cfg: Config, which: str) -> list[str]:
 
 
 def ensure_models(cfg: Config, log=print) -> tuple[Path, Path]:
-    """The vanilla and the gold model, each trained in its own one-thread process, side by side.
+    """The vanilla and the gold model: the shipped checkpoints when made from these settings (prebuilt.py),
+    else each trained in its own one-thread process, side by side.
 
     Two one-thread injections at once ran 1.32-1.37x the steps per second of
     one two-thread injection on the 2-core machine (benchmarks/injection_bench.py,
@@ -161,16 +174,22 @@ def ensure_models(cfg: Config, log=print) -> tuple[Path, Path]:
     model: a model is the same whichever of the two had to be rebuilt.
     """
     from .workers import run_parallel
-    todo = [w for w, folder, stamp in (("vanilla", Path(cfg.finetune.output), vanilla_stamp(cfg)),
-                                       ("gold", gold_dir(cfg), vanilla_stamp(gold_config(cfg))))
-            if not _stamp_matches(folder, stamp)]
+    fresh = []          # models this call copied or trained: they have said so, no "(reused)" line for them
+    todo = []
+    for which, folder, stamp in (("vanilla", Path(cfg.finetune.output), vanilla_stamp(cfg)),
+                                 ("gold", gold_dir(cfg), vanilla_stamp(gold_config(cfg)))):
+        if not _stamp_matches(folder, stamp):
+            fresh.append(which)
+            if not _shipped(which, cfg, folder, stamp, log):
+                todo.append(which)
     if todo:
+        ensure_base_model(cfg, log)
         log(f"[finetune] knowledge injection: {' and '.join(todo)} model{'s' * (len(todo) > 1)}, one thread each")
         run_parallel(2, _inject, [(cfg, w) for w in todo], log, "[finetune] injection",
                      each=lambda i, lines: [log(line) for line in lines])
-    quiet = lambda *_: None     # the models just trained have said so: no "(reused)" line for them
-    return (ensure_vanilla(cfg, quiet if "vanilla" in todo else log),
-            ensure_gold(cfg, quiet if "gold" in todo else log))
+    quiet = lambda *_: None
+    return (ensure_vanilla(cfg, quiet if "vanilla" in fresh else log),
+            ensure_gold(cfg, quiet if "gold" in fresh else log))
 
 
 def ensure_gold(cfg: Config, log=print) -> Path:
@@ -186,6 +205,8 @@ def ensure_gold(cfg: Config, log=print) -> Path:
     stamp = vanilla_stamp(gcfg)
     if _stamp_matches(out, stamp):
         log(f"[gold] gold model (without {cfg.data.forget_split}) at {out} (reused)")
+        return out
+    if _shipped("gold", cfg, out, stamp, log):
         return out
     t = time.time()
     run_finetune(gcfg, extra_info={"data": cfg.data.root, "gold_for": cfg.data.forget_split},
@@ -390,7 +411,6 @@ def run_demo(cfg: Config, log=print) -> dict:
     log(f"[threads] {torch.get_num_threads()} torch threads; {thread_note()}")
     cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
-    ensure_base_model(cfg, log)
     vanilla, gold = ensure_models(cfg, log)
     gate = vanilla_gate(cfg, vanilla, log)
     check_gate(gate, cfg.finetune.gate_min_acc, json.loads((vanilla / "vanilla.json").read_text()))
