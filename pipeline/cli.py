@@ -16,6 +16,7 @@ from .config import ConfigError, load_config
 
 
 DEMO_CONFIG = "configs/demo.yaml"
+DEMO_FULL_CONFIG = "configs/demo_full.yaml"
 
 
 def _known_errors() -> tuple:
@@ -68,11 +69,13 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 overrides_arg = click.argument("overrides", nargs=-1)
 
 
-def _load(config_path, overrides, check_family: bool = True, models: bool = True):
+def _load(config_path, overrides, check_family: bool = True, models: bool = True, announce: bool = True):
     """The given config; without one, configs/demo.yaml when run from the repository (the demo's settings).
 
     `check_family`: a model.family other than auto must be the family of the
     model at model.path (only the demo builds a model of the family it names).
+    `announce`: the first line of the command's output names the file loaded
+    and the overrides, so a log says which settings made it.
     """
     from pathlib import Path
     if config_path is None and Path(DEMO_CONFIG).is_file():
@@ -87,6 +90,9 @@ def _load(config_path, overrides, check_family: bool = True, models: bool = True
         if found != cfg.model.family:
             raise ConfigError(f"model.family is {cfg.model.family} but the model at {cfg.model.path} is {found} "
                               f"(leave model.family=auto outside the demo)")
+    if announce:
+        shown = " ".join(overrides)
+        click.echo(f"[config] {config_path or 'no file: the defaults'}{' + ' + shown if shown else ''}")
     if models:
         _model_libraries()
     return cfg
@@ -98,7 +104,7 @@ def main():
     """viker: ViKeR unlearning for multimodal LLMs (LLaVA-1.5/NeXT, Qwen2.5-VL, Idefics3, Gemma 3), as a cached two-stage pipeline.
 
     \b
-    viker demo                      everything, on the built-in miniature benchmark
+    viker demo [--full]             everything, on the built-in miniature benchmark
     viker data make-mini            generate the miniature benchmark (MLLMU-Bench layout)
     viker data check ROOT           what viker reads (and skips) in a downloaded benchmark
     viker finetune                  knowledge injection: base model -> vanilla model
@@ -118,28 +124,30 @@ def main():
 
 def _model_libraries() -> None:
     """Threads and library logging for commands that run a model; after their config was checked."""
-    import warnings
-    from transformers.utils import logging as hf_logging
-    from pipeline.models.modeling import set_threads
-    set_threads()
-    hf_logging.disable_progress_bar()      # per-file "Loading weights" bars; our own bars stay
-    # peft calls a helper that transformers 5.2x deprecates; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from pipeline.models.modeling import prepare_libraries
+    prepare_libraries()
 
 
 @main.command()
 @config_option
+@click.option("--full", is_flag=True, help=f"The full sweep ({DEMO_FULL_CONFIG}): every method, ViKeR at two "
+              "lambdas, the relearning attacker's worst-case grid; same models, its own run folder.")
 @overrides_arg
 @one_line_errors
-def demo(config_path, overrides):
+def demo(config_path, full, overrides):
     """Run the pipeline on the miniature benchmark (no download; CPU is enough).
 
-    Generates the benchmark, builds a tiny model (LLaVA-1.5; model.family=llava_next,
-    qwen2_5_vl, idefics3 or gemma3 for the others), teaches it the benchmark and checks that it
-    learned it. Outputs land under cache/ (a family other than LLaVA in folders
-    suffixed with its name) and are reused when their inputs did not change.
+    Generates the benchmark, takes the tiny vanilla and gold LLaVA-1.5 models shipped with viker
+    (or trains them when the settings differ, or with demo.prebuilt=false; model.family=llava_next,
+    qwen2_5_vl, idefics3 or gemma3 builds and trains a model of that family), checks that the
+    vanilla model knows the benchmark, then unlearns with ViKeR and two baselines at three budgets,
+    attacks each (membership inference, relearning) and writes the report. Outputs land under
+    cache/ (a family other than LLaVA in folders suffixed with its name) and are reused when
+    their inputs did not change.
     """
-    cfg = _load(config_path, overrides, check_family=False)    # refuse a bad setting before importing the jobs
+    if full and config_path is not None:
+        raise click.UsageError(f"--full is --config {DEMO_FULL_CONFIG}: give one or the other")
+    cfg = _load(DEMO_FULL_CONFIG if full else config_path, overrides, check_family=False)  # refuse bad settings first
     from pipeline.jobs.demo import run_demo
     run_demo(cfg)
 
@@ -445,7 +453,7 @@ def config_show(config_path, overrides):
     choice or a value out of range is refused with one line.
     """
     from pipeline.config import config_yaml
-    cfg = _load(config_path, overrides, check_family=False, models=False)
+    cfg = _load(config_path, overrides, check_family=False, models=False, announce=False)
     click.echo(f"# resolved from {config_path or (DEMO_CONFIG if Path(DEMO_CONFIG).is_file() else 'the defaults')}"
                + (" with " + " ".join(overrides) if overrides else ""))
     click.echo(config_yaml(cfg), nl=False)

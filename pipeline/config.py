@@ -226,6 +226,8 @@ class DemoConfig:
     seeds: list[int] = setting(doc="training seeds", factory=lambda: [0], ge=0, min_items=1)
     workers: int = setting(2, "processes sharing the sweep, one torch thread each (1: in this process)", ge=1)
     attack_budget: int = setting(32, "the budget whose runs get the relearning attack (0: none)", ge=0)
+    prebuilt: bool = setting(True, "use the vanilla and gold models shipped with viker when made from these "
+                                   "settings (false: knowledge injection here, minutes)")
 
 
 @dataclass
@@ -341,29 +343,47 @@ def check_config(cfg: Config) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults, then the YAML file, then KEY=VALUE overrides; all of it checked before it is returned."""
-    import yaml
+    """Defaults, then the YAML file (after the file it names as `base`), then KEY=VALUE overrides; all checked."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "parse error"
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must be a mapping of sections")
-        for section_name, values in raw.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"config section '{section_name}' in {path} must be a mapping")
+        for section_name, values in _read_yaml(Path(path), ()).items():
             for name, value in values.items():
                 _apply(cfg, f"{section_name}.{name}", value)
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value)
     return check_config(cfg)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, dict]:
+    """A config file's sections, merged over those of its `base:` file (a path relative to it), key by key.
+
+    A variant (configs/demo_full.yaml) names only what it changes, so the
+    settings it shares with its base have one source.
+    """
+    import yaml
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} is its own base (through {' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections")
+    merged: dict[str, dict] = {}
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"config key 'base' in {path} must be the path of another config file")
+        merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    for section_name, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section_name}' in {path} must be a mapping")
+        merged.setdefault(section_name, {}).update(values)
+    return merged
 
 
 def config_dict(cfg: Config) -> dict:

@@ -59,8 +59,9 @@ def test_bad_override_is_one_line(env, tmp_path):
 def test_missing_model_is_one_line(env, tmp_path):
     args = overrides(env, tmp_path / "x") + [f"model.path={tmp_path / 'nope'}"]
     result = CliRunner().invoke(main, ["precompute", *args])
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "does not exist" in result.output
+    config_line, error = result.output.strip().splitlines()     # the settings it ran with, then one line of error
+    assert result.exit_code == 1 and config_line.startswith("[config] ") and error.startswith("Error: ")
+    assert "does not exist" in error
 
 
 def test_verify_ok_then_corruption_exits_1(cache, tmp_path):
@@ -166,3 +167,15 @@ def test_version_and_commands_that_need_no_model_stay_light(tmp_path):
             "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "LIGHT", out.stdout + out.stderr
+
+
+def test_the_first_line_names_the_config_and_full_is_a_config(tmp_path):
+    out = tmp_path / "mini"
+    result = invoke("data", "make-mini", "--out", str(out), "mini.n_fictitious=4", "mini.n_real=1",
+                    "mini.n_holdout=1", "mini.pool_size=2")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == ("[config] configs/demo.yaml + mini.n_fictitious=4 mini.n_real=1 "
+                                             "mini.n_holdout=1 mini.pool_size=2")
+    both = CliRunner().invoke(main, ["demo", "--full", "--config", "configs/demo.yaml"])
+    assert both.exit_code == 2 and "--full is --config configs/demo_full.yaml" in both.output
+    assert "demo [--full]" in invoke("--help").output and "attack relearn" in invoke("--help").output

@@ -168,3 +168,37 @@ def test_method_choices_are_the_registry():
     for section in (DemoConfig, StudyConfig):
         element = typing.get_args(typing.get_type_hints(section)["methods"])[0]
         assert typing.get_args(element) == SWEEP_KEYS
+
+
+def test_a_config_holds_only_what_differs_from_its_base(tmp_path):
+    """`base:` (relative to the file) is read first; the file's keys win key by key; overrides win last."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 0.5\n  lam: 0.05\ndemo:\n  budgets: [4, 8]\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain:\n  lam: 0.2\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\ndemo:\n  lr: 0.1\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.lr=0.25"])
+    assert (cfg.train.lr, cfg.train.lam, cfg.demo.budgets, cfg.demo.lr) == (0.25, 0.2, [4, 8], 0.1)
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml does not exist \(the base of"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "odd.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="must be the path of another config file"):
+        load_config(tmp_path / "odd.yaml")
+
+
+def test_the_full_demo_differs_from_the_quick_one_only_in_its_sweep():
+    """configs/demo_full.yaml keeps the quick demo's world and models (the shipped ones) and runs elsewhere."""
+    import dataclasses
+    quick, full = load_config("configs/demo.yaml"), load_config("configs/demo_full.yaml")
+    differ = {f"{section}.{f.name}" for section in ("mini", "data", "model", "tiny", "finetune", "precompute",
+                                                     "train", "evaluate", "relearn", "demo")
+              for f in dataclasses.fields(getattr(quick, section))
+              if getattr(getattr(quick, section), f.name) != getattr(getattr(full, section), f.name)}
+    assert differ == {"train.output", "evaluate.results", "demo.methods", "demo.lams", "relearn.grid_lrs",
+                      "relearn.grid_steps"}
+    assert set(quick.demo.methods) < set(full.demo.methods) and "viker" in quick.demo.methods
+    assert len([m for m in quick.demo.methods if m != "viker"]) >= 2      # ViKeR and two baselines at least

@@ -440,7 +440,7 @@ def test_config_and_cache_settings_must_agree(env, cache, tmp_path):
     result = invoke("train", *train_args(env, cache, tmp_path / "run", "train.method=npo", "precompute.k=3",
                                          "train.use_cache_settings=true"))
     assert result.exit_code == 0, result.output
-    notices = [line for line in result.output.splitlines() if "use_cache_settings" in line]
+    notices = [line for line in result.output.splitlines() if line.startswith("[train] train.use_cache_settings")]
     assert notices == ["[train] train.use_cache_settings: training with the cache's settings "
                        "(precompute.k (config 3, cache 2))"]
 

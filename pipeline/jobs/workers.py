@@ -27,10 +27,8 @@ def init_worker() -> None:
     os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
     os.environ["VIKER_THREADS"] = "1"
     os.environ["OMP_NUM_THREADS"] = "1"
-    from pipeline.models.modeling import set_threads
-    set_threads()
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    from pipeline.models.modeling import prepare_libraries
+    prepare_libraries()
 
 
 def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None, pin_single: bool = True) -> list:

@@ -404,6 +404,19 @@ def set_threads() -> int:
     return max(1, n)
 
 
+def prepare_libraries() -> int:
+    """Threads, and the libraries' logging, for a process that runs a model (the CLI's and every worker's).
+
+    Returns the torch thread count.
+    """
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()      # per-file "Loading weights" bars; our own bars stay
+    # peft reads a property that transformers 5.2x deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    return set_threads()
+
+
 def load_for_eval(model_dir, adapter=None, dtype: str = "auto", device: str = "auto"):
     """(model, processor) for a base, vanilla or merged model directory, or a base plus a LoRA adapter.
 
