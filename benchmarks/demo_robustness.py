@@ -1,6 +1,6 @@
 """Do the demo's conclusions survive float noise? The demo four times: one and two threads, two seeds.
 
-    .venv/bin/python benchmarks/demo_robustness.py [--work DIR] [--out docs/DEMO_ROBUSTNESS.md] [KEY=VALUE ...]
+    .venv/bin/python benchmarks/demo_robustness.py [--full] [--work DIR] [--out FILE.md] [KEY=VALUE ...]
     .venv/bin/python benchmarks/demo_robustness.py --from-results   # the table again from the last run's results
 
 Two sweeps over one miniature benchmark and one pair of vanilla/gold models
@@ -40,10 +40,10 @@ RUNS = (("1 thread", {"VIKER_THREADS": "1"}, ["demo.workers=2"]),
 SEEDS = (0, 1)
 
 
-def run_demo(work: Path, env_extra: dict, overrides: list[str]) -> float:
+def run_demo(work: Path, config: Path, env_extra: dict, overrides: list[str]) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **env_extra}
     t = time.time()
-    cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--config", str(REPO / "configs" / "demo.yaml"),
+    cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--config", str(config),
            "demo.seeds=" + ",".join(map(str, SEEDS)), *overrides]
     with open(work / "demo.log", "a") as log:
         subprocess.run(cmd, cwd=work, env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
@@ -52,15 +52,20 @@ def run_demo(work: Path, env_extra: dict, overrides: list[str]) -> float:
 
 
 def main() -> None:
+    from pipeline.config import load_config
     from pipeline.evaluation.results import read_jsonl
     from pipeline.jobs.findings import MARGIN, findings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the full sweep (viker demo --full) instead of the quick one")
     ap.add_argument("--work", default="/tmp/viker-robustness", help="scratch folder (its cache/ is reused)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "DEMO_ROBUSTNESS.md"))
+    ap.add_argument("--out", default=None, help="default: docs/DEMO_ROBUSTNESS.md (--full: DEMO_ROBUSTNESS_FULL.md)")
     ap.add_argument("--from-results", action="store_true",
                     help="no demo: rebuild the table from the results a previous run left in --work")
     ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE for every demo run")
     args = ap.parse_args()
+    config = REPO / "configs" / ("demo_full.yaml" if args.full else "demo.yaml")
+    args.out = args.out or str(REPO / "docs" / ("DEMO_ROBUSTNESS_FULL.md" if args.full else "DEMO_ROBUSTNESS.md"))
+    results = Path(load_config(config, args.overrides).evaluate.results)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     timing = work / "timing.json"
@@ -73,8 +78,8 @@ def main() -> None:
     for name, env, over in RUNS:
         saved = work / f"results-{name.replace(' ', '')}.jsonl"
         if not args.from_results:
-            seconds[name] = run_demo(work, env, over + args.overrides)
-            shutil.copy(work / "cache" / "runs" / "demo" / "results.jsonl", saved)
+            seconds[name] = run_demo(work, config, env, over + args.overrides)
+            shutil.copy(results if results.is_absolute() else work / results, saved)
         rows = read_jsonl(saved)
         for seed in SEEDS:
             picked = [r for r in rows if r["method"] in ("Vanilla", "Gold") or r.get("seed", 0) == seed]
@@ -91,12 +96,13 @@ def main() -> None:
         first = next(f for f in got if f is not None)
         cells = " | ".join("n/a" if f is None else {1: "+", -1: "-", 0: "0"}[f.sign] for f in got)
         lines.append(f"| {first.text} | {cells} | {'**holds**' if holds else 'no'} |")
-    head = [f"# Demo robustness: one and two threads, two seeds", "",
-            f"Command: `.venv/bin/python benchmarks/demo_robustness.py {' '.join(args.overrides)}`".rstrip() + "  ",
+    head = [f"# Demo robustness{' (viker demo --full)' * args.full}: one and two threads, two seeds", "",
+            "Command: `" + " ".join([".venv/bin/python benchmarks/demo_robustness.py"] + ["--full"] * args.full
+                                    + args.overrides) + "`  ",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread of a "
             f"512x512 float32 matmul {rate:.1f} GFLOP/s; {date.today().isoformat()}.  ",
             "Wall time: " + ", ".join(f"{n} sweep {s:.0f} s" for n, s in seconds.items()) + " (the first includes "
-            "generating the benchmark and knowledge injection; other jobs shared the cores, so they are not a "
+            "generating the benchmark and copying or training the models; other jobs shared the cores, so they are not a "
             "benchmark).", "",
             "Each row is a finding of `pipeline/jobs/findings.py` (differences at matched forgetting of at least "
             f"{MARGIN:g} points); the text carries the first run's numbers. Columns: the four runs "
