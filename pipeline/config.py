@@ -175,6 +175,8 @@ class EvalConfig:
     seed: int = setting(0, "official protocol: few-shot profiles and Test_Set image draws", ge=0)
     test_images: Literal["random", "all"] = setting("random", "official MLLMU Test_Set: one seeded picture per item, or all")
     gold: str = setting("", "a gold model directory (trained without the forget people): PrivLeak, CLEAR's Forget Quality")
+    gold_distance: bool = setting(True, "with a gold model: KL from its answer distributions on the forget QA, "
+                                        "all / key / normal tokens (pipeline/evaluation/oracle.py)")
     few_shot_split: str = setting("Full_Set", "official MLLMU: the split few-shot examples come from")
     mia: Literal["auto", "on", "off"] = setting(
         "auto", "membership inference: auto (when mia_split exists), on (required) or off")

@@ -320,11 +320,17 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
                 likelihood=name in e.likelihood_sets,
                 tasks=tasks)
         samples += rows
-    members = read_profiles(data_root, forget_split, benchmark) if nonmembers or relearn is not None else []
+    to_gold = bool(e.gold and e.gold_distance)
+    members = read_profiles(data_root, forget_split, benchmark) if nonmembers or to_gold or relearn is not None else []
     if nonmembers:
         results["mia"], rows = membership_metrics(loaded, processor, members, nonmembers, e.mia_k, e.batch_size,
                                                   e.gold, memo_key(data_root, forget_split, e.mia_split, e.mia_k),
                                                   dtype, device)
+        samples += rows
+    if to_gold:
+        results["gold_distance"], rows = gold_distance_metrics(loaded, processor, members, e.gold,
+                                                               memo_key(data_root, forget_split), dtype, device,
+                                                               e.batch_size)
         samples += rows
     if relearn is not None:      # last: the attack trains this model in place
         results["relearn"] = relearn_metrics(loaded, processor, members, relearn, relearn_reference or model_dir,
@@ -416,6 +422,27 @@ def membership_metrics(model, processor, members, nonmembers, k: float, batch_si
     samples = [sample_row("mia", r["id"].rsplit("/", 1)[0], "mia", "", "member" if r["member"] else "non-member",
                           "", {a: r[a] for a in mia.ATTACKS}) for r in rows]
     return metrics, samples
+
+
+def gold_distance_metrics(model, processor, members, gold: str, key: str, dtype: str = "auto", device: str = "auto",
+                          batch_size: int = 32) -> tuple[dict, list[dict]]:
+    """metrics["gold_distance"]: KL from the gold model's answer distributions on the forget QA (oracle.py).
+
+    The gold model's side is computed once per forget set and kept beside it (gold-answers.json).
+    """
+    from . import oracle
+    from .mia import qa_items
+    from pipeline.cache.filememo import remembered
+    items = qa_items(members)
+
+    def compute() -> dict:
+        gold_model, gold_processor = load_for_eval(gold, None, dtype, device)
+        return oracle.gold_answers(gold_model, gold_processor, items, batch_size)
+    answers = remembered(Path(gold) / "gold-answers.json", f"{key}|top{oracle.TOP_K}", compute)
+    metrics, rows = oracle.distance_to_gold(model, processor, items, answers, batch_size)
+    samples = [sample_row("gold_distance", r["id"].rsplit("/", 1)[0], "gold_distance", "", "", "",
+                          {k: _finite(r[k]) for k in ("kl", "kl_key", "kl_normal", "n_key", "n")}) for r in rows]
+    return {k: _finite(float(v)) for k, v in metrics.items()}, samples
 
 
 def relearn_metrics(model, processor, members, settings: RelearnConfig, reference_dir, key: str, dtype: str = "auto",

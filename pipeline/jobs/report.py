@@ -56,6 +56,13 @@ TABLE_COLUMNS = (
      "OpenUnlearning's / MUSE's convention, 100 x (g - AUC) / (1 - g), min-k% (their privleak; opposite sign, "
      "< 0 = leaks, and relative to 1 - g: g = 60, AUC = 90 gives viker +50, OU -75), to set beside their "
      "published numbers; already a percentage; empty on the Gold row"),
+    ("KL to gold", "gold_distance.kl_gold",
+     "distance to the oracle: KL(gold || this model) on the forget QA's answer tokens, in nats, over the gold "
+     "model's top-64 tokens plus one bucket for the rest (a lower bound of the full KL), mean over items "
+     "(0 = answers like a model never trained on the forget people; pipeline/evaluation/oracle.py)"),
+    ("KL to gold (key)", "gold_distance.kl_gold_key",
+     "the same on the key tokens only: positions whose true token the gold model gives < 0.5 probability "
+     "(what only the forget people's training made predictable: names, places, years)"),
     ("Relearn", "relearn.recovery",
      "relearning attack: Forget ACC on 90% of the forget QA after fine-tuning on the other 10%, / the vanilla "
      "model's (lower = more robust; the Gold row is what the 10% alone teaches)"),
@@ -80,14 +87,18 @@ TABLE_COLUMNS = (
 )
 # Columns already in percent (not x100 in the table).
 PERCENT_COLUMNS = {"mia.privleak_min_k", "mia.privleak_ou_min_k"}
+# Columns in nats: shown as they are, with two decimals (a KL of 0.04 is not 0.0).
+NATS_COLUMNS = {"gold_distance.kl_gold", "gold_distance.kl_gold_key"}
 # Left out of a table when no row has them (older results, attacks that did not run).
 OPTIONAL_COLUMNS = {"mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased", "relearn.recovery_minus_gold",
+                    "gold_distance.kl_gold", "gold_distance.kl_gold_key",
                     "relearn.worst_recovery_minus_gold", "relearn.people_recovery_minus_gold"}
 # Relearning recoveries reported against the gold control of the same split.
 PAIRED_WITH_GOLD = ("relearn.recovery", "relearn.worst_recovery", "relearn.people_recovery")
 # Undefined on the Gold row, which is their reference: an empty cell there, never 0 (n/a = not measured).
 GOLD_METHOD = "Gold"
 UNDEFINED_FOR_GOLD = {"mia.privleak_min_k", "mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased",
+                      *NATS_COLUMNS,
                       *(column + "_minus_gold" for column in PAIRED_WITH_GOLD)}
 TRADEOFF_X, TRADEOFF_Y = "forget.mc_acc", "retain.rougeL"
 ACC_METRICS = {
@@ -191,7 +202,8 @@ def comparison_table(df: pd.DataFrame, acc_metric: str = "mc_acc") -> pd.DataFra
         for header, column, _ in present_columns(df, acc_metric):
             values = group[column] if column in group else pd.Series(dtype=float)
             row[header] = "" if key[0] == GOLD_METHOD and column in UNDEFINED_FOR_GOLD else \
-                _mean_std_cell(values, 1 if column in PERCENT_COLUMNS else 100)
+                _mean_std_cell(values, 1 if column in PERCENT_COLUMNS | NATS_COLUMNS else 100,
+                               2 if column in NATS_COLUMNS else 1)
         row["n_seeds"] = len(group)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -229,13 +241,13 @@ def _nan_last(value: float) -> tuple:
     return (1, 0.0) if pd.isna(value) else (0, float(value))
 
 
-def _mean_std_cell(values: pd.Series, scale: float = 100):
+def _mean_std_cell(values: pd.Series, scale: float = 100, decimals: int = 1):
     values = values.dropna() * scale
     if values.empty:
         return math.nan
     if len(values) == 1:
-        return f"{values.iloc[0]:.1f}"
-    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+        return f"{values.iloc[0]:.{decimals}f}"
+    return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
