@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 
 def recompute(cache_dir, pool_dir, model_dir=None, n=3) -> list[dict]:
@@ -62,7 +63,8 @@ def recompute(cache_dir, pool_dir, model_dir=None, n=3) -> list[dict]:
     return results
 
 
-def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
+def _cache(tmp_path_factory):
+    """(cache dir, pool dir, the samples cached): 4 forget samples of a tiny world, k = 3."""
     import torch
 
     from pipeline.config import PrecomputeConfig
@@ -77,15 +79,10 @@ def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
     settings = PrecomputeConfig(output=str(cache), k=3, top_k=8, seed=0, shard_size=4, batch_size=4, dtype="float32")
     pc.precompute(str(model_dir), samples, settings, pool_dir=str(root / "pools" / "people"), device="cpu",
                   log=lambda *_: None)
-    script = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              f"from test_cache_portable import recompute; "
-              f"r = recompute({str(cache)!r}, {str(root / 'pools' / 'people')!r}); "
-              f"assert not any(m == 'pipeline' or m.startswith('pipeline.') for m in sys.modules), 'imported'; "
-              f"print(json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path_factory.mktemp("elsewhere"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    return cache, root / "pools" / "people", samples
+
+
+def _assert_recomputed(results, samples):
     assert [r["sample_id"] for r in results] == [s.sample_id for s in samples[:3]]
     for r in results:
         stored, again = np.array(r["stored_prob"], np.float32), np.array(r["recomputed_prob"], np.float32)
@@ -95,6 +92,34 @@ def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
         np.testing.assert_allclose(r["recomputed_entropy"], r["stored_entropy"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r["recomputed_tail"], r["stored_tail"], atol=1e-5)
         assert np.mean(r["stored_entropy"]) > 0.01          # real distributions, not one-hot placeholders
+
+
+def test_recompute_imports_nothing_of_viker_and_agrees_with_the_cache(tmp_path_factory):
+    """The recomputation in this process (its imports read from its source, not from a fresh interpreter:
+    the slow test below runs it where `pipeline` was never imported)."""
+    import ast
+    import inspect
+    module = ast.parse(inspect.getsource(sys.modules[__name__]))
+    imports = [*module.body, *ast.walk(ast.parse(inspect.getsource(recompute)))]   # what `recompute` runs
+    modules = {alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in imports if isinstance(node, ast.ImportFrom)}
+    assert "transformers" in modules and not any(m.split(".")[0] in ("pipeline", "tests") for m in modules), modules
+    cache, pool, samples = _cache(tmp_path_factory)
+    _assert_recomputed(recompute(cache, pool), samples)
+
+
+@pytest.mark.slow
+def test_three_samples_recomputed_from_the_cache_alone(tmp_path_factory):
+    cache, pool, samples = _cache(tmp_path_factory)
+    script = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from test_cache_portable import recompute; "
+              f"r = recompute({str(cache)!r}, {str(pool)!r}); "
+              f"assert not any(m == 'pipeline' or m.startswith('pipeline.') for m in sys.modules), 'imported'; "
+              f"print(json.dumps(r))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path_factory.mktemp("elsewhere"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    _assert_recomputed(json.loads(out.stdout.strip().splitlines()[-1]), samples)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,20 @@ def _cli(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def test_lora_wraps_the_language_model_only(world):
+    """What the CLI run below checks of the saved adapter, on every family without training."""
+    family, _, model_dir = world
+    model, _ = load_model(model_dir, device="cpu")
+    wrapped = wrap_lora(model, r=2, alpha=4, dropout=0.0)
+    lora = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
+    vision = families.FAMILIES[family].vision
+    assert lora and not any(f".{part}." in n for n in lora for part in vision)
+
+
+# The CLI end to end on LLaVA and on Qwen2.5-VL (its own positions, its own pixel layout); the other
+# families' pieces are checked above, their CLI runs are slow.
+@pytest.mark.parametrize("world", ["llava", "qwen2_5_vl"] + [pytest.param(f, marks=pytest.mark.slow) for f in
+                                                            ("llava_next", "idefics3", "gemma3")], indirect=True)
 def test_viker_steps_evaluation_and_plain_peft_adapter(world, tmp_path):
     family, root, model_dir = world
     cache, run_dir, results = tmp_path / "refs", tmp_path / "run", tmp_path / "results.jsonl"

@@ -52,17 +52,46 @@ def test_a_world_too_large_for_the_portraits_is_refused(tmp_path, monkeypatch):
         mini.make_mini(tmp_path, MiniConfig(n_fictitious=120, n_real=12))
 
 
-def test_a_larger_world_gets_a_seventh_trait_and_the_default_world_stays_as_it_was():
-    """Six traits hold ~130 identities; a 2x world (168 with the pool) needs the shirt band."""
+def test_the_default_world_stays_as_it_was():
+    import hashlib
+
     import numpy as np
     from pipeline.data.portraits import draw_identities
-    import hashlib
     default = draw_identities(np.random.default_rng(0), 96)
     assert all(i.band == 0 for i in default)
     # The six-trait identities the previous release drew for the default world (seed 0, 72 people + 24 pool).
     six = repr([i.as_tuple()[:6] for i in default]).encode()
     assert hashlib.sha256(six).hexdigest()[:16] == "343d920f16214986"
-    large = draw_identities(np.random.default_rng(0), 168)
+
+
+def _assert_a_seventh_trait_world(large):
     assert len(set(large)) == 168 and {i.band for i in large} == {0, 1, 2}
     assert all(sum(a != b for a, b in zip(x.as_tuple(), y.as_tuple())) >= 3
                for k, x in enumerate(large) for y in large[k + 1:])
+
+
+def test_when_six_traits_give_up_the_band_is_the_seventh(monkeypatch):
+    """The fallback on its own: the six-trait draw gives up at once here instead of after its 200,000
+    attempts (~10 s); the slow test below lets it give up for real."""
+    import numpy as np
+    from pipeline.data import portraits
+    tries = []
+
+    def six_give_up(rng, n, min_diff, sizes):
+        tries.append(len(sizes))
+        return None if len(sizes) == 6 else draw(rng, n, min_diff, sizes)
+
+    draw = portraits._draw
+    monkeypatch.setattr(portraits, "_draw", six_give_up)
+    large = portraits.draw_identities(np.random.default_rng(0), 168)
+    assert tries == [6, 7]
+    _assert_a_seventh_trait_world(large)
+
+
+@pytest.mark.slow
+def test_a_larger_world_gets_a_seventh_trait():
+    """Six traits hold ~130 identities; a 2x world (168 with the pool) needs the shirt band."""
+    import numpy as np
+    from pipeline.data.portraits import draw_identities
+    large = draw_identities(np.random.default_rng(0), 168)
+    _assert_a_seventh_trait_world(large)

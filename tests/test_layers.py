@@ -10,6 +10,7 @@ too (they are how circles used to hide), and so do modules imported as names
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
@@ -49,11 +50,17 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.lru_cache(maxsize=None)
+def import_statements(source: str) -> tuple[ast.stmt, ...]:
+    """Every import statement of a source, nested ones too (parsed once: each test reads the whole package)."""
+    return tuple(node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
 def imports_of(module: str, source: str, is_package: bool, modules: set[str]) -> set[str]:
     """The pipeline modules `module` imports, relative imports resolved, `from pkg import mod` as mod."""
     package = module if is_package else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in import_statements(source):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
         elif isinstance(node, ast.ImportFrom):

@@ -207,7 +207,9 @@ def test_the_attack_line_of_a_row_names_both_conventions():
 
 # ------------------------------------------------------------------ the tiny model
 
-RECIPE = FinetuneConfig(steps=400, batch_size=8, lr=3e-3, warmup_steps=5, augment=False, stop_known=0.0)
+# Plants the members firmly in a few seconds: the loss attack's AUC is 0.92-0.94 over fine-tuning seeds 0-2
+# (400 steps at 3e-3 reach 0.98 at three times the cost; the test asks for 0.8).
+RECIPE = FinetuneConfig(steps=120, batch_size=8, lr=1e-2, warmup_steps=5, augment=False, stop_known=0.0)
 
 
 @pytest.fixture(scope="module")

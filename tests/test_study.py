@@ -300,10 +300,57 @@ def test_finished_runs_are_reused_and_a_killed_study_resumes(tmp_path, monkeypat
     assert calls == [] and [r["key"] for r in again] == [r["key"] for r in runs]
 
 
-def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
-    """`viker study --quick` on the CI grid (~2 min on 2 cores), then again: every run reused.
+# One draw of the quick world, run for real: two methods at one budget, a 2-step relearning attacker with no
+# worst-case grid, one evaluated profile.
+ONE_DRAW = ("study.methods=ga,viker", "study.budgets=4", "study.ablations=false", "finetune.steps=8",
+            "evaluate.max_profiles=1", "relearn.steps=2", "relearn.grid_lrs=", "relearn.grid_steps=",
+            "relearn.people=false")
 
-    Not marked slow: CI runs the quick grid, so the study's attack columns are checked on every commit."""
+
+def test_real_runs_of_one_draw_fill_the_reports_attack_columns(tmp_path):
+    """The study's own steps on one draw (benchmark, vanilla and gold models, cache, then a vanilla, a gold,
+    a GA and a ViKeR run trained, evaluated and attacked), their done records copied to the other two test
+    draws, and the report read from them: the attack columns come from what evaluation really writes.
+    Every phase of `run_study` together, on the quick grid, is the slow test below."""
+    over = [f"study.output={tmp_path}/s", f"study.report={tmp_path}/STUDY.md"]
+    cfg = load_config("configs/study.yaml", study.QUICK + ONE_DRAW + tuple(over))
+    s = cfg.study
+    first, others, split = s.draws[0], s.draws[1:], s.splits[0]
+    selection = {m: {"lr": s.lrs[0], "lam": s.lams[0], "auc": 0.5,
+                     "candidates": [{"lr": s.lrs[0], "lam": s.lams[0], "auc": 0.5}]} for m in s.methods}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "selection.json").write_text(json.dumps({"chosen": selection}))
+    planned = (study.vanilla_runs(cfg, s.draws, [split]) + study.gold_runs(cfg, s.draws, [split])
+               + study.test_runs(cfg, selection))
+    mine = [r for r in planned if r["settings"]["draw"] == first]
+    assert sorted(r["settings"]["method"] for r in mine) == ["ga", "gold", "vanilla", "viker"]
+    study.prepare_draw(cfg, first)
+    study.prepare_gold(cfg, first, split)
+    for job in study._caches(cfg, mine):
+        study.prepare_cache(*job)
+    done = {r["settings"]["method"]: study.execute_run(cfg, r) for r in mine}
+    for name in ("ga", "viker"):    # trained, then attacked: membership against the gold model, relearning
+        metrics = done[name]["row"]["metrics"]
+        assert "privleak_min_k" in metrics["mia"] and metrics["relearn"]["steps"] == 2, name
+    assert study.execute_run(cfg, mine[0]) == done["vanilla"]           # a finished run is read back
+    for run in (r for r in planned if r["settings"]["draw"] in others):
+        folder = tmp_path / "s" / "runs" / run["key"]
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({**run, "row": done[run["settings"]["method"]]["row"]}))
+    result = study.report_only(cfg, command="viker study --quick", log=lambda *_: None)
+    assert result["runs"] == 12
+    text = (tmp_path / "STUDY.md").read_text()
+    # The attack columns appear only where the rows hold attack numbers, and here every cell has one.
+    assert "| MIA AUC (min-k) | PrivLeak (min-k) |" in text and "| Relearn | Relearned ACC |" in text
+    gold = re.search(r"\| forget_10 \| 3 \| (.*) \|$", text, re.M).group(1).split(" | ")
+    assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", gold[2]), gold           # the gold model's MIA AUC
+    assert re.search(r"^\| ViKeR − GA \| MIA AUC \(min-k\) \| [+-]\d+\.\d \|", text, re.M)
+    assert "## Relearning against the gold control" in text
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end_then_fully_reused(tmp_path):
+    """`viker study --quick` on the CI grid (~2 min on 2 cores), then again: every run reused."""
     over = [f"study.output={tmp_path}/s", f"study.report={tmp_path}/STUDY.md"]
     cfg = load_config("configs/study.yaml", study.QUICK + tuple(over))
     first = study.run_study(cfg, command="viker study --quick", log=lambda *_: None)

@@ -224,7 +224,12 @@ METHOD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(METHOD_CASES))
+# viker+nll and viker+kl are the retain-aware test's runs at retain_weight 0 (below): here they are slow.
+SAME_AS_RETAIN_AWARE = ("viker+nll", "viker+kl")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SAME_AS_RETAIN_AWARE else c
+                                  for c in METHOD_CASES])
 def test_every_method_runs_two_steps_with_finite_logged_losses(world, tmp_path, case):
     overrides, key = METHOD_CASES[case]
     cache = world["own_cache"] if case == "viker-wo-vis" else None
@@ -294,6 +299,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_adapter(world, t
     with pytest.raises(TrainingDiverged) as err:
         run(world, tmp_path / "run", method="ga", steps=5)
     message = str(err.value)
+    # The traceback holds this frame and the run's frames, whose data loader has worker processes: left to
+    # the garbage collector, that cycle is torn down in no order and stopping the workers waits 10 s.
+    del err
     assert "step 3" in message and "nan" in message and "\n" not in message
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(t).all() for t in weights.values()), "the bad step was applied"
