@@ -396,3 +396,59 @@ def test_idkpo_scaled_form_by_hand():
                          beta, scale=scale)
     assert d["reward_margin"].item() == pytest.approx(0.4)
     assert loss.item() == pytest.approx(-20.0 * math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+
+
+def test_simnpo_hand_values_and_gradient():
+    lbar = torch.tensor([-0.5, -2.0], dtype=D64, requires_grad=True)
+    loss, d = L.simnpo_loss(lbar, beta=2.5, gamma=0.3)
+    # -(2/b) logsigmoid(b (nll - g)) = (2/b) log(1 + exp(-b (nll - g))), nll = -lbar
+    expected = [0.8 * math.log(1 + math.exp(-2.5 * (0.5 - 0.3))), 0.8 * math.log(1 + math.exp(-2.5 * (2.0 - 0.3)))]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(d["token_nll"], torch.tensor([0.5, 2.0]))
+    # d/d lbar = 2 sigmoid(-b (nll - g)): positive (minimising lowers lbar), fading once nll passes the margin.
+    loss.sum().backward()
+    want = [2 / (1 + math.exp(2.5 * (0.5 - 0.3))), 2 / (1 + math.exp(2.5 * (2.0 - 0.3)))]
+    torch.testing.assert_close(lbar.grad, torch.tensor(want, dtype=D64), atol=1e-6, rtol=0)
+    # As beta -> 0 with no margin it is gradient ascent on lbar: gradient 1.
+    tiny = torch.tensor([-0.7], requires_grad=True)
+    L.simnpo_loss(tiny, beta=1e-4)[0].sum().backward()
+    assert tiny.grad.item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_steering_target_is_a_seeded_vector_of_norm_c():
+    t = L.steering_target(64, 6.5, seed=3)
+    assert t.shape == (64,) and t.dtype == torch.float32
+    assert t.norm().item() == pytest.approx(6.5, rel=1e-6) and (t >= 0).all()     # uniform [0, 1) direction
+    torch.testing.assert_close(t, L.steering_target(64, 6.5, seed=3), rtol=0, atol=0)
+    assert not torch.allclose(t, L.steering_target(64, 6.5, seed=4))
+    u = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t, 6.5 * u / u.norm())
+
+
+def test_hidden_distance_hand_values_and_gradient():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [5.0, 5.0]]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    target = torch.tensor([0.0, 1.0])
+    dist = L.hidden_distance(hidden, target, mask)
+    # per token (1/D) ||h - t||^2: row 0: (1 + 1)/2 = 1, (9 + 9)/2 = 9 -> mean 5; row 1: (0 + 1)/2 = 0.5 (padding out)
+    torch.testing.assert_close(dist, torch.tensor([5.0, 0.5]))
+    dist.sum().backward()
+    # d/dh = 2 (h - t) / D / tokens; 0 at the padded token
+    torch.testing.assert_close(hidden.grad, torch.tensor([[[0.5, 0.5], [1.5, 1.5]], [[0.0, -1.0], [0.0, 0.0]]]))
+    loss, d = L.rmu_forget_loss(hidden.detach(), mask, target)
+    torch.testing.assert_close(loss, dist.detach())
+    torch.testing.assert_close(d["hidden_norm"], torch.tensor([(5 ** 0.5 + 5.0) / 2, 0.0]))
+
+
+def test_rmu_retain_loss_is_zero_at_the_vanilla_and_sends_no_gradient_to_it():
+    g = torch.Generator().manual_seed(1)
+    vanilla = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    same, d = L.rmu_retain_loss(vanilla.detach().clone(), vanilla, mask)
+    torch.testing.assert_close(same, torch.zeros(2))
+    torch.testing.assert_close(d["retain_hidden"], torch.zeros(2))
+    moved = (vanilla.detach() + 1.0).requires_grad_()
+    value, _ = L.rmu_retain_loss(moved, vanilla, mask)
+    torch.testing.assert_close(value, torch.ones(2))          # every coordinate 1 apart: (1/D) * D = 1
+    value.sum().backward()
+    assert vanilla.grad is None and moved.grad is not None

@@ -19,7 +19,7 @@ from pipeline.stage2.methods import forward as F
 from pipeline.stage2.stream import MicroBatch, Refs
 from tests.test_losses import LABELS, MASK, PROBS, _logits_from_probs, _np_kl
 
-TRAIN_METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker")
+TRAIN_METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu")
 SWEEP = TRAIN_METHODS + ("viker+nll", "viker+kl")
 
 
@@ -36,7 +36,7 @@ def test_registry_names_are_the_config_choices():
     with pytest.raises(TrainError) as err:
         M.get_method("viker+nll")   # a sweep key, not a train.method
     assert str(err.value) == ("unknown training method 'viker+nll'; choose one of: "
-                              "ga, graddiff, kl_min, npo, idkpo, viker")
+                              "ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu")
 
 
 def test_each_method_lives_in_its_own_module():
@@ -53,13 +53,14 @@ def test_declarations_are_complete(name):
     for term in m.retain_term_choices:
         for convention in M.LOSS_CONVENTIONS:
             d = m.defaults(M.LossSpec(name, retain_term=term, convention=convention))
-            assert d.retain and set(d.retain) <= {"nll", "kl"} and d.retain_weight >= 0
+            assert d.retain and set(d.retain) <= {"nll", "kl", "hidden"} and d.retain_weight >= 0
+            assert ("hidden" in d.retain) == (name == "rmu")     # RMU's own term, its own forward
 
 
 def test_labels_are_read_from_the_registry():
     assert labels.METHOD_LABELS == {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO",
-                                    "idkpo": "IdkPO", "viker": "ViKeR", "viker+nll": "ViKeR+NLL",
-                                    "viker+kl": "ViKeR+KL"}
+                                    "idkpo": "IdkPO", "viker": "ViKeR", "simnpo": "SimNPO", "rmu": "RMU",
+                                    "viker+nll": "ViKeR+NLL", "viker+kl": "ViKeR+KL"}
     assert tuple(labels.METHOD_LABELS) == M.SWEEP_KEYS
     assert labels.train_method("viker+nll") == ("viker", {"retain_term": "nll"})
     assert labels.train_method(" ViKeR+KL ") == ("viker", {"retain_term": "kl"})
@@ -120,6 +121,9 @@ def test_default_retain_terms_are_todays_numbers():
         assert terms("npo", c) == ((("nll", 1.0),) if c == "openunlearning" else ())
         assert terms("graddiff", c) == (("nll", 1.0),)
         assert terms("viker", c, "nll") == (("nll", 1.0),) and terms("viker", c, "kl") == (("kl", 1.0),)
+        # SimNPO: the authors' plain loss under viker; OpenUnlearning's (SimNPO.yaml: alpha 1, NLL) otherwise
+        assert terms("simnpo", c) == (() if c == "viker" else (("nll", 1.0),))
+        assert terms("rmu", c) == (("hidden", 1.0),) and terms("rmu", c, weight=3.0) == (("hidden", 3.0),)
     assert [terms("kl_min", c) for c in M.LOSS_CONVENTIONS] == [(("kl", 1.0),), (("kl", 1.0), ("nll", 1.0)),
                                                                  (("kl", 1.0),)]
     # train.retain_weight is the alpha of that same term, never a term of its own.
@@ -178,14 +182,25 @@ def stub_forwards(monkeypatch):
         asked["frozen"] += 1
         return VANILLA, None
 
+    def hidden(net, model, parts, inputs, dev, layer):      # RMU's: hidden states in the logits' place
+        asked["parts"] = set(parts)
+        return {name: (HIDDEN, LABELS, MASK) for name in parts}, None
+
+    def frozen_hidden(model, examples, inputs, dev, layer):
+        asked["frozen"] += 1
+        return HIDDEN_VANILLA, MASK
+
     monkeypatch.setattr(F, "forward_parts", parts)
     monkeypatch.setattr(F, "frozen_logits", frozen)
+    monkeypatch.setattr(F, "forward_hidden", hidden)
+    monkeypatch.setattr(F, "frozen_hidden", frozen_hidden)
     return asked
 
 
 @pytest.mark.parametrize("name,settings", [(n, {}) for n in TRAIN_METHODS] +
                          [("viker", {"retain_term": "nll"}), ("viker", {"retain_term": "kl"}),
-                          ("npo", {"retain_weight": 1.0}), ("kl_min", {"convention": "mllmu"})])
+                          ("npo", {"retain_weight": 1.0}), ("kl_min", {"convention": "mllmu"}),
+                          ("simnpo", {"convention": "openunlearning"})])
 def test_a_method_reads_what_it_declares_and_nothing_else(name, settings, stub_forwards):
     m, spec = M.METHODS[name], M.LossSpec(name, **settings)
     needs = m.needs(spec)
@@ -196,7 +211,7 @@ def test_a_method_reads_what_it_declares_and_nothing_else(name, settings, stub_f
     loss, diags = M.micro_batch_loss(None, None, mb, spec, None, "cpu")
     assert torch.isfinite(loss) and diags["forget/loss"].shape == (2,)
     assert stub_forwards["parts"] == {"forget"} | ({"idk"} & set(needs)) | ({"retain"} & set(needs))
-    assert stub_forwards["frozen"] == int(any(t == "kl" for t, _ in m.retain_terms(spec)))
+    assert stub_forwards["frozen"] == int(any(t in ("kl", "hidden") for t, _ in m.retain_terms(spec)))
     for field in needs:                   # what it declares, a micro-batch must carry
         short = _full_batch()
         setattr(short, field, None)
@@ -207,7 +222,8 @@ def test_a_method_reads_what_it_declares_and_nothing_else(name, settings, stub_f
 def test_declared_needs_per_method():
     needs = {n: M.METHODS[n].needs(M.LossSpec(n)) for n in TRAIN_METHODS}
     assert needs == {"ga": (), "graddiff": ("retain",), "kl_min": ("retain",), "npo": ("ref_logp_own",),
-                     "idkpo": ("ref_logp_own", "ref_logp_idk", "idk"), "viker": ("refs",)}
+                     "idkpo": ("ref_logp_own", "ref_logp_idk", "idk"), "viker": ("refs",), "simnpo": (),
+                     "rmu": ("retain",)}
     assert M.METHODS["viker"].needs(M.LossSpec("viker", online=True)) == ()
     assert [M.METHODS[n].scores for n in ("npo", "idkpo", "viker")] == [("ref_logp_own",),
                                                                         ("ref_logp_own", "ref_logp_idk"), ()]
@@ -224,6 +240,9 @@ LL_IDK = [2 * math.log(0.4), math.log(0.4)]
 # The vanilla model of the retain part: uniform, so KL(P_van || Q) is the same at every answer token.
 VANILLA = torch.zeros(2, 2, 4)
 KL_UNIFORM = _np_kl([0.25] * 4, [0.1, 0.2, 0.3, 0.4])
+# RMU's case: hidden states [2, 2, 4] at the answer tokens (row 1's second token is padding), and the vanilla's.
+HIDDEN = torch.tensor([[[1.0, 2.0, 0.0, -1.0], [0.5, 0.5, 0.5, 0.5]], [[2.0, 0.0, 1.0, 1.0], [9.0, 9.0, 9.0, 9.0]]])
+HIDDEN_VANILLA = torch.tensor([[[1.0, 1.0, 0.0, -1.0], [0.5, 0.5, 0.5, 0.5]], [[0.0, 0.0, 1.0, 1.0], [0.0] * 4]])
 # test_losses' ViKeR bucket case (Q = PROBS row 0; R on (3, 2) = (0.6, 0.3), tail 0.1), at every position.
 REFS2 = Refs(torch.tensor([[[3, 2]] * 2] * 2), torch.tensor([[[0.6, 0.3]] * 2] * 2), torch.full((2, 2), 0.1),
              torch.zeros(2, 2))
@@ -355,3 +374,101 @@ def test_viker_loss_by_hand_and_its_retain_terms():
                                 vanilla=VANILLA)
         assert loss.item() == pytest.approx(math.log(0.4) + 0.5 * kl + term, abs=1e-6), settings
         assert [k for k in d if k.startswith("retain/")] == [key]
+
+
+# ------------------------------------------------------------------ SimNPO and RMU
+
+
+@pytest.mark.parametrize("convention", M.LOSS_CONVENTIONS)
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_simnpo_loss_by_hand(convention, gamma):
+    # viker: the authors' plain loss, beta 2.5, no retain term; mllmu and openunlearning: OpenUnlearning's,
+    # 0.125 x the loss with beta 4.5, + 1 x NLL(retain) (the retain part is the forget part again: NLL = -GA).
+    spec = M.loss_spec(TrainConfig(method="simnpo", convention=convention, simnpo_gamma=gamma), "simnpo", 5, 64, 0)
+    beta, w, alpha = (2.5, 1.0, 0.0) if convention == "viker" else (4.5, 0.125, 1.0)
+    assert M.METHODS["simnpo"].beta(spec) == beta and spec.simnpo_gamma == gamma
+    loss, d = M.METHODS["simnpo"].combine(_out(retain=True), _batch(retain=True), spec, "cpu")
+    nll = [-LL[0] / 2, -LL[1] / 1]                                        # per-token NLL: 2 and 1 answer tokens
+    forget = [w * (2 / beta) * math.log(1 + math.exp(-beta * (x - gamma))) for x in nll]   # -(2/b) logsig(b (x-g))
+    assert loss.item() == pytest.approx(sum(forget) / 2 - alpha * GA_MEAN, rel=1e-6)
+    torch.testing.assert_close(d["forget/loss"], torch.tensor(forget), atol=1e-6, rtol=0)
+    torch.testing.assert_close(d["forget/token_nll"], torch.tensor(nll), atol=1e-6, rtol=0)
+    assert ("retain/nll" in d) == (alpha > 0)
+    # train.beta overrides the convention's beta; train.retain_weight its alpha.
+    user = M.LossSpec("simnpo", beta=1.0, retain_weight=2.0, convention=convention)
+    assert M.METHODS["simnpo"].beta(user) == 1.0 and M.METHODS["simnpo"].retain_terms(user) == (("nll", 2.0),)
+
+
+def test_simnpo_openunlearning_is_their_simnpo_by_their_code():
+    """OpenUnlearning's SimNPO (locuslab/open-unlearning, configs/trainer/SimNPO.yaml: delta 0, beta 4.5, alpha 1,
+    gamma 0.125, retain_loss_type NLL; src/trainer/unlearn/simnpo.py SimNPO.compute_loss), ported line for line
+    (the logits here are already shifted), with a margin delta = train.simnpo_gamma of 0.2."""
+    import torch.nn.functional as TF
+    r_probs = [[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]], [[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]]]
+    r_labels = torch.tensor([[2, 3], [0, 1]])     # equal retain lengths: their outputs.loss = our mean of means
+    out = {"forget": (_logits_from_probs(PROBS), LABELS, MASK),
+           "retain": (_logits_from_probs(r_probs), r_labels, torch.ones(2, 2, dtype=torch.bool))}
+    spec = M.loss_spec(TrainConfig(method="simnpo", convention="openunlearning", simnpo_gamma=0.2), "simnpo",
+                       5, 64, 0)
+    loss, _ = M.METHODS["simnpo"].combine(out, _batch(retain=True), spec, "cpu")
+    delta, beta, alpha, gamma = 0.2, 4.5, 1.0, 0.125
+    logits = _logits_from_probs(PROBS)
+    loss_mask = LABELS != -100
+    forget_loss = TF.cross_entropy(logits.transpose(-1, -2), LABELS, ignore_index=-100, reduction="none").sum(-1)
+    forget_loss = forget_loss / loss_mask.sum(-1) - delta
+    forget_loss = -TF.logsigmoid(beta * forget_loss).mean() * 2 / beta
+    retain_loss = TF.cross_entropy(_logits_from_probs(r_probs).reshape(-1, 4), r_labels.reshape(-1))
+    assert loss.item() == pytest.approx((gamma * forget_loss + alpha * retain_loss).item(), rel=1e-6)
+
+
+def test_rmu_loss_by_hand():
+    spec = M.loss_spec(TrainConfig(method="rmu", rmu_steering=3.0, seed=7), "rmu", 5, 64, 0)
+    assert (spec.rmu_layer, spec.rmu_steering, spec.seed) == (-1, 3.0, 7)
+    out = {"forget": (HIDDEN, LABELS, MASK), "retain": (HIDDEN, LABELS, MASK)}
+    loss, d = M.METHODS["rmu"].combine(out, _batch(retain=True), spec, "cpu", vanilla=HIDDEN_VANILLA)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(7))
+    cu = (3.0 * u / u.norm()).tolist()
+    sq = [[sum((h - t) ** 2 for h, t in zip(tok, cu)) / 4 for tok in row] for row in HIDDEN.tolist()]
+    forget = [(sq[0][0] + sq[0][1]) / 2, sq[1][0]]                       # row 1's second token is padding
+    retain = [(0.25 + 0.0) / 2, 1.0]                                      # (1/4)||h - h_vanilla||^2 per token
+    assert loss.item() == pytest.approx(sum(forget) / 2 + sum(retain) / 2, rel=1e-6)
+    torch.testing.assert_close(d["forget/loss"], torch.tensor(forget), atol=1e-6, rtol=0)
+    torch.testing.assert_close(d["retain/hidden"], torch.tensor(retain), atol=1e-6, rtol=0)
+    assert not [k for k in d if k in ("retain/nll", "retain/kl")]
+
+
+def _their_activation_loss(activation1, activation2, mask):
+    """OpenUnlearning's RMU.compute_activation_loss (src/trainer/unlearn/rmu.py), ported line for line."""
+    import torch.nn.functional as TF
+    squared_diff = TF.mse_loss(activation1, activation2, reduction="none")
+    expanded_mask = mask.unsqueeze(-1).expand_as(squared_diff)
+    squared_diff_sum = (squared_diff * expanded_mask).mean(dim=2).sum(dim=(1))
+    num_tokens = mask.sum(dim=-1, keepdim=True)
+    return (squared_diff_sum / num_tokens).mean()
+
+
+def test_rmu_is_their_rmu_by_their_code():
+    """OpenUnlearning's RMU.compute_loss (configs/trainer/RMU.yaml: steering_coeff 2, alpha 1, gamma 1,
+    retain_loss_type EMBED_DIFF) on full sequences masked by labels != -100; ours gathers the answer tokens."""
+    g = torch.Generator().manual_seed(0)
+    seq, prompt = torch.randn(2, 5, 4, generator=g), 3             # 3 prompt positions, then 2 answer tokens
+    vanilla_seq = seq + 0.1 * torch.randn(2, 5, 4, generator=g)
+    labels = torch.tensor([[-100] * 3 + [2, 3]] * 2)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    spec = M.loss_spec(TrainConfig(method="rmu", convention="openunlearning", seed=5), "rmu", 5, 64, 0)
+    out = {"forget": (seq[:, prompt:], labels[:, prompt:], mask), "retain": (seq[:, prompt:], labels[:, prompt:], mask)}
+    loss, _ = M.METHODS["rmu"].combine(out, _batch(retain=True), spec, "cpu", vanilla=vanilla_seq[:, prompt:])
+    u = torch.rand(4, generator=torch.Generator().manual_seed(5))       # their torch.rand(1, 1, dim), seeded here
+    control_vec = (u / torch.norm(u) * 2.0).view(1, 1, 4).expand_as(seq)
+    theirs = (1.0 * _their_activation_loss(seq, control_vec, labels != -100)
+              + 1.0 * _their_activation_loss(seq, vanilla_seq, labels != -100))
+    assert loss.item() == pytest.approx(theirs.item(), rel=1e-6)
+    # With answers of different lengths their [b] / [b, 1] division broadcasts to [b, b]: mean_j(S_j) * mean_i(1/n_i)
+    # (S_j: example j's summed per-token MSE) instead of mean_j(S_j / n_j), ours (docs/METHODS.md).
+    short = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    target = control_vec[:, prompt:]
+    sums = ((seq[:, prompt:] - target) ** 2).mean(-1).mul(short).sum(-1)
+    assert _their_activation_loss(seq[:, prompt:], target, short).item() == pytest.approx(
+        (sums.mean() * (1 / short.sum(-1).float()).mean()).item(), rel=1e-6)
+    ours = M.METHODS["rmu"].forget_loss({"forget": (seq[:, prompt:], None, short)}, None, spec, None, "cpu")[0]
+    assert ours.mean().item() == pytest.approx((sums / short.sum(-1)).mean().item(), rel=1e-6)

@@ -10,6 +10,8 @@ over the batch, the retain term weighted by alpha = train.retain_weight):
     KL_Min    GA(forget) + alpha * KL(P_vanilla || P_cur) on retain
     NPO       -(2/beta) * logsigmoid(-beta * (ll_cur - ll_ref))            beta = 0.4 (openunlearning: 0.1, + NLL(retain))
     IdkPO     -logsigmoid(beta * ((ll_cur - ll_ref)[idk] - (ll_cur - ll_ref)[gt]))
+    SimNPO    -(2/beta) * logsigmoid(beta * (-ll/T - gamma))                  reference-free, per-token
+    RMU       (1/D) ||h_l - c*u||^2 on forget + alpha * (1/D) ||h_l - h_l^vanilla||^2 on retain
     ViKeR     mean_i [ log Q_i(y_i) + lambda_i * D(R~_i, Q~_i) ]                (the paper's; no retain data)
     ViKeR+NLL ViKeR(forget) + alpha * NLL(retain)         train.retain_term nll (ours, GradDiff's term)
     ViKeR+KL  ViKeR(forget) + alpha * KL(P_vanilla || P_cur) on retain       train.retain_term kl (ours)
@@ -52,6 +54,9 @@ table in stage2/methods/). ll = summed answer log-likelihood, lbar = ll / T (per
                                              train.idk_beta (0.1); retain term with   compute_dpo_loss; DPO
                                              train.retain_weight > 0 (MLLMU-Bench     class: gamma * forget +
                                              has no IdkPO: OpenUnlearning's form)     alpha * retain)
+    SimNPO   -(2/b) logsig(b (-lbar - g)),   as openunlearning (MLLMU-Bench has       0.125 x that with b = 4.5,
+             b = 2.5 (the authors' simnpo)   no SimNPO)                               + NLL(retain) (SimNPO.yaml)
+    RMU      the same in every convention (OpenUnlearning's rmu.py; methods/rmu.py)
 
 where margin = (ll - ll_ref)[idk] - (ll - ll_ref)[gt]. Differences that remain
 in every convention: our GA/NLL/KL average over *answer* tokens (the authors'
@@ -226,9 +231,57 @@ def idkpo_loss(ll_cur_idk, ll_ref_idk, ll_cur_gt, ll_ref_gt, beta: float = 0.1, 
     )
 
 
+def simnpo_loss(lbar: torch.Tensor, beta: float, gamma: float = 0.0):
+    """SimNPO: -(2/beta) * logsigmoid(beta * (-lbar - gamma)), [B].
+
+    `lbar` is the per-token mean answer log-likelihood (no reference model).
+    `gamma` is the margin in per-token NLL units, subtracted before beta as the
+    authors' code and OpenUnlearning do; the paper's gamma is beta times it.
+    """
+    nll = -lbar.float()
+    loss = -(2.0 / beta) * F.logsigmoid(beta * (nll - gamma))
+    return loss, _diag(token_nll=nll)
+
+
 def per_token(ll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A summed answer log-likelihood [B] as a per-token mean (mask: the answer tokens it summed)."""
     return ll.float() / mask.to(torch.float32).sum(-1).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------- RMU
+
+
+def steering_target(dim: int, steering: float, seed: int) -> torch.Tensor:
+    """RMU's c * u, [dim] float32: u the unit vector along a uniform [0, 1)^dim draw seeded by `seed`.
+
+    Uniform, not Gaussian, as RMU's authors and OpenUnlearning draw it (so u
+    lies in the positive orthant); a CPU generator, so every device and rank
+    gets the same u.
+    """
+    u = torch.rand(int(dim), generator=torch.Generator().manual_seed(int(seed)))
+    return float(steering) * u / u.norm()
+
+
+def hidden_distance(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(1/D) ||h_t - target_t||^2 averaged over answer tokens, [B].
+
+    `hidden` [B, T, D]; `target` [D] (the same at every position) or [B, T, D];
+    the target is detached: no gradient reaches it.
+    """
+    sq = (hidden.float() - target.detach().float()).pow(2).mean(-1)
+    return _masked_mean(sq, mask)
+
+
+def rmu_forget_loss(hidden: torch.Tensor, mask: torch.Tensor, target: torch.Tensor):
+    """RMU's forget term: the forget hidden states' distance to c*u (`target`, [D]), [B]."""
+    dist = hidden_distance(hidden, target, mask)
+    return dist, _diag(hidden_norm=_masked_mean(hidden.float().norm(dim=-1), mask))
+
+
+def rmu_retain_loss(hidden: torch.Tensor, vanilla: torch.Tensor, mask: torch.Tensor):
+    """RMU's retain term: the retain hidden states' distance to the vanilla model's (`vanilla`, [B, T, D]), [B]."""
+    dist = hidden_distance(hidden, vanilla, mask)
+    return dist, _diag(retain_hidden=dist)
 
 
 # ----------------------------------------------------------------- ViKeR

@@ -7,6 +7,8 @@
     idkpo     DPO towards "I don't know" with cached reference log-likelihoods
     viker     ga + lambda * D(R, Q) against the cached reference distribution R
               (train.retain_term nll | kl: ViKeR+NLL, ViKeR+KL)
+    simnpo    reference-free NPO on the per-token mean log-likelihood, with a margin
+    rmu       a layer's forget hidden states pushed to c*u, its retain hidden states kept
 
 Each module declares, in one class, the method's name and label, what it
 needs (cache fields, idk answers, retain data), its defaults per loss
@@ -17,9 +19,10 @@ what they share (the checks, the one gradient forward, the retain term) and
 and conventions are written out in docs/METHODS.md.
 
 train.retain_weight has one meaning: alpha, the weight of the method's retain
-term, whatever that term is (NLL for graddiff and viker+nll, KL for kl_min
-and viker+kl, NLL+KL for kl_min under mllmu, an optional NLL for ga, npo,
-idkpo and plain viker); 0 means the method's default under the convention.
+term, whatever that term is (NLL for graddiff, simnpo and viker+nll, KL for
+kl_min and viker+kl, NLL+KL for kl_min under mllmu, the hidden-state distance
+for rmu, an optional NLL for ga, npo, idkpo and plain viker); 0 means the
+method's default under the convention.
 
 ViKeR+NLL and ViKeR+KL live in viker.py, as `Variant`s of ViKeR (sweep keys,
 not modules): they are train.method viker with train.retain_term set, the same
@@ -99,7 +102,8 @@ def loss_spec(cfg, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
                     retain_term=check_retain_term(cfg.retain_term, m.name),
                     online=cfg.online_reference and m.online_reference, k=k, top_k=top_k, ref_seed=ref_seed,
-                    convention=convention, idk_beta=cfg.idk_beta)
+                    convention=convention, idk_beta=cfg.idk_beta, simnpo_gamma=cfg.simnpo_gamma,
+                    rmu_layer=cfg.rmu_layer, rmu_steering=cfg.rmu_steering, seed=cfg.seed)
 
 
 def check_options(cfg, method: str, cache_dir, pool_dir) -> None:

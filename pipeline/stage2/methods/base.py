@@ -36,12 +36,16 @@ class LossSpec:
     regulariser: str = "kl"
     use_ga: bool = True
     token_lambda: bool = False
-    beta: float = 0.0              # NPO's (IdkPO's under viker) beta; 0: the method's default under the convention
+    beta: float = 0.0              # NPO's and SimNPO's (IdkPO's under viker) beta; 0: the convention's default
     retain_weight: float = 0.0     # alpha of the method's retain term; 0: the method's default (Method.retain_terms)
     retain_term: str = "none"      # ViKeR's optional retain term: none (the paper's) | nll | kl
     online: bool = False
     convention: str = "viker"      # LOSS_CONVENTIONS: how NPO / IdkPO / KL_Min are written
     idk_beta: float = 0.1          # IdkPO's beta under the mllmu / openunlearning conventions
+    simnpo_gamma: float = 0.0      # SimNPO's margin, per-token NLL units
+    rmu_layer: int = -1            # RMU's decoder layer; -1: the middle one
+    rmu_steering: float = 2.0      # RMU's steering coefficient c
+    seed: int = 0                  # train.seed: RMU's random direction u
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
@@ -53,7 +57,9 @@ class Defaults:
 
     `retain_weight`: alpha when train.retain_weight is 0 (0: no retain term, and no retain data read).
     `retain`: the retain loss(es) alpha weighs, added in this order: "nll" (mean NLL of the retain
-    answers) and/or "kl" (KL(P_vanilla || P_cur) on them). Method modules extend this with their own fields.
+    answers) and/or "kl" (KL(P_vanilla || P_cur) on them), or "hidden": the distance of a layer's retain
+    hidden states to the vanilla model's (RMU's, whose `loss` makes those states; rmu.py). Method modules
+    extend this with their own fields.
     """
     retain_weight: float = 0.0
     retain: tuple[str, ...] = ("nll",)
@@ -166,8 +172,12 @@ class Method:
         return self.combine(out, mb, spec, dev, refs=refs, vanilla=vanilla)
 
     def combine(self, out: dict, mb, spec: LossSpec, dev, refs=None, vanilla=None):
-        """The loss from the forward's parts: mean forget loss + alpha x each retain loss (plain tensors)."""
-        from ..losses import kl_retain_loss, nll_loss
+        """The loss from the forward's parts: mean forget loss + alpha x each retain loss (plain tensors).
+
+        `vanilla`: the vanilla model's retain logits (term "kl") or hidden states (term "hidden", RMU's, whose
+        parts carry hidden states in the logits' place).
+        """
+        from ..losses import kl_retain_loss, nll_loss, rmu_retain_loss
         forget, d = self.forget_loss(out, mb, spec, refs, dev)
         total = forget.mean()
         diags = {"forget/loss": forget, **{"forget/" + _short(k, "forget_"): v for k, v in d.items()}}
@@ -176,6 +186,8 @@ class Method:
             for term, alpha in self.retain_terms(spec):
                 if term == "kl":   # against the vanilla model's logits, made before the forward
                     value, d = kl_retain_loss(r_logits, vanilla, r_mask)
+                elif term == "hidden":
+                    value, d = rmu_retain_loss(r_logits, vanilla, r_mask)
                 else:
                     value, d = nll_loss(r_logits, r_labels, r_mask)
                 total = total + alpha * value.mean()

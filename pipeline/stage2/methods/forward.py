@@ -1,5 +1,9 @@
 """The forwards every method shares: the one gradient forward, the frozen model, online references.
 
+RMU reads a decoder layer's hidden states instead of logits: `forward_hidden`
+and `frozen_hidden` capture that layer's output with a forward hook during
+the same forwards.
+
 The frozen model is never a second copy: it is the base with the adapter
 disabled, under no_grad. With `online_reference` ViKeR computes R during
 training (k frozen forwards per sample, drawn exactly like stage one draws
@@ -12,10 +16,11 @@ import contextlib
 
 import torch
 
-from pipeline.models.forward import TextBatch, answer_logits, make_text_batch
+from pipeline.models.forward import TextBatch, answer_logits, language_model, make_text_batch
 from pipeline.stage1.precompute import summarise
 from pipeline.stage1.references import draw_reference_images
 
+from ..errors import TrainError
 from ..inputs import Example, Inputs
 from ..stream import Refs
 
@@ -60,11 +65,16 @@ def forward_parts(net, model, parts: dict[str, list[Example]], inputs: Inputs, d
     batch = make_text_batch([ex.ids for ex in examples], [ex.start for ex in examples], inputs.pad_id).to(dev)
     pixels = inputs.bank[[ex.image for ex in examples]].to(dev, frozen_dtype(model))
     logits = net(batch.input_ids, batch.attention_mask, batch.answer_pos, pixels)
+    return _split(parts, logits, batch)
+
+
+def _split(parts: dict[str, list[Example]], values: torch.Tensor, batch: TextBatch) -> dict:
+    """name -> (values, answer ids, mask) of each part's rows, sliced to that part's own answer width."""
     out, row = {}, 0
     for name, part in parts.items():
         width = max(len(ex.ids) - ex.start for ex in part)
         rows = slice(row, row + len(part))
-        out[name] = (logits[rows, :width], batch.answer_ids[rows, :width], batch.answer_mask[rows, :width])
+        out[name] = (values[rows, :width], batch.answer_ids[rows, :width], batch.answer_mask[rows, :width])
         row += len(part)
     return out
 
@@ -96,3 +106,58 @@ def online_references(model, examples: list[Example], inputs: Inputs, spec, dev)
     prob = prob.half().float()
     return Refs(torch.where(mask[..., None], idx, 0), torch.where(mask[..., None], prob, 0.0),
                 torch.where(mask, tail, 1.0), torch.where(mask, entropy, 0.0))
+
+
+def decoder_layer(model, layer: int) -> torch.nn.Module:
+    """Decoder layer `layer` of the language model (-1: the middle one, (n - 1) // 2); TrainError when out of range."""
+    layers = language_model(model).layers
+    n = len(layers)
+    index = (n - 1) // 2 if layer == -1 else layer
+    if not 0 <= index < n:
+        raise TrainError(f"train.rmu_layer {layer} is out of range: the model has {n} decoder layers "
+                         f"(0..{n - 1}, or -1 for the middle one)")
+    return layers[index]
+
+
+@contextlib.contextmanager
+def layer_output(model, layer: int):
+    """A list that receives decoder layer `layer`'s output hidden states [B, L, D], one per forward run inside.
+
+    The hook is removed on leaving, so activation checkpointing's recomputation
+    in the backward adds nothing.
+    """
+    seen = []
+
+    def keep(module, args, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layer(model, layer).register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _at_answer_tokens(hidden: torch.Tensor, batch: TextBatch) -> torch.Tensor:
+    """[B, T, D]: the hidden states at the answer tokens' own positions (answer_pos + 1), as OpenUnlearning's RMU
+    masks them (labels != -100); padded slots point at position 1 and carry mask 0."""
+    index = (batch.answer_pos + 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, index)
+
+
+def forward_hidden(net, model, parts: dict[str, list[Example]], inputs: Inputs, dev, layer: int):
+    """forward_parts for RMU: one gradient forward, name -> (layer `layer`'s hidden states at the answer tokens
+    [n, T, D], answer ids, mask), plus the forward's logits (which the loss does not read)."""
+    examples = [ex for part in parts.values() for ex in part]
+    batch = make_text_batch([ex.ids for ex in examples], [ex.start for ex in examples], inputs.pad_id).to(dev)
+    pixels = inputs.bank[[ex.image for ex in examples]].to(dev, frozen_dtype(model))
+    with layer_output(model, layer) as seen:
+        logits = net(batch.input_ids, batch.attention_mask, batch.answer_pos, pixels)
+    return _split(parts, _at_answer_tokens(seen[0], batch), batch), logits
+
+
+def frozen_hidden(model, examples: list[Example], inputs: Inputs, dev, layer: int):
+    """The vanilla model's layer `layer` hidden states at the answer tokens [B, T, D], and the answer mask."""
+    with layer_output(model, layer) as seen:
+        _, batch = frozen_logits(model, examples, inputs, dev)
+    return _at_answer_tokens(seen[0], batch), batch.answer_mask
