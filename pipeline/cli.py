@@ -116,6 +116,7 @@ def main():
     viker cache inspect|verify|merge DIR      (verify --model M --pool P: a copied cache)
     viker cache show DIR SAMPLE_ID  one sample's tokens, reference entropy and alternatives
     viker attack relearn            relearning attack: does fine-tuning on part of the forget set bring it back?
+    viker attack quantize           quantization attack: do fp16/bf16/int8/int4/nf4 weights bring it back?
     viker config show               the resolved configuration (file + KEY=VALUE overrides) as YAML
     """
     from pipeline.threads import apply_wait_policy
@@ -244,9 +245,12 @@ def finetune(config_path, overrides):
 @click.option("--allow-benchmark-images", is_flag=True,
               help="Accept pool images equal to forget/retain/test/real images (the paper's ablation that uses "
                    "benchmark images as references); by default such a pool is refused.")
+@click.option("--strict", is_flag=True, help="Refuse any forget item the reader drops for its content (an empty "
+              "answer, a row without training QA) instead of naming it in the log (data.strict=true).")
 @overrides_arg
 @one_line_errors
-def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite, allow_benchmark_images, overrides):
+def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite, allow_benchmark_images, strict,
+               overrides):
     """Stage one: the frozen model's averaged distributions over k reference images -> HDF5 shards.
 
     \b
@@ -262,6 +266,8 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite,
     p = cfg.precompute
     if allow_benchmark_images:
         p.allow_benchmark_images = True
+    if strict:
+        cfg.data.strict = True
     group = distributed_state(cfg.model.device)   # torchrun / accelerate launch: joins the process group
     rank, world, device = group.rank, group.world, str(group.device)
     if (shard_index is None) != (num_shards is None):
@@ -286,13 +292,15 @@ def precompute(config_path, no_prefix_cache, shard_index, num_shards, overwrite,
 @click.option("--resume", is_flag=True, help="Continue from train.output/checkpoint (same settings required).")
 @click.option("--overwrite", is_flag=True,
               help="Remove another run's adapter/train_config.json/checkpoint from train.output before starting.")
+@click.option("--strict", is_flag=True, help="Refuse any forget or retain item the reader drops for its content "
+              "(an empty answer, a row without training QA) instead of naming it in the log (data.strict=true).")
 @overrides_arg
 @one_line_errors
-def train(config_path, resume, overwrite, overrides):
+def train(config_path, resume, overwrite, strict, overrides):
     """Stage two: LoRA unlearning of the forget split, streaming the reference cache.
 
     \b
-    Methods (train.method): ga, graddiff, kl_min, npo, idkpo, viker.
+    Methods (train.method): ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu.
     Ablations: w/o Reg = train.method=ga; w/o GA = train.use_ga=false;
                w/o Vis = a cache made with precompute.reference=own.
     Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
@@ -301,6 +309,8 @@ def train(config_path, resume, overwrite, overrides):
     train.use_cache_settings=true.
     """
     cfg = _load(config_path, overrides)
+    if strict:
+        cfg.data.strict = True
     from pipeline.jobs.runs import run_train
     result = run_train(cfg, cfg.model.path, resume=resume, overwrite=overwrite, log=click.echo)
     click.echo(f"{result['method']}: {result['steps']} steps in {result['seconds']:.1f}s "
@@ -393,6 +403,50 @@ def relearn_cmd(config_path, adapter, reference, overrides):
         click.echo(f"row appended to {cfg.relearn.results}")
 
 
+@attack.command("quantize")
+@config_option
+@click.option("--adapter", default=None, help="The unlearned LoRA adapter (e.g. <train.output>/adapter), merged "
+                                             "before rounding; none: model.path itself is attacked.")
+@click.option("--reference", default=None,
+              help="The vanilla model, quantized the same way, that recovery is relative to (default: model.path).")
+@click.option("--gold", default=None, help="A gold model (trained without the forget people), quantized the same "
+                                          "way: the control (default: evaluate.gold; empty: none).")
+@overrides_arg
+@one_line_errors
+def quantize_cmd(config_path, adapter, reference, gold, overrides):
+    """Quantization attack: round the merged weights (quantize.schemes), measure Forget ACC again.
+
+    \b
+    Prints, per scheme (none: unquantized), the fact accuracy on the forget set
+    and its change from the unquantized model, the vanilla model's under the
+    same scheme, recovery = Forget ACC / vanilla's, the gold model's (with
+    --gold) and the utility sets' (quantize.sets). int8/int4 are round-to-nearest
+    with quantize.group_size weights per scale, nf4 QLoRA's NormalFloat with
+    quantize.nf4_block; the rounding is emulated in torch on any device
+    (pipeline/evaluation/quantize.py, docs/ATTACKS.md). quantize.results
+    appends the row as JSON.
+    """
+    import json
+    if not adapter and not reference:
+        raise click.UsageError("recovery needs a reference: the vanilla model, --reference DIR, when the attacked "
+                               "model is not an --adapter over it (model.path itself would be its own reference)")
+    cfg = _load(config_path, overrides)
+    from pipeline.evaluation.quantize import finite, format_attack
+    from pipeline.jobs.runs import config_record, run_quantize_attack
+    d = cfg.data
+    label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
+    result = finite(run_quantize_attack(cfg, adapter, reference or cfg.model.path, gold))
+    click.echo(format_attack(result, label))
+    if cfg.quantize.results:
+        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
+               "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
+               "data_root": d.root, "quantize": result, "config": config_record(cfg)}
+        Path(cfg.quantize.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(cfg.quantize.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        click.echo(f"row appended to {cfg.quantize.results}")
+
+
 def _training_info(adapter: str) -> dict:
     """What the training run recorded beside its adapter (method, steps, lr, lambda, cache)."""
     import json
@@ -471,24 +525,29 @@ def cache():
                    "equal what the cache was made from.")
 @click.option("--pool", "pool_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="This machine's reference pool directory: every image's name and sha256 must equal the cache's.")
+@click.option("--quick", is_flag=True, help="Only each shard's sha256 and structure, no dataset read: "
+              "a damaged chunk whose sha256 was rewritten with it goes unseen (for large caches).")
 @one_line_errors
-def verify(cache_dir, model_dir, pool_dir):
-    """Check checksums and structure of every shard; exit code 1 on any problem.
+def verify(cache_dir, model_dir, pool_dir, quick):
+    """Read every dataset of every shard (each chunk's Fletcher32 checksum, the format's value ranges) and
+    check sha256 and structure; exit code 1 on any problem.
 
-    With --model / --pool, also check a copied cache against this machine's model and pool
-    (paths may differ between machines; contents may not).
+    --quick checks sha256 and structure only. With --model / --pool, also check a copied cache
+    against this machine's model and pool (paths may differ between machines; contents may not).
     """
     from pipeline.cache.refcache import verify_cache
-    problems = verify_cache(cache_dir)
+    problems = verify_cache(cache_dir, quick=quick)
     if model_dir or pool_dir:
         problems += _machine_problems(cache_dir, model_dir, pool_dir)
     errors = [p for p in problems if not p.startswith("warning:")]
     for p in problems:
         click.echo(p)
+    checked = ("quick: sha256 and structure only, datasets not read; run without --quick to read them"
+               if quick else "every dataset read")
     if errors:
-        click.echo(f"{cache_dir}: {len(errors)} problem(s)", err=True)
+        click.echo(f"{cache_dir}: {len(errors)} problem(s) ({checked})", err=True)
         sys.exit(1)
-    click.echo(f"{cache_dir}: OK")
+    click.echo(f"{cache_dir}: OK ({checked})")
 
 
 @cache.command()

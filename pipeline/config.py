@@ -23,9 +23,9 @@ from pipeline.schema import ConfigError, check_section, coerce, field_types, set
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SetName = Literal["forget", "test", "retain", "real"]
 # train.method: the registry's methods (pipeline/stage2/methods/; a test keeps the two equal).
-Method = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker"]
+Method = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu"]
 # demo.methods / study.methods: the methods plus ViKeR with a retain term (ours), compared as methods of their own.
-SweepMethod = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "viker+nll", "viker+kl"]
+SweepMethod = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu", "viker+nll", "viker+kl"]
 Metric = Literal["fact_acc", "mc_ll_acc", "mc_acc"]
 
 
@@ -44,6 +44,8 @@ class DataConfig:
                                   "empty: each split's own metadata")
     finetune_real: bool = setting(False, "knowledge injection also learns the real set (the miniature benchmark; "
                                          "MLLMU-Bench's vanilla model learned ft_Data only)")
+    strict: bool = setting(False, "refuse a forget or retain item the reader drops for its content (an empty "
+                                  "answer, a row without training QA) instead of naming it in the log (--strict)")
 
 
 @dataclass
@@ -124,11 +126,18 @@ class TrainConfig:
     lam: float = setting(0.5, "ViKeR's lambda", ge=0)
     use_ga: bool = setting(True, "false: ViKeR's w/o GA ablation")
     token_lambda: bool = setting(False, "experimental: lambda_i from the reference entropy")
-    beta: float = setting(0.0, "NPO's beta (IdkPO's too under convention viker); 0: the convention's, 0.4 "
-                               "(NPO under openunlearning: 0.1, OpenUnlearning's NPO.yaml)", ge=0)
+    beta: float = setting(0.0, "NPO's and SimNPO's beta (IdkPO's too under convention viker); 0: the convention's "
+                               "(docs/METHODS.md): NPO 0.4, 0.1 under openunlearning; SimNPO 2.5, 4.5 under "
+                               "mllmu and openunlearning", ge=0)
     convention: Literal["viker", "mllmu", "openunlearning"] = setting(
         "viker", "how the baselines' losses are written (docs/METHODS.md)")
     idk_beta: float = setting(0.1, "IdkPO's beta under conventions mllmu and openunlearning", gt=0)
+    simnpo_gamma: float = setting(0.0, "SimNPO's margin, in per-token NLL units (the paper's gamma / beta; "
+                                       "OpenUnlearning's delta)", ge=0)
+    rmu_layer: int = setting(-1, "RMU: the decoder layer (0-based) whose output is steered; -1: the middle one, "
+                                 "(layers - 1) // 2", ge=-1)
+    rmu_steering: float = setting(2.0, "RMU's steering coefficient c, the norm of the forget target c*u "
+                                       "(OpenUnlearning's RMU.yaml: 2)", gt=0)
     retain_weight: float = setting(0.0, "alpha, the weight of the method's retain term; 0: the method's default", ge=0)
     retain_term: Literal["none", "nll", "kl"] = setting(
         "none", "ViKeR only: none (the paper's loss), nll (+ retain NLL) or kl (+ KL to the vanilla model on retain)")
@@ -216,6 +225,24 @@ class RelearnConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """`viker attack quantize`: round the unlearned model's weights as a deployment would; is the forget set back?"""
+    schemes: list[Literal["fp16", "bf16", "int8", "int4", "nf4"]] = setting(
+        doc="precisions tried, each against the unquantized model: fp16, bf16 (every weight cast and back), int8, "
+            "int4 (round-to-nearest, absmax per group), nf4 (QLoRA's NormalFloat, absmax per block)",
+        factory=lambda: ["fp16", "bf16", "int8", "int4", "nf4"], min_items=1)
+    group_size: int = setting(128, "int8/int4: weights of a row per absmax scale (GPTQ/AWQ's common 128); 0: one "
+                                   "scale per output row", ge=0)
+    nf4_block: int = setting(64, "nf4: weights of the flattened matrix per absmax scale (bitsandbytes' default)", ge=1)
+    modules: Literal["language", "all"] = setting(
+        "language", "Linear layers int8/int4/nf4 round: language (the decoder, what unlearning changed) or all "
+                    "(vision tower and projector too, as a bitsandbytes load); the LM head never")
+    sets: list[SetName] = setting(doc="sets whose fact accuracy is measured: forget (required: recovery) and utility "
+                                      "sets", factory=lambda: ["forget", "retain"], min_items=1)
+    results: str = setting("", "JSON lines to append the attack's row to (empty: print only)")
+
+
+@dataclass
 class DemoConfig:
     """The unlearning sweep `viker demo` runs on the miniature benchmark."""
     methods: list[SweepMethod] = setting(doc="methods swept",
@@ -276,6 +303,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     relearn: RelearnConfig = dataclasses.field(default_factory=RelearnConfig)
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
@@ -308,6 +336,9 @@ def check_rules(cfg: Config) -> None:
     if "mc_acc" in (s.forget_metric, s.utility_metric) and "mc" not in cfg.evaluate.tasks:
         raise ConfigError("config keys 'study.forget_metric'/'study.utility_metric' mc_acc need the mc task: "
                           "add mc to evaluate.tasks")
+    if "forget" not in cfg.quantize.sets:
+        raise ConfigError(f"config key 'quantize.sets' must include forget (recovery is measured there), "
+                          f"got {','.join(cfg.quantize.sets)}")
     device = cfg.model.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"config key 'model.device' must be auto, cpu, cuda or cuda:N, got {device!r}")

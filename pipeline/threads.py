@@ -1,7 +1,8 @@
-"""OpenMP's wait policy for the CPU threads, decided from what the cores are doing now.
+"""OpenMP's wait policy for the CPU threads, decided from what the cores are doing now; workers dying with their parent.
 
 Nothing here runs at import: `apply_wait_policy()` is called by the `viker`
-command (pipeline/cli.py) and by the worker spawner (pipeline/jobs/workers.py).
+command (pipeline/cli.py) and by the worker spawner (pipeline/jobs/workers.py);
+`die_with_parent()` by the workers themselves (stage2/stream.py, jobs/workers.py).
 """
 import os as _os
 import time as _time
@@ -118,3 +119,32 @@ def apply_wait_policy() -> None:
     _DECIDED_FROM = ("other processes' load unknown" if busy is None else
                      f"other processes kept {busy:.1f} of {usable_cores()} cores busy at start-up")
 
+
+
+# prctl(2) option: the signal a process receives when the thread that created it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, *_) -> bool:
+    """Have this worker process killed (SIGKILL) when its parent dies, even by SIGKILL; True where armed.
+
+    A worker initializer (DataLoader worker_init_fn, which also passes the worker
+    id; the job pool's initializer). Linux only (prctl PR_SET_PDEATHSIG, via
+    ctypes); elsewhere nothing is armed. The signal fires when the parent
+    *thread* that started the worker exits: the DataLoader and the pool start
+    theirs from the thread that goes on using them. A parent that died before
+    the signal was armed is caught by comparing the parent pid (the orphan was
+    re-parented), and this process ends at once.
+    """
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+    try:
+        armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):   # no prctl symbol (an unusual libc): the DataLoader's watchdog remains
+        return False
+    if _os.getppid() != parent_pid:
+        _os.kill(_os.getpid(), signal.SIGKILL)
+    return armed

@@ -452,7 +452,7 @@ def test_official_row_counts_scored_items_names_nltk_bleu_and_honours_tasks(worl
     source = ev.official_shot_source(official_root, "Full_Set")
     (shot,) = pm.shot_profiles([p.id for p in two], source, 1, pm._rng(2, "retain", "mc"))
     scored_mc = sum(len(p.choices) for p in two if p.id != shot.id)
-    assert row["n_items"]["retain"] == {"profiles": 2, "mc": scored_mc, "cloze": 0,
+    assert row["n_items"]["retain"] == {"profiles": 2, "mc": scored_mc, "cloze": 0, "fact": 0,
                                         "gen": sum(len(p.generation) for p in two)}
     assert scored_mc < ev._counts(two)["mc"], "the shot profile's questions are not counted"
     samples = [json.loads(line) for line in open(row["samples"])]

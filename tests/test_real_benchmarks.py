@@ -467,7 +467,8 @@ def test_mllmu_end_to_end(world):
     row = evaluate_with(ev.evaluate, str(world["model"]), str(root), "forget_10", adapter=runs["viker"]["adapter"], method="ViKeR",
                       results_path=str(results), max_new_tokens=3, batch_size=16, device="cpu")
     assert row["retain_split"] == "retain_90"
-    assert row["n_items"]["test"] == {"profiles": 2, "mc": 4, "gen": 2, "cloze": 2}, "Test_Set filtered to forget"
+    assert row["n_items"]["test"] == {"profiles": 2, "mc": 4, "gen": 2, "cloze": 2, "fact": 0, "mc_ll": 4,
+                                      "cloze_ll": 2}, "Test_Set filtered to forget; its rows carry no training QA"
     assert row["n_items"]["forget"]["mc"] == 4 and row["n_items"]["real"]["profiles"] == 1
     for name in ("forget", "test", "retain", "real"):
         for key in ("mc_acc", "rougeL", "cloze_acc", "fact_acc"):

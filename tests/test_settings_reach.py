@@ -5,7 +5,7 @@ other than its default, generated from the schema (so a new key is covered
 without touching this file). The stage functions are replaced by recorders
 and every command path runs; then each key's sentinel must be found where the
 stage receives it. The stages take their config sections whole (finetune,
-precompute, train, evaluate, relearn), so the sections that arrive must equal
+precompute, train, evaluate, relearn, quantize), so the sections that arrive must equal
 the configured ones, except for the fields a path sets on purpose (listed per
 path below); the keys a mapping or job consumes itself are listed in CONSUMED.
 A mapping that drops or forgets a key (as `viker demo` once dropped
@@ -14,6 +14,7 @@ evaluate.protocol) fails here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -83,7 +84,7 @@ def sentinel_config() -> Config:
 
 def test_sentinels_differ_from_defaults_and_are_valid():
     cfg, default = sentinel_config(), Config()
-    for name in ("data", "model", "finetune", "precompute", "train", "evaluate", "relearn"):
+    for name in ("data", "model", "finetune", "precompute", "train", "evaluate", "relearn", "quantize"):
         for f in dataclasses.fields(getattr(cfg, name)):
             key = f"{name}.{f.name}"
             if key not in KEEP_DEFAULT:
@@ -106,7 +107,7 @@ def calls(monkeypatch, tmp_path):
     import importlib
     for name in ("pipeline.stage1.precompute", "pipeline.stage2.train", "pipeline.stage2.finetune",
                  "pipeline.evaluation.evaluate", "pipeline.evaluation.clear_eval", "pipeline.evaluation.relearn",
-                 "pipeline.jobs.demo", "pipeline.study.grid"):
+                 "pipeline.evaluation.quantize", "pipeline.jobs.demo", "pipeline.study.grid"):
         importlib.import_module(name)
     monkeypatch.chdir(tmp_path)           # relative sentinel paths (e.g. finetune.output) land in the test's folder
     seen: dict[str, list] = {}
@@ -137,6 +138,8 @@ def calls(monkeypatch, tmp_path):
     monkeypatch.setattr("pipeline.evaluation.clear_eval.format_clear_row", lambda r: "row")
     monkeypatch.setattr("pipeline.evaluation.evaluate.relearn_metrics", record("relearn_metrics", {}))
     monkeypatch.setattr("pipeline.evaluation.relearn.format_attack", lambda r, label: "attack")
+    monkeypatch.setattr("pipeline.evaluation.quantize.attack", record("quantize_attack", {}))
+    monkeypatch.setattr("pipeline.evaluation.quantize.format_attack", lambda r, label: "attack")
     monkeypatch.setattr("pipeline.models.modeling.load_for_eval", lambda *a, **k: (None, None))
     monkeypatch.setattr("pipeline.jobs.demo.vanilla_gate", lambda *a, **k: {})
     monkeypatch.setattr("pipeline.cli._model_libraries", lambda: None)
@@ -163,6 +166,7 @@ def check_precompute(cfg: Config, call, model_dir: str):
     assert kw["pool_dir"] == pool_dir(p.pool, cfg.data.root), "precompute.pool (a name: the benchmark's folder)"
     assert kw.get("prefix_cache") is None, "precompute.prefix_cache: the section's (only --no-prefix-cache overrides)"
     assert kw["device"] == cfg.model.device
+    assert kw["strict"] == cfg.data.strict, "data.strict: precompute refuses dropped forget items"
 
 
 def check_train(cfg: Config, call, model_dir: str, train=None):
@@ -172,8 +176,8 @@ def check_train(cfg: Config, call, model_dir: str, train=None):
     assert args[5] == (train or cfg.train), "the train section arrives whole"
     assert (kw["pool_dir"], kw["idk_answer"], kw["dtype"], kw["device"]) == (
         pool_dir(p.pool, d.root), p.idk_answer, cfg.model.dtype, cfg.model.device)
-    assert (kw["ref_k"], kw["ref_top_k"], kw["ref_seed"], kw["benchmark"], kw["train_root"]) == (
-        p.k, p.top_k, p.seed, d.benchmark, d.train_root)
+    assert (kw["ref_k"], kw["ref_top_k"], kw["ref_seed"], kw["benchmark"], kw["train_root"], kw["strict"]) == (
+        p.k, p.top_k, p.seed, d.benchmark, d.train_root, d.strict)
     assert kw["expect_cache"] == {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
     assert kw["config"] == config_dict(replace(cfg, train=train or cfg.train)), "the adapter records the config"
 
@@ -188,6 +192,12 @@ def check_evaluate(cfg: Config, call, model_dir: str, gold=None, relearn=False, 
         assert kw["relearn"] == (cfg.relearn if relearn else None)
     expected = config_dict(cfg if train is None else replace(cfg, train=train))
     assert kw["config"] == expected, "the row records the resolved configuration"
+
+
+def check_quantize(cfg: Config, call, adapter=None, reference="", gold=""):
+    args, kw = call
+    assert args == (cfg.model, cfg.data, cfg.quantize), "the model, data and quantize sections arrive whole"
+    assert kw == {"adapter": adapter, "reference": reference, "gold": gold, "batch_size": cfg.evaluate.batch_size}
 
 
 # ------------------------------------------------------------------ the CLI
@@ -206,6 +216,7 @@ def test_cli_paths(tmp_path, calls, benchmark):
     cfg = sentinel_config()
     cfg.data.benchmark = benchmark
     cfg.relearn.results = str(tmp_path / "attack.jsonl")
+    cfg.quantize.results = str(tmp_path / "quantize.jsonl")
     invoke(tmp_path, cfg, "finetune")
     check_finetune(cfg, calls["finetune"][-1], cfg.finetune.exclude_split)
     invoke(tmp_path, cfg, "precompute")
@@ -223,6 +234,13 @@ def test_cli_paths(tmp_path, calls, benchmark):
         assert reference == "sentinel-vanilla"
         assert settings == cfg.relearn and (dtype, device, batch) == (cfg.model.dtype, cfg.model.device,
                                                                       cfg.evaluate.batch_size)
+        invoke(tmp_path, cfg, "attack", "quantize", "--reference", "sentinel-vanilla")
+        check_quantize(cfg, calls["quantize_attack"][-1], reference="sentinel-vanilla", gold=cfg.evaluate.gold)
+        invoke(tmp_path, cfg, "attack", "quantize", "--adapter", "sentinel-adapter", "--gold", "sentinel-gold")
+        check_quantize(cfg, calls["quantize_attack"][-1], adapter="sentinel-adapter", reference=cfg.model.path,
+                       gold="sentinel-gold")
+        assert [json.loads(line)["config"] for line in Path(cfg.quantize.results).read_text().splitlines()] == \
+            [config_dict(cfg)] * 2, "quantize.results: each row appended, with the resolved configuration"
 
 
 # ------------------------------------------------------------------ the demo
@@ -287,6 +305,7 @@ def test_study_paths(tmp_path, calls):
     ("precompute", ("stage1/precompute.py",), {"pool"}),                  # pool: runs.pool_dir resolves it
     ("evaluate", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"table_acc"}),   # table_acc: viker report
     ("relearn", ("evaluation/relearn.py",), {"results"}),                                   # results: the CLI's file
+    ("quantize", ("evaluation/quantize.py",), {"results"}),                                  # results: the CLI's file
     ("model", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"family"}),           # family: the demo's
 ])
 def test_a_stage_given_a_section_reads_every_key(section, modules, unread):

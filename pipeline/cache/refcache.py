@@ -484,9 +484,15 @@ def finalize(cache_dir, num_shards: int, fingerprint: Mapping, settings: Mapping
     stored = _shards_settings(cache_dir, names, settings)
     records = [_read_json(_sidecar_path(cache_dir / n)) for n in names]
     shards = [{k: r[k] for k in ("name", "n_samples", "n_tokens", "bytes", "sha256")} for r in records]
+    sources = _shards_sources(cache_dir, names)
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": dict(fingerprint),
-                "settings": stored, "sources": _shards_sources(cache_dir, names), "shards": shards,
+                "settings": stored, "sources": sources, "shards": shards,
                 "totals": {k: sum(s[k] for s in shards) for k in ("n_samples", "n_tokens", "bytes")}}
+    if sources is not None and "dropped" in sources:
+        # The shards carry it in their sources (merge builds the manifest from shards alone);
+        # the manifest shows it at the top, where an auditor looks first, and once.
+        manifest["sources"] = {k: v for k, v in sources.items() if k != "dropped"}
+        manifest["dropped"] = sources["dropped"]
     atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest
 
@@ -714,12 +720,18 @@ class RefCacheReader:
         path = self._paths[pos]
         try:
             with _open_h5(path) as f:
+                columns = {}
+                for name in ("sample_id", "offsets"):   # before the structure check: a damaged chunk is named
+                    try:
+                        columns[name] = f[name][()] if name in f else None
+                    except (OSError, ValueError) as err:
+                        raise damaged(self.cache_dir, path.name, name, err) from err
                 problems = _structure_problems(f, entry, self._manifest["fingerprint"]["digest"])
                 problems += _attribute_problems(f, self._manifest)
                 if problems:
                     raise CacheError(f"shard {path.name} in {self.cache_dir} is corrupt: "
                                      + "; ".join(problems))
-                raw, offsets = f["sample_id"][()], f["offsets"][()]
+                raw, offsets = columns["sample_id"], columns["offsets"]
         except (OSError, KeyError, ValueError) as err:
             raise CacheError(f"shard {path.name} in {self.cache_dir} cannot be read: {err}") from err
         encoded = [x if isinstance(x, bytes) else str(x).encode("utf-8") for x in raw]
@@ -796,7 +808,14 @@ class RefCacheReader:
     def shard_column(self, pos: int, name: str) -> np.ndarray | None:
         """One whole dataset of shard `pos` (e.g. answer_ids, offsets), or None where it is absent."""
         f = self._file(pos)
-        return f[name][()] if name in f else None
+        return self._read(pos, name, lambda d: d[()]) if name in f else None
+
+    def _read(self, pos: int, name: str, how):
+        """how(dataset) of one dataset of shard `pos`; a damaged chunk becomes a CacheError naming shard and dataset."""
+        try:
+            return how(self._file(pos)[name])
+        except (OSError, ValueError) as err:   # h5py: "filter returned failure during read" (Fletcher32, gzip)
+            raise damaged(self.cache_dir, self._paths[pos].name, name, err) from err
 
     def get(self, sample_id: str, stored: bool = False) -> RefSample:
         """The sample's references; `stored`: topk_idx and topk_prob left as stored (uint16/int32, float16),
@@ -832,14 +851,10 @@ class RefCacheReader:
         offsets = self._offsets[pos][first: first + _BLOCK_SAMPLES + 1]
         a, b = int(offsets[0]), int(offsets[-1])
         last = first + len(offsets) - 1
-        try:
-            block = {name: f[name][a:b] for name in _TOKEN_FIELDS}
-            for name in (*_SAMPLE_FIELDS, "pool_indices"):
-                block[name] = f[name][first:last] if name in f else None
-            block["question"] = f["question"].asstr()[first:last] if "question" in f else None
-        except (OSError, ValueError) as err:  # a damaged compressed chunk surfaces here
-            raise CacheError(f"shard {self._paths[pos].name} in {self.cache_dir} "
-                             f"cannot be read: {err}") from err
+        block = {name: self._read(pos, name, lambda d: d[a:b]) for name in _TOKEN_FIELDS}
+        for name in (*_SAMPLE_FIELDS, "pool_indices"):
+            block[name] = self._read(pos, name, lambda d: d[first:last]) if name in f else None
+        block["question"] = self._read(pos, "question", lambda d: d.asstr()[first:last]) if "question" in f else None
         block.update(first=first, offsets=offsets)
         self._blocks[key] = block
         while len(self._blocks) > _MAX_BLOCKS:
@@ -887,6 +902,18 @@ class RefCacheReader:
         return state
 
 
+def damaged(cache_dir, shard: str, dataset: str, err: Exception) -> CacheError:
+    """The one-line error of a dataset that cannot be read: which shard, which dataset, what to do.
+
+    Raised wherever training reads the cache, a DataLoader worker included
+    (stream.ExampleData carries it to the loop as this line).
+    """
+    cause = " ".join(str(err).split()) or type(err).__name__
+    return CacheError(f"shard {shard} in {cache_dir}: dataset {dataset} cannot be read ({cause}; the file is "
+                      f"damaged): run viker cache verify {cache_dir}, then recompute that shard (delete it and "
+                      f"its .json, rerun viker precompute)")
+
+
 def _nan_to_none(value) -> float | None:
     value = float(value)
     return None if np.isnan(value) else value
@@ -895,8 +922,14 @@ def _nan_to_none(value) -> float | None:
 # ---------------------------------------------------------------- verify
 
 
-def verify_cache(cache_dir) -> list[str]:
-    """Every problem found in a cache directory; an empty list means it is sound."""
+def verify_cache(cache_dir, quick: bool = False) -> list[str]:
+    """Every problem found in a cache directory; an empty list means it is sound.
+
+    Every dataset of every shard is read in full, so each chunk's Fletcher32
+    checksum is checked (a sha256 that was rewritten along with the damage would
+    not catch it), and so are the format's value ranges (read_problems).
+    `quick`: sha256 and structure only, no chunk read (large caches).
+    """
     cache_dir = Path(cache_dir)
     try:
         manifest = _load_manifest(cache_dir)
@@ -904,7 +937,7 @@ def verify_cache(cache_dir) -> list[str]:
         return [str(err)]
     problems = _manifest_problems(manifest)
     for entry in manifest["shards"]:
-        problems += [f"{entry.get('name')}: {p}" for p in _shard_problems(cache_dir, entry, manifest)]
+        problems += [f"{entry.get('name')}: {p}" for p in _shard_problems(cache_dir, entry, manifest, quick)]
     problems += _duplicate_id_problems(cache_dir, manifest)
     problems += _directory_problems(cache_dir, manifest)
     return problems
@@ -926,7 +959,7 @@ def _manifest_problems(manifest: dict) -> list[str]:
     return problems
 
 
-def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict) -> list[str]:
+def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict, quick: bool = False) -> list[str]:
     try:
         path = _check_shard_file(cache_dir, entry, verify=False)
     except CacheError as err:
@@ -935,10 +968,79 @@ def _shard_problems(cache_dir: Path, entry: Mapping, manifest: dict) -> list[str
         return ["sha256 differs from the manifest (corrupted or modified)"]
     try:
         with _open_h5(path) as f:
+            unreadable, out_of_range = ([], []) if quick else read_problems(f, manifest["settings"])
+            if unreadable:   # the structure check would stumble on the same chunks
+                return unreadable
             problems = _structure_problems(f, entry, manifest["fingerprint"].get("digest"))
-            return problems + _attribute_problems(f, manifest)
+            problems += _attribute_problems(f, manifest)
+            return problems + out_of_range
     except (OSError, KeyError, ValueError) as err:
         return [f"unreadable HDF5: {err}"]
+
+
+_READ_ROWS = 1 << 16   # rows verify reads at a time: memory stays flat whatever shard_size made the shard
+_PROB_SLACK = 1e-2     # float16 rounding of K probabilities (~K * 2**-12) and the tail's own rounding
+
+
+def read_problems(f: h5py.File, settings: Mapping) -> tuple[list[str], list[str]]:
+    """Read every dataset of an open shard in full: (datasets that cannot be read, values outside the ranges).
+
+    One line per dataset at most. Reading is what checks each chunk's Fletcher32
+    checksum (h5py reports a mismatch as a filter failure); the ranges are those
+    of docs/CACHE_FORMAT.md: token ids below the vocabulary size, probabilities
+    and the tail in [0, 1] with each row's top-K summing to at most 1, entropy
+    finite and >= 0, log-likelihoods <= 0 or NaN, pool rows inside the pool.
+    """
+    vocab = int(f.attrs.get("vocab_size", settings.get("vocab_size", 0)) or 0)
+    pool_size = int(settings.get("pool_size") or 0)
+    unreadable, out_of_range = [], []
+    for name in f:
+        dataset = f[name]
+        if not isinstance(dataset, h5py.Dataset):
+            continue
+        try:
+            bad = None
+            for start in range(0, max(dataset.shape[0], 1), _READ_ROWS):   # every block: each one's checksums
+                block = dataset[start: start + _READ_ROWS]
+                bad = bad or _range_problem(name, block, start, vocab, pool_size)
+        except (OSError, ValueError) as err:
+            unreadable.append(_unreadable(name, err))
+            continue
+        if bad:
+            out_of_range.append(f"dataset {name}: {bad}; recompute this shard")
+    return unreadable, out_of_range
+
+
+def _unreadable(dataset: str, err: Exception) -> str:
+    cause = " ".join(str(err).split()) or type(err).__name__
+    return (f"dataset {dataset} cannot be read ({cause}): a chunk fails its Fletcher32 checksum or "
+            f"decompression, the file is damaged; recompute this shard")
+
+
+def _range_problem(name: str, block: np.ndarray, start: int, vocab: int, pool_size: int) -> str | None:
+    """The first value of one block outside its dataset's range, described; None when all are inside."""
+    def first(mask, what, values=block):
+        if not mask.any():
+            return None
+        at = np.unravel_index(int(np.argmax(mask)), mask.shape)
+        return f"{int(mask.sum())} value(s) {what}, first at row {start + int(at[0])} ({values[at]})"
+    if name in ("answer_ids", "topk_idx") and vocab:
+        return first((block < 0) | (block >= vocab), f"outside [0, {vocab})")
+    if name == "topk_prob":
+        prob = block.astype(np.float32)
+        found = first(~np.isfinite(prob) | (prob < 0) | (prob > 1), "outside [0, 1]")
+        mass = prob.sum(axis=-1)
+        return found or first(mass > 1 + _PROB_SLACK, "of top-K mass above 1", mass)
+    if name == "tail_mass":
+        return first(~np.isfinite(block) | (block < 0) | (block > 1 + _PROB_SLACK), "outside [0, 1]")
+    if name == "entropy":
+        top = np.log(vocab) + _PROB_SLACK if vocab else np.inf
+        return first(~np.isfinite(block) | (block < -_PROB_SLACK) | (block > top), "outside [0, log(vocab)]")
+    if name in _SAMPLE_FIELDS:
+        return first(np.isinf(block) | (block > _PROB_SLACK), "not a log-likelihood (<= 0, or NaN)")
+    if name == "pool_indices" and pool_size:
+        return first((block < 0) | (block >= pool_size), f"outside the pool's [0, {pool_size})")
+    return None
 
 
 def _duplicate_id_problems(cache_dir: Path, manifest: dict) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .clear import read_clear
 from .mllmu import DataError, read_split, read_train_split
-from .records import Profile
+from .records import Dropped, Profile, describe_drops
 
 
 BENCHMARKS = ("mllmu", "clear")
@@ -27,14 +27,17 @@ def check_benchmark(benchmark: str) -> str:
 
 
 def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_images: bool = True, *,
-                  train_root: str | Path = "", notes: list | None = None) -> list[Profile]:
+                  train_root: str | Path = "", notes: list | None = None,
+                  dropped: list | None = None) -> list[Profile]:
     """The profiles of one split (MLLMU-Bench) or config (CLEAR) under `root`.
 
     `split` may name several, comma-separated ("forget10,retain90"): their
     profiles are concatenated in that order, and must not share an id.
     `train_root` (MLLMU-Bench): read the split's training QA from that directory
     in the baseline_train_split layout instead (training stages only).
-    `notes` collects one line per skipped entry.
+    `notes` collects one line per skipped entry; `dropped` a records.Dropped per
+    training item left out for its content (an empty answer, a row without training
+    QA; CLEAR refuses an empty caption instead, and skips text-only TOFU rows by design).
     """
     benchmark = check_benchmark(benchmark)
     names = [s.strip() for s in str(split).split(",") if s.strip()]
@@ -45,9 +48,9 @@ def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_
         if benchmark == "clear":
             profiles += read_clear(root, name, check_images, notes)
         elif train_root:
-            profiles += read_train_split(train_root, name, check_images, notes)
+            profiles += read_train_split(train_root, name, check_images, notes, dropped)
         else:
-            profiles += read_split(root, name, check_images, notes)
+            profiles += read_split(root, name, check_images, notes, dropped)
     if len(names) > 1:
         seen: set[str] = set()
         for p in profiles:
@@ -55,6 +58,21 @@ def read_profiles(root: str | Path, split: str, benchmark: str = "mllmu", check_
                 raise DataError(f"splits {split!r} share profile {p.id!r}: name each split once")
             seen.add(p.id)
     return profiles
+
+
+def report_drops(dropped: list[Dropped], strict: bool, log, stage: str) -> list[dict]:
+    """One log line naming what the reader dropped, or under data.strict a one-line refusal; the drops as dicts.
+
+    Strict mode is for teams that must show every deletion request was processed:
+    an item left out silently would be a request that was not.
+    """
+    if dropped:
+        line = describe_drops(dropped)
+        if strict:
+            raise DataError(f"data.strict: {line}; fix the data, or run without --strict (data.strict=false)")
+        if log is not None:
+            log(f"[{stage}] {line} (--strict / data.strict=true refuses this)")
+    return [d.as_dict() for d in dropped]
 
 
 def default_splits(benchmark: str, forget_split: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from .records import QA, ChoiceItem, GenItem, Profile
+from .records import QA, ChoiceItem, Dropped, GenItem, Profile
 
 
 SPLITS = ("forget_5", "forget_10", "forget_15", "retain_95", "retain_90", "retain_85",
@@ -204,13 +204,15 @@ def _gen_items(items, column: str, where: str) -> list[GenItem]:
     return out
 
 
-def _metadata(value, where: str, notes: list | None = None) -> list[QA]:
+def _metadata(value, where: str, notes: list | None = None, empty: list | None = None) -> list[QA]:
     """`metadata`: a JSON string of [{Question, Answer, Fact?}] (one object alone is accepted too).
 
     As the authors' reader (data_process/data_preprocess.py, LLAVA_multimodal_Dataset.flatten_dataset)
     does, an entry without a non-empty Question and Answer is not a training QA: it is skipped
     (the split builders also append `Additional_question`/`Additional_answer` entries) and,
-    when `notes` is given, one line per skip is added to it.
+    when `notes` is given, one line per skip is added to it. `empty` collects (j, reason) of the
+    skipped entries that were meant as a QA (they have a Question or Answer key, left empty):
+    a bad item, where an Additional_* entry is only another kind of entry.
     """
     if value is None or (isinstance(value, str) and not value.strip()):
         return []
@@ -228,24 +230,36 @@ def _metadata(value, where: str, notes: list | None = None) -> list[QA]:
             raise DataError(f"{where}: column metadata item {j} is a {type(m).__name__}, not an object")
         question, answer = _text(m.get("Question")), _text(m.get("Answer"))
         if not question or not answer:
+            missing = "Question" if not question else "Answer"
             if notes is not None:
-                missing = "Question" if not question else "Answer"
                 notes.append(f"{where}: metadata item {j} skipped (no {missing}; keys: {', '.join(sorted(m))})")
+            if empty is not None and ("Question" in m or "Answer" in m):
+                empty.append((j, f"{'empty' if missing in m else 'no'} {missing}"))
             continue
         qa.append(QA(question, answer, _text(m.get("Fact"))))
     return qa
 
 
-def _training_qa(row: dict, where: str, notes: list | None) -> list[QA]:
+def _training_qa(row: dict, where: str, notes: list | None, empty: list | None = None) -> list[QA]:
     """The training QA of a row: its `metadata` where that holds any, else its `question`/`answer` columns."""
-    qa = _metadata(row.get("metadata"), where, notes)
+    qa = _metadata(row.get("metadata"), where, notes, empty)
     if qa:
         return qa
     question, answer = _text(row.get("question")), _text(row.get("answer"))
     return [QA(question, answer)] if question and answer else []
 
 
-def _profile(row: dict, where: str, check_images: bool, notes: list | None = None) -> Profile:
+def _drops(split: str, pid: str, qa: list[QA], empty: list, dropped: list | None) -> None:
+    """Record a row's bad items (entries meant as QA but empty) or, with none and no QA at all, the row itself."""
+    if dropped is None:
+        return
+    dropped += [Dropped(split, f"{pid}/metadata[{j}]", reason) for j, reason in empty]
+    if not qa and not empty:
+        dropped.append(Dropped(split, pid, "no training QA"))
+
+
+def _profile(row: dict, where: str, check_images: bool, notes: list | None = None, split: str = "",
+             dropped: list | None = None) -> Profile:
     if _text(row.get("ID")) == "":
         raise DataError(f"{where}: column ID is empty")
     images = [image_bytes(img, f"{where} images[{i}]", check_images) for i, img in enumerate(row.get("images") or [])]
@@ -256,10 +270,13 @@ def _profile(row: dict, where: str, check_images: bool, notes: list | None = Non
     else:
         raise DataError(f"{where}: no image (neither column image nor images)")
     cls = row.get("Classification_Task") or {}
+    empty: list = []
+    qa = _training_qa(row, where, notes, empty)
+    _drops(split, _text(row["ID"]), qa, empty, dropped)
     return Profile(
         id=_text(row["ID"]), image=image, biography=row.get("biography") or "",
         question=row.get("question") or "", answer=row.get("answer") or "",
-        qa=_training_qa(row, where, notes),
+        qa=qa,
         choices=_choices(cls.get("Image_Textual_Questions"), "image", where)
         + _choices(cls.get("Pure_Text_Questions"), "text", where),
         generation=_gen_items(row.get("Generation_Task"), "Generation_Task", where),
@@ -275,24 +292,27 @@ def check_layout(path: Path, table: pa.Table) -> None:
         raise DataError(f"{path}: missing column image (or images) (has: {', '.join(table.column_names)})")
 
 
-def read_split(root: str | Path, split: str, check_images: bool = True, notes: list | None = None) -> list[Profile]:
+def read_split(root: str | Path, split: str, check_images: bool = True, notes: list | None = None,
+               dropped: list | None = None) -> list[Profile]:
     """Read one split (every parquet file of its folder); a malformed row fails naming the file, row and column.
 
     Accepted layouts (docs/REAL_BENCHMARKS.md): with or without `metadata`, with or without
     the task columns (a missing one reads as no items), Test_Set's `images`, Full_Set's
-    `question`/`answer`. Skipped metadata entries are described in `notes` when given.
+    `question`/`answer`. Skipped metadata entries are described in `notes` when given;
+    `dropped` collects a records.Dropped per training item left out for its content
+    (give it only for splits whose training QA are used: a Test_Set row has none by design).
     """
     profiles = []
     for path in split_files(root, split):
         table = read_table(path, ())
         check_layout(path, table)
         for i, row in enumerate(table.to_pylist()):
-            profiles.append(_profile(row, f"{path} row {i}", check_images, notes))
+            profiles.append(_profile(row, f"{path} row {i}", check_images, notes, split, dropped))
     return profiles
 
 
 def read_train_split(train_root: str | Path, split: str, check_images: bool = True,
-                     notes: list | None = None) -> list[Profile]:
+                     notes: list | None = None, dropped: list | None = None) -> list[Profile]:
     """Training QA in the `MLLMMU/baseline_train_split` layout: <train_root>/<split>/*.parquet, image + metadata.
 
     The authors' baselines learn from these files (baselines/GA.py main: forget_N / retain_M
@@ -305,9 +325,11 @@ def read_train_split(train_root: str | Path, split: str, check_images: bool = Tr
         for i, row in enumerate(table.to_pylist()):
             where = f"{path} row {i}"
             pid = _text(row.get("ID")) or f"{split}/{n}"
-            qa = _metadata(row.get("metadata"), where, notes)
+            empty: list = []
+            qa = _metadata(row.get("metadata"), where, notes, empty)
             if not qa and notes is not None:
                 notes.append(f"{where}: no training QA in column metadata")
+            _drops(split, pid, qa, empty, dropped)
             profiles.append(Profile(id=pid, image=image_bytes(row["image"], where, check_images),
                                     qa=qa))
             n += 1

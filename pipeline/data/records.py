@@ -60,6 +60,38 @@ class Sample:
     fact: str = ""
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """A training item a reader left out for its content: a QA with an empty question or answer, a row with no QA.
+
+    `id` names the item in the split's files: `<profile id>/metadata[<j>]` for the
+    j-th metadata entry, or the profile id for a whole row. Not a sample id:
+    forget sample ids number only the QA that were kept.
+    """
+    split: str
+    id: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"split": self.split, "id": self.id, "reason": self.reason}
+
+
+DROPS_SHOWN = 3   # ids a drop line names
+
+
+def describe_drops(dropped: list) -> str:
+    """'1 forget_5 training item dropped for its content: mini-f000/metadata[2] (empty Answer)' (one line).
+
+    `dropped`: Dropped records or their as_dict() form (as a cache manifest records them).
+    """
+    items = [d if isinstance(d, Dropped) else Dropped(**d) for d in dropped]
+    splits = ", ".join(dict.fromkeys(d.split for d in items))
+    shown = ", ".join(f"{d.id} ({d.reason})" for d in items[:DROPS_SHOWN])
+    more = f" and {len(items) - DROPS_SHOWN} more" if len(items) > DROPS_SHOWN else ""
+    return (f"{len(items)} {splits} training item{'' if len(items) == 1 else 's'} dropped for "
+            f"{'its' if len(items) == 1 else 'their'} content: {shown}{more}")
+
+
 def forget_samples(profiles: list[Profile]) -> list[Sample]:
     """The unlearning targets: each profile's training QA on its own image.
 

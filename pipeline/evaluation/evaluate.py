@@ -34,7 +34,7 @@ from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 from pipeline.stage2.labels import file_slug
 
 from . import metrics
-from .factcheck import fact_accuracy
+from .factcheck import fact_accuracy, fact_count
 from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
 from .protocol_mllmu import PROTOCOL_ID, evaluate_official
 from .results import append_result, mean, sample_row, write_jsonl
@@ -67,16 +67,19 @@ def load_coherence_classifier(path, device: str = "auto", batch_size: int = 32):
 
 def eval_sets(data_root, forget_split: str, retain_split: str = "", test_split: str = "Test_Set",
               real_split: str = "Retain_Set", names=SET_NAMES,
-              benchmark: str = "mllmu") -> dict[str, tuple[list[Profile], bool]]:
-    """{set name: (profiles, use_other_images)} for the requested sets; retain defaults to the complement."""
-    forget = read_profiles(data_root, forget_split, benchmark)
+              benchmark: str = "mllmu", dropped: list | None = None) -> dict[str, tuple[list[Profile], bool]]:
+    """{set name: (profiles, use_other_images)} for the requested sets; retain defaults to the complement.
+
+    `dropped` collects the forget and retain training QA the reader left out for their content.
+    """
+    forget = read_profiles(data_root, forget_split, benchmark, dropped=dropped)
     forget_ids = {p.id for p in forget}
     loaders = {
         "forget": lambda: (forget, False),
         "test": lambda: (_test_profiles(data_root, test_split, forget_split, forget_ids, benchmark), True),
         "retain": lambda: (_retain_profiles(data_root,
                                             retain_split or default_splits(benchmark, forget_split)["retain"],
-                                            forget_ids, benchmark), False),
+                                            forget_ids, benchmark, dropped), False),
         "real": lambda: (read_profiles(data_root, real_split, benchmark), False),
     }
     return {name: loaders[name]() for name in names}
@@ -89,8 +92,9 @@ def _test_profiles(root, split: str, forget_split: str, forget_ids: set, benchma
     return test
 
 
-def _retain_profiles(root, split: str, forget_ids: set, benchmark: str = "mllmu") -> list[Profile]:
-    retain = read_profiles(root, split, benchmark)
+def _retain_profiles(root, split: str, forget_ids: set, benchmark: str = "mllmu",
+                     dropped: list | None = None) -> list[Profile]:
+    retain = read_profiles(root, split, benchmark, dropped=dropped)
     shared = sorted({p.id for p in retain} & forget_ids)
     if shared:
         raise DataError(f"split '{split}' shares {len(shared)} profile(s) with the forget split "
@@ -296,8 +300,10 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     tasks = parse_tasks(e.tasks)
     protocol = check_protocol(e.protocol)
     pairs = default_splits(benchmark, forget_split) if not (data.test_split and data.real_split) else {}
+    dropped: list = []
     chosen = eval_sets(data_root, forget_split, retain_split, data.test_split or pairs["test"],
-                       data.real_split or pairs["real"], names=names, benchmark=benchmark)   # bad data fails before the model loads
+                       data.real_split or pairs["real"], names=names, benchmark=benchmark,
+                       dropped=dropped)   # bad data fails before the model loads
     nonmembers, mia_note = membership_split(data_root, e.mia, e.mia_split, benchmark)
     shots = official_shot_source(data_root, e.few_shot_split) if protocol == "official" else {}
     classifier = load_coherence_classifier(e.coherence_classifier, device) if e.coherence_classifier else None
@@ -348,8 +354,12 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         "bleu_note": metrics.BLEU_NOTE,
         "data_root": str(data_root), "few_shot": e.few_shot, "max_new_tokens": e.max_new_tokens,
         "mc_new_tokens": MC_NEW_TOKENS, "samples": str(samples_path), "tasks": list(tasks),
-        "n_items": {name: _counts(scored[name]) for name in names},
+        # What was scored: the profiles after max_profiles, and per task the items asked (0: task not run).
+        "n_items": {name: _scored_counts(scored[name], [r for r in samples if r.get("set") == name],
+                                         chosen[name][1], tasks) for name in names},
         "metrics": results,
+        # Forget and retain training QA the reader left out for their content (records.Dropped).
+        "dropped": [d.as_dict() for d in dropped],
     }
     if config is not None:
         row["config"] = config
@@ -365,7 +375,8 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
         row.update(protocol_id=PROTOCOL_ID, eval_seed=e.seed, test_images=e.test_images,
                    few_shot_split=e.few_shot_split, mc_new_tokens=OFFICIAL_MC_NEW_TOKENS, few_shot=None,
                    bleu_note=OFFICIAL_BLEU_NOTE,
-                   n_items={name: official_item_counts(scored[name], [r for r in samples if r.get("set") == name])
+                   n_items={name: {**official_item_counts(scored[name], [r for r in samples if r.get("set") == name]),
+                                   "fact": fact_count(scored[name], chosen[name][1]) if "fact" in tasks else 0}
                             for name in names})
     write_jsonl(samples_path, samples)
     append_result(results_path, row)
@@ -508,6 +519,18 @@ def parse_sets(sets) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown evaluation set(s) {unknown or names}: choose from {', '.join(SET_NAMES)}")
     return names
+
+
+def _scored_counts(profiles: list[Profile], rows: list[dict], other_images: bool, tasks) -> dict[str, int]:
+    """n_items of a viker row: the set's profiles as scored and, per task, the items asked (0: not run).
+
+    Generated and likelihood tasks count their per-sample rows (one per item scored);
+    fact rows are only examples, so fact counts factcheck's items.
+    """
+    kinds = ("mc", "gen", "cloze", "mc_ll", "cloze_ll")
+    counts = {"profiles": len(profiles), **{kind: sum(r.get("kind") == kind for r in rows) for kind in kinds}}
+    counts["fact"] = fact_count(profiles, other_images) if "fact" in tasks else 0
+    return counts
 
 
 def _counts(profiles: list[Profile]) -> dict[str, int]:

@@ -26,6 +26,11 @@ def fact_items(profiles: list[Profile], held_out: bool = False):
     return items
 
 
+def fact_count(profiles: list[Profile], held_out: bool = False) -> int:
+    """How many items fact_accuracy asks: fact_items' count, without decoding a picture."""
+    return sum(len(p.images if held_out else [p.image]) * len(p.qa) for p in profiles)
+
+
 def fact_accuracy(model, processor, profiles: list[Profile], held_out: bool = False,
                   batch_size: int = 64, max_new_tokens: int = 16, desc: str | None = None) -> dict:
     items = fact_items(profiles, held_out)

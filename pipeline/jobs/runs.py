@@ -81,13 +81,18 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
 
     `prefix_cache` (None: precompute.prefix_cache) is the CLI's --no-prefix-cache;
     `device` (None: model.device) the device torchrun / accelerate assigned this rank.
+    Forget items the reader drops for their content are named in the log and the
+    manifest, or refused under data.strict.
     """
     from pipeline.data.loaders import read_profiles
     from pipeline.data.records import forget_samples
     from pipeline.stage1.precompute import precompute
     p, d = cfg.precompute, cfg.data
-    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark, train_root=d.train_root))
-    return precompute(str(model_dir), samples, p, pool_dir=pool_dir(p.pool, d.root),
+    dropped: list = []
+    samples = forget_samples(read_profiles(d.root, d.forget_split, d.benchmark, train_root=d.train_root,
+                                           dropped=dropped))
+    return precompute(str(model_dir), samples, p, pool_dir=pool_dir(p.pool, d.root), dropped=dropped,
+                      strict=d.strict,
                       device=device or cfg.model.device, rank=rank, world=world, overwrite=overwrite, log=log,
                       benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
                                       else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)),
@@ -108,7 +113,7 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
                  device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
                  benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
-                 train_root=d.train_root, config=config_record(cfg, train_cfg))
+                 train_root=d.train_root, strict=d.strict, config=config_record(cfg, train_cfg))
 
 
 def config_record(cfg: Config, train: TrainConfig | None = None) -> dict:
@@ -155,3 +160,16 @@ def run_relearn_attack(cfg: Config, adapter=None, reference: str = "") -> dict:
     model, processor = load_for_eval(m.path, adapter, m.dtype, m.device)
     return relearn_metrics(model, processor, members, cfg.relearn, reference or m.path,
                            memo_key(d.root, d.forget_split), m.dtype, m.device, cfg.evaluate.batch_size)
+
+
+def run_quantize_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
+    """`viker attack quantize`: the quantize section's attack on model.path (+ adapter) against `reference`.
+
+    `gold` (None: evaluate.gold; empty: no control) is the gold model quantized the same way.
+    """
+    from pipeline.evaluation.quantize import attack
+    if cfg.data.benchmark == "clear":
+        raise ConfigError("the quantization attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
+    m = cfg.model
+    return attack(m, cfg.data, cfg.quantize, adapter=adapter, reference=reference or m.path,
+                  gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)

@@ -14,14 +14,24 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 
-def init_worker() -> None:
+def init_worker(parent_pid: int | None = None) -> None:
     """One torch thread, no progress bars (their lines would interleave across workers).
 
     A spawned worker inherits the start method "spawn" as its default, so the
     DataLoader workers of each training run inside it were spawned too: a fresh
     interpreter importing torch, twice per run. In the study that made a run
     cost 15 s instead of 5.6 s. Forking them, as any Linux process does, is cheap.
+
+    `parent_pid` (a pool's worker): die with that parent, by PR_SET_PDEATHSIG
+    (threads.die_with_parent). A pool worker of a killed demo or study otherwise
+    finishes its run (minutes), then waits for the next job forever: it holds
+    the job queue's write end itself, so no end-of-file comes (measured: both
+    workers still waiting 20 s after their 3 s jobs ended; armed, gone 0.1 s
+    after the kill, and the resource tracker with them).
     """
+    if parent_pid is not None:
+        from pipeline.threads import die_with_parent
+        die_with_parent(parent_pid)
     import multiprocessing
     multiprocessing.set_start_method("fork", force=True)
     os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
@@ -56,7 +66,7 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
         apply_wait_policy()          # the workers inherit the decision through their environment
         # spawn, not fork: a forked torch with its thread pool already started can deadlock.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_worker) as pool:
+                                 initializer=init_worker, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
             for n, fut in enumerate(as_completed(futures), start=1):
                 i = futures[fut]

@@ -36,6 +36,7 @@ import torch
 from pipeline.cache import refcache
 from pipeline.cache.fingerprint import cache_fingerprint, cache_sources, pool_files
 from pipeline.config import PrecomputeConfig
+from pipeline.data.loaders import report_drops
 from pipeline.data.records import Sample
 from pipeline.models.encoding import encode_pair, load_image, max_positions, pixel_values
 from pipeline.models.families import image_token_id, next_position
@@ -449,7 +450,8 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
 
 def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig, *, pool_dir: str | None,
                device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False, log=print,
-               benchmark_sets: dict | None = None, prefix_cache: bool | None = None) -> dict | None:
+               benchmark_sets: dict | None = None, prefix_cache: bool | None = None, dropped: list | None = None,
+               strict: bool = False) -> dict | None:
     """Compute this rank's shards (shards rank::world) of `settings.output` and, once all exist, the manifest.
 
     `settings` is the precompute config section, passed whole: output, reference,
@@ -464,9 +466,12 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
     Finished shards (checksum and fingerprint match) are skipped, so a killed
     run resumes where it stopped. Shards of another layout (shard_size) or
     fingerprint in the output directory are refused, or removed first with `overwrite`.
+    `dropped` (records.Dropped: forget items the reader left out for their content)
+    is logged in one line and recorded in the manifest; `strict` (data.strict) refuses any.
     Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
     check_section("precompute", settings)
+    drops = report_drops(dropped or [], strict, log if rank == 0 else None, "precompute")
     reference = settings.reference
     if reference not in ("pool", "own"):
         raise ValueError(f"precompute.reference must be 'pool' or 'own', not {reference!r}")
@@ -506,6 +511,8 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
               "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
               "scores": list(score_names)}
     sources = cache_sources(model_dir, pool_dir if pool else None)
+    if dropped is not None:   # the shards carry it; finalize shows it in the manifest
+        sources["dropped"] = drops
     done = refcache.finished_shards(out, num_shards, fingerprint["digest"])
     mine = [i for i in range(rank, num_shards, world) if i not in done]
     if (out / refcache.MANIFEST).is_file() and len(done) == num_shards:

@@ -50,7 +50,7 @@ _RESUMABLE = {"output", "save_every", "merge"}
 
 
 def _run_identity(run: dict) -> dict:
-    ident = {k: v for k, v in run.items() if k not in ("versions", "train", "config")}
+    ident = {k: v for k, v in run.items() if k not in ("versions", "train", "config", "dropped")}
     ident["train"] = {k: v for k, v in run["train"].items() if k not in _RESUMABLE}
     return ident
 

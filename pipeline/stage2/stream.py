@@ -11,13 +11,16 @@ plain form they are tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.cache.refcache import RefCacheReader, RefSample
+from pipeline.cache.refcache import CacheError, RefCacheReader, RefSample
 from pipeline.models.encoding import load_image, pixel_values
+from pipeline.threads import die_with_parent
 
 from .errors import TrainError
 from .inputs import CachedExamples, Example, Inputs
@@ -135,13 +138,24 @@ class ExampleData(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         # stored=True: the references travel to the loop in the cache's own dtypes (see pad_stored)
         if isinstance(self.examples, CachedExamples):
-            ref = self.reader.get(self.examples.sample_id(i), stored=True)
+            try:
+                ref = self.reader.get(self.examples.sample_id(i), stored=True)
+            except CacheError as err:
+                # Handed to the loop as data: raised here, torch would re-raise it in the loop as
+                # "Caught CacheError in DataLoader worker process 1." and the line that says what is wrong is lost.
+                return ReadFailure(str(err))
             ex = self.examples.example(i, ref)
             idk = self.idk.example(i, ref) if self.idk is not None else None
         else:   # held tokens: no cache (with one, build_inputs makes CachedExamples)
             ex, ref = self.examples[i], None
             idk = self.idk[i] if self.idk is not None else None
         return i, self.images[ex.image], ex, idk, ref
+
+
+@dataclass
+class ReadFailure:
+    """An item a DataLoader worker could not read: the error's one line, raised again by Loader.next."""
+    message: str
 
 
 class Collate:
@@ -157,6 +171,9 @@ class Collate:
     def __call__(self, items) -> dict:
         # numpy, not torch: a worker hands torch tensors over one shared-memory segment each,
         # which costs more than pickling these few arrays (measured: 1.6k vs 4.5k samples/s).
+        failed = [item for item in items if isinstance(item, ReadFailure)]
+        if failed:
+            return {"failure": failed[0].message}
         rows = [item[0] for item in items]
         forget = [dataclasses.replace(ex, image=j) for j, (_, _, ex, _, _) in enumerate(items)]
         images = [load_image(data, f"sample {ex.sample_id}") for (_, data, _, _, _), ex in zip(items, forget)]
@@ -202,11 +219,20 @@ class Loader:
             num_workers=workers, prefetch_factor=2 if workers > 0 else None,
             # Its own generator: starting an iterator draws a seed, which must not move the global RNG
             # (dropout masks), or a resumed run would diverge from the uninterrupted one.
-            generator=torch.Generator().manual_seed(0))
+            generator=torch.Generator().manual_seed(0),
+            # Workers die with the trainer, however it dies: PR_SET_PDEATHSIG, not torch's watchdog. Measured
+            # (tests/test_reliability.py, trainer SIGKILLed mid-checkpoint, 2 workers): with the watchdog alone
+            # both workers still ran 60 s later (the issue saw 17+ min): its 5 s poll ends the worker loop, but
+            # exit then joins the queue's feeder thread, blocked writing a prefetched batch into a pipe no one
+            # reads yet never broken (every worker holds its read end), and the other worker waits for the lock
+            # that thread holds. With PR_SET_PDEATHSIG (SIGKILL) both were gone 0.1 s after the kill.
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None)
         self.iterator = iter(self.loader)
 
     def next(self, rows: list[int]) -> dict:
         got = next(self.iterator)
+        if "failure" in got:   # a worker could not read the cache (ExampleData): its own line, not torch's wrapper
+            raise CacheError(got["failure"])
         if got["rows"] != rows:
             raise RuntimeError(f"data loader out of step with its stream ({got['rows'][:4]} vs {rows[:4]})")
         return got

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
-from pipeline.data.loaders import default_splits, read_profiles
+from pipeline.data.loaders import default_splits, read_profiles, report_drops
 from pipeline.data.records import forget_samples
 from pipeline.models.distributed import autocast, distributed_state, release
 from pipeline.models.modeling import load_model, wrap_lora
@@ -54,7 +54,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
           resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
           benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
-          log=print, train_root: str = "", config: dict | None = None) -> dict:
+          log=print, train_root: str = "", strict: bool = False, config: dict | None = None) -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
     `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
@@ -66,7 +66,9 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     unless `overwrite` (removes them first) or `resume`. The adapter and
     train_config.json appear together at the end (after a NaN stop: the last
     good adapter, with the steps done). `config` (the resolved configuration,
-    jobs.runs.config_record) is recorded in train_config.json. Returns steps,
+    jobs.runs.config_record) is recorded in train_config.json. Forget and retain
+    items the reader drops for their content are named in the log and in
+    train_config.json (`dropped`); `strict` (data.strict) refuses any. Returns steps,
     timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
@@ -80,7 +82,8 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
         autocast(dev)   # a bad or unsupported ACCELERATE_MIXED_PRECISION fails here, before the model loads
         run = setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg, spec, rank=rank,
                     world=world, dev=dev, pool_dir=pool_dir, idk_answer=idk_answer, dtype=dtype, resume=resume,
-                    benchmark=benchmark, expect_cache=expect_cache, log=log, train_root=train_root)
+                    benchmark=benchmark, expect_cache=expect_cache, log=log, train_root=train_root,
+                    strict=strict)
         if rank == 0:
             claim_output(out, resume, overwrite, remove=True)
             prepare_output(out, run.description, resume, run.start)
@@ -125,11 +128,19 @@ class Run:
 
 
 def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: TrainConfig, spec: LossSpec, *,
-          rank, world, dev, pool_dir, idk_answer, dtype, resume, benchmark, expect_cache, log, train_root) -> Run:
+          rank, world, dev, pool_dir, idk_answer, dtype, resume, benchmark, expect_cache, log, train_root,
+          strict: bool = False) -> Run:
     """The model, the inputs, the optimizer and the streams, in the order that fixes every random draw."""
     method = get_method(spec.method)   # what it needs is asked of it (methods/)
     seed_everything(cfg.seed)
-    forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root))
+    dropped: list = []
+    forget = forget_samples(read_profiles(data_root, forget_split, benchmark, train_root=train_root, dropped=dropped))
+    retain = []
+    if method.needs_retain(spec):   # read before the model loads: a refused item must cost no model load
+        retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
+        retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root,
+                                              dropped=dropped))
+    dropped = report_drops(dropped, strict, log if rank == 0 else None, "train")
     recorded = None
     if method.uses_cache(spec):
         # Refuse a cache for another model or forget set before paying for loading the model.
@@ -138,10 +149,6 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
     model, processor = lora_model(model_dir, cfg, dtype, dev)
     # Same LoRA init on every rank (seeded above); different dropout masks per rank from here.
     torch.manual_seed(cfg.seed + rank)
-    retain = []
-    if method.needs_retain(spec):
-        retain_split = retain_split or default_splits(benchmark, forget_split)["retain"]
-        retain = forget_samples(read_profiles(data_root, retain_split, benchmark, train_root=train_root))
     inputs, cache = open_inputs(processor, model, forget, retain, method, use_cache=method.uses_cache(spec),
                                 online=spec.online, cache_dir=cache_dir, model_dir=model_dir, pool_dir=pool_dir,
                                 idk_answer=idk_answer, recorded=recorded)
@@ -162,6 +169,7 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
     description = describe_run(cfg, method.name, model_dir, data_root, forget_split, retain_split, cache_dir, cache,
                                pool_dir, idk_answer, spec, world, steps)
     description["benchmark"] = benchmark
+    description["dropped"] = dropped   # follows from data_root and the splits: not part of the run's identity
     run = Run(cfg, spec, Path(cfg.output), rank, world, dev, model, processor, inputs, net, params, optimizer,
               scheduler, streams, description, n_forget, steps, start=0)
     if resume:
