@@ -58,7 +58,7 @@ import torch
 from pipeline.config import DataConfig, ModelConfig, QuantizeConfig
 from pipeline.data.records import Profile
 
-from .factcheck import fact_accuracy
+from .factcheck import fact_accuracy, fact_count
 
 # QLoRA's NormalFloat4 levels, as bitsandbytes hard-codes them (functional.get_4bit_type("nf4")):
 # quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
@@ -232,11 +232,6 @@ def fact_sets(data: DataConfig, names) -> dict[str, tuple[list[Profile], bool, s
     return {n: (*sets[n], splits[n]) for n in names}
 
 
-def n_items(profiles: list[Profile], other_images: bool) -> int:
-    """The fact questions a set asks (factcheck.fact_items): every QA on each image asked."""
-    return sum(len(p.qa) * (len(p.images) if other_images else 1) for p in profiles)
-
-
 def set_accuracy(model, processor, profiles: list[Profile], other_images: bool, batch_size: int, desc: str) -> float:
     return float(fact_accuracy(model, processor, profiles, held_out=other_images, batch_size=batch_size,
                                desc=desc)["acc"])
@@ -305,7 +300,7 @@ def attack(model: ModelConfig, data: DataConfig, settings: QuantizeConfig, *, ad
                                     batch_size) if gold else None)
     result = {"schemes": schemes_of(settings), "sets": list(sets), "group_size": settings.group_size,
               "nf4_block": settings.nf4_block, "modules": settings.modules,
-              "n_qa": {name: n_items(profiles, other) for name, (profiles, other, _) in sets.items()}}
+              "n_qa": {name: fact_count(profiles, other) for name, (profiles, other, _) in sets.items()}}
     return {**result, "by_scheme": with_recovery(attacked, vanilla, control)}
 
 
