@@ -241,11 +241,11 @@ def qa_items(profiles: list[Profile]) -> list[tuple[str, object, str, str]]:
     return items
 
 
-@torch.no_grad()
-def sample_scores(model, processor, items: list[tuple], batch_size: int = 32, k: float = DEFAULT_K) -> list[dict]:
-    """One {"id", **{attack: score}} per (sample_id, image, prompt, answer) item (qa_items), in order.
+def answer_batches(model, processor, items: list[tuple], batch_size: int, what: str):
+    """Yield (chunk, answer logits, batch) per batch of (sample_id, image, prompt, answer) items (qa_items).
 
-    Teacher-forced, answer tokens only, EOS not scored (module doc); one forward per batch.
+    Teacher-forced on the answer; each distinct image object is preprocessed once.
+    The caller holds torch.no_grad. `what` names the items in an encoding error.
     """
     param = next(model.parameters())
     pad_id = processor.tokenizer.pad_token_id
@@ -253,13 +253,23 @@ def sample_scores(model, processor, items: list[tuple], batch_size: int = 32, k:
     distinct = {id(image): image for _, image, _, _ in items}
     slot = {key: n for n, key in enumerate(distinct)}
     all_pixels = pixel_values(processor, list(distinct.values())) if distinct else None
-    rows: list[dict] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        pairs = [encode_pair(processor, prompt, answer, f"MIA sample {sid}", limit) for sid, _, prompt, answer in chunk]
+        pairs = [encode_pair(processor, prompt, answer, f"{what} {sid}", limit) for sid, _, prompt, answer in chunk]
         batch = make_text_batch([ids for ids, _ in pairs], [a for _, a in pairs], pad_id).to(param.device)
         pixels = all_pixels[[slot[id(image)] for _, image, _, _ in chunk]].to(param.device, param.dtype)
-        stats = token_statistics(answer_logits(model, batch, pixels), batch.answer_ids, batch.answer_mask)
+        yield chunk, answer_logits(model, batch, pixels), batch
+
+
+@torch.no_grad()
+def sample_scores(model, processor, items: list[tuple], batch_size: int = 32, k: float = DEFAULT_K) -> list[dict]:
+    """One {"id", **{attack: score}} per (sample_id, image, prompt, answer) item (qa_items), in order.
+
+    Teacher-forced, answer tokens only, EOS not scored (module doc); one forward per batch.
+    """
+    rows: list[dict] = []
+    for chunk, logits, batch in answer_batches(model, processor, items, batch_size, "MIA sample"):
+        stats = token_statistics(logits, batch.answer_ids, batch.answer_mask)
         scores = attack_scores(*stats, batch.answer_mask, [answer.strip() for *_, answer in chunk], k)
         rows += [{"id": item[0], **{a: scores[a][i] for a in ATTACKS}} for i, item in enumerate(chunk)]
     return rows

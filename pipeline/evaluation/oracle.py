@@ -30,8 +30,7 @@ import math
 
 import torch
 
-from pipeline.models.encoding import encode_pair, max_positions, pixel_values
-from pipeline.models.forward import answer_logits, make_text_batch
+from .mia import answer_batches
 
 TOP_K = 64
 KEY_BELOW = 0.5
@@ -51,19 +50,8 @@ def coarse_kl(p_ids: torch.Tensor, p_probs: torch.Tensor, q_logprobs: torch.Tens
 @torch.no_grad()
 def _answer_logprobs(model, processor, items: list[tuple], batch_size: int):
     """Yield (sample_id, [T, V] log-probs at the answer positions, [T] answer ids) per item, teacher-forced."""
-    param = next(model.parameters())
-    pad_id = processor.tokenizer.pad_token_id
-    limit = max_positions(model)
-    distinct = {id(image): image for _, image, _, _ in items}
-    slot = {key: n for n, key in enumerate(distinct)}
-    all_pixels = pixel_values(processor, list(distinct.values())) if distinct else None
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        pairs = [encode_pair(processor, prompt, answer, f"oracle sample {sid}", limit)
-                 for sid, _, prompt, answer in chunk]
-        batch = make_text_batch([ids for ids, _ in pairs], [a for _, a in pairs], pad_id).to(param.device)
-        pixels = all_pixels[[slot[id(image)] for _, image, _, _ in chunk]].to(param.device, param.dtype)
-        logp = torch.log_softmax(answer_logits(model, batch, pixels).float(), dim=-1).cpu()
+    for chunk, logits, batch in answer_batches(model, processor, items, batch_size, "oracle sample"):
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         mask, ids = batch.answer_mask.cpu() > 0, batch.answer_ids.cpu()
         for i, item in enumerate(chunk):
             yield item[0], logp[i][mask[i]], ids[i][mask[i]]
