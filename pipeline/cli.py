@@ -383,24 +383,18 @@ def relearn_cmd(config_path, adapter, reference, overrides):
     adapter over the vanilla model needs --reference. relearn.results appends
     the row as JSON. pipeline/evaluation/relearn.py says how the forget set is split.
     """
-    import json
-    if not adapter and not reference:
-        raise click.UsageError("recovery needs a reference: the vanilla model, --reference DIR, when the attacked "
-                               "model is not an --adapter over it (model.path itself would be its own reference)")
+    _need_reference(adapter, reference)
     cfg = _load(config_path, overrides)
     from pipeline.evaluation.relearn import format_attack
     from pipeline.jobs.runs import config_record, run_relearn_attack
     d = cfg.data
-    label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
+    label = _attacked_label(cfg, adapter)
     result = run_relearn_attack(cfg, adapter, reference or cfg.model.path)
     click.echo(format_attack(result, label))
     if cfg.relearn.results:
         row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
                "forget_split": d.forget_split, "data_root": d.root, "relearn": result, "config": config_record(cfg)}
-        Path(cfg.relearn.results).parent.mkdir(parents=True, exist_ok=True)
-        with open(cfg.relearn.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        click.echo(f"row appended to {cfg.relearn.results}")
+        _append_row(cfg.relearn.results, row)
 
 
 @attack.command("quantize")
@@ -426,25 +420,40 @@ def quantize_cmd(config_path, adapter, reference, gold, overrides):
     (pipeline/evaluation/quantize.py, docs/ATTACKS.md). quantize.results
     appends the row as JSON.
     """
-    import json
-    if not adapter and not reference:
-        raise click.UsageError("recovery needs a reference: the vanilla model, --reference DIR, when the attacked "
-                               "model is not an --adapter over it (model.path itself would be its own reference)")
+    _need_reference(adapter, reference)
     cfg = _load(config_path, overrides)
     from pipeline.evaluation.quantize import finite, format_attack
     from pipeline.jobs.runs import config_record, run_quantize_attack
     d = cfg.data
-    label = _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
+    label = _attacked_label(cfg, adapter)
     result = finite(run_quantize_attack(cfg, adapter, reference or cfg.model.path, gold))
     click.echo(format_attack(result, label))
     if cfg.quantize.results:
         row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
                "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
                "data_root": d.root, "quantize": result, "config": config_record(cfg)}
-        Path(cfg.quantize.results).parent.mkdir(parents=True, exist_ok=True)
-        with open(cfg.quantize.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        click.echo(f"row appended to {cfg.quantize.results}")
+        _append_row(cfg.quantize.results, row)
+
+
+def _need_reference(adapter, reference) -> None:
+    """An attack's recovery is relative to the vanilla model: an adapter's base, or --reference."""
+    if not adapter and not reference:
+        raise click.UsageError("recovery needs a reference: the vanilla model, --reference DIR, when the attacked "
+                               "model is not an --adapter over it (model.path itself would be its own reference)")
+
+
+def _attacked_label(cfg, adapter) -> str:
+    """The attacked model's name in an attack's output: the adapter's training method, else model.path's folder."""
+    return _training_info(adapter).get("method", "adapter") if adapter else Path(cfg.model.path).name
+
+
+def _append_row(path: str, row: dict) -> None:
+    """An attack's row, appended as one JSON line (the attack's `results` key)."""
+    import json
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    click.echo(f"row appended to {path}")
 
 
 def _training_info(adapter: str) -> dict:
