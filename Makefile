@@ -31,8 +31,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/viker demo
 
+# The suite runs in one process per core (pytest-xdist; at most 4: each holds its own torch and tiny models),
+# each on one torch thread (tests/conftest.py); a file's tests stay in one process, so a file's shared
+# fixtures are built once. `make test XDIST=` runs it in this process alone.
+XDIST ?= -n auto --maxprocesses 4 --dist loadfile
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q $(XDIST)
 
 clean-cache:
 	rm -rf cache/mini cache/models cache/refs cache/runs

@@ -29,6 +29,23 @@ def test_run_parallel_in_process_keeps_job_order_and_reports_each():
     assert out == [(3, 1), (2, 1), (1, 0)] and seen == [(0, (3, 1)), (1, (2, 1)), (2, (1, 0))]
 
 
+def test_dearest_runs_are_handed_out_first_and_results_keep_plan_order():
+    from pipeline.jobs.workers import submission_order
+    cfg = load_config("configs/demo.yaml", ["demo.methods=ga,viker", "demo.budgets=16,32", "demo.attack_budget=32"])
+    plan = [None, "gold"] + demo.sweep_plan(cfg)
+    cost = [demo.run_cost(cfg, run) for run in plan]
+    order = [plan[i] for i in submission_order(cost, len(plan))]
+    # the gold row (evaluation + relearning + its answers) first, then the attacked 32-step runs, the 16-step last
+    assert order[0] == "gold"
+    assert [r["budget"] for r in order[1:3]] == [32, 32] and [r["budget"] for r in order[-2:]] == [16, 16]
+    assert submission_order(None, 3) == [0, 1, 2] and submission_order([1, 1, 2], 3) == [2, 0, 1]
+    with pytest.raises(ValueError, match="2 estimates for 3 jobs"):
+        submission_order([1, 2], 3)
+    # whatever order they ran in, results come back in job order
+    assert run_parallel(2, divmod, [(7, 2), (9, 4), (1, 1)], lambda *_: None, "t", pin_single=False,
+                        cost=[0, 1, 2]) == [(3, 1), (2, 1), (1, 0)]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_with_two_workers(tmp_path):
     """The whole demo at CI size (~1 min on 2 cores): every planned row, in plan order, once."""

@@ -41,13 +41,17 @@ def init_worker(parent_pid: int | None = None) -> None:
     prepare_libraries()
 
 
-def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None, pin_single: bool = True) -> list:
+def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None, pin_single: bool = True,
+                 cost=None) -> list:
     """fn(*job) for every job over `workers` processes; results in job order.
 
     `each(index, result)` is called as each job finishes (completion order), e.g.
     to log a line per run. With one worker the jobs run here, in order; they
     are pinned to one thread only when `pin_single` (the study wants the same
-    numerics as its parallel runs; the demo keeps every core).
+    numerics as its parallel runs; the demo keeps every core). `cost`, a rough
+    estimate per job (a list parallel to `jobs`), hands the dearest jobs out
+    first: a long job started last would leave the other workers idle while it
+    ends (longest-processing-time-first keeps the wall time near total / workers).
     """
     if not jobs:
         return []
@@ -67,7 +71,8 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
         # spawn, not fork: a forked torch with its thread pool already started can deadlock.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=init_worker, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+            order = submission_order(cost, len(jobs))
+            futures = {pool.submit(fn, *jobs[i]): i for i in order}
             for n, fut in enumerate(as_completed(futures), start=1):
                 i = futures[fut]
                 out[i] = fut.result()
@@ -77,3 +82,12 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
                     log(f"{what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
     log(f"{what}: {len(jobs)} done in {time.time() - t:.1f}s")
     return out
+
+
+def submission_order(cost, n: int) -> list[int]:
+    """Job indices, dearest first (ties and no estimate: the given order)."""
+    if cost is None:
+        return list(range(n))
+    if len(cost) != n:
+        raise ValueError(f"cost has {len(cost)} estimates for {n} jobs")
+    return sorted(range(n), key=lambda i: -cost[i])
