@@ -3,9 +3,9 @@
 Owns the MLLMU-Bench evaluation (`evaluate`: sets, tasks, one results row
 per run), its official protocol (`protocol_mllmu`), the metrics (`metrics`:
 ROUGE, BLEU, coherence), likelihood scoring (`scoring`), fact accuracy
-(`factcheck`), membership inference (`mia`), the relearning attack
-(`relearn`), CLEAR (`clear_eval`, `clear_official`) and the results files
-(`results`).
+(`factcheck`), membership inference (`mia`), the attacks (`relearn`,
+`quantize`, `logit_lens`, `probe`), CLEAR (`clear_eval`, `clear_official`)
+and the results files (`results`).
 
 May import: `pipeline.stage2` (the relearning attack fine-tunes through
 `finetune.teach`; rows are labelled with `labels`), `pipeline.cache`

@@ -21,9 +21,13 @@ def fact_items(profiles: list[Profile], held_out: bool = False):
         for b in pictures:
             image = load_image(b, f"profile {p.id}")
             for qa in p.qa:
-                kind = "image" if "this person" in qa.question.lower() else "text"
-                items.append((image, qa.question, qa.fact or qa.answer, kind))
+                items.append((image, qa.question, qa.fact or qa.answer, question_kind(qa.question)))
     return items
+
+
+def question_kind(question: str) -> str:
+    """image: the question needs the picture ("this person"); text: it names the person."""
+    return "image" if "this person" in question.lower() else "text"
 
 
 def fact_count(profiles: list[Profile], held_out: bool = False) -> int:
@@ -33,7 +37,12 @@ def fact_count(profiles: list[Profile], held_out: bool = False) -> int:
 
 def fact_accuracy(model, processor, profiles: list[Profile], held_out: bool = False,
                   batch_size: int = 64, max_new_tokens: int = 16, desc: str | None = None) -> dict:
-    items = fact_items(profiles, held_out)
+    return items_accuracy(model, processor, fact_items(profiles, held_out), batch_size, max_new_tokens, desc)
+
+
+def items_accuracy(model, processor, items: list[tuple], batch_size: int = 64, max_new_tokens: int = 16,
+                   desc: str | None = None) -> dict:
+    """fact_accuracy of (image, question, fact, kind) items (fact_items' form; an attack may build its own)."""
     if not items:
         return {"n": 0, "acc": float("nan")}
     answers = generate(model, processor, [i[0] for i in items], [fact_prompt(i[1]) for i in items],
