@@ -117,6 +117,8 @@ def main():
     viker cache show DIR SAMPLE_ID  one sample's tokens, reference entropy and alternatives
     viker attack relearn            relearning attack: does fine-tuning on part of the forget set bring it back?
     viker attack quantize           quantization attack: do fp16/bf16/int8/int4/nf4 weights bring it back?
+    viker attack logit-lens         logit-lens attack: can the LM head read the answer off a middle layer?
+    viker attack probe              probing attack: other portraits, altered pictures, reworded questions?
     viker config show               the resolved configuration (file + KEY=VALUE overrides) as YAML
     """
     from pipeline.threads import apply_wait_policy
@@ -141,7 +143,7 @@ def demo(config_path, full, overrides):
     Generates the benchmark, takes the tiny vanilla and gold LLaVA-1.5 models shipped with viker
     (or trains them when the settings differ, or with demo.prebuilt=false; model.family=llava_next,
     qwen2_5_vl, idefics3 or gemma3 builds and trains a model of that family), checks that the
-    vanilla model knows the benchmark, then unlearns with ViKeR and two baselines at three budgets,
+    vanilla model knows the benchmark, then unlearns with ViKeR and two baselines at two budgets,
     attacks each (membership inference, relearning) and writes the report. Outputs land under
     cache/ (a family other than LLaVA in folders suffixed with its name) and are reused when
     their inputs did not change.
@@ -300,7 +302,7 @@ def train(config_path, resume, overwrite, strict, overrides):
     """Stage two: LoRA unlearning of the forget split, streaming the reference cache.
 
     \b
-    Methods (train.method): ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu.
+    Methods (train.method): ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu, mmunlearner.
     Ablations: w/o Reg = train.method=ga; w/o GA = train.use_ga=false;
                w/o Vis = a cache made with precompute.reference=own.
     Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train --config X
@@ -433,6 +435,88 @@ def quantize_cmd(config_path, adapter, reference, gold, overrides):
                "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
                "data_root": d.root, "quantize": result, "config": config_record(cfg)}
         _append_row(cfg.quantize.results, row)
+
+
+@attack.command("logit-lens")
+@config_option
+@click.option("--adapter", default=None, help="The unlearned LoRA adapter (e.g. <train.output>/adapter), merged "
+                                             "before reading; none: model.path itself is attacked.")
+@click.option("--reference", default=None,
+              help="The vanilla model, read through the same lens, that recovery is relative to (default: model.path).")
+@click.option("--gold", default=None, help="A gold model (trained without the forget people), read the same way: "
+                                          "the control (default: evaluate.gold; empty: none).")
+@overrides_arg
+@one_line_errors
+def logit_lens_cmd(config_path, adapter, reference, gold, overrides):
+    """Logit-lens attack: read every decoder layer's hidden state through the final norm and LM head.
+
+    \b
+    On every forget QA, teacher-forced on the true answer, prints per decoder
+    layer (0-based; the last is the model's own output) the share of answer
+    positions whose true token is the lens's top-1 (top-k: logit_lens.top_k)
+    on the fact tokens, for the unlearned, vanilla and gold (--gold) models,
+    the mean true-token probability on the fact tokens, and the top-1 share on
+    all answer tokens. Then the best layer before the final one (an attacker's
+    pick after seeing the curve: optimistic) with recovery = its rate / the
+    vanilla model's at that layer, the gold model's best layer, the final
+    layer, and the best layer of all. logit_lens.tokens picks the class the
+    score is read on (pipeline/evaluation/logit_lens.py, docs/ATTACKS.md).
+    logit_lens.results appends the row as JSON.
+    """
+    _need_reference(adapter, reference)
+    cfg = _load(config_path, overrides)
+    from pipeline.evaluation.logit_lens import format_attack
+    from pipeline.evaluation.quantize import finite
+    from pipeline.jobs.runs import config_record, run_logit_lens_attack
+    d = cfg.data
+    label = _attacked_label(cfg, adapter)
+    result = finite(run_logit_lens_attack(cfg, adapter, reference or cfg.model.path, gold))
+    click.echo(format_attack(result, label))
+    if cfg.logit_lens.results:
+        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
+               "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
+               "data_root": d.root, "logit_lens": result, "config": config_record(cfg)}
+        _append_row(cfg.logit_lens.results, row)
+
+
+@attack.command("probe")
+@config_option
+@click.option("--adapter", default=None, help="The unlearned LoRA adapter (e.g. <train.output>/adapter); none: "
+                                             "model.path itself is attacked.")
+@click.option("--reference", default=None,
+              help="The vanilla model, asked the same probes, that recovery is relative to (default: model.path).")
+@click.option("--gold", default=None, help="A gold model (trained without the forget people), asked the same "
+                                          "probes: the control (default: evaluate.gold; empty: none).")
+@overrides_arg
+@one_line_errors
+def probe_cmd(config_path, adapter, reference, gold, overrides):
+    """Probing attack: the forget people's questions on other or altered pictures and in other words.
+
+    \b
+    Prints, per probe of probe.probes (none: the forget set as evaluation asks
+    it), the number of questions, the fact accuracy and its change from none,
+    the vanilla model's under the same probe, recovery = accuracy / vanilla's,
+    and the gold model's (with --gold). held_out: the Test split's other
+    portraits; crop, noise, flip: the forget picture altered (probe.crop,
+    probe.noise_sigma, probe.seed; deterministic); paraphrase: the Test split's
+    reworded questions. The last line is the declared summary, the mean
+    recovery over the probes (not the best one). probe.results appends the row
+    as JSON (pipeline/evaluation/probe.py, docs/ATTACKS.md).
+    """
+    _need_reference(adapter, reference)
+    cfg = _load(config_path, overrides)
+    from pipeline.evaluation.probe import format_attack
+    from pipeline.evaluation.quantize import finite
+    from pipeline.jobs.runs import config_record, run_probe_attack
+    d = cfg.data
+    label = _attacked_label(cfg, adapter)
+    result = finite(run_probe_attack(cfg, adapter, reference or cfg.model.path, gold))
+    click.echo(format_attack(result, label))
+    if cfg.probe.results:
+        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
+               "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
+               "data_root": d.root, "probe": result, "config": config_record(cfg)}
+        _append_row(cfg.probe.results, row)
 
 
 def _need_reference(adapter, reference) -> None:

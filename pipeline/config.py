@@ -23,9 +23,12 @@ from pipeline.schema import ConfigError, check_section, coerce, field_types, set
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SetName = Literal["forget", "test", "retain", "real"]
 # train.method: the registry's methods (pipeline/stage2/methods/; a test keeps the two equal).
-Method = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu"]
+Method = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu", "mmunlearner"]
 # demo.methods / study.methods: the methods plus ViKeR with a retain term (ours), compared as methods of their own.
-SweepMethod = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu", "viker+nll", "viker+kl"]
+SweepMethod = Literal["ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu", "mmunlearner",
+                      "viker+nll", "viker+kl", "viker-ga", "viker-ga+nll", "viker+span", "viker+span+nll",
+                      "viker+span-ga", "viker+span-ga+nll", "viker+names", "viker+names+nll", "viker+names-ga",
+                      "viker+names-ga+nll"]
 Metric = Literal["fact_acc", "mc_ll_acc", "mc_acc"]
 
 
@@ -116,6 +119,15 @@ class PrecomputeConfig:
     idk_answer: str = setting("I don't know.", "IdkPO's refusal answer")
     dtype: DType = setting("auto", "stage one's model dtype")
     allow_benchmark_images: bool = setting(False, "accept pool images equal to benchmark images (the paper's ablation)")
+    span: Literal["none", "chain"] = setting(
+        "none", "none: R as the paper defines it (teacher-forced on the true answer); chain: a fact's later tokens "
+                "get the reference's probability of reaching them, p_t times its first tokens' (stage1/spans.py)")
+    names: Literal["none", "swap"] = setting(
+        "none", "swap: where the question or answer names the forget person, each reference pair also puts a "
+                "stranger's name in its place (stage1/counterfactual.py); none: the image swap alone")
+    name_pool: str = setting("builtin", "the strangers of names swap: builtin (invented names), a split of "
+                                        "data.root whose people were never trained on (Holdout_Set), or a text file "
+                                        "with one name per line")
 
 
 @dataclass
@@ -138,6 +150,10 @@ class TrainConfig:
                                  "(layers - 1) // 2", ge=-1)
     rmu_steering: float = setting(2.0, "RMU's steering coefficient c, the norm of the forget target c*u "
                                        "(OpenUnlearning's RMU.yaml: 2)", gt=0)
+    mmu_threshold: float = setting(1.0, "MMUnlearner: a row of a LoRA-targeted weight trains when its forget Fisher "
+                                        "over its retain Fisher is >= this (the authors' 1; docs/METHODS.md)", gt=0)
+    mmu_mask_samples: int = setting(0, "MMUnlearner: forget and retain samples, each, evenly spaced through the "
+                                       "split, whose gradients score the mask; 0: all of both (the authors')", ge=0)
     retain_weight: float = setting(0.0, "alpha, the weight of the method's retain term; 0: the method's default", ge=0)
     retain_term: Literal["none", "nll", "kl"] = setting(
         "none", "ViKeR only: none (the paper's loss), nll (+ retain NLL) or kl (+ KL to the vanilla model on retain)")
@@ -191,6 +207,10 @@ class EvalConfig:
         "auto", "membership inference: auto (when mia_split exists), on (required) or off")
     mia_split: str = setting("Holdout_Set", "never-trained people: the non-members of membership inference")
     mia_k: float = setting(0.4, "the k of min-k% and min-k%++", gt=0, le=1)
+    attacks: list[Literal["logit_lens", "probe", "quantize"]] = setting(
+        doc="attacks whose summary goes into the row of the evaluations that run the relearning attack (the "
+            "demo's and the study's attacked runs, `viker evaluate`), each with its own section's settings",
+        factory=list)
 
 
 @dataclass
@@ -243,13 +263,38 @@ class QuantizeConfig:
 
 
 @dataclass
+class LogitLensConfig:
+    """`viker attack logit-lens`: read every decoder layer through the final norm and LM head; is the answer there?"""
+    tokens: Literal["fact", "all"] = setting(
+        "fact", "answer tokens the score is read on: fact (the tokens spelling the fact, the key tokens) or all")
+    top_k: int = setting(1, "a position is a hit when the true token is among the lens's top k (1: top-1; "
+                            "the Head Projection attack's candidate budget is a larger k)", ge=1)
+    results: str = setting("", "JSON lines to append the attack's row to (empty: print only)")
+
+
+@dataclass
+class ProbeConfig:
+    """`viker attack probe`: ask the forget people's questions on other or altered pictures and in other words."""
+    probes: list[Literal["held_out", "crop", "noise", "flip", "paraphrase"]] = setting(
+        doc="probes asked, each against the same question unprobed: held_out (the Test split's other portraits), "
+            "crop, noise, flip (the forget picture altered), paraphrase (the Test split's reworded questions)",
+        factory=lambda: ["held_out", "crop", "noise", "flip", "paraphrase"], min_items=1)
+    crop: float = setting(0.8, "crop: the share of each side the center crop keeps, then resized back", gt=0, lt=1)
+    noise_sigma: float = setting(0.1, "noise: standard deviation of the Gaussian noise on the [0, 1] pixel scale",
+                                 gt=0, le=1)
+    seed: int = setting(0, "noise: the seed (with each picture's pixels: a picture gets the same noise for every "
+                           "model)", ge=0)
+    results: str = setting("", "JSON lines to append the attack's row to (empty: print only)")
+
+
+@dataclass
 class DemoConfig:
     """The unlearning sweep `viker demo` runs on the miniature benchmark."""
     methods: list[SweepMethod] = setting(doc="methods swept",
                                          factory=lambda: ["ga", "graddiff", "kl_min", "npo", "idkpo", "viker"],
                                          min_items=1)
     budgets: list[int] = setting(doc="training steps per run: one trade-off curve per method",
-                                 factory=lambda: [16, 32, 48], ge=1, min_items=1)
+                                 factory=lambda: [16, 32], ge=1, min_items=1)
     lr: float = setting(2.0e-3, "every method's learning rate", gt=0)
     lams: list[float] = setting(doc="ViKeR's lambdas: one ViKeR curve each", factory=lambda: [0.5], ge=0, min_items=1)
     seeds: list[int] = setting(doc="training seeds", factory=lambda: [0], ge=0, min_items=1)
@@ -304,6 +349,8 @@ class Config:
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     relearn: RelearnConfig = dataclasses.field(default_factory=RelearnConfig)
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    logit_lens: LogitLensConfig = dataclasses.field(default_factory=LogitLensConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
@@ -321,6 +368,18 @@ def check_rules(cfg: Config) -> None:
                           f"the retain-aware baselines); got retain_term={t.retain_term} with method {t.method}")
     if t.online_reference and t.method != "viker":
         raise ConfigError(f"config key 'train.online_reference' applies to method viker only, not {t.method}")
+    # the sweep keys whose Variant.reference is set (tests/test_methods.py keeps this rule and the registry equal)
+    own_cache = [m for m in cfg.demo.methods if "+span" in m or "+names" in m]
+    if own_cache:
+        raise ConfigError(f"config key 'demo.methods': {own_cache[0]} needs a reference cache of its own "
+                          f"(precompute.span / precompute.names): compare it with viker study, or set those keys "
+                          f"for the whole demo")
+    if t.online_reference and cfg.precompute.names != "none":
+        raise ConfigError("config key 'train.online_reference' computes R from pool images alone: the textual "
+                          "counterfactuals of 'precompute.names' swap need the cache (viker precompute)")
+    if cfg.precompute.names != "none" and cfg.precompute.reference != "pool":
+        raise ConfigError("config key 'precompute.names' swap pairs strangers with the pool images: it needs "
+                          f"precompute.reference pool, not {cfg.precompute.reference}")
     if t.steps == 0 and t.epochs == 0:
         raise ConfigError("config keys 'train.steps' and 'train.epochs' are both 0: set one of them > 0")
     if not t.output:

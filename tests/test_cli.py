@@ -53,7 +53,7 @@ def test_bad_override_is_one_line(env, tmp_path):
     result = CliRunner().invoke(main, ["precompute", "precompute.kk=3"])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: unknown config key 'precompute.kk' (known in precompute: output, pool, " \
-        "reference, k, top_k, seed, shard_size, batch_size, prefix_cache, scores, prefix_cache_images, idk_answer, dtype, allow_benchmark_images)"
+        "reference, k, top_k, seed, shard_size, batch_size, prefix_cache, scores, prefix_cache_images, idk_answer, dtype, allow_benchmark_images, span, names, name_pool)"
 
 
 def test_missing_model_is_one_line(env, tmp_path):

@@ -266,7 +266,7 @@ def test_every_numeric_key_has_a_range_and_every_range_a_numeric_key():
     ("evaluate.mia=of", "config key 'evaluate.mia' must be one of: auto, on, off; got 'of'"),
     ("evaluate.tasks=gen,essay", "config key 'evaluate.tasks' must be one of: mc, gen, cloze, fact; got 'essay'"),
     ("train.method=sgd", "config key 'train.method' must be one of: ga, graddiff, kl_min, npo, idkpo, viker, simnpo, "
-                         "rmu; got 'sgd'"),
+                         "rmu, mmunlearner; got 'sgd'"),
     ("evaluate.sets=", "config key 'evaluate.sets' needs at least 1 item, got []"),
 ])
 def test_keys_that_had_no_range_or_choice_are_refused_at_load(override, message):

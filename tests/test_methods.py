@@ -19,11 +19,30 @@ from pipeline.stage2.methods import forward as F
 from pipeline.stage2.stream import MicroBatch, Refs
 from tests.test_losses import LABELS, MASK, PROBS, _logits_from_probs, _np_kl
 
-TRAIN_METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu")
-SWEEP = TRAIN_METHODS + ("viker+nll", "viker+kl")
+TRAIN_METHODS = ("ga", "graddiff", "kl_min", "npo", "idkpo", "viker", "simnpo", "rmu", "mmunlearner")
+SWEEP = TRAIN_METHODS + ("viker+nll", "viker+kl", "viker-ga", "viker-ga+nll", "viker+span", "viker+span+nll",
+                         "viker+span-ga", "viker+span-ga+nll", "viker+names", "viker+names+nll", "viker+names-ga",
+                         "viker+names-ga+nll")
 
 
 # ------------------------------------------------------------------ the registry
+
+
+def test_reference_variants_are_the_keys_the_demo_refuses():
+    """Sweep keys with a cache of their own (Variant.reference) are what config.check_rules keeps out of the demo."""
+    from typing import get_args
+    from pipeline.config import ConfigError, SweepMethod, load_config
+    from pipeline.stage2.labels import reference_overrides, train_method
+    assert get_args(SweepMethod) == M.SWEEP_KEYS
+    own = [k for k, v in M.SWEEP_VARIANTS.items() if v.reference]
+    assert len(own) == 8 and reference_overrides("viker+names-ga") == {"span": "chain", "names": "swap"}
+    assert train_method("viker+span-ga+nll") == ("viker", {"use_ga": False, "retain_term": "nll"})
+    for key in M.SWEEP_KEYS:
+        if key in own:
+            with pytest.raises(ConfigError, match="needs a reference cache of its own"):
+                load_config("configs/demo.yaml", [f"demo.methods={key}"])
+        else:
+            load_config("configs/demo.yaml", [f"demo.methods={key}"])
 
 
 def test_registry_names_are_the_config_choices():
@@ -36,7 +55,7 @@ def test_registry_names_are_the_config_choices():
     with pytest.raises(TrainError) as err:
         M.get_method("viker+nll")   # a sweep key, not a train.method
     assert str(err.value) == ("unknown training method 'viker+nll'; choose one of: "
-                              "ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu")
+                              "ga, graddiff, kl_min, npo, idkpo, viker, simnpo, rmu, mmunlearner")
 
 
 def test_each_method_lives_in_its_own_module():
@@ -60,12 +79,19 @@ def test_declarations_are_complete(name):
 def test_labels_are_read_from_the_registry():
     assert labels.METHOD_LABELS == {"ga": "GA", "graddiff": "GradDiff", "kl_min": "KL_Min", "npo": "NPO",
                                     "idkpo": "IdkPO", "viker": "ViKeR", "simnpo": "SimNPO", "rmu": "RMU",
-                                    "viker+nll": "ViKeR+NLL", "viker+kl": "ViKeR+KL"}
+                                    "mmunlearner": "MMUnlearner",
+                                    "viker+nll": "ViKeR+NLL", "viker+kl": "ViKeR+KL", "viker-ga": "ViKeR -GA",
+                                    "viker-ga+nll": "ViKeR+NLL -GA", "viker+span": "ViKeR span",
+                                    "viker+span+nll": "ViKeR span+NLL", "viker+span-ga": "ViKeR span -GA",
+                                    "viker+span-ga+nll": "ViKeR span+NLL -GA", "viker+names": "ViKeR span+names",
+                                    "viker+names+nll": "ViKeR span+names+NLL",
+                                    "viker+names-ga": "ViKeR span+names -GA",
+                                    "viker+names-ga+nll": "ViKeR span+names+NLL -GA"}
     assert tuple(labels.METHOD_LABELS) == M.SWEEP_KEYS
     assert labels.train_method("viker+nll") == ("viker", {"retain_term": "nll"})
     assert labels.train_method(" ViKeR+KL ") == ("viker", {"retain_term": "kl"})
     assert labels.train_method("npo") == ("npo", {})
-    assert [k for k in SWEEP if labels.is_viker(k)] == ["viker", "viker+nll", "viker+kl"]
+    assert [k for k in SWEEP if labels.is_viker(k)] == ["viker"] + list(SWEEP[len(TRAIN_METHODS):])
     info = {"method": "viker", "train": {"use_ga": False, "regulariser": "jsd", "retain_term": "kl"},
             "cache_settings": {"reference": "own"}}
     assert labels.method_label(info) == "ViKeR w/o GA w/o Vis (JSD)+KL"
@@ -124,6 +150,7 @@ def test_default_retain_terms_are_todays_numbers():
         # SimNPO: the authors' plain loss under viker; OpenUnlearning's (SimNPO.yaml: alpha 1, NLL) otherwise
         assert terms("simnpo", c) == (() if c == "viker" else (("nll", 1.0),))
         assert terms("rmu", c) == (("hidden", 1.0),) and terms("rmu", c, weight=3.0) == (("hidden", 3.0),)
+        assert terms("mmunlearner", c) == (("nll", 1.0),)     # MLLMU_manifold.py's retain step: outputs.loss
     assert [terms("kl_min", c) for c in M.LOSS_CONVENTIONS] == [(("kl", 1.0),), (("kl", 1.0), ("nll", 1.0)),
                                                                  (("kl", 1.0),)]
     # train.retain_weight is the alpha of that same term, never a term of its own.
@@ -223,7 +250,7 @@ def test_declared_needs_per_method():
     needs = {n: M.METHODS[n].needs(M.LossSpec(n)) for n in TRAIN_METHODS}
     assert needs == {"ga": (), "graddiff": ("retain",), "kl_min": ("retain",), "npo": ("ref_logp_own",),
                      "idkpo": ("ref_logp_own", "ref_logp_idk", "idk"), "viker": ("refs",), "simnpo": (),
-                     "rmu": ("retain",)}
+                     "rmu": ("retain",), "mmunlearner": ("retain",)}
     assert M.METHODS["viker"].needs(M.LossSpec("viker", online=True)) == ()
     assert [M.METHODS[n].scores for n in ("npo", "idkpo", "viker")] == [("ref_logp_own",),
                                                                         ("ref_logp_own", "ref_logp_idk"), ()]

@@ -1,5 +1,6 @@
 """Stage two: the training loop moves only LoRA weights, resumes exactly, saves loadable adapters,
 refuses foreign caches, and the cached and online ViKeR paths agree."""
+import dataclasses
 import json
 import math
 import os
@@ -60,13 +61,13 @@ def world(tmp_path_factory):
     pool = root / "pools" / "people"
     samples = forget_samples(read_split(root, "forget_10"))
     caches = {}
-    for reference in ("pool", "own"):
-        caches[reference] = tmp_path_factory.mktemp(f"refs-{reference}")
-        settings = PrecomputeConfig(output=str(caches[reference]), reference=reference, k=K_IMAGES, top_k=TOP_K,
-                                    seed=0, shard_size=4, batch_size=8, dtype="float32")
+    for name, reference, span in (("pool", "pool", "none"), ("own", "own", "none"), ("chain", "pool", "chain")):
+        caches[name] = tmp_path_factory.mktemp(f"refs-{name}")
+        settings = PrecomputeConfig(output=str(caches[name]), reference=reference, k=K_IMAGES, top_k=TOP_K,
+                                    seed=0, shard_size=4, batch_size=8, dtype="float32", span=span)
         pc.precompute(str(model_dir), samples, settings, pool_dir=str(pool), device="cpu", log=lambda *_: None)
     return {"root": root, "model": model_dir, "pool": pool, "cache": caches["pool"], "own_cache": caches["own"],
-            "samples": samples}
+            "chain_cache": caches["chain"], "samples": samples}
 
 
 def run(w, out, cache=None, resume=False, **overrides):
@@ -153,15 +154,20 @@ def test_saved_adapter_reloads_with_the_in_memory_logits_and_merges(world, tmp_p
 # ------------------------------------------------------------------ references
 
 
-def test_online_references_equal_the_cached_ones(world):
+@pytest.mark.parametrize("span", ["none", "chain"])
+def test_online_references_equal_the_cached_ones(world, span):
     from pipeline.cache.refcache import RefCacheReader
     model, processor = load_model(world["model"], device="cpu")
     model = tr.wrap_lora(model, r=4, alpha=8, dropout=0.1)
     inputs = build_inputs(processor, world["samples"], [], None, "", world["pool"])
-    spec = LossSpec("viker", online=True, k=K_IMAGES, top_k=TOP_K, ref_seed=0)
+    spec = LossSpec("viker", online=True, k=K_IMAGES, top_k=TOP_K, ref_seed=0, span=span)
     online = online_references(model, inputs.forget, inputs, spec, torch.device("cpu"))
-    with RefCacheReader(world["cache"]) as reader:
+    with RefCacheReader(world["chain_cache" if span == "chain" else "cache"]) as reader:
         cached = pad_references([reader.get(ex.sample_id) for ex in inputs.forget], online.topk_idx.shape[1])
+    if span == "chain":   # the chain must change R by more than the tolerances below for the test to mean anything
+        plain = online_references(model, inputs.forget, inputs, dataclasses.replace(spec, span="none"),
+                                  torch.device("cpu"))
+        assert (plain.entropy - online.entropy).abs().max() > 3e-3
     assert online.topk_prob.shape == cached.topk_prob.shape
     assert float(cached.topk_prob.sum(-1).max()) > 0.5, "references too flat to test anything"
     # Both are float16-rounded top-K probabilities: equal up to one float16 step on a rounding boundary.

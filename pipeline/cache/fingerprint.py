@@ -98,7 +98,8 @@ def samples_hash(samples) -> str:
 
 
 def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: str, k: int, top_k: int,
-                      seed: int, dtype: str, idk_answer: str, scores: str | None = None) -> dict:
+                      seed: int, dtype: str, idk_answer: str, scores: str | None = None, span: str = "none",
+                      names: str | None = None) -> dict:
     parts = {**model_parts(model_dir),
              "prompt_template": template_hash(model_dir),
              "reference_pool": hash_files(pool_files(pool_dir)) if reference == "pool" else "own-image",
@@ -109,6 +110,11 @@ def cache_fingerprint(model_dir, samples, *, pool_dir: str | None, reference: st
         # Only a subset is recorded, so caches scoring everything keep their earlier fingerprint;
         # shards that lack a field are then never resumed into a cache that promises it.
         parts["scores"] = scores
+    if span != "none":
+        # Recorded only when set, so the caches made before span-aware references keep their fingerprint.
+        parts["span"] = span
+    if names is not None:
+        parts["names"] = names    # textual counterfactuals: the digest of the stranger pool they drew from
     return make_fingerprint(parts)
 
 

@@ -48,6 +48,9 @@ from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 from pipeline.schema import check_section
 
 from .references import benchmark_leaks, draw_reference_images
+from .counterfactual import (BUILTIN, common_suffix, draw_strangers, names_the_person, person_names, stranger_pool,
+                             swap_name)
+from .spans import answer_pieces, chain_spans, span_starts
 
 
 @dataclass
@@ -301,13 +304,16 @@ class Row:
     image: object
     ids: list[int]
     start: int
-    kind: str        # ref | own | idk
+    kind: str        # ref | own | idk | cf (a counterfactual pair: the stranger's name for the person's)
     sample: int
+    keep: int = 0    # cf: the answer's last `keep` positions, the tokens it shares with the true answer
 
 
-def shard_rows(encoded: list[Encoded], draws, scores, own_keys: list[str], own_needed: bool) -> list[Row]:
-    """Every row of a shard, ordered by image so that consecutive batches need few prefixes at once."""
-    rows = []
+def shard_rows(encoded: list[Encoded], draws, scores, own_keys: list[str], own_needed: bool,
+               extra: list[Row] = ()) -> list[Row]:
+    """Every row of a shard (`extra`: the counterfactual pairs), ordered by image so that consecutive batches
+    need few prefixes at once."""
+    rows = list(extra)
     if draws is not None:
         for r, images in enumerate(draws):
             rows += [Row(img, encoded[r].ids, encoded[r].answer_start, "ref", r) for img in images]
@@ -322,6 +328,34 @@ def shard_rows(encoded: list[Encoded], draws, scores, own_keys: list[str], own_n
     pool_first = sorted(first_seen, key=lambda key: (not isinstance(key, int), first_seen[key]))
     order = {key: i for i, key in enumerate(pool_first)}
     return sorted(rows, key=lambda row: order[row.image])      # stable: a sample's rows keep their order
+
+
+def counterfactual_rows(processor, encoded: list[Encoded], draws, names: dict, strangers: list[str], seed: int,
+                        max_length: int | None) -> list[Row]:
+    """The textual counterfactual pairs of every sample that names its person (counterfactual.py).
+
+    Pair j is reference image j with stranger j's name in place of the person's,
+    in the question and the answer; `keep` is how many trailing answer tokens
+    every pair of the sample shares with the true answer (the positions whose R
+    they give). A sample whose pairs share none is left to the image swap alone.
+    """
+    rows = []
+    for r, (enc, images) in enumerate(zip(encoded, draws)):
+        s = enc.sample
+        name = names.get(s.profile_id, "")
+        if not names_the_person(s.question, s.answer, name):
+            continue
+        answer = enc.ids[enc.answer_start:]
+        pairs = []
+        for image, stranger in zip(images, draw_strangers(s.sample_id, len(images), strangers, seed)):
+            prompt, text = train_text(swap_name(s.question, name, stranger), swap_name(s.answer, name, stranger))
+            ids, start = encode_pair(processor, prompt, text, f"sample {s.sample_id} (stranger {stranger})",
+                                     max_length)
+            pairs.append((image, ids, start))
+        keep = min(common_suffix(answer, ids[start:]) for _, ids, start in pairs)
+        if keep:
+            rows += [Row(image, ids, start, "cf", r, keep) for image, ids, start in pairs]
+    return rows
 
 
 def next_batch(rows: list[Row], i: int, batch_size: int, capacity: int) -> int:
@@ -340,6 +374,7 @@ def next_batch(rows: list[Row], i: int, batch_size: int, capacity: int) -> int:
 @dataclass
 class Scores:
     sums: dict          # sample -> [T, V] float32 sum over its reference images
+    cf_sums: dict       # sample -> [keep, V] sum over its counterfactual pairs of the shared answer positions
     own_probs: dict     # sample -> [T, V] on its own image (reference == "own")
     logp_own: dict
     logp_idk: dict
@@ -353,6 +388,9 @@ def _answer_logp(probs: torch.Tensor, ids: list[int], start: int) -> float:
 def _collect(out: Scores, row: Row, probs: torch.Tensor, keep_own: bool) -> None:
     if row.kind == "ref":
         out.sums[row.sample] = probs if row.sample not in out.sums else out.sums[row.sample] + probs
+    elif row.kind == "cf":
+        part = probs[probs.shape[0] - row.keep:]
+        out.cf_sums[row.sample] = part if row.sample not in out.cf_sums else out.cf_sums[row.sample] + part
     elif row.kind == "own":
         out.logp_own[row.sample] = _answer_logp(probs, row.ids, row.start)
         if keep_own:
@@ -365,7 +403,7 @@ def _collect(out: Scores, row: Row, probs: torch.Tensor, keep_own: bool) -> None
 def score_rows_prefix(prefix: PrefixCache, pad_id: int, rows: list[Row], batch_size: int, own_pixels: dict,
                       keep_own: bool) -> Scores:
     """All rows through prefix reuse: mixed-image batches, at most prefix.capacity prefixes resident."""
-    out = Scores({}, {}, {}, {})
+    out = Scores({}, {}, {}, {}, {})
     i = 0
     while i < len(rows):
         j = next_batch(rows, i, batch_size, prefix.capacity)
@@ -384,7 +422,7 @@ def score_rows_prefix(prefix: PrefixCache, pad_id: int, rows: list[Row], batch_s
 def score_rows_naive(model, pad_id: int, rows: list[Row], batch_size: int, pool_pixels, own_pixels: dict,
                      keep_own: bool) -> Scores:
     """The oracle: one full forward per row, image included."""
-    out = Scores({}, {}, {}, {})
+    out = Scores({}, {}, {}, {}, {})
     dev = next(model.parameters()).device
     for b in range(0, len(rows), batch_size):
         chunk = rows[b: b + batch_size]
@@ -406,10 +444,11 @@ def own_images(encoded: list[Encoded], own_pixels: torch.Tensor) -> tuple[list[s
 
 
 def score_shard(model, pad_id: int, encoded: list[Encoded], draws, *, pool_pixels, own_pixels, batch_size: int,
-                prefix: PrefixCache | None, scores=SCORES, keep_own: bool = False) -> Scores:
+                prefix: PrefixCache | None, scores=SCORES, keep_own: bool = False, extra_rows=()) -> Scores:
     """The raw scores of one shard (`scores` may name any subset: the benchmark times parts alone)."""
     keys, pixels = own_images(encoded, own_pixels)
-    rows = shard_rows(encoded, draws if "reference" in scores else None, scores, keys, "own" in scores or keep_own)
+    rows = shard_rows(encoded, draws if "reference" in scores else None, scores, keys, "own" in scores or keep_own,
+                      extra_rows)
     if prefix is None:
         return score_rows_naive(model, pad_id, rows, batch_size, pool_pixels, pixels, keep_own)
     return score_rows_prefix(prefix, pad_id, rows, batch_size, pixels, keep_own)
@@ -426,21 +465,36 @@ def pool_reference_sums(model, pad_id: int, encoded: list[Encoded], draws: list[
 
 def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, reference: str, k: int, top_k: int,
                   seed: int, batch_size: int, prefix: PrefixCache | None, own_pixels, progress=None,
-                  scores=SCORES):
-    """RefSamples for a list of encoded samples (one shard's worth)."""
+                  scores=SCORES, span: str = "none", names: dict | None = None, strangers=None,
+                  max_length: int | None = None):
+    """RefSamples for a list of encoded samples (one shard's worth).
+
+    `span` chain: spans.chain_spans on R. `names` (profile id -> name) and
+    `strangers` (the pool): the textual counterfactual pairs of counterfactual.py.
+    """
     pad_id = processor.tokenizer.pad_token_id
     draws = None
+    cf_rows = []
     if reference == "pool":
         draws = [draw_reference_images(e.sample.sample_id, len(pool_pixels), k, seed) for e in encoded]
+        if names:
+            cf_rows = counterfactual_rows(processor, encoded, draws, names, strangers, seed, max_length)
     # reference == "own" (the "w/o Vis" ablation): R is the distribution on the sample's own image.
     got = score_shard(model, pad_id, encoded, draws, pool_pixels=pool_pixels, own_pixels=own_pixels,
                       batch_size=batch_size, prefix=prefix, scores=scores if reference == "pool" else
-                      tuple(s for s in scores if s != "reference"), keep_own=reference == "own")
+                      tuple(s for s in scores if s != "reference"), keep_own=reference == "own", extra_rows=cf_rows)
     if progress is not None:
         progress.update(len(encoded))
     out = []
     for r, enc in enumerate(encoded):
         avg = got.sums[r] / k if reference == "pool" else got.own_probs[r]
+        if r in got.cf_sums:      # the answer positions after the name: R asked about strangers
+            shared = got.cf_sums[r].shape[0]
+            if shared:
+                avg = torch.cat([avg[: avg.shape[0] - shared], got.cf_sums[r] / k])
+        if span == "chain":
+            avg = chain_spans(avg, enc.ids[enc.answer_start:],
+                              span_starts(answer_pieces(processor.tokenizer, enc.ids, enc.answer_start)))
         out.append(to_ref_sample(enc, avg, top_k, got.logp_own.get(r) if "own" in scores else None,
                                  got.logp_idk.get(r), pool_indices=draws[r] if reference == "pool" else None))
     return out
@@ -451,7 +505,7 @@ def compute_shard(model, processor, encoded: list[Encoded], *, pool_pixels, refe
 def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig, *, pool_dir: str | None,
                device: str = "auto", rank: int = 0, world: int = 1, overwrite: bool = False, log=print,
                benchmark_sets: dict | None = None, prefix_cache: bool | None = None, dropped: list | None = None,
-               strict: bool = False) -> dict | None:
+               strict: bool = False, strangers: list[str] | None = None) -> dict | None:
     """Compute this rank's shards (shards rank::world) of `settings.output` and, once all exist, the manifest.
 
     `settings` is the precompute config section, passed whole: output, reference,
@@ -468,6 +522,8 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
     fingerprint in the output directory are refused, or removed first with `overwrite`.
     `dropped` (records.Dropped: forget items the reader left out for their content)
     is logged in one line and recorded in the manifest; `strict` (data.strict) refuses any.
+    `strangers`: the candidate names of settings.names swap (jobs.runs.stranger_names
+    resolves precompute.name_pool; None: counterfactual.BUILTIN).
     Returns the manifest, or None while shards of other ranks/jobs are still missing.
     """
     check_section("precompute", settings)
@@ -479,6 +535,8 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
         raise ValueError("no forget samples to precompute")
     check_model_dir(model_dir)
     score_names = parse_scores(settings.scores)
+    if settings.names == "swap" and reference != "pool":
+        raise ValueError("precompute.names swap pairs strangers with the pool images: it needs precompute.reference pool")
     # What this run computes: reference "own" is one image (k=1), the CLI may turn prefix reuse off.
     run = replace(settings, k=1 if reference == "own" else settings.k, scores=list(score_names),
                   prefix_cache=settings.prefix_cache if prefix_cache is None else prefix_cache)
@@ -496,9 +554,21 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
             raise ValueError(f"{leaks[0]}" + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
                              + ": reference images must be irrelevant to the benchmark; "
                              "use --allow-benchmark-images only for that ablation")
+    names, candidates, strangers = {}, strangers, []
+    if run.names == "swap":
+        names = person_names(samples)
+        strangers = stranger_pool(BUILTIN if candidates is None else candidates, names.values())
+        if not strangers:
+            raise ValueError("precompute.names swap: the stranger pool is empty (every name in it is a forget person's)")
+        swapped = sum(names_the_person(s.question, s.answer, names.get(s.profile_id, "")) for s in samples)
+        if rank == 0:
+            log(f"[precompute] textual counterfactuals: {swapped} of {len(samples)} samples name their person "
+                f"({len(names)} of {len({s.profile_id for s in samples})} people have a name QA); "
+                f"{len(strangers)} strangers ({run.name_pool})")
     fingerprint = cache_fingerprint(model_dir, samples, pool_dir=pool_dir, reference=reference, k=k, top_k=top_k,
                                     seed=seed, dtype=dtype_name, idk_answer=idk_answer,
-                                    scores=None if score_names == SCORES else ",".join(score_names))
+                                    scores=None if score_names == SCORES else ",".join(score_names),
+                                    span=run.span, names=refcache.hash_json(strangers) if names else None)
     num_shards = math.ceil(len(samples) / shard_size)
     out = Path(run.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,7 +579,9 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
               "pool_size": len(pool), "seed": seed, "prompt_template": TEMPLATE_ID, "dtype": dtype_name,
               "idk_answer": idk_answer, "model": str(model_dir), "n_samples": len(samples),
               "shard_size": shard_size, "allow_benchmark_images": bool(allow_benchmark_images),
-              "scores": list(score_names)}
+              "scores": list(score_names), "span": run.span, "names": run.names}
+    if run.names == "swap":
+        record.update(name_pool=run.name_pool, strangers=strangers)
     sources = cache_sources(model_dir, pool_dir if pool else None)
     if dropped is not None:   # the shards carry it; finalize shows it in the manifest
         sources["dropped"] = drops
@@ -523,7 +595,7 @@ def precompute(model_dir: str, samples: list[Sample], settings: PrecomputeConfig
     if mine:
         _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, record, run, device=dev,
                         log=log, skipped=len([i for i in range(rank, num_shards, world) if i in done]),
-                        sources=sources)
+                        sources=sources, names=names, strangers=strangers)
     elif world == 1 or rank == 0:
         log(f"[precompute] all {num_shards} shards already finished; writing the manifest")
     _barrier(world)
@@ -621,7 +693,7 @@ def _barrier(world: int) -> None:
 
 
 def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint, record, run: PrecomputeConfig, *,
-                    device, log, skipped, sources=None):
+                    device, log, skipped, sources=None, names=None, strangers=None):
     """Compute and write the shards `mine`; `run` is the section as this run applies it (see precompute)."""
     k, top_k, seed, shard_size, batch_size = run.k, run.top_k, run.seed, run.shard_size, run.batch_size
     model, processor = load_model(model_dir, dtype=run.dtype, device=str(device))
@@ -648,7 +720,8 @@ def _compute_shards(model_dir, samples, out, mine, num_shards, pool, fingerprint
         own = pixel_values(processor, [load_image(e.sample.image, f"sample {e.sample.sample_id}") for e in encoded])
         refs = compute_shard(model, processor, encoded, pool_pixels=pool_pixels, reference=run.reference, k=k,
                              top_k=top_k, seed=seed, batch_size=batch_size, prefix=prefix,
-                             own_pixels=own.to(mdtype), progress=bar, scores=tuple(run.scores))
+                             own_pixels=own.to(mdtype), progress=bar, scores=tuple(run.scores), span=run.span,
+                             names=names, strangers=strangers, max_length=max_positions(model))
         refcache.write_shard(out, index, num_shards, refs, vocab_size=vocab, fingerprint=fingerprint,
                              settings=record, sources=sources)
     bar.close()

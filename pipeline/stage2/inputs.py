@@ -366,15 +366,17 @@ def check_cache(cache_dir, model_dir, samples: list[Sample], pool_dir, expected:
 
 
 def cache_setting_differences(settings: dict, recorded: dict, expected: dict, pool_dir) -> list[str]:
-    """'k (config 3, cache 5)' for each of k, K, seed, reference and pool the cache was made otherwise."""
+    """'k (config 3, cache 5)' for each of k, K, seed, reference, span, names and pool the cache was made otherwise."""
     want = dict(expected)
     if want.get("reference") == "own":
         want["k"] = 1   # precompute forces k=1 for the own-image reference
     found = []
     for key, name in (("k", "precompute.k"), ("K", "precompute.top_k"), ("seed", "precompute.seed"),
-                      ("reference", "precompute.reference")):
-        if key in want and str(settings.get(key)) != str(want[key]):
-            found.append(f"{name} (config {want[key]}, cache {settings.get(key)})")
+                      ("reference", "precompute.reference"), ("span", "precompute.span"),
+                      ("names", "precompute.names")):
+        made = settings.get(key, "none" if key in ("span", "names") else None)   # older caches: none
+        if key in want and str(made) != str(want[key]):
+            found.append(f"{name} (config {want[key]}, cache {made})")
     cached_pool = recorded.get("parts", {}).get("reference_pool")
     if (want.get("reference", "pool") == "pool" and settings.get("reference") == "pool" and pool_dir
             and Path(pool_dir).is_dir() and cached_pool is not None

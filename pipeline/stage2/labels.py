@@ -25,6 +25,12 @@ def train_method(key: str) -> tuple[str, dict]:
     return key, {}
 
 
+def reference_overrides(key: str) -> dict:
+    """The precompute settings a sweep key's cache is made with ('viker+span' -> span chain); {} for the default."""
+    variant = SWEEP_VARIANTS.get(key.strip().lower())
+    return dict(variant.reference) if variant else {}
+
+
 def is_viker(key: str) -> bool:
     """Whether a sweep key trains ViKeR (its lambda is swept)."""
     return train_method(key)[0] == _VIKER.name

@@ -4,10 +4,12 @@
 
     setup   load the vanilla model and wrap its language model in LoRA, read the
             forget (and retain) samples, open the stage-one reference cache and check
-            it was made for this model and forget set (inputs.py), build the seeded
-            streams (stream.py), the optimizer and the linear schedule;
-    loop    micro-batches, gradient accumulation, clipping, AdamW, one log line a
-            step, a checkpoint every train.save_every steps (checkpoint.py);
+            it was made for this model and forget set (inputs.py), let the method
+            prepare its gradient edit (MMUnlearner's saliency mask), build the
+            seeded streams (stream.py), the optimizer and the linear schedule;
+    loop    micro-batches, gradient accumulation, the method's gradient edit,
+            clipping, AdamW, one log line a step, a checkpoint every
+            train.save_every steps (checkpoint.py);
     save    the adapter and train_config.json, published together.
 
 What each method computes on a micro-batch is in methods/ (a module a method;
@@ -52,12 +54,12 @@ from .stream import Stream, make_streams, next_micro_batch
 
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
           pool_dir=None, idk_answer: str = "I don't know.", dtype: str = "auto", device: str = "auto",
-          resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0,
+          resume: bool = False, ref_k: int = 5, ref_top_k: int = 64, ref_seed: int = 0, ref_span: str = "none",
           benchmark: str = "mllmu", overwrite: bool = False, expect_cache: dict | None = None,
           log=print, train_root: str = "", strict: bool = False, config: dict | None = None) -> dict:
     """Unlearn the forget split with LoRA; write the adapter, log and config to `cfg.output`.
 
-    `ref_k`, `ref_top_k`, `ref_seed` are the reference settings of online ViKeR
+    `ref_k`, `ref_top_k`, `ref_seed`, `ref_span` are the reference settings of online ViKeR
     (the cache records its own). `benchmark` (mllmu | clear) picks the data
     reader; `train_root` a directory in MLLMU-Bench's baseline_train_split layout
     holding the training QA (data.train_root). `expect_cache` ({k, K, seed, reference}, the config's precompute
@@ -72,7 +74,7 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
     timings, final loss and paths.
     """
     method = resolve_method(cfg.method)
-    spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed)
+    spec = loss_spec(cfg, method, ref_k, ref_top_k, ref_seed, ref_span)
     check_options(cfg, method, cache_dir, pool_dir)
     out = Path(cfg.output)
     claim_output(out, resume, overwrite, remove=False)   # refuse before any work, remove on rank 0 below
@@ -118,6 +120,7 @@ class Run:
     n_forget: int
     steps: int
     start: int                     # the step a resumed run continues after (0 for a fresh one)
+    edit: object = None            # the method's gradient edit (Method.gradient_edit), applied before clipping
 
     @property
     def method(self) -> str:
@@ -159,6 +162,9 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
     del forget, retain   # the samples are not needed past setup (memory must not grow with their number)
     if n_forget < world:
         raise TrainError(f"{n_forget} forget samples cannot be split over {world} processes")
+    # Made from the vanilla model (adapter off, eval mode: no random draw), so the run's streams are untouched.
+    edit = method.gradient_edit(model, inputs, spec, cfg.batch_size, dev, rank=rank, world=world,
+                                log=log if rank == 0 else None)
 
     steps = total_steps(cfg, n_forget, world)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -170,8 +176,10 @@ def setup(model_dir, data_root, forget_split, retain_split, cache_dir, cfg: Trai
                                pool_dir, idk_answer, spec, world, steps)
     description["benchmark"] = benchmark
     description["dropped"] = dropped   # follows from data_root and the splits: not part of the run's identity
+    if edit is not None:   # part of the run's identity: a resumed run must make the same one
+        description["gradient_edit"] = edit.summary
     run = Run(cfg, spec, Path(cfg.output), rank, world, dev, model, processor, inputs, net, params, optimizer,
-              scheduler, streams, description, n_forget, steps, start=0)
+              scheduler, streams, description, n_forget, steps, start=0, edit=edit)
     if resume:
         run.start = load_checkpoint(run.out / CHECKPOINT, model, optimizer, scheduler, streams, description,
                                     rank, world)
@@ -201,7 +209,7 @@ def gradient_net(model, world: int, dev: torch.device) -> torch.nn.Module:
 
 
 def loop(run: Run) -> tuple[float, float]:
-    """Steps start+1 .. steps: accumulate, clip, stop on a non-finite loss, step, log, checkpoint.
+    """Steps start+1 .. steps: accumulate, edit the gradients, clip, stop on a non-finite loss, step, log, checkpoint.
 
     Returns the last step's loss and the loop's seconds.
     """
@@ -212,6 +220,8 @@ def loop(run: Run) -> tuple[float, float]:
     for step in bar:
         t_step = time.perf_counter()
         loss, diags = accumulate(run)
+        if run.edit is not None:   # before clipping: the norm clipped and logged is that of the step taken
+            run.edit()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         last_loss = float(loss)

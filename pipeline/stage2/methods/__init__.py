@@ -9,6 +9,7 @@
               (train.retain_term nll | kl: ViKeR+NLL, ViKeR+KL)
     simnpo    reference-free NPO on the per-token mean log-likelihood, with a margin
     rmu       a layer's forget hidden states pushed to c*u, its retain hidden states kept
+    mmunlearner  graddiff's loss, its gradients masked to the weight rows a saliency score selects
 
 Each module declares, in one class, the method's name and label, what it
 needs (cache fields, idk answers, retain data), its defaults per loss
@@ -19,7 +20,7 @@ what they share (the checks, the one gradient forward, the retain term) and
 and conventions are written out in docs/METHODS.md.
 
 train.retain_weight has one meaning: alpha, the weight of the method's retain
-term, whatever that term is (NLL for graddiff, simnpo and viker+nll, KL for
+term, whatever that term is (NLL for graddiff, simnpo, mmunlearner and viker+nll, KL for
 kl_min and viker+kl, NLL+KL for kl_min under mllmu, the hidden-state distance
 for rmu, an optional NLL for ga, npo, idkpo and plain viker); 0 means the
 method's default under the convention.
@@ -92,7 +93,7 @@ def check_retain_term(term: str, method: str) -> str:
     return name
 
 
-def loss_spec(cfg, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
+def loss_spec(cfg, method: str, k: int, top_k: int, ref_seed: int, span: str = "none") -> LossSpec:
     """The config's train section (a TrainConfig) as the plain LossSpec of `method`."""
     m = get_method(method)
     convention = str(cfg.convention).strip().lower()
@@ -101,9 +102,10 @@ def loss_spec(cfg, method: str, k: int, top_k: int, ref_seed: int) -> LossSpec:
     return LossSpec(method=m.name, lam=cfg.lam, regulariser=cfg.regulariser.lower(), use_ga=cfg.use_ga,
                     token_lambda=cfg.token_lambda, beta=cfg.beta, retain_weight=cfg.retain_weight,
                     retain_term=check_retain_term(cfg.retain_term, m.name),
-                    online=cfg.online_reference and m.online_reference, k=k, top_k=top_k, ref_seed=ref_seed,
+                    online=cfg.online_reference and m.online_reference, k=k, top_k=top_k, ref_seed=ref_seed, span=span,
                     convention=convention, idk_beta=cfg.idk_beta, simnpo_gamma=cfg.simnpo_gamma,
-                    rmu_layer=cfg.rmu_layer, rmu_steering=cfg.rmu_steering, seed=cfg.seed)
+                    rmu_layer=cfg.rmu_layer, rmu_steering=cfg.rmu_steering, mmu_threshold=cfg.mmu_threshold,
+                    mmu_mask_samples=cfg.mmu_mask_samples, seed=cfg.seed)
 
 
 def check_options(cfg, method: str, cache_dir, pool_dir) -> None:

@@ -45,10 +45,13 @@ class LossSpec:
     simnpo_gamma: float = 0.0      # SimNPO's margin, per-token NLL units
     rmu_layer: int = -1            # RMU's decoder layer; -1: the middle one
     rmu_steering: float = 2.0      # RMU's steering coefficient c
+    mmu_threshold: float = 1.0     # MMUnlearner: a weight row trains when forget / retain Fisher >= this
+    mmu_mask_samples: int = 0      # MMUnlearner: forget and retain samples (each) scored for the mask; 0: all
     seed: int = 0                  # train.seed: RMU's random direction u
     k: int = 5
     top_k: int = 64
     ref_seed: int = 0
+    span: str = "none"             # precompute.span of online references: none | chain (stage1/spans.py)
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,16 @@ def every_convention(defaults: Defaults, **overrides: Defaults) -> dict[str, Def
 
 @dataclass(frozen=True)
 class Variant:
-    """A sweep key beyond train.method (demo.methods, study.methods): `method` with extra train settings."""
+    """A sweep key beyond train.method (demo.methods, study.methods): `method` with extra train settings.
+
+    `reference`: precompute settings its cache is made with (span, names); a
+    variant with any needs a cache of its own (the study makes one per setting).
+    """
     key: str
     label: str
     method: str
     settings: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
 
 
 class Method:
@@ -144,6 +152,19 @@ class Method:
     def run_label(self, train: dict, cache_settings: dict) -> str:
         """The display label of a run of this method (its train settings, its cache's settings)."""
         return self.label
+
+    # ------------------------------------------------------------- the step
+
+    def gradient_edit(self, model, inputs, spec: LossSpec, batch_size: int, dev, rank: int = 0, world: int = 1,
+                      log=None):
+        """Made once at setup, before the first step: None, or a callable that edits the step's gradients in
+        place between the backward and the clipping, with a `summary` dict that train_config.json records.
+
+        None for every method whose loss alone defines it; MMUnlearner's saliency mask is such an edit
+        (mmunlearner.py). `model`: the peft model (its adapter off is the vanilla model); `inputs`: the run's
+        Inputs; `log`: a print-like function on rank 0, else None.
+        """
+        return None
 
     # ------------------------------------------------------------- the loss
 

@@ -19,6 +19,7 @@ import torch
 from pipeline.models.forward import TextBatch, answer_logits, language_model, make_text_batch
 from pipeline.stage1.precompute import summarise
 from pipeline.stage1.references import draw_reference_images
+from pipeline.stage1.spans import answer_pieces, chain_spans, span_starts
 
 from ..errors import TrainError
 from ..inputs import Example, Inputs
@@ -101,8 +102,14 @@ def online_references(model, examples: list[Example], inputs: Inputs, spec, dev)
     logits, batch = frozen_logits(model, repeated, inputs, dev, images=inputs.pool[picks])
     B, T = len(examples), logits.shape[1]
     avg = torch.softmax(logits.float(), dim=-1).view(B, k, T, -1).mean(1)
-    idx, prob, tail, entropy = summarise(avg, spec.top_k)
     mask = batch.answer_mask.view(B, k, T)[:, 0] > 0
+    if spec.span == "chain":   # as stage one applies it (stage1/spans.py)
+        tokenizer = inputs.processor.tokenizer
+        for b, ex in enumerate(examples):
+            at = mask[b].nonzero()[:, 0]
+            answer = [int(i) for i in ex.ids[ex.start:]]
+            avg[b, at] = chain_spans(avg[b, at], answer, span_starts(answer_pieces(tokenizer, ex.ids, ex.start)))
+    idx, prob, tail, entropy = summarise(avg, spec.top_k)
     prob = prob.half().float()
     return Refs(torch.where(mask[..., None], idx, 0), torch.where(mask[..., None], prob, 0.0),
                 torch.where(mask, tail, 1.0), torch.where(mask, entropy, 0.0))

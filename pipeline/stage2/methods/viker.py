@@ -23,6 +23,26 @@ RETAIN = {"none": Defaults(retain_weight=0.0, retain=("nll",)),
           "kl": Defaults(retain_weight=1.0, retain=("kl",))}
 
 
+def reference_variants() -> list[Variant]:
+    """ViKeR over the references of precompute.span / precompute.names (ours), each with and without the
+    gradient ascent and the retain NLL: the grid that asks which reference lets the regulariser forget.
+
+    Keys: viker[+span|+names][-ga][+nll]; +names is span-aware references with textual counterfactuals.
+    """
+    out = []
+    refs = (("", "", {}), ("+span", " span", {"span": "chain"}),
+            ("+names", " span+names", {"span": "chain", "names": "swap"}))
+    for ref_key, ref_label, reference in refs:
+        for ga_key, ga_label, ga in (("", "", {}), ("-ga", " -GA", {"use_ga": False})):
+            for nll_key, nll_label, nll in (("", "", {}), ("+nll", "+NLL", {"retain_term": "nll"})):
+                key = f"viker{ref_key}{ga_key}{nll_key}"
+                if key in ("viker", "viker+nll"):
+                    continue      # the method itself, and the variant declared above
+                label = f"ViKeR{ref_label}{nll_label}{ga_label}"
+                out.append(Variant(key, label, "viker", {**ga, **nll}, reference))
+    return out
+
+
 class ViKeR(Method):
     name, label, position = "viker", "ViKeR", 60
     cache_fields = (REFS,)
@@ -30,7 +50,8 @@ class ViKeR(Method):
     retain_term_choices = RETAIN_TERMS
     conventions = every_convention(RETAIN["none"])
     variants = (Variant("viker+nll", "ViKeR+NLL", "viker", {"retain_term": "nll"}),
-                Variant("viker+kl", "ViKeR+KL", "viker", {"retain_term": "kl"}))
+                Variant("viker+kl", "ViKeR+KL", "viker", {"retain_term": "kl"}),
+                *reference_variants())
 
     def defaults(self, spec):
         return RETAIN[spec.retain_term]
