@@ -5,7 +5,7 @@ other than its default, generated from the schema (so a new key is covered
 without touching this file). The stage functions are replaced by recorders
 and every command path runs; then each key's sentinel must be found where the
 stage receives it. The stages take their config sections whole (finetune,
-precompute, train, evaluate, relearn, quantize), so the sections that arrive must equal
+precompute, train, evaluate, relearn, quantize, logit_lens, probe), so the sections that arrive must equal
 the configured ones, except for the fields a path sets on purpose (listed per
 path below); the keys a mapping or job consumes itself are listed in CONSUMED.
 A mapping that drops or forgets a key (as `viker demo` once dropped
@@ -28,11 +28,12 @@ from pipeline.jobs.runs import pool_dir
 from pipeline.schema import bounds, choices, element_type, field_types, is_list
 
 # Keys whose sentinel must keep a rule between keys true (check_rules): these keep their default.
-KEEP_DEFAULT = {"train.retain_term", "train.online_reference"}
+KEEP_DEFAULT = {"train.retain_term", "train.online_reference", "precompute.names"}
 # Keys that arrive in a stage's section but that the stage does not read: the mapping or a job consumes them, and where.
 CONSUMED = {
     "finetune.exclude_split": "jobs.runs.run_finetune leaves that split's people out of the profiles",
     "finetune.gate_min_acc": "jobs.demo.vanilla_gate / check_gate, after knowledge injection",
+    "evaluate.attacks": "jobs.runs.run_evaluate runs them (attack_metrics) and hands evaluate their summaries",
 }
 
 
@@ -84,7 +85,8 @@ def sentinel_config() -> Config:
 
 def test_sentinels_differ_from_defaults_and_are_valid():
     cfg, default = sentinel_config(), Config()
-    for name in ("data", "model", "finetune", "precompute", "train", "evaluate", "relearn", "quantize"):
+    for name in ("data", "model", "finetune", "precompute", "train", "evaluate", "relearn", "quantize", "logit_lens",
+                 "probe"):
         for f in dataclasses.fields(getattr(cfg, name)):
             key = f"{name}.{f.name}"
             if key not in KEEP_DEFAULT:
@@ -107,7 +109,8 @@ def calls(monkeypatch, tmp_path):
     import importlib
     for name in ("pipeline.stage1.precompute", "pipeline.stage2.train", "pipeline.stage2.finetune",
                  "pipeline.evaluation.evaluate", "pipeline.evaluation.clear_eval", "pipeline.evaluation.relearn",
-                 "pipeline.evaluation.quantize", "pipeline.jobs.demo", "pipeline.study.grid"):
+                 "pipeline.evaluation.quantize", "pipeline.evaluation.logit_lens", "pipeline.evaluation.probe",
+                 "pipeline.jobs.demo", "pipeline.study.grid"):
         importlib.import_module(name)
     monkeypatch.chdir(tmp_path)           # relative sentinel paths (e.g. finetune.output) land in the test's folder
     seen: dict[str, list] = {}
@@ -138,8 +141,13 @@ def calls(monkeypatch, tmp_path):
     monkeypatch.setattr("pipeline.evaluation.clear_eval.format_clear_row", lambda r: "row")
     monkeypatch.setattr("pipeline.evaluation.evaluate.relearn_metrics", record("relearn_metrics", {}))
     monkeypatch.setattr("pipeline.evaluation.relearn.format_attack", lambda r, label: "attack")
-    monkeypatch.setattr("pipeline.evaluation.quantize.attack", record("quantize_attack", {}))
+    # Results shaped as the attacks return them: the row keeps their summaries (jobs.runs.attack_metrics).
+    monkeypatch.setattr("pipeline.evaluation.quantize.attack", record("quantize_attack", {"by_scheme": {}}))
     monkeypatch.setattr("pipeline.evaluation.quantize.format_attack", lambda r, label: "attack")
+    shapes = {"logit_lens": {"summary": {}}, "probe": {"summary": {}, "by_probe": {}}}
+    for name in ("logit_lens", "probe"):
+        monkeypatch.setattr(f"pipeline.evaluation.{name}.attack", record(f"{name}_attack", shapes[name]))
+        monkeypatch.setattr(f"pipeline.evaluation.{name}.format_attack", lambda r, label: "attack")
     monkeypatch.setattr("pipeline.models.modeling.load_for_eval", lambda *a, **k: (None, None))
     monkeypatch.setattr("pipeline.jobs.demo.vanilla_gate", lambda *a, **k: {})
     monkeypatch.setattr("pipeline.cli._model_libraries", lambda: None)
@@ -176,9 +184,10 @@ def check_train(cfg: Config, call, model_dir: str, train=None):
     assert args[5] == (train or cfg.train), "the train section arrives whole"
     assert (kw["pool_dir"], kw["idk_answer"], kw["dtype"], kw["device"]) == (
         pool_dir(p.pool, d.root), p.idk_answer, cfg.model.dtype, cfg.model.device)
-    assert (kw["ref_k"], kw["ref_top_k"], kw["ref_seed"], kw["benchmark"], kw["train_root"], kw["strict"]) == (
-        p.k, p.top_k, p.seed, d.benchmark, d.train_root, d.strict)
-    assert kw["expect_cache"] == {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
+    assert (kw["ref_k"], kw["ref_top_k"], kw["ref_seed"], kw["ref_span"], kw["benchmark"], kw["train_root"],
+            kw["strict"]) == (p.k, p.top_k, p.seed, p.span, d.benchmark, d.train_root, d.strict)
+    assert kw["expect_cache"] == {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference, "span": p.span,
+                                  "names": p.names}
     assert kw["config"] == config_dict(replace(cfg, train=train or cfg.train)), "the adapter records the config"
 
 
@@ -190,13 +199,15 @@ def check_evaluate(cfg: Config, call, model_dir: str, gold=None, relearn=False, 
     assert settings == (cfg.evaluate if gold is None else replace(cfg.evaluate, gold=gold))
     if "relearn" in kw or relearn:
         assert kw["relearn"] == (cfg.relearn if relearn else None)
+    # evaluate.attacks: run beside the relearning attack, each with its own section, their summaries in the row
+    assert set(kw.get("attacks") or {}) == (set(cfg.evaluate.attacks) if relearn else set())
     expected = config_dict(cfg if train is None else replace(cfg, train=train))
     assert kw["config"] == expected, "the row records the resolved configuration"
 
 
-def check_quantize(cfg: Config, call, adapter=None, reference="", gold=""):
+def check_quantize(cfg: Config, call, adapter=None, reference="", gold="", section="quantize"):
     args, kw = call
-    assert args == (cfg.model, cfg.data, cfg.quantize), "the model, data and quantize sections arrive whole"
+    assert args == (cfg.model, cfg.data, getattr(cfg, section)), f"the model, data and {section} sections arrive whole"
     assert kw == {"adapter": adapter, "reference": reference, "gold": gold, "batch_size": cfg.evaluate.batch_size}
 
 
@@ -217,6 +228,8 @@ def test_cli_paths(tmp_path, calls, benchmark):
     cfg.data.benchmark = benchmark
     cfg.relearn.results = str(tmp_path / "attack.jsonl")
     cfg.quantize.results = str(tmp_path / "quantize.jsonl")
+    cfg.logit_lens.results = str(tmp_path / "logit_lens.jsonl")
+    cfg.probe.results = str(tmp_path / "probe.jsonl")
     invoke(tmp_path, cfg, "finetune")
     check_finetune(cfg, calls["finetune"][-1], cfg.finetune.exclude_split)
     invoke(tmp_path, cfg, "precompute")
@@ -241,6 +254,15 @@ def test_cli_paths(tmp_path, calls, benchmark):
                        gold="sentinel-gold")
         assert [json.loads(line)["config"] for line in Path(cfg.quantize.results).read_text().splitlines()] == \
             [config_dict(cfg)] * 2, "quantize.results: each row appended, with the resolved configuration"
+        for section, command in (("logit_lens", "logit-lens"), ("probe", "probe")):
+            invoke(tmp_path, cfg, "attack", command, "--reference", "sentinel-vanilla")
+            check_quantize(cfg, calls[f"{section}_attack"][-1], reference="sentinel-vanilla", gold=cfg.evaluate.gold,
+                           section=section)
+            invoke(tmp_path, cfg, "attack", command, "--adapter", "sentinel-adapter", "--gold", "sentinel-gold")
+            check_quantize(cfg, calls[f"{section}_attack"][-1], adapter="sentinel-adapter", reference=cfg.model.path,
+                           gold="sentinel-gold", section=section)
+            rows = Path(getattr(cfg, section).results).read_text().splitlines()
+            assert [json.loads(line)["config"] for line in rows] == [config_dict(cfg)] * 2, f"{section}.results"
 
 
 # ------------------------------------------------------------------ the demo
@@ -303,9 +325,12 @@ def test_study_paths(tmp_path, calls):
 @pytest.mark.parametrize("section,modules,unread", [
     ("finetune", ("stage2/finetune.py",), {k.split(".")[1] for k in CONSUMED if k.startswith("finetune.")}),
     ("precompute", ("stage1/precompute.py",), {"pool"}),                  # pool: runs.pool_dir resolves it
-    ("evaluate", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"table_acc"}),   # table_acc: viker report
+    ("train", ("stage2/train.py", "stage2/methods/__init__.py"), set()),  # the loop's keys; loss_spec the losses'
+    ("evaluate", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"table_acc", "attacks"}),   # table_acc: viker report; attacks: jobs.runs
     ("relearn", ("evaluation/relearn.py",), {"results"}),                                   # results: the CLI's file
     ("quantize", ("evaluation/quantize.py",), {"results"}),                                  # results: the CLI's file
+    ("logit_lens", ("evaluation/logit_lens.py",), {"results"}),                              # results: the CLI's file
+    ("probe", ("evaluation/probe.py",), {"results"}),                                        # results: the CLI's file
     ("model", ("evaluation/evaluate.py", "evaluation/clear_eval.py"), {"family"}),           # family: the demo's
 ])
 def test_a_stage_given_a_section_reads_every_key(section, modules, unread):

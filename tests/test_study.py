@@ -6,6 +6,7 @@ import re
 import pytest
 
 from pipeline.study import grid as study
+from pipeline.study import report as study_report
 from pipeline.config import ConfigError, load_config
 from pipeline.study.report import (curve_auc, draw_interval, gold_table, interpolate_at, matched_table,
                                    paired_differences, paired_table, relearn_gold_table, select, t_quantile,
@@ -202,6 +203,33 @@ def test_openunlearning_privleak_and_relearning_against_the_gold_control():
     assert relearn_gold_table(units(no_gold), no_gold, ["GA"], "forget_10", "forget.fact_acc", 0.5) is None
 
 
+def test_the_goal_against_the_gold_model_is_judged_on_intervals():
+    """At 25% of vanilla Forget ACC: PrivLeak within 10 points of 0 and retain fact >= 85% of vanilla, judged
+    on the whole interval (met), the means only (mean only) or neither (no); KL to gold in nats, 2 decimals."""
+    def with_gold(row, leak, auc, kl):
+        out = _attacked(row, auc, leak, 0.3)
+        out["metrics"]["gold_distance"] = {"kl_gold": kl, "kl_gold_key": 2 * kl}
+        return out
+    recs = []
+    for draw, noise in ((1, 0.0), (2, 1.0), (3, -1.0)):
+        recs.append(_record("Vanilla", "vanilla", draw, 0, with_gold(_row(1.0, 1.0), 90.0, 0.9, 1.0)))
+        recs.append(_record("Gold", "gold", draw, 0, _attacked(_row(0.05, 0.95), 0.5, 0.0, 0.1), group="gold"))
+        # close: Forget ACC 0.25 at budget 8 exactly, PrivLeak 2 +- 1, retain 0.95 of vanilla's
+        recs.append(_record("Close", "viker", draw, 8, with_gold(_row(0.25, 0.95), 2.0 + noise, 0.51, 0.2)))
+        # noisy: PrivLeak 5 +- 8 (mean inside, interval not)
+        recs.append(_record("Noisy", "viker+span", draw, 8, with_gold(_row(0.25, 0.9), 5.0 + 8 * noise, 0.52, 0.3)))
+        # leaky: PrivLeak 40
+        recs.append(_record("Leaky", "ga", draw, 8, with_gold(_row(0.25, 0.99), 40.0 + noise, 0.7, 0.9)))
+    table = study_report.goal_table(units(recs), recs, ["Close", "Noisy", "Leaky"], "forget_10", "forget.fact_acc",
+                                    0.25)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert rows["Close"].endswith("| met |") and "| 95.0 [95.0, 95.0] |" in rows["Close"]
+    assert "| 0.20 [0.20, 0.20] | 0.40 [0.40, 0.40] |" in rows["Close"]
+    assert "| +1.0 [+1.0, +1.0] |" not in rows["Close"] and "| 1.0 [1.0, 1.0] |" in rows["Close"]   # MIA - gold
+    assert rows["Noisy"].endswith("| mean only |")
+    assert rows["Leaky"].endswith("| no |") and "| 40.0 [37.5, 42.5] |" in rows["Leaky"]
+
+
 def test_retain_aware_viker_is_a_study_method_of_its_own():
     cfg = load_config("configs/study.yaml", ["study.methods=viker,viker+nll"])
     keys = {r["settings"]["method"] for r in study.selection_runs(cfg)}
@@ -216,6 +244,80 @@ def test_retain_aware_viker_is_a_study_method_of_its_own():
     assert a["settings"]["attacks"]["relearn"] == {} and c["settings"]["attacks"]["relearn"] is None
     cfg.relearn.steps = 7
     assert study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")["key"] != a["key"]
+
+
+def test_reference_variants_get_caches_of_their_own():
+    """viker+span / viker+names train ViKeR on a cache made with precompute.span / names; the default variants'
+    run keys do not change (their ref has no such keys)."""
+    cfg = load_config("configs/study.yaml", ["study.methods=viker,viker+span,viker+names-ga",
+                                             "precompute.name_pool=Holdout_Set"])
+    runs = {r["settings"]["method"]: r for r in study.selection_runs(cfg)}
+    plain, span, names = (runs[m]["settings"]["ref"] for m in ("viker", "viker+span", "viker+names-ga"))
+    assert plain == {"pool": "people", "reference": "pool", "k": 5}
+    assert span == {**plain, "span": "chain"}
+    assert names == {**plain, "span": "chain", "names": "swap", "name_pool": "Holdout_Set"}
+    assert runs["viker+names-ga"]["settings"]["method"] == "viker+names-ga"
+    assert study.train_method("viker+names-ga") == ("viker", {"use_ga": False})
+    dirs = {study.cache_dir(cfg, 1, "forget_10", ref) for ref in (plain, span, names)}
+    assert len(dirs) == 3
+    c = study._cache_config(cfg, 1, "forget_10", names)
+    assert (c.precompute.span, c.precompute.names, c.precompute.name_pool) == ("chain", "swap", "Holdout_Set")
+    assert study._cache_config(cfg, 1, "forget_10", plain).precompute.span == "none"
+    assert len(study._caches(cfg, list(runs.values()))) == 3
+
+
+def test_attacks_added_later_run_on_the_finished_runs_without_training(tmp_path, monkeypatch):
+    """evaluate.attacks is not part of a run's key: a finished attacked run gets the missing attack from its
+    saved adapter (the gold row from the gold model), published atomically; comparisons are left alone."""
+    from pipeline.jobs import runs as jobs_runs
+    cfg = load_config("configs/study.yaml", [f"study.output={tmp_path}", "study.splits=forget_10"])
+    main = study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")
+    gold = study.make_run(cfg, 1, "forget_10", 0, "gold", 0, 0.0, 0.0, "Gold", "gold")
+    other = study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR k=1", "k")
+    for run in (main, gold, other):
+        folder = tmp_path / "runs" / run["key"]
+        (folder / "train" / "adapter").mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({**run, "row": {"metrics": {"forget": {"fact_acc": 0.5}}}}))
+    seen = []
+
+    def fake(c, adapter, reference, gold_dir):
+        seen.append((c.model.path, adapter, reference, gold_dir, list(c.evaluate.attacks)))
+        return {a: {"recovery": 0.25} for a in c.evaluate.attacks}
+    monkeypatch.setattr(jobs_runs, "attack_metrics", fake)
+    monkeypatch.setattr(study, "execute_run", lambda *a: pytest.fail("a finished run was trained again"))
+    assert study._runs_needing(cfg, [main, gold, other]) == []              # no attack asked: nothing to do
+    cfg.evaluate.attacks = ["logit_lens"]
+    assert [r["key"] for r in study._runs_needing(cfg, [main, gold, other])] == [main["key"], gold["key"]]
+    assert main["key"] == study.make_run(cfg, 1, "forget_10", 0, "viker", 16, 2e-3, 0.5, "ViKeR", "main")["key"]
+    for run in (main, gold):
+        done = tmp_path / "runs" / run["key"] / "done.json"
+        record = study.add_attacks(cfg, json.loads(done.read_text()), done)
+        assert record["row"]["metrics"]["logit_lens"] == {"recovery": 0.25}
+        assert record["row"]["metrics"]["forget"] == {"fact_acc": 0.5}
+        assert json.loads(done.read_text()) == record and not done.with_name("done.json.tmp").exists()
+    vanilla = study.draw_config(cfg, 1).finetune.output
+    assert seen[0][1].endswith("train/adapter") and seen[0][2] == vanilla and seen[0][3].endswith("gold-forget_10")
+    assert seen[1][1] is None and seen[1][0].endswith("gold-forget_10") and seen[1][3] == ""   # the control
+    assert study._runs_needing(cfg, [main, gold, other]) == []
+    study.add_attacks(cfg, json.loads((tmp_path / "runs" / main["key"] / "done.json").read_text()),
+                      tmp_path / "runs" / main["key"] / "done.json")
+    assert len(seen) == 2, "an attack already in the row is not run again"
+
+
+def test_attack_summaries_in_a_row_are_flat_numbers(monkeypatch):
+    from pipeline.jobs import runs as jobs_runs
+    cfg = load_config("configs/demo.yaml", ["evaluate.attacks=logit_lens,probe,quantize"])
+    monkeypatch.setattr(jobs_runs, "run_logit_lens_attack",
+                        lambda *a: {"curves": "big", "summary": {"recovery": 0.5, "gold_recovery": float("nan")}})
+    monkeypatch.setattr(jobs_runs, "run_probe_attack",
+                        lambda *a: {"summary": {"mean_recovery": 0.4, "probes_in_mean": ["crop"]},
+                                    "by_probe": {"crop": {"recovery": 0.4, "acc": 0.2}}})
+    monkeypatch.setattr(jobs_runs, "run_quantize_attack",
+                        lambda *a: {"by_scheme": {"int4": {"recovery": 0.3, "change": 0.1, "acc_forget": 0.2}}})
+    out = jobs_runs.attack_metrics(cfg, "adapter", "vanilla", "gold")
+    assert out == {"logit_lens": {"recovery": 0.5, "gold_recovery": None},
+                   "probe": {"mean_recovery": 0.4, "recovery_crop": 0.4},
+                   "quantize": {"recovery_int4": 0.3, "change_int4": 0.1}}
 
 
 def test_selection_rule_picks_largest_area_and_first_on_ties():
@@ -437,10 +539,11 @@ def test_report_only_on_a_finished_study_has_the_paired_sections(tmp_path):
                     "## Relearning against the gold control"):
         assert section in text
     # Every seed of a draw moves with the draw: the difference is 20 points on every unit, so the interval is
-    # [20, 20] and excludes 0; GradDiff - GA (2 points) likewise; ViKeR+NLL - ViKeR is not a comparison made.
+    # [20, 20] and excludes 0; GradDiff - GA (2 points) likewise; every ViKeR variant is also read against ViKeR.
     assert "| ViKeR − GA | Retain fact | +20.0 | [+20.0, +20.0] | 6/6 (3) | ViKeR > GA |" in text
     assert "| ViKeR − GradDiff | Retain fact | +18.0 | [+18.0, +18.0] | 6/6 (3) | ViKeR > GradDiff |" in text
-    assert "| ViKeR+NLL − GradDiff | Retain fact | +20.0 |" in text and "ViKeR+NLL − ViKeR" not in text
+    assert "| ViKeR+NLL − GradDiff | Retain fact | +20.0 |" in text
+    assert "| ViKeR+NLL − ViKeR | Retain fact | +2.0 | [+2.0, +2.0] | 6/6 (3) | ViKeR+NLL > ViKeR |" in text
     assert "| ViKeR − GA | Real fact | +0.0 | [+0.0, +0.0] | 6/6 (3) | no difference shown |" in text
     assert re.search(r"\| GA − gold \| Relearn \| \+\d+\.\d \| \[\+\d+\.\d, \+\d+\.\d\] \| 6/6 \(3\) \| GA > gold \|",
                      text)

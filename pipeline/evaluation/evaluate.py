@@ -264,7 +264,7 @@ def _finite(value) -> float | None:
 def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adapter=None, method: str = "Vanilla",
              setting: dict | None = None, budget: float = 0, seed: int = 0, cache_fingerprint: str = "",
              results_path=None, samples_path=None, relearn: RelearnConfig | None = None, relearn_reference: str = "",
-             config: dict | None = None) -> dict:
+             config: dict | None = None, attacks: dict | None = None) -> dict:
     """Evaluate model.path (+ `adapter`) on the sets of `settings`; append its row to the results file and return it.
 
     The model, data and evaluation settings come as their config sections
@@ -281,7 +281,8 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     adds PrivLeak per attack: metrics["mia"]. `relearn` (the relearn section)
     runs the relearning attack last, on this very model, against the accuracy
     of `relearn_reference` (default: model.path, the vanilla model an adapter
-    was trained from): metrics["relearn"].
+    was trained from): metrics["relearn"]. `attacks` ({name: summary}, e.g. jobs.runs.attack_metrics'
+    logit_lens, probe, quantize) are recorded in the row's metrics as they are.
 
     settings.protocol "official" scores as MLLMU-Bench's eval.py does
     (protocol_mllmu: its prompts, few-shot profiles drawn with settings.seed from
@@ -341,6 +342,7 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     if relearn is not None:      # last: the attack trains this model in place
         results["relearn"] = relearn_metrics(loaded, processor, members, relearn, relearn_reference or model_dir,
                                              memo_key(data_root, forget_split), dtype, device, e.batch_size)
+    results.update(attacks or {})
     results_path = Path(results_path or e.results)
     samples_path = Path(samples_path) if samples_path else default_samples_path(results_path, method, forget_split,
                                                                                budget, seed)

@@ -77,6 +77,18 @@ TABLE_COLUMNS = (
      "attack on every QA of half the forget people, Forget ACC on the other half / the vanilla model's "
      "(relearn.people_recovery: no test item shares a person with the attacker's), minus the Gold row's, "
      "paired the same way"),
+    # The attacks of evaluate.attacks (evaluation/logit_lens.py, probe.py, quantize.py), where they ran.
+    ("Lens", "logit_lens.recovery",
+     "logit-lens attack: the forget facts' top-1 rate read through the final norm and LM head at the best decoder "
+     "layer before the output, / the vanilla model's at that layer (the attacker picks the layer: optimistic); "
+     "the Gold row is the control"),
+    ("Probe", "probe.mean_recovery",
+     "probing attack: fact accuracy on the forget people's held-out portraits, cropped, noised and mirrored "
+     "pictures and paraphrased questions, / the vanilla model's under the same probe, mean over the probes "
+     "(declared before any run); the Gold row is the control"),
+    ("Quant int4", "quantize.recovery_int4",
+     "quantization attack: Forget ACC after int4 round-to-nearest of the merged weights / the vanilla model's "
+     "int4 Forget ACC; the Gold row is the control"),
     # Last, after every result: the old MIA AUC column, kept to read old tables by, named so nobody uses it.
     ("MIA AUC best-of-4 (biased)", "mia.mia_auc_best_of_4_biased",
      "diagnostic only, not a result: the AUC of whichever of LOSS, zlib, min-k%, min-k%++ lies farthest from g "
@@ -92,7 +104,8 @@ NATS_COLUMNS = {"gold_distance.kl_gold", "gold_distance.kl_gold_key"}
 # Left out of a table when no row has them (older results, attacks that did not run).
 OPTIONAL_COLUMNS = {"mia.privleak_ou_min_k", "mia.mia_auc_best_of_4_biased", "relearn.recovery_minus_gold",
                     "gold_distance.kl_gold", "gold_distance.kl_gold_key",
-                    "relearn.worst_recovery_minus_gold", "relearn.people_recovery_minus_gold"}
+                    "relearn.worst_recovery_minus_gold", "relearn.people_recovery_minus_gold",
+                    "logit_lens.recovery", "probe.mean_recovery", "quantize.recovery_int4"}
 # Relearning recoveries reported against the gold control of the same split.
 PAIRED_WITH_GOLD = ("relearn.recovery", "relearn.worst_recovery", "relearn.people_recovery")
 # Undefined on the Gold row, which is their reference: an empty cell there, never 0 (n/a = not measured).

@@ -96,7 +96,25 @@ def run_precompute(cfg: Config, model_dir: str, *, prefix_cache: bool | None = N
                       device=device or cfg.model.device, rank=rank, world=world, overwrite=overwrite, log=log,
                       benchmark_sets=(None if p.allow_benchmark_images or p.reference != "pool"
                                       else benchmark_images(d.root, d.benchmark, benchmark_splits(cfg), log)),
-                      prefix_cache=prefix_cache)
+                      prefix_cache=prefix_cache, strangers=stranger_names(cfg) if p.names == "swap" else None)
+
+
+def stranger_names(cfg: Config) -> list[str] | None:
+    """precompute.name_pool as names: None (builtin), the named people of a split of data.root, or a file's lines."""
+    from pipeline.data.loaders import read_profiles
+    from pipeline.data.records import forget_samples
+    from pipeline.stage1.counterfactual import person_names
+    pool, d = cfg.precompute.name_pool, cfg.data
+    if pool == "builtin":
+        return None
+    if (Path(d.root) / pool).is_dir():
+        names = list(person_names(forget_samples(read_profiles(d.root, pool, d.benchmark))).values())
+        if not names:
+            raise ValueError(f"precompute.name_pool {pool}: no person of {Path(d.root) / pool} has a name QA")
+        return names
+    if Path(pool).is_file():
+        return [line.strip() for line in Path(pool).read_text().splitlines() if line.strip()]
+    raise ValueError(f"precompute.name_pool {pool!r} is neither builtin, a split folder of {d.root}, nor a file")
 
 
 def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None, resume: bool = False,
@@ -108,10 +126,10 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
     """
     from pipeline.stage2.train import train
     d, p = cfg.data, cfg.precompute
-    expected = {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference}
+    expected = {"k": p.k, "K": p.top_k, "seed": p.seed, "reference": p.reference, "span": p.span, "names": p.names}
     return train(str(model_dir), d.root, d.forget_split, d.retain_split, p.output, train_cfg or cfg.train,
                  pool_dir=pool_dir(p.pool, d.root), idk_answer=p.idk_answer, dtype=cfg.model.dtype,
-                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed,
+                 device=cfg.model.device, resume=resume, ref_k=p.k, ref_top_k=p.top_k, ref_seed=p.seed, ref_span=p.span,
                  benchmark=d.benchmark, overwrite=overwrite, expect_cache=expected, log=log,
                  train_root=d.train_root, strict=d.strict, config=config_record(cfg, train_cfg))
 
@@ -132,7 +150,8 @@ def run_evaluate(cfg: Config, *, model_dir=None, adapter=None, method: str = "Va
     scored against chance: gold=""), `results_path` evaluate.results; `relearn`
     adds the relearning attack with the relearn section against
     `relearn_reference`. `train` is the run's train section, recorded in the row
-    with the rest of the resolved configuration.
+    with the rest of the resolved configuration. The attacks of evaluate.attacks
+    run beside the relearning attack (same reference, gold model as the control).
     """
     from dataclasses import replace
     model = cfg.model if model_dir is None else replace(cfg.model, path=str(model_dir))
@@ -146,8 +165,36 @@ def run_evaluate(cfg: Config, *, model_dir=None, adapter=None, method: str = "Va
         from pipeline.evaluation.clear_eval import evaluate_clear
         return evaluate_clear(model, cfg.data, settings, **run)
     from pipeline.evaluation.evaluate import evaluate
+    attacks = None
+    if relearn and cfg.evaluate.attacks:
+        attacks = attack_metrics(replace(cfg, model=model), adapter, str(relearn_reference or model.path),
+                                 settings.gold)
     return evaluate(model, cfg.data, settings, relearn=cfg.relearn if relearn else None,
-                    relearn_reference=str(relearn_reference), **run)
+                    relearn_reference=str(relearn_reference), attacks=attacks, **run)
+
+
+def attack_metrics(cfg: Config, adapter, reference: str, gold: str) -> dict:
+    """The row's summary of each attack of evaluate.attacks on model.path (+ adapter): flat numbers, NaN as None.
+
+    logit_lens: the lens summary (recovery at the best layer before the final one, ...); probe: the mean over
+    probes and each probe's recovery (recovery_<probe>); quantize: per scheme recovery_<scheme>,
+    change_<scheme> and gold_recovery_<scheme>.
+    """
+    from pipeline.evaluation.quantize import finite
+    out = {}
+    for name in cfg.evaluate.attacks:
+        if name == "logit_lens":
+            out[name] = dict(run_logit_lens_attack(cfg, adapter, reference, gold)["summary"])
+        elif name == "probe":
+            result = run_probe_attack(cfg, adapter, reference, gold)
+            summary = {k: v for k, v in result["summary"].items() if not isinstance(v, list)}
+            summary.update({f"recovery_{p}": r["recovery"] for p, r in result["by_probe"].items()})
+            out[name] = summary
+        else:
+            result = run_quantize_attack(cfg, adapter, reference, gold)
+            out[name] = {f"{k}_{scheme}": v for scheme, r in result["by_scheme"].items()
+                         for k, v in r.items() if k in ("recovery", "change", "gold_recovery")}
+    return finite(out)
 
 
 def run_relearn_attack(cfg: Config, adapter=None, reference: str = "") -> dict:
@@ -172,4 +219,30 @@ def run_quantize_attack(cfg: Config, adapter=None, reference: str = "", gold: st
         raise ConfigError("the quantization attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
     m = cfg.model
     return attack(m, cfg.data, cfg.quantize, adapter=adapter, reference=reference or m.path,
+                  gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)
+
+
+def run_logit_lens_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
+    """`viker attack logit-lens`: the logit_lens section's attack on model.path (+ adapter) against `reference`.
+
+    `gold` (None: evaluate.gold; empty: no control) is read through the same lens.
+    """
+    from pipeline.evaluation.logit_lens import attack
+    if cfg.data.benchmark == "clear":
+        raise ConfigError("the logit-lens attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
+    m = cfg.model
+    return attack(m, cfg.data, cfg.logit_lens, adapter=adapter, reference=reference or m.path,
+                  gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)
+
+
+def run_probe_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
+    """`viker attack probe`: the probe section's attack on model.path (+ adapter) against `reference`.
+
+    `gold` (None: evaluate.gold; empty: no control) is asked the same probes.
+    """
+    from pipeline.evaluation.probe import attack
+    if cfg.data.benchmark == "clear":
+        raise ConfigError("the probing attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
+    m = cfg.model
+    return attack(m, cfg.data, cfg.probe, adapter=adapter, reference=reference or m.path,
                   gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.jobs.workers import run_parallel
-from pipeline.stage2.labels import METHOD_LABELS, is_viker, train_method
+from pipeline.stage2.labels import METHOD_LABELS, is_viker, reference_overrides, train_method
 
 from .quick import QUICK  # noqa: F401  (the --quick grid, read by tests as grid.QUICK)
 from .report import SELECTION_RULE, select, write_study_report
@@ -69,11 +69,15 @@ def run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def reference_settings(cfg: Config, ref: str = "people", k: int | None = None) -> dict:
-    """What the stage-one cache of a ViKeR variant depends on."""
+def reference_settings(cfg: Config, ref: str = "people", k: int | None = None, method: str = "viker") -> dict:
+    """What the stage-one cache of a ViKeR variant depends on (`method`: a sweep key, e.g. viker+span)."""
     if ref == "own":
         return {"pool": "", "reference": "own", "k": 1}
-    return {"pool": ref, "reference": "pool", "k": cfg.precompute.k if k is None else k}
+    settings = {"pool": ref, "reference": "pool", "k": cfg.precompute.k if k is None else k}
+    extra = reference_overrides(method)
+    if extra.get("names", "none") != "none":
+        extra["name_pool"] = cfg.precompute.name_pool
+    return settings | extra       # only set keys: the default variants keep their earlier run keys
 
 
 # Groups whose runs are attacked (relearning) beside the membership inference every run gets: the
@@ -84,11 +88,13 @@ ATTACKED = ("main", "vanilla", "gold")
 def make_run(cfg: Config, draw: int, split: str, seed: int, method: str, budget: int, lr: float, lam: float,
              variant: str, group: str, ref: dict | None = None, **train) -> dict:
     """The full settings of one run: everything that changes its numbers (the run's key) plus its labels."""
-    ref = ref or reference_settings(cfg)
+    ref = ref or reference_settings(cfg, method=method)
     settings = {"draw": draw, "split": split, "seed": seed, "method": method, "budget": budget,
                 "lr": lr, "lam": lam, "ref": ref, "train": train,
                 "mini": _changed(cfg.mini, seed=draw), "tiny": _changed(cfg.tiny), "finetune": _changed(cfg.finetune),
-                "top_k": cfg.precompute.top_k, "evaluate": _changed(cfg.evaluate, results=None),
+                # evaluate.attacks is not part of the key: an attack added later runs on the finished runs
+                # (execute_run), without training them again.
+                "top_k": cfg.precompute.top_k, "evaluate": _changed(cfg.evaluate, results=None, attacks=None),
                 "train_base": _changed(cfg.train, output=None),
                 # What the attacks measure is part of the run: membership inference against the gold model
                 # always, the relearning attack (with its settings) on the attacked groups.
@@ -216,6 +222,10 @@ def _write_image_pools(c: Config) -> None:
 
 def cache_dir(cfg: Config, draw: int, split: str, ref: dict) -> str:
     name = f"{split}-{ref['reference']}-{ref['pool'] or 'own'}-k{ref['k']}"
+    if ref.get("span", "none") != "none":
+        name += f"-span-{ref['span']}"
+    if ref.get("names", "none") != "none":
+        name += f"-names-{ref['names']}-{Path(ref['name_pool']).name}"
     return str(Path(cfg.study.output) / f"draw-{draw}" / "refs" / name)
 
 
@@ -228,7 +238,9 @@ def _cache_config(cfg: Config, draw: int, split: str, ref: dict) -> Config:
         pool = str(Path(c.data.root) / "pools" / pool)
     # The benchmark's own images as references is the paper's ablation, the one case the leak check allows.
     c.precompute = replace(c.precompute, output=cache_dir(cfg, draw, split, ref), pool=pool,
-                           reference=ref["reference"], k=ref["k"], allow_benchmark_images=own_images)
+                           reference=ref["reference"], k=ref["k"], allow_benchmark_images=own_images,
+                           span=ref.get("span", "none"), names=ref.get("names", "none"),
+                           name_pool=ref.get("name_pool", c.precompute.name_pool))
     return c
 
 
@@ -247,7 +259,7 @@ def execute_run(cfg: Config, run: dict) -> dict:
     folder = Path(cfg.study.output) / "runs" / run["key"]
     done = folder / "done.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return add_attacks(cfg, json.loads(done.read_text()), done)
     t0 = time.time()
     st = run["settings"]
     c = _cache_config(cfg, st["draw"], st["split"], st["ref"])
@@ -272,9 +284,44 @@ def execute_run(cfg: Config, run: dict) -> dict:
                            setting={"lr": st["lr"], "lam": st["lam"], **st["train"]}, budget=st["budget"],
                            seed=st["seed"], train=tcfg, **common)
     record = {**run, "row": row, "seconds": round(time.time() - t0, 2)}
-    tmp = folder / "done.json.tmp"
+    _publish(record, done)
+    return record
+
+
+def _publish(record: dict, done: Path) -> None:
+    tmp = done.with_name("done.json.tmp")
     tmp.write_text(json.dumps(record, ensure_ascii=False))
     tmp.replace(done)                          # last, atomically: only finished runs are reused
+
+
+def add_attacks(cfg: Config, record: dict, done: Path) -> dict:
+    """A finished attacked run (ATTACKED groups) given the attacks of evaluate.attacks its row lacks.
+
+    The attacks read the run's saved adapter (or the gold model), against the draw's vanilla model, with the
+    gold model as the control, as execute_run would have; the record is published again, atomically.
+    """
+    from pipeline.jobs.demo import gold_dir
+    from pipeline.jobs.runs import attack_metrics
+    st = record["settings"]
+    metrics = record["row"].get("metrics", {})
+    missing = [a for a in cfg.evaluate.attacks if a not in metrics]
+    if not missing or st.get("attacks", {}).get("relearn") is None or st["method"] == "vanilla":
+        return record
+    c = _cache_config(cfg, st["draw"], st["split"], st["ref"])
+    c.evaluate = replace(c.evaluate, attacks=missing)
+    gold = str(gold_dir(split_config(cfg, st["draw"], st["split"])))
+    if st["method"] == "gold":
+        c.model = replace(c.model, path=gold)
+        found = attack_metrics(c, None, c.finetune.output, "")
+    else:
+        c.model = replace(c.model, path=c.finetune.output)
+        adapter = done.parent / "train" / "adapter"
+        if not adapter.is_dir():
+            raise ConfigError(f"study run {done.parent.name}: its adapter is gone ({adapter}); remove done.json "
+                              f"to train it again")
+        found = attack_metrics(c, str(adapter), c.finetune.output, gold)
+    record["row"]["metrics"] = {**metrics, **found}
+    _publish(record, done)
     return record
 
 
@@ -283,7 +330,17 @@ def _parallel(workers: int, fn, jobs: list[tuple], log, what: str) -> list:
 
 
 def _runs_needing(cfg, runs):
-    return [r for r in runs if not (Path(cfg.study.output) / "runs" / r["key"] / "done.json").is_file()]
+    """The runs not finished, and the finished attacked runs that lack an attack of evaluate.attacks."""
+    todo = []
+    for r in runs:
+        done = Path(cfg.study.output) / "runs" / r["key"] / "done.json"
+        if not done.is_file():
+            todo.append(r)
+        elif cfg.evaluate.attacks and r["group"] in ATTACKED and r["settings"]["method"] != "vanilla":
+            metrics = json.loads(done.read_text())["row"].get("metrics", {})
+            if any(a not in metrics for a in cfg.evaluate.attacks):
+                todo.append(r)
+    return todo
 
 
 def _caches(cfg: Config, runs: list[dict]) -> list[tuple]:

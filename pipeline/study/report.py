@@ -85,12 +85,18 @@ UTILITY = (("Retain fact", "retain.fact_acc"), ("Real fact", "real.fact_acc"), (
 ATTACK_COLUMNS = (("MIA AUC (min-k)", "mia.mia_auc_min_k", 100), ("PrivLeak (min-k)", "mia.privleak_min_k", 1),
                   ("PrivLeak OU (min-k)", "mia.privleak_ou_min_k", 1), ("Relearn", "relearn.recovery", 100),
                   ("Relearn (worst)", "relearn.worst_recovery", 100),
-                  ("Relearn (people)", "relearn.people_recovery", 100))
+                  ("Relearn (people)", "relearn.people_recovery", 100),
+                  ("KL to gold", "gold_distance.kl_gold", 1), ("KL to gold (key)", "gold_distance.kl_gold_key", 1),
+                  ("Lens", "logit_lens.recovery", 100), ("Probe", "probe.mean_recovery", 100),
+                  ("Quant int4", "quantize.recovery_int4", 100))
+# Columns in nats (evaluation/oracle.py: KL from the gold model's answer distributions), shown with 2 decimals.
+NATS = {"gold_distance.kl_gold", "gold_distance.kl_gold_key"}
 # The relearning numbers that are also read against the gold model of the unit's draw and split: the default
 # cell's recovery, the worst (largest) over relearn's lr x steps grid, and the held-out-people split's
 # (evaluation/relearn.py); the last two only where the rows have them.
 RELEARN_COLUMNS = (("Relearn", "relearn.recovery", 100), ("Relearn (worst)", "relearn.worst_recovery", 100),
-                   ("Relearn (people)", "relearn.people_recovery", 100))
+                   ("Relearn (people)", "relearn.people_recovery", 100), ("Lens", "logit_lens.recovery", 100),
+                   ("Probe", "probe.mean_recovery", 100), ("Quant int4", "quantize.recovery_int4", 100))
 GROUP_TITLES = {
     "ablation": "Ablations (w/o Reg = GA, w/o GA, w/o Vis = reference from the sample's own image, k=1)",
     "reference": "Reference source (main: people)",
@@ -267,12 +273,16 @@ def select(val_records: list[dict], forget_metric: str, utility_metric: str) -> 
 
 # ------------------------------------------------------------------ tables
 
-def _cell(iv: Interval, scale: float = 100) -> str:
+def _cell(iv: Interval, scale: float = 100, digits: int = 1) -> str:
     if iv.n == 0:
         return "n/a"
     if math.isnan(iv.low):
-        return f"{scale * iv.mean:.1f} [n/a]"
-    return f"{scale * iv.mean:.1f} [{scale * iv.low:.1f}, {scale * iv.high:.1f}]"
+        return f"{scale * iv.mean:.{digits}f} [n/a]"
+    return f"{scale * iv.mean:.{digits}f} [{scale * iv.low:.{digits}f}, {scale * iv.high:.{digits}f}]"
+
+
+def _digits(column: str) -> int:
+    return 2 if column in NATS else 1
 
 
 def _columns() -> list[tuple[str, str, float]]:
@@ -310,17 +320,19 @@ def matched_table(all_units: dict, variants: list[str], split: str, forget_col: 
     head = ["Method", "reached"] + [h for h, _, _ in kept] + ["AUC (retain fact)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, reached, stats, auc in found:
-        cells = [_cell(stats[c], k) for _, c, k in kept]
+        cells = [_cell(stats[c], k, _digits(c)) for _, c, k in kept]
         lines.append("| " + " | ".join([variant, reached] + cells + [_cell(auc)]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _difference_row(label: str, header: str, iv: Interval, scale: float, a: str, b: str) -> str:
+def _difference_row(label: str, header: str, iv: Interval, scale: float, a: str, b: str, digits: int = 1) -> str:
     if iv.n == 0:
         diff, interval = "n/a", "n/a"
     else:
-        diff = f"{scale * iv.mean:+.1f}"
-        interval = "n/a (one draw)" if math.isnan(iv.low) else f"[{scale * iv.low:+.1f}, {scale * iv.high:+.1f}]"
+        d = digits
+        diff = f"{scale * iv.mean:+.{d}f}"
+        interval = ("n/a (one draw)" if math.isnan(iv.low)
+                    else f"[{scale * iv.low:+.{d}f}, {scale * iv.high:+.{d}f}]")
     return (f"| {label} | {header} | {diff} | {interval} | {iv.n}/{iv.n + iv.left_out} ({iv.draws}) | "
             f"{verdict(iv, a, b)} |")
 
@@ -330,10 +342,18 @@ _DIFF_HEAD = ["| Comparison | Metric | difference | 95% interval | units (draws)
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
-    """The comparisons the report makes: every method against GA, ViKeR and ViKeR+NLL against GradDiff."""
+    """The comparisons the report makes: every method against GA; every ViKeR variant against GradDiff and NPO;
+    every other ViKeR variant (references, retain term, no ascent) against the paper's ViKeR."""
     pairs = [(v, "GA") for v in variants if v != "GA"] if "GA" in variants else []
-    pairs += [(a, "GradDiff") for a in ("ViKeR", "ViKeR+NLL") if a in variants and "GradDiff" in variants]
-    return pairs
+    vikers = [v for v in variants if v.startswith("ViKeR")]
+    for base in ("GradDiff", "NPO"):
+        if base in variants and "GA" not in variants:
+            pairs += [(a, base) for a in vikers]
+        elif base == "GradDiff" and base in variants:
+            pairs += [(a, base) for a in ("ViKeR", "ViKeR+NLL") if a in variants]
+    if "ViKeR" in variants:
+        pairs += [(v, "ViKeR") for v in vikers if v != "ViKeR"]
+    return list(dict.fromkeys(pairs))
 
 
 def paired_table(all_units: dict, pairs: list[tuple[str, str]], split: str, forget_col: str, share: float) -> str:
@@ -346,7 +366,7 @@ def paired_table(all_units: dict, pairs: list[tuple[str, str]], split: str, forg
             continue
         kept = _kept(all_units, [a, b], split, _columns(), utility=False)
         diffs = paired_differences(all_units, a, b, split, forget_col, share, [(h, c) for h, c, _ in kept])
-        lines += [_difference_row(f"{a} − {b}", h, diffs[c], k, a, b) for h, c, k in kept]
+        lines += [_difference_row(f"{a} − {b}", h, diffs[c], k, a, b, _digits(c)) for h, c, k in kept]
     return "\n".join(lines) + "\n"
 
 
@@ -365,6 +385,60 @@ def relearn_gold_table(all_units: dict, records: list[dict], variants: list[str]
             continue
         diffs = minus_gold(all_units, variant, split, forget_col, share, gold, [(h, c) for h, c, _ in cols])
         lines += [_difference_row(f"{variant} − gold", h, diffs[c], k, variant, "gold") for h, c, k in cols]
+    return "\n".join(lines) + "\n"
+
+
+# The goal a variant is held to, declared before any run: at 25% of vanilla Forget ACC, membership leaks no more
+# than 10 points of PrivLeak (min-k) from the gold model's (0) and retain fact accuracy keeps >= 85% of vanilla's.
+GOAL_PRIVLEAK, GOAL_RETAIN = 10.0, 0.85
+GOAL_WORDS = (f"Declared before the runs: a variant meets the goal when, at matched forgetting, its PrivLeak (min-k) "
+              f"is within {GOAL_PRIVLEAK:g} points of the gold model's 0 and its retain fact accuracy is >= "
+              f"{100 * GOAL_RETAIN:g}% of the same draw's vanilla model's. *met* means the whole 95% interval over "
+              f"draws satisfies both; *mean only* that the means do and the intervals do not; *no* that a mean "
+              f"misses. MIA − gold is the min-k AUC minus the gold model's of the same draw and split, in points; "
+              f"Relearn − gold likewise for the relearning recovery.\n")
+
+
+def retain_relative(all_units: dict, variant: str, split: str, forget_col: str, share: float) -> Interval:
+    """Retain fact accuracy at matched forgetting over the unit's vanilla model's, per unit, over draws."""
+    pairs = []
+    for (draw, _seed), rows in sorted(variant_units(all_units, variant, split).items()):
+        base = metric(rows[0], "retain.fact_acc")
+        value = at_matched(rows, forget_col, share, "retain.fact_acc")
+        pairs.append((draw, value / base if base > 0 else math.nan))
+    return draw_interval(pairs)
+
+
+def goal_table(all_units: dict, records: list[dict], variants: list[str], split: str, forget_col: str,
+               share: float) -> str:
+    """Markdown: per variant, the goal's two numbers (GOAL_WORDS) with their intervals, the distance to gold and
+    the gold-paired attacks, and whether the goal was met."""
+    gold = gold_rows(records)
+    head = ["Method", "PrivLeak (min-k)", "MIA − gold (pts)", "Retain fact / vanilla (%)", "KL to gold",
+            "KL to gold (key)", "Relearn − gold (pts)", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant in variants:
+        by_unit = variant_units(all_units, variant, split)
+        if not by_unit:
+            continue
+        at = {c: draw_interval((k[0], at_matched(rows, forget_col, share, c)) for k, rows in by_unit.items())
+              for c in ("mia.privleak_min_k", "gold_distance.kl_gold", "gold_distance.kl_gold_key")}
+        versus = minus_gold(all_units, variant, split, forget_col, share, gold,
+                            [("MIA", "mia.mia_auc_min_k"), ("Relearn", "relearn.recovery")])
+        kept = retain_relative(all_units, variant, split, forget_col, share)
+        leak = at["mia.privleak_min_k"]
+        if leak.n == 0 or kept.n == 0:
+            met = "n/a"
+        elif abs(leak.mean) <= GOAL_PRIVLEAK and kept.mean >= GOAL_RETAIN:
+            whole = (not math.isnan(leak.low) and -GOAL_PRIVLEAK <= leak.low and leak.high <= GOAL_PRIVLEAK
+                     and kept.low >= GOAL_RETAIN)
+            met = "met" if whole else "mean only"
+        else:
+            met = "no"
+        lines.append("| " + " | ".join([variant, _cell(leak, 1), _cell(versus["mia.mia_auc_min_k"]), _cell(kept),
+                                         _cell(at["gold_distance.kl_gold"], 1, 2),
+                                         _cell(at["gold_distance.kl_gold_key"], 1, 2),
+                                         _cell(versus["relearn.recovery"]), met]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -469,8 +543,9 @@ _PAIRED_WORDS = (
     "a lower relearn recovery is better.\n")
 
 _GOLD_PAIRED_WORDS = (
-    "Per unit, the relearning attack's recovery at matched forgetting minus the recovery of the gold model of "
-    "the same draw and split (the vanilla recipe without the forget people, attacked the same way): above 0 "
+    "Per unit, the relearning attack's recovery at matched forgetting (and, where the rows have them, the "
+    "logit-lens, probing and int4 quantization recoveries of evaluate.attacks) minus the recovery of the gold "
+    "model of the same draw and split (the vanilla recipe without the forget people, attacked the same way): above 0 "
     "(`X > gold`) is knowledge the unlearning hid rather than removed. Same interval and verdict as the paired "
     "differences; a unit whose draw has no gold recovery is left out and counted.\n")
 
@@ -527,6 +602,11 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
             for share in (0.5, 0.25):
                 out.append(f"### {split}, matched forgetting at {int(share * 100)}% of vanilla Forget ACC\n")
                 out.append(paired_table(all_units, pairs, split, forget_col, share))
+    if gold_rows(records):
+        out += ["## Against the gold model: the goal\n", GOAL_WORDS]
+        for split in s.splits:
+            out.append(f"### {split}, matched forgetting at 25% of vanilla Forget ACC\n")
+            out.append(goal_table(all_units, records, main_variants, split, forget_col, 0.25))
     out += ["## Relearning against the gold control\n", _GOLD_PAIRED_WORDS]
     for split in s.splits:
         for share in (0.5, 0.25):
