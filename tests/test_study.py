@@ -230,6 +230,28 @@ def test_the_goal_against_the_gold_model_is_judged_on_intervals():
     assert rows["Leaky"].endswith("| no |") and "| 40.0 [37.5, 42.5] |" in rows["Leaky"]
 
 
+def test_the_variant_singled_out_is_picked_on_the_validation_draw():
+    """BEST_RULE: smallest |PrivLeak| at 25% among the ViKeR variants keeping retain >= 85%, each at its chosen
+    lambda; a variant leaking less but losing retain is passed over; non-ViKeR methods never count."""
+    def leak(row, value):
+        row["metrics"]["mia"] = {"privleak_min_k": value}
+        return row
+    val = [_record("Vanilla", "vanilla", 4, 0, leak(_row(1.0, 1.0), 90.0))]
+    for label, key, lam, privleak, retain in (("a", "viker", 0.5, 30.0, 0.9), ("b", "viker", 2.0, 1.0, 0.9),
+                                             ("c", "viker+span", 0.5, 12.0, 0.95),
+                                             ("d", "viker+names", 0.5, 2.0, 0.5), ("e", "npo", 0.5, 0.0, 1.0)):
+        val.append(_record(label, key, 4, 16, leak(_row(0.25, retain), privleak), lam=lam))
+    selection = {"viker": {"lr": 1e-3, "lam": 0.5}, "viker+span": {"lr": 1e-3, "lam": 0.5},
+                 "viker+names": {"lr": 1e-3, "lam": 0.5}, "npo": {"lr": 1e-3, "lam": 0.5}}
+    best, found = study_report.best_on_validation(val, selection, "forget.fact_acc")
+    # viker at its chosen lambda 0.5 leaks 30 (the 2.0 candidate's 1.0 is not the chosen one); names leaks 2 but
+    # keeps 50% of retain; span: 12 at 95%
+    assert best == "viker+span" and set(found) == {"viker", "viker+span", "viker+names"}
+    assert found["viker"] == (pytest.approx(30.0), pytest.approx(0.9))
+    selection["viker+names"] = {"lr": 1e-3, "lam": 9.0}            # no run of that candidate: left out
+    assert study_report.best_on_validation(val, selection, "forget.fact_acc")[1].keys() == {"viker", "viker+span"}
+
+
 def test_retain_aware_viker_is_a_study_method_of_its_own():
     cfg = load_config("configs/study.yaml", ["study.methods=viker,viker+nll"])
     keys = {r["settings"]["method"] for r in study.selection_runs(cfg)}
@@ -312,12 +334,16 @@ def test_attack_summaries_in_a_row_are_flat_numbers(monkeypatch):
     monkeypatch.setattr(jobs_runs, "run_probe_attack",
                         lambda *a: {"summary": {"mean_recovery": 0.4, "probes_in_mean": ["crop"]},
                                     "by_probe": {"crop": {"recovery": 0.4, "acc": 0.2}}})
+    asked = []
     monkeypatch.setattr(jobs_runs, "run_quantize_attack",
-                        lambda *a: {"by_scheme": {"int4": {"recovery": 0.3, "change": 0.1, "acc_forget": 0.2}}})
+                        lambda c, *a: asked.append(c.quantize) or
+                        {"by_scheme": {"int4": {"recovery": 0.3, "change": 0.1, "acc_forget": 0.2}}})
     out = jobs_runs.attack_metrics(cfg, "adapter", "vanilla", "gold")
     assert out == {"logit_lens": {"recovery": 0.5, "gold_recovery": None},
                    "probe": {"mean_recovery": 0.4, "recovery_crop": 0.4},
                    "quantize": {"recovery_int4": 0.3, "change_int4": 0.1}}
+    # in a row, quantize is int4 on the forget set (what the tables read), with the section's other settings
+    assert (asked[0].schemes, asked[0].sets, asked[0].group_size) == (["int4"], ["forget"], cfg.quantize.group_size)
 
 
 def test_selection_rule_picks_largest_area_and_first_on_ties():

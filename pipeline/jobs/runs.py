@@ -7,6 +7,7 @@ to a sentinel and checks that it arrives on every path).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, TrainConfig, config_dict
@@ -136,7 +137,6 @@ def run_train(cfg: Config, model_dir: str, train_cfg: TrainConfig | None = None,
 
 def config_record(cfg: Config, train: TrainConfig | None = None) -> dict:
     """The resolved configuration a row or an adapter records (with the run's own train section, if any)."""
-    from dataclasses import replace
     return config_dict(cfg if train is None else replace(cfg, train=train))
 
 
@@ -153,7 +153,6 @@ def run_evaluate(cfg: Config, *, model_dir=None, adapter=None, method: str = "Va
     with the rest of the resolved configuration. The attacks of evaluate.attacks
     run beside the relearning attack (same reference, gold model as the control).
     """
-    from dataclasses import replace
     model = cfg.model if model_dir is None else replace(cfg.model, path=str(model_dir))
     settings = cfg.evaluate if gold is None else replace(cfg.evaluate, gold=gold)
     run = dict(adapter=adapter, method=method, setting=setting, budget=budget, seed=seed,
@@ -177,8 +176,9 @@ def attack_metrics(cfg: Config, adapter, reference: str, gold: str) -> dict:
     """The row's summary of each attack of evaluate.attacks on model.path (+ adapter): flat numbers, NaN as None.
 
     logit_lens: the lens summary (recovery at the best layer before the final one, ...); probe: the mean over
-    probes and each probe's recovery (recovery_<probe>); quantize: per scheme recovery_<scheme>,
-    change_<scheme> and gold_recovery_<scheme>.
+    probes and each probe's recovery (recovery_<probe>); quantize: int4 on the forget set, the scheme the
+    tables read (recovery_int4, change_int4, gold_recovery_int4, and the unquantized *_none), at a sixth of
+    the cost of every scheme on every set; `viker attack quantize` runs them all.
     """
     from pipeline.evaluation.quantize import finite
     out = {}
@@ -191,7 +191,8 @@ def attack_metrics(cfg: Config, adapter, reference: str, gold: str) -> dict:
             summary.update({f"recovery_{p}": r["recovery"] for p, r in result["by_probe"].items()})
             out[name] = summary
         else:
-            result = run_quantize_attack(cfg, adapter, reference, gold)
+            row_cfg = replace(cfg, quantize=replace(cfg.quantize, schemes=["int4"], sets=["forget"]))
+            result = run_quantize_attack(row_cfg, adapter, reference, gold)
             out[name] = {f"{k}_{scheme}": v for scheme, r in result["by_scheme"].items()
                          for k, v in r.items() if k in ("recovery", "change", "gold_recovery")}
     return finite(out)

@@ -70,7 +70,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.jobs.matched import at_matched, interpolate_at, metric
-from pipeline.stage2.labels import METHOD_LABELS
+from pipeline.stage2.labels import METHOD_LABELS, is_viker
 
 
 SELECTION_RULE = ("per method, the candidate (lr, and lambda for ViKeR) with the largest area under its "
@@ -399,6 +399,36 @@ GOAL_WORDS = (f"Declared before the runs: a variant meets the goal when, at matc
               f"Relearn − gold likewise for the relearning recovery.\n")
 
 
+BEST_RULE = (f"the ViKeR variant whose |PrivLeak (min-k)| at 25% of vanilla Forget ACC is smallest on the "
+             f"validation draw (its chosen lambda), among those that keep retain fact >= {100 * GOAL_RETAIN:g}% of "
+             f"vanilla there (all of them if none does)")
+
+
+def best_on_validation(val_records: list[dict], selection: dict, forget_col: str,
+                       share: float = 0.25) -> tuple[str | None, dict]:
+    """BEST_RULE on the validation runs: (the sweep key picked or None, {key: (PrivLeak, retain / vanilla)}).
+
+    Declared before the test draws are read, so the variant the report singles out is not chosen on them.
+    """
+    found = {}
+    for key, pick in selection.items():
+        if not is_viker(key):
+            continue
+        chosen = [r for r in val_records if r["settings"]["method"] == "vanilla" or (
+            r["settings"]["method"] == key and r["settings"]["lr"] == pick["lr"] and r["settings"]["lam"] == pick["lam"])]
+        curves = [rows for (_, group, *_), rows in units(chosen).items()]
+        if len(curves) != 1:
+            continue
+        rows = curves[0]
+        base = metric(rows[0], "retain.fact_acc")
+        found[key] = (at_matched(rows, forget_col, share, "mia.privleak_min_k"),
+                      at_matched(rows, forget_col, share, "retain.fact_acc") / base if base > 0 else math.nan)
+    measured = {k: v for k, v in found.items() if not math.isnan(v[0])}
+    keeping = {k: v for k, v in measured.items() if v[1] >= GOAL_RETAIN}
+    pool = keeping or measured
+    return (min(pool, key=lambda k: abs(pool[k][0])) if pool else None), found
+
+
 def retain_relative(all_units: dict, variant: str, split: str, forget_col: str, share: float) -> Interval:
     """Retain fact accuracy at matched forgetting over the unit's vanilla model's, per unit, over draws."""
     pairs = []
@@ -604,6 +634,12 @@ def write_study_report(cfg, records: list[dict], val_records: list[dict], select
                 out.append(paired_table(all_units, pairs, split, forget_col, share))
     if gold_rows(records):
         out += ["## Against the gold model: the goal\n", GOAL_WORDS]
+        best, on_val = best_on_validation(val_records, selection, forget_col)
+        if on_val:
+            shown = "; ".join(f"{METHOD_LABELS.get(k, k)} {v[0]:.1f}, {100 * v[1]:.0f}%" for k, v in on_val.items())
+            out.append(f"The variant singled out, by a rule declared before the runs ({BEST_RULE}): "
+                       f"**{METHOD_LABELS.get(best, best) if best else 'none (no variant reached 25% there)'}**. "
+                       f"Validation draw (PrivLeak, retain fact / vanilla at 25%): {shown}.\n")
         for split in s.splits:
             out.append(f"### {split}, matched forgetting at 25% of vanilla Forget ACC\n")
             out.append(goal_table(all_units, records, main_variants, split, forget_col, 0.25))
