@@ -118,6 +118,37 @@ def test_simnpo_lowers_the_forget_log_likelihood(world, tmp_path, monkeypatch, c
         assert not [k for k in log[0] if k.startswith("retain/")]
 
 
+def test_the_loaders_workers_are_gone_when_train_returns_or_fails(world, tmp_path, monkeypatch):
+    """A run ends with batches prefetched; left to the garbage collector, each worker's shutdown waited out
+    torch's 5 s join timeout (20 s for a forget and a retain loader of two workers, billed to whatever test
+    ran next). train() stops them itself, after the last step and after a failure."""
+    import gc
+    import multiprocessing
+    import time
+    before = set(multiprocessing.active_children())
+    gc.disable()          # what the collector would do later is the point: it must be done already
+    try:
+        train(world, tmp_path / "ok", method="simnpo", convention="openunlearning", steps=3, data_workers=2)
+        assert not set(multiprocessing.active_children()) - before
+        original = tr.next_micro_batch
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("planted failure after the loaders started")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(tr, "next_micro_batch", failing)
+        with pytest.raises(RuntimeError, match="planted failure"):
+            train(world, tmp_path / "failed", method="simnpo", convention="openunlearning", steps=3, data_workers=2)
+        assert not set(multiprocessing.active_children()) - before
+    finally:
+        gc.enable()
+    t = time.time()
+    gc.collect()
+    assert time.time() - t < 2, "a worker shutdown waited out its join timeout"
+
+
 def test_rmu_moves_the_forget_hidden_states_toward_c_u(world, tmp_path, monkeypatch):
     seen = trained_model(monkeypatch)
     layer, c, seed = 1, 4.0, 3

@@ -229,6 +229,22 @@ class Loader:
             worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None)
         self.iterator = iter(self.loader)
 
+    def close(self) -> None:
+        """Stop the workers now, not whenever the iterator is collected.
+
+        A run stops with batches still prefetched: on exit each worker joins its queue's feeder thread,
+        blocked writing into a pipe nobody reads, so torch's shutdown waits out its 5 s join timeout per
+        worker before terminating it (measured: 20 s for a forget and a retain loader of 2 workers, paid by
+        whatever ran when the garbage collector got to them). The workers hold nothing to save: they are
+        terminated first, then shut down.
+        """
+        for worker in getattr(self.iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.terminate()
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def next(self, rows: list[int]) -> dict:
         got = next(self.iterator)
         if "failure" in got:   # a worker could not read the cache (ExampleData): its own line, not torch's wrapper
@@ -246,6 +262,13 @@ def make_loaders(inputs: Inputs, streams: dict[str, Stream], batch_size: int) ->
         loaders["retain"] = Loader(ExampleData(inputs.retain, inputs.images, None),
                                    Collate(inputs.processor, ()), streams["retain"], batch_size, inputs.workers)
     return loaders
+
+
+def close_loaders(inputs: Inputs) -> None:
+    """The run's DataLoader workers stopped (Loader.close), after the last step or a failure."""
+    for loader in (inputs.loaders or {}).values():
+        loader.close()
+    inputs.loaders = None
 
 
 def next_micro_batch(inputs: Inputs, streams: dict[str, Stream], batch_size: int, method: str = "") -> MicroBatch:

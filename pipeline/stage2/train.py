@@ -49,7 +49,7 @@ from .errors import TrainError, TrainingDiverged
 from .inputs import Inputs, check_cache, open_inputs
 from .methods import (AnswerLogits, LossSpec, check_options, frozen_dtype, get_method, loss_spec, micro_batch_loss,
                       resolve_method)
-from .stream import Stream, make_streams, next_micro_batch
+from .stream import Stream, close_loaders, make_streams, next_micro_batch
 
 
 def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir, cfg: TrainConfig, *,
@@ -91,7 +91,10 @@ def train(model_dir, data_root, forget_split: str, retain_split: str, cache_dir,
             prepare_output(out, run.description, resume, run.start)
         if config is not None:      # the resolved configuration, recorded beside the adapter (not part of its identity)
             run.description["config"] = config
-        last_loss, seconds = loop(run)
+        try:
+            last_loss, seconds = loop(run)
+        finally:
+            close_loaders(run.inputs)
         return save(run, last_loss, seconds)
     finally:
         if rank == 0:
