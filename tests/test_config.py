@@ -198,7 +198,7 @@ def test_the_full_demo_differs_from_the_quick_one_only_in_its_sweep():
                                                      "train", "evaluate", "relearn", "demo")
               for f in dataclasses.fields(getattr(quick, section))
               if getattr(getattr(quick, section), f.name) != getattr(getattr(full, section), f.name)}
-    assert differ == {"train.output", "evaluate.results", "demo.methods", "demo.lams", "demo.budgets",
+    assert differ == {"train.output", "evaluate.results", "evaluate.attacks", "relearn.people", "demo.methods", "demo.lams", "demo.budgets",
                       "relearn.grid_lrs", "relearn.grid_steps"}
     assert set(quick.demo.budgets) < set(full.demo.budgets)
     assert set(quick.demo.methods) < set(full.demo.methods) and "viker" in quick.demo.methods

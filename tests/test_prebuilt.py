@@ -14,7 +14,7 @@ WORLD = [o for o in QUICK if not o.startswith("study.")]
 def small_config(tmp_path, *extra):
     return load_config("configs/demo.yaml", WORLD + [
         f"data.root={tmp_path}/mini", f"finetune.base={tmp_path}/base", f"finetune.output={tmp_path}/vanilla",
-        f"model.path={tmp_path}/vanilla", *extra])
+        f"model.path={tmp_path}/vanilla", "demo.workers=1", *extra])   # injection here: no pool to start
 
 
 @pytest.fixture(scope="module")

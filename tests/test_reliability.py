@@ -251,6 +251,7 @@ main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow     # ~8 s (a trainer process with its workers); the fast suite checks the guard itself below
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the guard is Linux's prctl")
 def test_a_trainer_killed_mid_checkpoint_leaves_no_worker(env, cache, tmp_path):
     proc, marker = start_driver(tmp_path, MID_CHECKPOINT, "train",
@@ -263,6 +264,39 @@ def test_a_trainer_killed_mid_checkpoint_leaves_no_worker(env, cache, tmp_path):
     print(f"DataLoader workers gone {seconds:.2f} s after the trainer's SIGKILL")
 
 
+def _death_signal() -> int:
+    """This process's parent-death signal, as prctl(PR_GET_PDEATHSIG) reads it (0: none)."""
+    import ctypes
+    value = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)        # 2: PR_GET_PDEATHSIG
+    return value.value
+
+
+class _SignalData:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i, _death_signal()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard is Linux's prctl")
+def test_the_trainers_dataloader_workers_arm_the_guard():
+    """The fast check of what the slow kill test shows: a trainer's DataLoader worker has SIGKILL armed as its
+    parent-death signal (stage2/stream.Loader, threads.die_with_parent), and close() leaves no worker."""
+    import multiprocessing
+    import signal
+    from pipeline.stage2.stream import Loader, Stream
+    before = set(multiprocessing.active_children())
+    stream = Stream(4, 0, 0, 1)
+    loader = Loader(_SignalData(), lambda batch: {"rows": [i for i, _ in batch], "signal": batch[0][1]}, stream, 1,
+                    workers=1)
+    assert loader.next(stream.take(1))["signal"] == int(signal.SIGKILL)
+    assert _death_signal() == 0, "the test process itself is not armed"
+    loader.close()
+    assert not set(multiprocessing.active_children()) - before
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the guard is Linux's prctl")
 def test_a_killed_job_pool_leaves_no_worker(tmp_path):
     proc, marker = start_driver(tmp_path, POOL)
@@ -273,6 +307,7 @@ def test_a_killed_job_pool_leaves_no_worker(tmp_path):
     print(f"pool workers gone {seconds:.2f} s after the parent's SIGKILL")
 
 
+@pytest.mark.slow     # ~6 s (a precompute process); stage one starts no worker of its own
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_precompute_leaves_no_process(env, tmp_path):
     proc, marker = start_driver(tmp_path, MID_PRECOMPUTE, "precompute", *overrides(env, tmp_path / "refs"))

@@ -185,7 +185,8 @@ def ensure_models(cfg: Config, log=print) -> tuple[Path, Path]:
     if todo:
         ensure_base_model(cfg, log)
         log(f"[finetune] knowledge injection: {' and '.join(todo)} model{'s' * (len(todo) > 1)}, one thread each")
-        run_parallel(2, _inject, [(cfg, w) for w in todo], log, "[finetune] injection",
+        # one thread each, in demo.workers processes (1: here, pinned to one thread: the same models)
+        run_parallel(min(2, cfg.demo.workers), _inject, [(cfg, w) for w in todo], log, "[finetune] injection",
                      each=lambda i, lines: [log(line) for line in lines])
     quiet = lambda *_: None
     return (ensure_vanilla(cfg, quiet if "vanilla" in fresh else log),
@@ -216,13 +217,16 @@ def ensure_gold(cfg: Config, log=print) -> Path:
     return out
 
 
-def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool = True) -> dict:
+def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool = True,
+                 max_profiles: int = 0) -> dict:
     """Attribute accuracy of the vanilla model on the evaluation sets; saved beside the model.
 
     Held-out pictures exist only in MLLMU-Bench's Test_Set (CLEAR has none), so
     the test rows are measured there alone. `all_people` adds the held-out
     pictures of every person (the demo leaves it out: it is over half the
     gate's items and decides nothing, the gate reads forget and retain).
+    `max_profiles` (the demo: evaluate.max_profiles) checks the first N people
+    of each set but forget, the people the evaluation scores; 0: everyone.
     """
     from pipeline.data.loaders import default_splits
     model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
@@ -245,6 +249,8 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool
         sets["holdout (people never trained on)"] = (holdout, False)
     results = {}
     for name, (profiles, held_out) in sets.items():
+        if max_profiles and name != "forget":
+            profiles = profiles[:max_profiles]
         results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
     Path(model_dir, "gate.json").write_text(json.dumps(results, indent=1) + "\n")
     log(format_gate(results))
@@ -434,7 +440,7 @@ def run_demo(cfg: Config, log=print) -> dict:
     cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
     vanilla, gold = ensure_models(cfg, log)
-    gate = vanilla_gate(cfg, vanilla, log, all_people=False)
+    gate = vanilla_gate(cfg, vanilla, log, all_people=False, max_profiles=cfg.evaluate.max_profiles)
     check_gate(gate, cfg.finetune.gate_min_acc, json.loads((vanilla / "vanilla.json").read_text()))
     from dataclasses import replace
     cfg = replace(cfg, evaluate=replace(cfg.evaluate, gold=str(gold)))   # every row's PrivLeak is against it
