@@ -423,18 +423,7 @@ def quantize_cmd(config_path, adapter, reference, gold, overrides):
     appends the row as JSON.
     """
     _need_reference(adapter, reference)
-    cfg = _load(config_path, overrides)
-    from pipeline.evaluation.quantize import finite, format_attack
-    from pipeline.jobs.runs import config_record, run_quantize_attack
-    d = cfg.data
-    label = _attacked_label(cfg, adapter)
-    result = finite(run_quantize_attack(cfg, adapter, reference or cfg.model.path, gold))
-    click.echo(format_attack(result, label))
-    if cfg.quantize.results:
-        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
-               "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
-               "data_root": d.root, "quantize": result, "config": config_record(cfg)}
-        _append_row(cfg.quantize.results, row)
+    _model_attack(_load(config_path, overrides), "quantize", adapter, reference, gold)
 
 
 @attack.command("logit-lens")
@@ -464,19 +453,7 @@ def logit_lens_cmd(config_path, adapter, reference, gold, overrides):
     logit_lens.results appends the row as JSON.
     """
     _need_reference(adapter, reference)
-    cfg = _load(config_path, overrides)
-    from pipeline.evaluation.logit_lens import format_attack
-    from pipeline.evaluation.quantize import finite
-    from pipeline.jobs.runs import config_record, run_logit_lens_attack
-    d = cfg.data
-    label = _attacked_label(cfg, adapter)
-    result = finite(run_logit_lens_attack(cfg, adapter, reference or cfg.model.path, gold))
-    click.echo(format_attack(result, label))
-    if cfg.logit_lens.results:
-        row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
-               "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
-               "data_root": d.root, "logit_lens": result, "config": config_record(cfg)}
-        _append_row(cfg.logit_lens.results, row)
+    _model_attack(_load(config_path, overrides), "logit_lens", adapter, reference, gold)
 
 
 @attack.command("probe")
@@ -504,19 +481,25 @@ def probe_cmd(config_path, adapter, reference, gold, overrides):
     as JSON (pipeline/evaluation/probe.py, docs/ATTACKS.md).
     """
     _need_reference(adapter, reference)
-    cfg = _load(config_path, overrides)
-    from pipeline.evaluation.probe import format_attack
+    _model_attack(_load(config_path, overrides), "probe", adapter, reference, gold)
+
+
+def _model_attack(cfg, section: str, adapter, reference, gold) -> None:
+    """`viker attack <section>` (jobs.runs.run_model_attack): print its table, append its row to
+    <section>.results when set."""
+    import importlib
     from pipeline.evaluation.quantize import finite
-    from pipeline.jobs.runs import config_record, run_probe_attack
+    from pipeline.jobs.runs import config_record, run_model_attack
     d = cfg.data
     label = _attacked_label(cfg, adapter)
-    result = finite(run_probe_attack(cfg, adapter, reference or cfg.model.path, gold))
-    click.echo(format_attack(result, label))
-    if cfg.probe.results:
+    result = finite(run_model_attack(cfg, section, adapter, reference or cfg.model.path, gold))
+    click.echo(importlib.import_module(f"pipeline.evaluation.{section}").format_attack(result, label))
+    results = getattr(cfg, section).results
+    if results:
         row = {"method": label, "model": cfg.model.path, "adapter": adapter, "reference": reference or cfg.model.path,
                "gold": cfg.evaluate.gold if gold is None else gold, "forget_split": d.forget_split,
-               "data_root": d.root, "probe": result, "config": config_record(cfg)}
-        _append_row(cfg.probe.results, row)
+               "data_root": d.root, section: result, "config": config_record(cfg)}
+        _append_row(results, row)
 
 
 def _need_reference(adapter, reference) -> None:

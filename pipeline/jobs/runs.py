@@ -210,40 +210,36 @@ def run_relearn_attack(cfg: Config, adapter=None, reference: str = "") -> dict:
                            memo_key(d.root, d.forget_split), m.dtype, m.device, cfg.evaluate.batch_size)
 
 
-def run_quantize_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
-    """`viker attack quantize`: the quantize section's attack on model.path (+ adapter) against `reference`.
+# The attacks that read one model through their own config section: section -> the attack's name in errors.
+MODEL_ATTACKS = {"quantize": "quantization", "logit_lens": "logit-lens", "probe": "probing"}
 
-    `gold` (None: evaluate.gold; empty: no control) is the gold model quantized the same way.
+
+def run_model_attack(cfg: Config, section: str, adapter=None, reference: str = "", gold: str | None = None) -> dict:
+    """`viker attack quantize|logit-lens|probe`: pipeline.evaluation.<section>.attack with cfg.<section>, on
+    model.path (+ adapter) against `reference` (default: model.path).
+
+    `gold` (None: evaluate.gold; empty: no control) goes through the same attack.
     """
-    from pipeline.evaluation.quantize import attack
+    import importlib
     if cfg.data.benchmark == "clear":
-        raise ConfigError("the quantization attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
+        raise ConfigError(f"the {MODEL_ATTACKS[section]} attack runs on MLLMU-layout benchmarks "
+                          f"(data.benchmark=mllmu), not clear")
+    attack = importlib.import_module(f"pipeline.evaluation.{section}").attack
     m = cfg.model
-    return attack(m, cfg.data, cfg.quantize, adapter=adapter, reference=reference or m.path,
+    return attack(m, cfg.data, getattr(cfg, section), adapter=adapter, reference=reference or m.path,
                   gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)
+
+
+def run_quantize_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
+    """`viker attack quantize`: the weights rounded as a deployment would (evaluation/quantize.py)."""
+    return run_model_attack(cfg, "quantize", adapter, reference, gold)
 
 
 def run_logit_lens_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
-    """`viker attack logit-lens`: the logit_lens section's attack on model.path (+ adapter) against `reference`.
-
-    `gold` (None: evaluate.gold; empty: no control) is read through the same lens.
-    """
-    from pipeline.evaluation.logit_lens import attack
-    if cfg.data.benchmark == "clear":
-        raise ConfigError("the logit-lens attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
-    m = cfg.model
-    return attack(m, cfg.data, cfg.logit_lens, adapter=adapter, reference=reference or m.path,
-                  gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)
+    """`viker attack logit-lens`: every layer read through the final norm and LM head (evaluation/logit_lens.py)."""
+    return run_model_attack(cfg, "logit_lens", adapter, reference, gold)
 
 
 def run_probe_attack(cfg: Config, adapter=None, reference: str = "", gold: str | None = None) -> dict:
-    """`viker attack probe`: the probe section's attack on model.path (+ adapter) against `reference`.
-
-    `gold` (None: evaluate.gold; empty: no control) is asked the same probes.
-    """
-    from pipeline.evaluation.probe import attack
-    if cfg.data.benchmark == "clear":
-        raise ConfigError("the probing attack runs on MLLMU-layout benchmarks (data.benchmark=mllmu), not clear")
-    m = cfg.model
-    return attack(m, cfg.data, cfg.probe, adapter=adapter, reference=reference or m.path,
-                  gold=cfg.evaluate.gold if gold is None else gold, batch_size=cfg.evaluate.batch_size)
+    """`viker attack probe`: other and altered pictures, other words (evaluation/probe.py)."""
+    return run_model_attack(cfg, "probe", adapter, reference, gold)
