@@ -25,6 +25,7 @@ from pipeline.stage2.methods import mmunlearner as mmu
 from pipeline.stage2.stream import MicroBatch
 from tests.test_losses import _logits_from_probs
 from tests.test_train_simnpo_rmu import forget_loglik_before_after, log_lines, train, trained_model, world  # noqa: F401
+from tests.tiny import Interrupted, crash_on_call, torchrun_two
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -201,23 +202,11 @@ def test_every_row_selected_is_graddiff_bit_for_bit(world, tmp_path):
     assert mmunlearner["final_loss"] == graddiff["final_loss"]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_resumed_run_makes_the_same_mask_and_the_same_adapter(world, tmp_path, monkeypatch):
     from pipeline.stage2 import train as tr
     settings = dict(method="mmunlearner", mmu_mask_samples=4, steps=4, save_every=2, lora_dropout=0.1)
     whole = train(world, tmp_path / "whole", **settings)
-    calls, original = {"n": 0}, tr.micro_batch_loss
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Interrupted()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tr, "micro_batch_loss", crash_in_step_3)
+    original = crash_on_call(monkeypatch, tr, "micro_batch_loss", 3)
     with pytest.raises(Interrupted):
         train(world, tmp_path / "split", **settings)
     monkeypatch.setattr(tr, "micro_batch_loss", original)
@@ -258,22 +247,9 @@ with open(os.path.join(w["out"], "rank%s.json" % os.environ["RANK"]), "w") as f:
 @pytest.mark.slow
 def test_two_gloo_processes_score_the_same_mask_as_one(world, tmp_path):
     # Rank r scores micro-batches r::2 and the sums are all-reduced: the same batches as one process, so the same mask.
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
     single = train(world, tmp_path / "single", method="mmunlearner", mmu_mask_samples=6, steps=1, batch_size=1)
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    args = {"out": str(tmp_path / "run"), "model": str(world["model"]), "root": str(world["root"]),
-            "pool": str(world["pool"])}
-    (tmp_path / "run").mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(args)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_two(DDP_SCRIPT, tmp_path, world)
     assert ranks[0]["adapter_digest"] == ranks[1]["adapter_digest"] and ranks[0]["steps"] == 2
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["gradient_edit"]
     assert recorded == json.loads(Path(single["train_config"]).read_text())["gradient_edit"]

@@ -3,10 +3,7 @@ refuses foreign caches, and the cached and online ViKeR paths agree."""
 import dataclasses
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from pipeline.data.records import forget_samples
 from pipeline.models.forward import answer_logits, make_text_batch
 from pipeline.models.modeling import load_model
 from pipeline.cache.refcache import FingerprintMismatch
-from tests.tiny import make_world, tiny_config
+from tests.tiny import Interrupted, crash_on_call, make_world, tiny_config, torchrun_two
 
 # peft calls a transformers helper that transformers 5.2x deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -315,24 +312,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_adapter(world, t
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_after_a_checkpoint_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch):
     settings = dict(method="viker", steps=4, save_every=2, grad_accum=2, retain_weight=0.5, lora_dropout=0.2)
     whole = run(world, tmp_path / "whole", **settings)
 
-    calls = {"n": 0}
-    original = tr.micro_batch_loss
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:   # step 3, second micro-batch: after the step-2 checkpoint
-            raise Interrupted()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tr, "micro_batch_loss", crash_in_step_3)
+    # the 6th micro-batch: step 3's second, after the step-2 checkpoint
+    original = crash_on_call(monkeypatch, tr, "micro_batch_loss", 6)
     with pytest.raises(Interrupted):
         run(world, tmp_path / "split", **settings)
     assert (tmp_path / "split" / "checkpoint" / "state.pt").is_file()
@@ -350,16 +335,7 @@ def test_resume_after_a_checkpoint_reproduces_the_uninterrupted_run(world, tmp_p
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(world, tmp_path, monkeypatch):
-    original = tr.micro_batch_loss
-    calls = {"n": 0}
-
-    def crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Interrupted()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tr, "micro_batch_loss", crash)
+    original = crash_on_call(monkeypatch, tr, "micro_batch_loss", 3)
     with pytest.raises(Interrupted):
         run(world, tmp_path / "run", method="ga", steps=4, save_every=2)
     monkeypatch.setattr(tr, "micro_batch_loss", original)
@@ -387,17 +363,7 @@ with open(os.path.join(w["out"], "rank%s.json" % os.environ["RANK"]), "w") as f:
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_identical_adapters(world, tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    args = {"out": str(tmp_path / "run"), "model": str(world["model"]), "root": str(world["root"]),
-            "cache": str(world["cache"]), "pool": str(world["pool"])}
-    (tmp_path / "run").mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(args)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_two(DDP_SCRIPT, tmp_path, world)
     assert ranks[0]["adapter_digest"] == ranks[1]["adapter_digest"]
     assert ranks[0]["steps"] == 3
     log = read_log(tmp_path / "run")

@@ -30,6 +30,7 @@ from pipeline.stage2 import train as tr
 from pipeline.stage2.errors import TrainError
 from pipeline.stage2.methods import AnswerLogits, forward_parts, frozen
 from pipeline.stage2.methods.forward import decoder_layer, forward_hidden, frozen_hidden
+from tests.tiny import crash_on_call, torchrun_two
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -130,15 +131,7 @@ def test_the_loaders_workers_are_gone_when_train_returns_or_fails(world, tmp_pat
     try:
         train(world, tmp_path / "ok", method="simnpo", convention="openunlearning", steps=3, data_workers=2)
         assert not set(multiprocessing.active_children()) - before
-        original = tr.next_micro_batch
-        calls = []
-
-        def failing(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("planted failure after the loaders started")
-            return original(*args, **kwargs)
-        monkeypatch.setattr(tr, "next_micro_batch", failing)
+        crash_on_call(monkeypatch, tr, "next_micro_batch", 2, RuntimeError("planted failure after the loaders started"))
         with pytest.raises(RuntimeError, match="planted failure"):
             train(world, tmp_path / "failed", method="simnpo", convention="openunlearning", steps=3, data_workers=2)
         assert not set(multiprocessing.active_children()) - before
@@ -232,20 +225,7 @@ with open(os.path.join(w["out"], "rank%s.json" % os.environ["RANK"]), "w") as f:
 def test_rmu_trains_under_two_gloo_processes(world, tmp_path):
     # Layer 0: the layers above it and the LM head get no gradient from RMU's loss, which DDP (find_unused_parameters
     # off) refuses at the next step unless every parameter is reached (RMU.loss's zero term).
-    import os
-    import subprocess
-    import sys
-    script = tmp_path / "ddp.py"
-    script.write_text(RMU_DDP_SCRIPT)
-    args = {"out": str(tmp_path / "run"), "model": str(world["model"]), "root": str(world["root"]),
-            "pool": str(world["pool"])}
-    (tmp_path / "run").mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), json.dumps(args)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_two(RMU_DDP_SCRIPT, tmp_path, world)
     assert ranks[0]["adapter_digest"] == ranks[1]["adapter_digest"] and ranks[0]["steps"] == 3
     log = log_lines(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)

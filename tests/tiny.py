@@ -69,3 +69,43 @@ def evaluate_with(fn, model_dir, root, forget_split: str, retain_split: str = ""
     if "eval_seed" in kw:
         kw["seed"] = kw.pop("eval_seed")
     return fn(model, data, section(EvalConfig, "evaluate", kw), **run)
+
+
+class Interrupted(Exception):
+    """A planted crash: a run killed mid-way, seen from inside."""
+
+
+def crash_on_call(monkeypatch, module, name: str, n: int, error: Exception | None = None):
+    """module.<name> replaced by a wrapper raising `error` (Interrupted) on its n-th call; returns the original."""
+    original, calls = getattr(module, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise error or Interrupted()
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return original
+
+
+def torchrun_two(script: str, tmp_path, world) -> list[dict]:
+    """`script` under torchrun with two processes on the world's model, data and pool; each rank's rank<r>.json.
+
+    The script reads its arguments as JSON from argv[1] (out, model, root, pool, and cache where the world has
+    one) and writes <out>/rank<r>.json.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = tmp_path / "ddp.py"
+    path.write_text(script)
+    args = {"out": str(tmp_path / "run"), **{k: str(world[k]) for k in ("model", "root", "cache", "pool") if k in world}}
+    (tmp_path / "run").mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(path), json.dumps(args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
