@@ -125,6 +125,13 @@ def main():
     apply_wait_policy()                    # before torch loads OpenMP
 
 
+def _warm_pool(workers: int) -> None:
+    """Start the job pool's fork server before this process imports the model libraries: both import at once."""
+    if workers > 1:
+        from pipeline.jobs.workers import warm_up
+        warm_up()
+
+
 def _model_libraries() -> None:
     """Threads and library logging for commands that run a model; after their config was checked."""
     from pipeline.models.modeling import prepare_libraries
@@ -143,14 +150,18 @@ def demo(config_path, full, overrides):
     Generates the benchmark, takes the tiny vanilla and gold LLaVA-1.5 models shipped with viker
     (or trains them when the settings differ, or with demo.prebuilt=false; model.family=llava_next,
     qwen2_5_vl, idefics3 or gemma3 builds and trains a model of that family), checks that the
-    vanilla model knows the benchmark, then unlearns with ViKeR and two baselines at two budgets,
+    vanilla model knows the benchmark (the sweep's first job; a failed check stops the sweep),
+    unlearns with ViKeR and two baselines at two budgets,
     attacks each (membership inference, relearning) and writes the report. Outputs land under
     cache/ (a family other than LLaVA in folders suffixed with its name) and are reused when
     their inputs did not change.
     """
     if full and config_path is not None:
         raise click.UsageError(f"--full is --config {DEMO_FULL_CONFIG}: give one or the other")
-    cfg = _load(DEMO_FULL_CONFIG if full else config_path, overrides, check_family=False)  # refuse bad settings first
+    cfg = _load(DEMO_FULL_CONFIG if full else config_path, overrides, check_family=False,
+                models=False)  # refuse bad settings first
+    _warm_pool(cfg.demo.workers)
+    _model_libraries()
     from pipeline.jobs.demo import run_demo
     run_demo(cfg)
 
@@ -174,7 +185,11 @@ def study(config_path, quick, report_only, overrides):
     """
     import shlex
     from pipeline.study.quick import QUICK
-    cfg = _load(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides), check_family=False)
+    cfg = _load(config_path or "configs/study.yaml", (QUICK if quick else ()) + tuple(overrides), check_family=False,
+                models=False)
+    if not report_only:
+        _warm_pool(cfg.study.workers)
+    _model_libraries()
     from pipeline.study.grid import report_only as write_only, run_study
     command = ("viker study " + " ".join(shlex.quote(a) for a in sys.argv[2:])).strip()
     if report_only:

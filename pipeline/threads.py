@@ -2,7 +2,7 @@
 
 Nothing here runs at import: `apply_wait_policy()` is called by the `viker`
 command (pipeline/cli.py) and by the worker spawner (pipeline/jobs/workers.py);
-`die_with_parent()` by the workers themselves (stage2/stream.py, jobs/workers.py).
+`die_with_parent()` and `die_with()` by the workers themselves (stage2/stream.py, jobs/workers.py).
 """
 import os as _os
 import time as _time
@@ -148,3 +148,37 @@ def die_with_parent(parent_pid: int, *_) -> bool:
     if _os.getppid() != parent_pid:
         _os.kill(_os.getpid(), signal.SIGKILL)
     return armed
+
+
+def die_with(pid: int) -> bool:
+    """Have this process killed (SIGKILL) when process `pid`, not necessarily its parent, ends; True where armed.
+
+    For a job pool's worker, whose parent is the fork server: the server
+    outlives the command that started it as long as any of its children holds
+    its keep-alive pipe, the workers included, so a parent-death signal would
+    never fire. A daemon thread waits on a pidfd of `pid` (Linux >= 5.3; no
+    polling, no cost while it waits). Where none can be opened nothing is armed.
+    A `pid` already gone ends this process at once.
+    """
+    import signal
+    import threading
+    if not hasattr(_os, "pidfd_open"):
+        return False
+    try:
+        fd = _os.pidfd_open(pid)
+    except ProcessLookupError:
+        _os.kill(_os.getpid(), signal.SIGKILL)
+        return False
+    except OSError:                 # an old kernel or a sandbox without pidfds
+        return False
+
+    def wait() -> None:
+        import select
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        while not poll.poll():
+            pass
+        _os.kill(_os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name=f"die-with-{pid}", daemon=True).start()
+    return True

@@ -297,6 +297,24 @@ def test_the_trainers_dataloader_workers_arm_the_guard():
     assert not set(multiprocessing.active_children()) - before
 
 
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the guard waits on a Linux pidfd")
+def test_die_with_ends_a_process_when_another_one_ends():
+    """A pool worker's guard (threads.die_with): its parent is the fork server, so it watches the command."""
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = f"import time; from pipeline.threads import die_with; assert die_with({watched.pid}); time.sleep(60)"
+    watcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(0.5)
+        assert watcher.poll() is None, "alive while the watched process runs"
+        watched.kill()
+        watched.wait()
+        assert watcher.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for p in (watched, watcher):
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the guard is Linux's prctl")
 def test_a_killed_job_pool_leaves_no_worker(tmp_path):
     proc, marker = start_driver(tmp_path, POOL)

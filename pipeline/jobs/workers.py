@@ -6,6 +6,16 @@ jobs): one process with 2 threads trained + evaluated a 32-step ViKeR run in
 3.94 s, two concurrent one-thread processes took 5.5 s each, i.e. 2.75 s per
 run (1.43x the throughput). And several torch processes each using every
 core oversubscribe: knowledge injection ran 7x slower that way.
+
+Why a fork server: a spawned worker imports torch, transformers, peft and the
+rest of a run's libraries itself before its first job (7.8 s of CPU measured
+on the 2-core machine, 2026-12-05: 5.5 s importing, 2.3 s more in the first
+run), and the demo's two workers did so at once, a quarter of its sweep. The
+fork server imports them once, from the moment `warm_up()` starts it (the CLI
+does so before it imports anything heavy itself, so the second core does that
+work while the first does the command's own), and each worker is a fork of
+it. Forking it is safe where forking the command itself is not: the server
+never ran a torch op, so no OpenMP thread pool exists to be copied half-way.
 """
 from __future__ import annotations
 
@@ -13,30 +23,65 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+# What a job of the demo or the study imports: loaded by the fork server, so no worker pays for them.
+PRELOAD = ("torch", "transformers", "peft", "numpy", "pandas", "pyarrow.parquet", "h5py", "PIL.Image",
+           "rouge_score.rouge_scorer", "sacrebleu", "transformers.models.llava.modeling_llava",
+           "transformers.models.clip", "pipeline.jobs.demo", "pipeline.jobs.runs", "pipeline.stage2.train",
+           "pipeline.stage1.precompute", "pipeline.evaluation.evaluate", "pipeline.evaluation.relearn",
+           "pipeline.evaluation.logit_lens", "pipeline.study.grid")
+# The workers' environment, set in the server's before its imports (a library may read it when imported).
+WORKER_ENV = {"TQDM_DISABLE": "1", "VIKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
-def init_worker(parent_pid: int | None = None) -> None:
+
+def pool_context():
+    """The multiprocessing context of the job pools: the fork server, started (with its preloads) if not yet."""
+    import multiprocessing
+    from multiprocessing import forkserver
+    from pipeline.threads import apply_wait_policy
+    ctx = multiprocessing.get_context("forkserver")
+    apply_wait_policy()              # OpenMP reads it when the server imports torch: decide it first
+    forkserver.set_forkserver_preload(list(PRELOAD))
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    os.environ.update(WORKER_ENV)
+    try:
+        forkserver.ensure_running()  # returns at once: the server imports while this process goes on
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ctx
+
+
+def warm_up() -> None:
+    """Start the job pools' fork server now, so its imports overlap with this process's own work."""
+    pool_context()
+
+
+def init_worker(main_pid: int | None = None) -> None:
     """One torch thread, no progress bars (their lines would interleave across workers).
 
-    A spawned worker inherits the start method "spawn" as its default, so the
-    DataLoader workers of each training run inside it were spawned too: a fresh
-    interpreter importing torch, twice per run. In the study that made a run
-    cost 15 s instead of 5.6 s. Forking them, as any Linux process does, is cheap.
+    The DataLoader workers of each training run inside a worker fork, as any
+    Linux process does: cheap. Started any other way (spawn), each would be a
+    fresh interpreter importing torch, twice per run; in the study that made a
+    run cost 15 s instead of 5.6 s.
 
-    `parent_pid` (a pool's worker): die with that parent, by PR_SET_PDEATHSIG
-    (threads.die_with_parent). A pool worker of a killed demo or study otherwise
+    `main_pid` (a pool's worker): die with the process that started the pool
+    (threads.die_with). A pool worker of a killed demo or study otherwise
     finishes its run (minutes), then waits for the next job forever: it holds
     the job queue's write end itself, so no end-of-file comes (measured: both
     workers still waiting 20 s after their 3 s jobs ended; armed, gone 0.1 s
-    after the kill, and the resource tracker with them).
+    after the kill, and the resource tracker and the fork server with them).
+    Its parent is the fork server, not that process, hence no parent-death
+    signal here.
     """
-    if parent_pid is not None:
-        from pipeline.threads import die_with_parent
-        die_with_parent(parent_pid)
+    if main_pid is not None:
+        from pipeline.threads import die_with
+        die_with(main_pid)
     import multiprocessing
     multiprocessing.set_start_method("fork", force=True)
-    os.environ["TQDM_DISABLE"] = "1"      # before tqdm is imported: it reads its env defaults then
-    os.environ["VIKER_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update(WORKER_ENV)
     from pipeline.models.modeling import prepare_libraries
     prepare_libraries()
 
@@ -46,7 +91,7 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
     """fn(*job) for every job over `workers` processes; results in job order.
 
     `each(index, result)` is called as each job finishes (completion order), e.g.
-    to log a line per run. With one worker the jobs run here, in order; they
+    to log a line per run; if it raises, the jobs not yet started are cancelled. With one worker the jobs run here, in order; they
     are pinned to one thread only when `pin_single` (the study wants the same
     numerics as its parallel runs; the demo keeps every core). `cost`, a rough
     estimate per job (a list parallel to `jobs`), hands the dearest jobs out
@@ -65,21 +110,25 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
             if each is not None:
                 each(i, out[i])
     else:
-        import multiprocessing
-        from pipeline.threads import apply_wait_policy
-        apply_wait_policy()          # the workers inherit the decision through their environment
-        # spawn, not fork: a forked torch with its thread pool already started can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_worker, initargs=(os.getpid(),)) as pool:
+        # The fork server, not a fork of this process: a forked torch with its thread pool already
+        # started can deadlock.
+        with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             order = submission_order(cost, len(jobs))
             futures = {pool.submit(fn, *jobs[i]): i for i in order}
-            for n, fut in enumerate(as_completed(futures), start=1):
-                i = futures[fut]
-                out[i] = fut.result()
-                if each is not None:
-                    each(i, out[i])
-                elif n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
-                    log(f"{what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
+            try:
+                for n, fut in enumerate(as_completed(futures), start=1):
+                    i = futures[fut]
+                    out[i] = fut.result()
+                    if each is not None:
+                        each(i, out[i])
+                    elif n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
+                        log(f"{what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
+            except BaseException:
+                # A failed job, a refused result (each() raised) or Ctrl-C: the jobs not started are dropped
+                # instead of run to the end before the error is seen; the running ones end with their job.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     log(f"{what}: {len(jobs)} done in {time.time() - t:.1f}s")
     return out
 
