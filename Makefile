@@ -5,6 +5,12 @@
 # dependencies go in with uv, which resolves and installs them several times
 # faster than pip (benchmarks/newcomer.sh). Where uv cannot be installed, or
 # with `make demo UV=`, pip installs them as before.
+# Python writes each module's bytecode at its first import here, whatever the shell says: the install skips
+# compiling the ~2000 files of torch (20 s of the 27 s its install took), and a process then compiles only
+# what it imports, once. With PYTHONDONTWRITEBYTECODE set, every process compiled them all again: import
+# torch 3.0 s against 1.5 s, and the demo and the tests start dozens of processes (benchmarks/newcomer.sh).
+unexport PYTHONDONTWRITEBYTECODE
+
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -16,7 +22,7 @@ STAMP   = $(VENV)/.viker-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --no-compile "$(TORCH)"
 	@if [ -n "$(UV)" ] && $(BIN)/pip install -q "$(UV)" && \
 	    $(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]"; then \
 	  echo "[setup] dependencies installed with uv"; \
@@ -53,7 +59,7 @@ IMAGE_TORCH = $(shell sed -n 's|^FROM pytorch/pytorch:\([0-9.]*\)-.*|\1|p' Docke
 test-image-env:
 	rm -rf $(IMAGE_VENV)
 	$(PYTHON) -m venv $(IMAGE_VENV)
-	$(IMAGE_VENV)/bin/pip install -q --no-deps "torch==$(IMAGE_TORCH)"
+	$(IMAGE_VENV)/bin/pip install -q --no-compile --no-deps "torch==$(IMAGE_TORCH)"
 	$(IMAGE_VENV)/bin/pip install -q $(TORCH_PURE_DEPS)
 	$(IMAGE_VENV)/bin/pip install -q .
 	$(IMAGE_VENV)/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; \
