@@ -64,7 +64,7 @@ t=$(now)
 make demo > demo.log 2>&1 || { tail -30 demo.log; exit 1; }
 demo_s=$(since "$t")
 echo "[newcomer] make demo after the install: ${demo_s} s wall; load $(loadavg)"
-grep -E "^\[(threads|finetune\] (stopped|vanilla)|precompute\] reference cache|unlearn\] [0-9]+ runs.*done|demo\] done)" demo.log \
+grep -E "^\[(threads|finetune\] (stopped|vanilla)|precompute\] reference cache|unlearn\] .*runs on .*done|demo\] done)" demo.log \
     | sed 's/^/    /'
 
 if [ "$run_tests" = 1 ]; then

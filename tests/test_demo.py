@@ -1,5 +1,7 @@
 """`viker demo`: the sweep's plan and its parallel workers keep the table's order and lose no row."""
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +39,7 @@ def test_dearest_runs_are_handed_out_first_and_results_keep_plan_order():
     order = [plan[i] for i in submission_order(cost, len(plan))]
     # the gold row (evaluation + relearning + its answers) first, then the attacked 32-step runs, the 16-step last
     assert order[0] == "gold"
+    assert demo.run_cost(cfg, demo.GATE) > max(cost), "the gate's verdict comes first"
     assert [r["budget"] for r in order[1:3]] == [32, 32] and [r["budget"] for r in order[-2:]] == [16, 16]
     assert submission_order(None, 3) == [0, 1, 2] and submission_order([1, 1, 2], 3) == [2, 0, 1]
     with pytest.raises(ValueError, match="2 estimates for 3 jobs"):
@@ -50,7 +53,8 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
         f"data.root={tmp_path}/mini", f"finetune.base={tmp_path}/base", f"finetune.output={tmp_path}/vanilla",
         f"model.path={tmp_path}/vanilla", f"precompute.output={tmp_path}/refs", f"train.output={tmp_path}/runs",
         f"evaluate.results={tmp_path}/runs/results.jsonl", "demo.methods=ga,viker", "demo.budgets=2,4",
-        "demo.lams=0.5", "demo.workers=2", "demo.attack_budget=4", "mini.n_holdout=3"]
+        "demo.lams=0.5", "demo.workers=2", "demo.attack_budget=4", "mini.n_holdout=3",
+        "evaluate.attacks="]   # the QUICK model has one decoder layer: no layer before the output to lens
     cfg = load_config("configs/demo.yaml", over)
     logs = []
     out = demo.run_demo(cfg, log=logs.append)
@@ -65,7 +69,9 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
                for r in rows[2:])
     assert [("relearn" in r["metrics"]) for r in rows] == [False, True, False, True, False, True]
     assert sum(line.startswith("[unlearn] GA") for line in logs) == 2
-    assert any("6 runs on 2 worker(s): 6 done" in line for line in logs)
+    assert any("the gate and 6 runs on 2 worker(s): 7 done" in line for line in logs)
+    assert any("Vanilla model: attribute accuracy" in line for line in logs), "the gate's table"
+    assert out["gate"]["forget"]["n"] > 0
     assert any(line.startswith("[gold] gold model (never trained on forget_10)") for line in logs)
     table = open(out["report"]["markdown"]).read()
     header = next(line for line in table.splitlines() if line.startswith("| Method |"))
@@ -84,3 +90,33 @@ def test_pool_workers_fork_their_own_children():
     """DataLoader workers inside a pool worker must fork, not spawn (a spawn re-imports torch per run); the
     dearest job is handed out first and the results still come back in job order."""
     assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t", cost=[1, 2]) == ["fork", "fork"]
+
+
+def _mark(folder, i):
+    time.sleep(0.3 if i else 0.0)
+    (Path(folder) / str(i)).write_text("ran")
+    return i
+
+
+def test_a_refused_result_cancels_the_jobs_not_yet_started(tmp_path):
+    """The demo's gate is the pool's first job: when each() refuses its result, the queued runs are dropped,
+    not run to the end before the error shows."""
+    def each(i, _):
+        if i == 0:
+            raise demo.GateError("refused")
+    jobs = [(str(tmp_path), i) for i in range(12)]
+    with pytest.raises(demo.GateError, match="refused"):
+        run_parallel(2, _mark, jobs, lambda *_: None, "t", each=each, cost=[float("inf")] + [1.0] * 11)
+    ran = sorted(int(p.name) for p in tmp_path.iterdir())
+    assert 0 in ran and len(ran) <= 5, ran
+
+
+def _preloaded(_):
+    import sys
+    return all(m in sys.modules for m in ("torch", "transformers", "peft", "pipeline.stage2.train"))
+
+
+def test_pool_workers_start_with_the_libraries_already_imported():
+    """Pool workers are forks of a server that imported the run's libraries once (jobs/workers.PRELOAD):
+    no worker pays ~7 s of imports before its first job."""
+    assert run_parallel(2, _preloaded, [(0,), (1,)], lambda *_: None, "t") == [True, True]

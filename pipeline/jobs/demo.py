@@ -320,8 +320,15 @@ def sweep_plan(cfg: Config) -> list[dict]:
     return plan
 
 
-def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -> tuple[str, float]:
+# The sweep's first job: the vanilla gate. It runs beside the first rows instead of before them all (its
+# verdict is read as soon as it ends, and a failed gate cancels the runs not yet started).
+GATE = "gate"
+
+
+def sweep_run(cfg: Config, model_dir: str, run: dict | str | None, fingerprint: str) -> tuple:
     """Train (unless `run` is None: the vanilla row, or "gold": the gold row) and evaluate one point.
+
+    `run` GATE: the vanilla gate's results (vanilla_gate) instead of a results file.
 
     Rows go to the run's own file. The runs at demo.attack_budget, and the gold
     model (the attack's control), also get the relearning attack.
@@ -332,6 +339,9 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | None, fingerprint: str) -
     from dataclasses import replace
     from .runs import run_evaluate, run_train
     t = time.time()
+    if run == GATE:
+        gate = vanilla_gate(cfg, model_dir, lambda *_: None, all_people=False, max_profiles=cfg.evaluate.max_profiles)
+        return gate, time.time() - t
     attack = dict(relearn=True, relearn_reference=str(model_dir))
     if run == "gold":
         results = Path(cfg.train.output) / "gold.results.jsonl"
@@ -375,6 +385,8 @@ def run_cost(cfg: Config, run: dict | str | None) -> float:
     with a long run at the end.
     """
     relearn = 1.5 if cfg.demo.attack_budget else 0.0
+    if run == GATE:
+        return float("inf")                    # first: its verdict decides whether the rest means anything
     if run is None:
         return 2.0
     if run == "gold":
@@ -382,13 +394,15 @@ def run_cost(cfg: Config, run: dict | str | None) -> float:
     return 1.0 + run["budget"] / 60 + (relearn if run["budget"] == cfg.demo.attack_budget else 0.0)
 
 
-def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print) -> Path:
+def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print, gate: bool = False) -> Path:
     """Every method at every budget (training steps) and seed, each evaluated; one results file.
 
     Plain gradient ascent diverges given enough steps, so one point per method
     would hide the comparison: the sweep gives a trade-off curve per method.
     The runs are independent: `demo.workers` one-thread processes share them
     (pipeline/jobs/workers.py says why that is faster than one process on 2 threads).
+    `gate`: the vanilla gate is the first job; its table is logged when it ends,
+    and a failed gate raises GateError (the runs not started are cancelled).
     """
     from .workers import run_parallel
     results = Path(cfg.evaluate.results)
@@ -396,10 +410,15 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
     results.unlink(missing_ok=True)             # the demo's table shows this sweep only
     fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
     plan = [None, "gold"] + sweep_plan(cfg)     # None: the vanilla row; "gold": the gold model's
+    if gate:
+        plan = [GATE] + plan
 
-    def each(i: int, done: tuple[str, float]) -> None:
+    def each(i: int, done: tuple) -> None:
         run = plan[i]
-        if run is None:
+        if run == GATE:
+            log(format_gate(done[0]))
+            check_gate(done[0], cfg.finetune.gate_min_acc, json.loads((Path(model_dir) / "vanilla.json").read_text()))
+        elif run is None:
             log(f"[evaluate] Vanilla in {done[1]:.1f}s")
         elif run == "gold":
             log(f"[evaluate] Gold (never trained on {cfg.data.forget_split}) in {done[1]:.1f}s")
@@ -408,12 +427,14 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
                 f"trained + evaluated in {done[1]:.1f}s")
 
     workers = max(1, min(cfg.demo.workers, len(plan)))
+    runs = len(plan) - gate
     outs = run_parallel(workers, sweep_run, [(cfg, str(model_dir), run, fingerprint) for run in plan], log,
-                        f"[unlearn] {len(plan)} runs on {workers} worker(s)", each=each, pin_single=False,
-                        cost=[run_cost(cfg, run) for run in plan])
+                        f"[unlearn] {'the gate and ' if gate else ''}{runs} runs on {workers} worker(s)", each=each,
+                        pin_single=False, cost=[run_cost(cfg, run) for run in plan])
     with open(results, "w") as f:              # plan order, whatever order the workers finished in
-        for path, _ in outs:
-            f.write(Path(path).read_text())
+        for run, (path, _) in zip(plan, outs):
+            if run != GATE:
+                f.write(Path(path).read_text())
     return results
 
 
@@ -440,12 +461,11 @@ def run_demo(cfg: Config, log=print) -> dict:
     cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
     vanilla, gold = ensure_models(cfg, log)
-    gate = vanilla_gate(cfg, vanilla, log, all_people=False, max_profiles=cfg.evaluate.max_profiles)
-    check_gate(gate, cfg.finetune.gate_min_acc, json.loads((vanilla / "vanilla.json").read_text()))
     from dataclasses import replace
     cfg = replace(cfg, evaluate=replace(cfg.evaluate, gold=str(gold)))   # every row's PrivLeak is against it
     cache_dir = ensure_references(cfg, vanilla, log)
-    results = unlearning_sweep(cfg, vanilla, cache_dir, log)
+    results = unlearning_sweep(cfg, vanilla, cache_dir, log, gate=True)
+    gate = json.loads((vanilla / "gate.json").read_text())
     paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),
                          acc_metric=cfg.evaluate.table_acc)
     log("\n" + Path(paths["markdown"]).read_text())
