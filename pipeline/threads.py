@@ -150,8 +150,11 @@ def die_with_parent(parent_pid: int, *_) -> bool:
     return armed
 
 
-def die_with(pid: int) -> bool:
+def die_with(pid: int, also: tuple[int, ...] = ()) -> bool:
     """Have this process killed (SIGKILL) when process `pid`, not necessarily its parent, ends; True where armed.
+
+    `also`: processes killed first (a pool worker takes its fork server along, which would otherwise exit
+    by itself only after shutting down an interpreter holding torch: over 5 s on a loaded machine).
 
     For a job pool's worker, whose parent is the fork server: the server
     outlives the command that started it as long as any of its children holds
@@ -178,6 +181,11 @@ def die_with(pid: int) -> bool:
         poll.register(fd, select.POLLIN)
         while not poll.poll():
             pass
+        for other in also:
+            try:
+                _os.kill(other, signal.SIGKILL)
+            except OSError:
+                pass
         _os.kill(_os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=wait, name=f"die-with-{pid}", daemon=True).start()

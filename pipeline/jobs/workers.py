@@ -74,11 +74,11 @@ def init_worker(main_pid: int | None = None) -> None:
     workers still waiting 20 s after their 3 s jobs ended; armed, gone 0.1 s
     after the kill, and the resource tracker and the fork server with them).
     Its parent is the fork server, not that process, hence no parent-death
-    signal here.
+    signal here; the worker kills the server too.
     """
     if main_pid is not None:
         from pipeline.threads import die_with
-        die_with(main_pid)
+        die_with(main_pid, also=(os.getppid(),))     # the fork server goes with them
     import multiprocessing
     multiprocessing.set_start_method("fork", force=True)
     os.environ.update(WORKER_ENV)
