@@ -33,6 +33,22 @@ def test_saved_model_reloads_through_auto_classes(world):
     assert out.logits.shape[-1] == len(processor.tokenizer)
 
 
+def test_a_processor_is_read_once_per_process_until_its_files_change(world, tmp_path):
+    import shutil
+    from pipeline.models.modeling import load_processor
+    _, model_dir = world
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    first = load_processor(copy)
+    assert load_processor(copy) is first and load_model(copy, device="cpu")[1] is first
+    config = copy / "tokenizer_config.json"
+    meta = __import__("json").loads(config.read_text())
+    meta["model_max_length"] = 77
+    config.write_text(__import__("json").dumps(meta))      # an edited tokenizer is read again
+    again = load_processor(copy)
+    assert again is not first and again.tokenizer.model_max_length == 77
+
+
 def test_missing_model_directory_is_one_line(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "nowhere")

@@ -80,14 +80,32 @@ def model_family(path: Path) -> families.Family:
         raise ModelError(str(err)) from None
 
 
+# Processors already read in this process, by directory and the state of its non-weight files. Parsing
+# one costs ~0.16 s (the tokenizer's JSON), and the demo's and the study's jobs load the same model
+# directory for every run and attack: 21 times in the demo. Nothing in viker changes a processor after
+# loading it, so one object serves every caller; an edited or replaced file is a new key.
+_PROCESSORS: dict[tuple, object] = {}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _processor_key(path: Path) -> tuple:
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
+    return (str(path.resolve()), *((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files))
+
+
 def load_processor(path: str | Path):
     path = check_model_dir(path)
     family = model_family(path)
     check_processor_files(path)
+    key = _processor_key(path)
+    if key in _PROCESSORS:
+        return _PROCESSORS[key]
     try:
-        return families.load_family_processor(path, family)
+        processor = families.load_family_processor(path, family)
     except Exception as err:   # transformers raises OSError, ValueError, TypeError... for a damaged tokenizer
         raise ModelError(f"cannot load the tokenizer/processor in {path}: {_cause(err)}") from err
+    _PROCESSORS[key] = processor
+    return processor
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "auto", with_processor: bool = True):
