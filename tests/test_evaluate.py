@@ -17,7 +17,7 @@ from pipeline.data.mllmu import DataError, read_split
 from pipeline.data.records import ChoiceItem, GenItem, Profile, QA
 from pipeline.models.encoding import encode_prompt, pixel_values, load_image
 from pipeline.models.modeling import ModelError, load_model, wrap_lora
-from pipeline.models.prompts import multiple_choice_prompt
+from pipeline.models.prompts import fact_prompt, multiple_choice_prompt
 from pipeline.jobs.report import load_results
 from tests.tiny import make_world, tiny_config
 
@@ -81,26 +81,27 @@ class Recorder:
 
 @pytest.fixture
 def canned(monkeypatch):
-    recorder, fact_calls = Recorder(), []
-
-    def fake_fact(model, processor, profiles, held_out=False, **kw):
-        fact_calls.append(held_out)
-        return {"n": 4, "acc": 0.25, "examples": [{"question": "q", "fact": "Lyon", "answer": "in Lyon"}]}
-
+    recorder = Recorder()
     monkeypatch.setattr(ev, "generate", recorder)
-    monkeypatch.setattr(ev, "fact_accuracy", fake_fact)
     # Likelihood metrics need a model; they are tested in test_scoring.py.
     monkeypatch.setattr(ev, "likelihood_metrics", lambda *a, **k: (dict.fromkeys(ev.LL_METRIC_KEYS), []))
-    return recorder, fact_calls
+    return recorder
+
+
+def _fact_items_of(call):
+    """(image side, token limit) of the fact-check items of a recorded call (PEOPLE's training questions)."""
+    asked = {fact_prompt(qa.question) for p in PEOPLE for qa in p.qa}
+    return [(im.size[0], n) for im, p, n in zip(call["images"], call["prompts"], call["max_new_tokens"]) if p in asked]
 
 
 def test_metrics_match_hand_counts(canned):
-    recorder, fact_calls = canned
+    recorder = canned
     vocab = {"ann", "bob", "was", "born", "in", "lyon", "cork"}
     result, rows = ev.evaluate_profiles(None, None, PEOPLE, False, vocabulary=vocab, set_name="forget")
     assert result["mc_acc"] == 0.5 and result["mc_acc_image"] == 1.0 and result["mc_acc_text"] == 0.0
     assert result["cloze_acc"] == 0.5
-    assert result["fact_acc"] == 0.25 and fact_calls == [False]
+    # Fact check: ann's answer names Lyon, bob's names nothing.
+    assert result["fact_acc"] == 0.5
     # ann's answer is the reference word for word; bob's shares nothing with his.
     assert result["rouge1"] == pytest.approx(0.5) and result["rougeL"] == pytest.approx(0.5)
     assert result["coherence"] == 0.5, "the looping 'zq zq ...' answer must not count as coherent"
@@ -112,6 +113,10 @@ def test_metrics_match_hand_counts(canned):
     assert {r["kind"] for r in rows} == {"mc", "gen", "cloze", "fact"} and all(r["set"] == "forget" for r in rows)
     mc_call = next(c for c in recorder.calls if "Just give ONE letter" in c["prompts"][0])
     assert mc_call["max_new_tokens"] == ev.MC_NEW_TOKENS
+    # Open generation and the fact check share one decoding pass, each item with its own token limit.
+    (both,) = [c for c in recorder.calls if isinstance(c["max_new_tokens"], list)]
+    assert sorted(both["max_new_tokens"]) == [ev.FACT_NEW_TOKENS] * 2 + [50] * 2
+    assert [n for _, n in _fact_items_of(both)] == [ev.FACT_NEW_TOKENS] * 2
 
 
 def test_classifier_decides_coherence_when_given(canned):
@@ -126,7 +131,7 @@ def test_classifier_decides_coherence_when_given(canned):
 
 
 def test_few_shot_examples_come_from_other_profiles(canned):
-    recorder, _ = canned
+    recorder = canned
     ev.evaluate_profiles(None, None, PEOPLE, False, few_shot=1, vocabulary=set())
     prompts = next(c for c in recorder.calls if "Just give ONE letter" in c["prompts"][0])["prompts"]
     bob_first = PEOPLE[1].choices[0]
@@ -142,12 +147,16 @@ def test_few_shot_examples_come_from_other_profiles(canned):
     assert ev.few_shot_examples(PEOPLE[:1], 0, 0, 3) == [], "a one-profile set has nobody to borrow shots from"
 
 
-@pytest.mark.parametrize("other, sides", [(False, {10, 11}), (True, {20, 22})])
-def test_test_set_is_shown_the_other_images(canned, other, sides):
-    recorder, fact_calls = canned
+@pytest.mark.parametrize("other, sides, fact_sides", [(False, {10, 11}, [10, 11]), (True, {20, 22}, [20, 30, 22, 33])])
+def test_test_set_is_shown_the_other_images(canned, other, sides, fact_sides):
+    """The test set's questions show each person's first other picture; its fact check asks about every one."""
+    recorder = canned
     ev.evaluate_profiles(None, None, PEOPLE, other, vocabulary=set())
-    shown = {im.size[0] for call in recorder.calls for im in call["images"]}
-    assert shown == sides and fact_calls == [other]
+    (both,) = [c for c in recorder.calls if isinstance(c["max_new_tokens"], list)]
+    facts = [side for side, _ in _fact_items_of(both)]
+    asked = {fact_prompt(qa.question) for p in PEOPLE for qa in p.qa}
+    shown = {im.size[0] for call in recorder.calls for im, p in zip(call["images"], call["prompts"]) if p not in asked}
+    assert shown == sides and facts == fact_sides
 
 
 def test_missing_other_images_is_one_line(canned):
@@ -459,3 +468,23 @@ def test_official_row_counts_scored_items_names_nltk_bleu_and_honours_tasks(worl
     assert sum(s["kind"] == "mc" for s in samples) == scored_mc
     assert all(s["answer"] == "A" and s["reply"] == "A ASSISTANT: B" for s in samples)
     assert all(s["scores"]["parsed"] == "A" for s in samples if s["kind"] == "mc")
+
+
+def test_items_with_their_own_token_limits_answer_as_if_asked_alone(world):
+    """One decoding pass for items of several tasks: each answer is the one its own limit gives."""
+    from pipeline.models.generation import generate
+    from pipeline.models.prompts import generation_prompt
+    root, model_dir = world
+    model, processor = load_model(model_dir, device="cpu")
+    p, q = read_split(root, "retain_90")[:2]
+    images = [load_image(p.image), load_image(q.image), load_image(p.image)]
+    prompts = [generation_prompt(p.generation[0].question), fact_prompt(q.qa[0].question), fact_prompt(p.qa[0].question)]
+    limits = [7, 2, 4]
+    together = generate(model, processor, images, prompts, max_new_tokens=limits, batch_size=3)
+    alone = [generate(model, processor, [im], [pr], max_new_tokens=n, batch_size=1)[0]
+             for im, pr, n in zip(images, prompts, limits)]
+    assert together == alone
+    assert len(processor.tokenizer(together[1], add_special_tokens=False).input_ids) <= 2 < len(
+        processor.tokenizer(together[0], add_special_tokens=False).input_ids)
+    with pytest.raises(ValueError, match="2 token limits for 3 prompts"):
+        generate(model, processor, images, prompts, max_new_tokens=[1, 2])

@@ -29,12 +29,12 @@ from pipeline.data.records import Profile
 from pipeline.models.encoding import load_image
 from pipeline.models.generation import generate
 from pipeline.models.modeling import ModelError, load_for_eval, resolve_device
-from pipeline.models.prompts import cloze_prompt, generation_prompt, multiple_choice_prompt
+from pipeline.models.prompts import cloze_prompt, fact_prompt, generation_prompt, multiple_choice_prompt
 from pipeline.progress import progress as tqdm  # plain log lines off a terminal
 from pipeline.stage2.labels import file_slug
 
 from . import metrics
-from .factcheck import fact_accuracy, fact_count
+from .factcheck import FACT_NEW_TOKENS, fact_accuracy, fact_count, fact_items, score_facts
 from .protocol_mllmu import MC_NEW_TOKENS as OFFICIAL_MC_NEW_TOKENS
 from .protocol_mllmu import PROTOCOL_ID, evaluate_official
 from .results import append_result, mean, sample_row, write_jsonl
@@ -148,11 +148,17 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     none = lambda *keys: (dict.fromkeys(keys), [])
     mc, mc_rows = (_multiple_choice(run, profiles, images, few_shot, mc_new_tokens) if "mc" in tasks
                    else none("mc_acc", "mc_acc_image", "mc_acc_text"))
-    gen, gen_rows = (_generation(run, profiles, images, max_new_tokens, vocabulary, classifier) if "gen" in tasks
-                     else none(*metrics.ROUGE_TYPES, "bleu", "coherence"))
+    # Open generation and the fact check decode in one pass: two passes of the same model over the same
+    # pictures cost one decoding loop more (generation.generate cuts each answer to its own limit).
+    gen_items = [(i, p, g) for i, p in enumerate(profiles) for g in p.generation] if "gen" in tasks else []
+    facts = fact_items(profiles, held_out=use_other_images) if "fact" in tasks else []
+    answers = run([images[i] for i, *_ in gen_items] + [f[0] for f in facts],
+                  [generation_prompt(g.question) for *_, g in gen_items] + [fact_prompt(f[1]) for f in facts],
+                  [max_new_tokens] * len(gen_items) + [FACT_NEW_TOKENS] * len(facts), "gen+fact")
+    gen, gen_rows = (_generation(run.set_name, gen_items, answers[:len(gen_items)], vocabulary, classifier)
+                     if "gen" in tasks else none(*metrics.ROUGE_TYPES, "bleu", "coherence"))
     cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens) if "cloze" in tasks else (None, [])
-    fact = (fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
-                          desc=f"{set_name} fact") if "fact" in tasks else {"acc": float("nan")})
+    fact = score_facts(facts, answers[len(gen_items):]) if "fact" in tasks else {"acc": float("nan")}
     fact_rows = [sample_row(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
@@ -220,16 +226,14 @@ def _multiple_choice(run, profiles, images, few_shot, new_tokens):
     return {"mc_acc": share[None], "mc_acc_image": share["image"], "mc_acc_text": share["text"]}, rows
 
 
-def _generation(run, profiles, images, max_new_tokens, vocabulary, classifier):
-    items = [(i, p, g) for i, p in enumerate(profiles) for g in p.generation]
-    answers = run([images[i] for i, *_ in items], [generation_prompt(g.question) for *_, g in items],
-                  max_new_tokens, "gen")
+def _generation(set_name, items, answers, vocabulary, classifier):
+    """Scores of the greedy answers to the open-generation items (profile index, profile, item)."""
     coherent = _coherent(answers, vocabulary, classifier)
     rows = []
     for (_, p, g), answer, ok in zip(items, answers, coherent):
         scores = {**metrics.rouge_scores(answer, g.ground_truth),
                   "bleu": metrics.bleu_score(answer, g.ground_truth), "coherent": ok}
-        rows.append(sample_row(run.set_name, p.id, "gen", g.question, g.ground_truth, answer, scores, g.kind))
+        rows.append(sample_row(set_name, p.id, "gen", g.question, g.ground_truth, answer, scores, g.kind))
     names = (*metrics.ROUGE_TYPES, "bleu", "coherent")
     means = {name: mean(r["scores"][name] for r in rows) for name in names}
     means["coherence"] = means.pop("coherent")

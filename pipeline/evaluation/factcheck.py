@@ -35,18 +35,29 @@ def fact_count(profiles: list[Profile], held_out: bool = False) -> int:
     return sum(len(p.images if held_out else [p.image]) * len(p.qa) for p in profiles)
 
 
+# Enough for a name, a place, a year or a job, with a few words around it.
+FACT_NEW_TOKENS = 16
+
+
 def fact_accuracy(model, processor, profiles: list[Profile], held_out: bool = False,
-                  batch_size: int = 64, max_new_tokens: int = 16, desc: str | None = None) -> dict:
+                  batch_size: int = 64, max_new_tokens: int = FACT_NEW_TOKENS, desc: str | None = None) -> dict:
     return items_accuracy(model, processor, fact_items(profiles, held_out), batch_size, max_new_tokens, desc)
 
 
-def items_accuracy(model, processor, items: list[tuple], batch_size: int = 64, max_new_tokens: int = 16,
-                   desc: str | None = None) -> dict:
+def items_accuracy(model, processor, items: list[tuple], batch_size: int = 64,
+                   max_new_tokens: int = FACT_NEW_TOKENS, desc: str | None = None) -> dict:
     """fact_accuracy of (image, question, fact, kind) items (fact_items' form; an attack may build its own)."""
     if not items:
         return {"n": 0, "acc": float("nan")}
     answers = generate(model, processor, [i[0] for i in items], [fact_prompt(i[1]) for i in items],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    return score_facts(items, answers)
+
+
+def score_facts(items: list[tuple], answers: list[str]) -> dict:
+    """fact_accuracy's result for fact_items' items and their greedy answers (to fact_prompt, in item order)."""
+    if not items:
+        return {"n": 0, "acc": float("nan")}
     hits = [fact.lower() in ans.lower() for (_, _, fact, _), ans in zip(items, answers)]
     by_kind = {}
     for kind in ("image", "text"):
