@@ -161,7 +161,8 @@ def demo(config_path, full, overrides):
     cfg = _load(DEMO_FULL_CONFIG if full else config_path, overrides, check_family=False,
                 models=False)  # refuse bad settings first
     _warm_pool(cfg.demo.workers)
-    _model_libraries()
+    if cfg.demo.workers <= 1:      # else the jobs run in the pool and this process loads no model library
+        _model_libraries()
     from pipeline.jobs.demo import run_demo
     run_demo(cfg)
 

@@ -111,6 +111,26 @@ def test_a_refused_result_cancels_the_jobs_not_yet_started(tmp_path):
     assert 0 in ran and len(ran) <= 5, ran
 
 
+def _after(folder, i, waits_for):
+    if waits_for is None:
+        time.sleep(0.4)                  # the job the others wait for ends last, were it not waited for
+    else:
+        assert (Path(folder) / str(waits_for)).is_file(), f"job {i} started before job {waits_for} ended"
+    (Path(folder) / str(i)).write_text("ran")
+    return i
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_job_that_needs_another_starts_after_it_and_the_rest_go_on(tmp_path, workers):
+    """The demo's runs that read the reference cache wait for the job that writes it; the others do not."""
+    needs = [None, 0, 0, None, None]
+    jobs = [(str(tmp_path), i, w) for i, w in enumerate(needs)]
+    # the waiting jobs are the dearest: without `needs` they would be handed out first
+    assert run_parallel(workers, _after, jobs, lambda *_: None, "t", cost=[1, 9, 9, 1, 1], needs=needs) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"jobs \[0, 1\] need jobs that never ran"):
+        run_parallel(workers, _after, jobs[:2], lambda *_: None, "t", needs=[1, 0])
+
+
 def _preloaded(_):
     import sys
     return all(m in sys.modules for m in ("torch", "transformers", "peft", "pipeline.stage2.train"))
@@ -120,3 +140,21 @@ def test_pool_workers_start_with_the_libraries_already_imported():
     """Pool workers are forks of a server that imported the run's libraries once (jobs/workers.PRELOAD):
     no worker pays ~7 s of imports before its first job."""
     assert run_parallel(2, _preloaded, [(0,), (1,)], lambda *_: None, "t") == [True, True]
+
+
+def test_the_demo_process_itself_loads_no_model_library():
+    """With workers, every model job runs in the pool: the command's own process plans the sweep, waits and
+    writes the report without importing torch or transformers (their imports are the fork server's alone)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pipeline.config import load_config\nfrom pipeline.jobs import demo, findings, report\n"
+            "from pipeline.evaluation import results\ncfg = load_config('configs/demo.yaml')\n"
+            "plan = demo.sweep_plan(cfg)\n"
+            "print([r['method'] for r in plan if demo.reads_references(cfg, r)], "
+            "[demo.reads_references(cfg, r) for r in (demo.GATE, demo.REFERENCES, None, 'gold')])\n"
+            "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "LIGHT", out.stdout + out.stderr
+    # GA reads no cache and starts beside stage one; NPO reads the own-answer scores, ViKeR the references
+    assert lines[0] == "['npo', 'npo', 'viker', 'viker'] [False, False, False, False]"

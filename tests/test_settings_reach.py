@@ -285,12 +285,12 @@ def test_demo_paths(tmp_path, calls):
     check_precompute(cfg, calls["precompute"][-1], "sentinel-model")
 
     cfg.demo.attack_budget = 7
-    demo.sweep_run(cfg, "sentinel-model", None, "fp")
+    demo.sweep_run(cfg, "sentinel-model", None)
     check_evaluate(cfg, calls["evaluate"][-1], "sentinel-model")
-    demo.sweep_run(cfg, "sentinel-model", "gold", "fp")
+    demo.sweep_run(cfg, "sentinel-model", "gold")
     check_evaluate(cfg, calls["evaluate"][-1], demo.gold_dir(cfg), gold="", relearn=True)
     run = {"name": "r", "method": "viker+nll", "budget": 7, "seed": 5, "lam": 0.25, "label": "ViKeR+NLL"}
-    demo.sweep_run(cfg, "sentinel-model", run, "fp")
+    demo.sweep_run(cfg, "sentinel-model", run)
     tcfg = replace(cfg.train, method="viker", retain_term="nll", steps=7, lr=cfg.demo.lr, seed=5, lam=0.25,
                    output=str(Path(cfg.train.output) / "r"))
     check_train(cfg, calls["train"][-1], "sentinel-model", train=tcfg)

@@ -14,10 +14,7 @@ from pipeline.config import Config
 from pipeline.data.loaders import read_profiles
 from pipeline.data.mini import is_complete, make_mini
 from pipeline.data.mllmu import read_split
-from pipeline.evaluation.factcheck import fact_accuracy
 from pipeline.models import prompts
-from pipeline.models.families import FAMILIES
-from pipeline.models.modeling import build_tiny, load_model
 
 
 class GateError(RuntimeError):
@@ -96,6 +93,7 @@ def family_folders(cfg: Config) -> Config:
 
 
 def ensure_base_model(cfg: Config, log=print) -> Path:
+    from pipeline.models.families import FAMILIES
     out = Path(cfg.finetune.base)
     family = demo_family(cfg)
     title = FAMILIES[family].title
@@ -103,6 +101,8 @@ def ensure_base_model(cfg: Config, log=print) -> Path:
     if _stamp_matches(out, stamp):
         log(f"[model] tiny base {title} at {out} (reused)")
         return out
+    from pipeline.models.modeling import build_tiny, prepare_libraries
+    prepare_libraries()
     t = time.time()
     build_tiny(family, out, tokenizer_texts(cfg.data.root), cfg.tiny, seed=cfg.finetune.seed)
     (out / "viker-stamp.json").write_text(stamp)
@@ -229,6 +229,8 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool
     of each set but forget, the people the evaluation scores; 0: everyone.
     """
     from pipeline.data.loaders import default_splits
+    from pipeline.evaluation.factcheck import fact_accuracy
+    from pipeline.models.modeling import load_model
     model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
     d = cfg.data
     splits = default_splits(d.benchmark, d.forget_split)
@@ -320,28 +322,35 @@ def sweep_plan(cfg: Config) -> list[dict]:
     return plan
 
 
-# The sweep's first job: the vanilla gate. It runs beside the first rows instead of before them all (its
-# verdict is read as soon as it ends, and a failed gate cancels the runs not yet started).
+# The sweep's first jobs: the vanilla gate, and stage one (the reference cache). The gate runs beside the
+# first rows instead of before them all (its verdict is read as soon as it ends, and a failed gate cancels
+# the runs not yet started); the runs whose method reads the cache wait for stage one, the others do not.
 GATE = "gate"
+REFERENCES = "references"
 
 
-def sweep_run(cfg: Config, model_dir: str, run: dict | str | None, fingerprint: str) -> tuple:
+def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     """Train (unless `run` is None: the vanilla row, or "gold": the gold row) and evaluate one point.
 
-    `run` GATE: the vanilla gate's results (vanilla_gate) instead of a results file.
+    `run` GATE: the vanilla gate's results (vanilla_gate) instead of a results file;
+    REFERENCES: stage one (ensure_references), its log lines and key-token examples.
 
     Rows go to the run's own file. The runs at demo.attack_budget, and the gold
-    model (the attack's control), also get the relearning attack.
+    model (the attack's control), also get the relearning attack. A row records
+    the fingerprint of the cache its run read (none for a method that reads none).
 
     Runs write their own results file so that parallel workers never append to
     one file at once; unlearning_sweep joins them in plan order.
     """
-    from dataclasses import replace
     from .runs import run_evaluate, run_train
     t = time.time()
     if run == GATE:
         gate = vanilla_gate(cfg, model_dir, lambda *_: None, all_people=False, max_profiles=cfg.evaluate.max_profiles)
         return gate, time.time() - t
+    if run == REFERENCES:
+        lines: list[str] = []
+        cache = ensure_references(cfg, model_dir, lines.append)
+        return {"lines": lines, "examples": key_token_examples(cache, model_dir)}, time.time() - t
     attack = dict(relearn=True, relearn_reference=str(model_dir))
     if run == "gold":
         results = Path(cfg.train.output) / "gold.results.jsonl"
@@ -357,21 +366,40 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None, fingerprint: 
         results.unlink(missing_ok=True)
         run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
         return str(results), time.time() - t
-    from pipeline.stage2.labels import train_method
     out_dir = Path(cfg.train.output) / run["name"]
-    method, extra = train_method(run["method"])       # viker+nll: viker with train.retain_term nll
-    tcfg = replace(cfg.train, method=method, steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
-                   lam=run["lam"], output=str(out_dir), **extra)
+    tcfg = run_train_config(cfg, run)
     out = run_train(cfg, model_dir, tcfg, overwrite=True, log=lambda *_: None)
+    from pipeline.stage2.labels import train_method
+    extra = train_method(run["method"])[1]
     setting = {"lr": cfg.demo.lr, "steps": run["budget"], "batch_size": tcfg.batch_size, **extra}
-    if method == "viker":
+    if tcfg.method == "viker":
         setting.update(lam=run["lam"], regulariser=tcfg.regulariser)
     results = out_dir / "results.jsonl"
     results.unlink(missing_ok=True)
     run_evaluate(cfg, model_dir=model_dir, adapter=out["adapter"], method=run["label"], setting=setting,
-                 budget=run["budget"], seed=run["seed"], cache_fingerprint=fingerprint, results_path=results,
-                 train=tcfg, **(attack if run["budget"] == cfg.demo.attack_budget else {}))
+                 budget=run["budget"], seed=run["seed"], cache_fingerprint=out.get("cache_fingerprint") or "",
+                 results_path=results, train=tcfg,
+                 **(attack if run["budget"] == cfg.demo.attack_budget else {}))
     return str(results), time.time() - t
+
+
+def run_train_config(cfg: Config, run: dict):
+    """The train section of one run of the sweep plan (viker+nll: viker with train.retain_term nll)."""
+    from dataclasses import replace
+    from pipeline.stage2.labels import train_method
+    method, extra = train_method(run["method"])
+    return replace(cfg.train, method=method, steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
+                   lam=run["lam"], output=str(Path(cfg.train.output) / run["name"]), **extra)
+
+
+def reads_references(cfg: Config, run: dict | str | None) -> bool:
+    """Whether a plan entry's training reads the reference cache (the gate and the evaluation rows do not)."""
+    if not isinstance(run, dict):
+        return False
+    from pipeline.stage2.methods import get_method, loss_spec
+    tcfg = run_train_config(cfg, run)
+    p = cfg.precompute
+    return get_method(tcfg.method).uses_cache(loss_spec(tcfg, tcfg.method, p.k, p.top_k, p.seed, p.span))
 
 
 def run_cost(cfg: Config, run: dict | str | None) -> float:
@@ -387,6 +415,8 @@ def run_cost(cfg: Config, run: dict | str | None) -> float:
     relearn = 1.5 if cfg.demo.attack_budget else 0.0
     if run == GATE:
         return float("inf")                    # first: its verdict decides whether the rest means anything
+    if run == REFERENCES:
+        return 1e9                             # second: the cache-reading runs wait for it
     if run is None:
         return 2.0
     if run == "gold":
@@ -394,30 +424,36 @@ def run_cost(cfg: Config, run: dict | str | None) -> float:
     return 1.0 + run["budget"] / 60 + (relearn if run["budget"] == cfg.demo.attack_budget else 0.0)
 
 
-def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=print, gate: bool = False) -> Path:
-    """Every method at every budget (training steps) and seed, each evaluated; one results file.
+def unlearning_sweep(cfg: Config, model_dir: str | Path, log=print, gate: bool = False) -> tuple[Path, dict]:
+    """Stage one, then every method at every budget (training steps) and seed, each evaluated; one results file.
 
     Plain gradient ascent diverges given enough steps, so one point per method
     would hide the comparison: the sweep gives a trade-off curve per method.
     The runs are independent: `demo.workers` one-thread processes share them
     (pipeline/jobs/workers.py says why that is faster than one process on 2 threads).
+    Stage one (the reference cache at precompute.output) is the job the runs that
+    read it wait for; the others start beside it.
     `gate`: the vanilla gate is the first job; its table is logged when it ends,
     and a failed gate raises GateError (the runs not started are cancelled).
+    Returns the results file and what stage one returned (its key-token examples).
     """
     from .workers import run_parallel
     results = Path(cfg.evaluate.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)             # the demo's table shows this sweep only
-    fingerprint = json.loads((Path(cache_dir) / "manifest.json").read_text())["fingerprint"]["digest"]
-    plan = [None, "gold"] + sweep_plan(cfg)     # None: the vanilla row; "gold": the gold model's
+    plan = [REFERENCES, None, "gold"] + sweep_plan(cfg)     # None: the vanilla row; "gold": the gold model's
     if gate:
         plan = [GATE] + plan
+    references = plan.index(REFERENCES)
 
     def each(i: int, done: tuple) -> None:
         run = plan[i]
         if run == GATE:
             log(format_gate(done[0]))
             check_gate(done[0], cfg.finetune.gate_min_acc, json.loads((Path(model_dir) / "vanilla.json").read_text()))
+        elif run == REFERENCES:
+            for line in done[0]["lines"]:
+                log(line)
         elif run is None:
             log(f"[evaluate] Vanilla in {done[1]:.1f}s")
         elif run == "gold":
@@ -427,15 +463,16 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, cache_dir: str, log=pri
                 f"trained + evaluated in {done[1]:.1f}s")
 
     workers = max(1, min(cfg.demo.workers, len(plan)))
-    runs = len(plan) - gate
-    outs = run_parallel(workers, sweep_run, [(cfg, str(model_dir), run, fingerprint) for run in plan], log,
-                        f"[unlearn] {'the gate and ' if gate else ''}{runs} runs on {workers} worker(s)", each=each,
-                        pin_single=False, cost=[run_cost(cfg, run) for run in plan])
+    runs = len(plan) - gate - 1
+    outs = run_parallel(workers, sweep_run, [(cfg, str(model_dir), run) for run in plan], log,
+                        f"[unlearn] {'the gate, ' if gate else ''}stage one and {runs} runs on {workers} worker(s)",
+                        each=each, pin_single=False, cost=[run_cost(cfg, run) for run in plan],
+                        needs=[references if reads_references(cfg, run) else None for run in plan])
     with open(results, "w") as f:              # plan order, whatever order the workers finished in
         for run, (path, _) in zip(plan, outs):
-            if run != GATE:
+            if run not in (GATE, REFERENCES):
                 f.write(Path(path).read_text())
-    return results
+    return results, outs[references][0]
 
 
 def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> list[tuple]:
@@ -453,20 +490,24 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
 
 
 def run_demo(cfg: Config, log=print) -> dict:
+    """The demo. With demo.workers > 1 this process imports no model library: the jobs run in the pool."""
     from .report import write_report
-    import torch
     from pipeline.threads import thread_note
     t0 = time.time()
-    log(f"[threads] {torch.get_num_threads()} torch threads; {thread_note()}")
+    if cfg.demo.workers > 1:
+        log(f"[threads] jobs in {cfg.demo.workers} worker processes of one torch thread each; {thread_note()}")
+    else:
+        import torch
+        log(f"[threads] jobs here, {torch.get_num_threads()} torch threads; {thread_note()}")
     cfg = family_folders(cfg)
     ensure_benchmark(cfg, log)
     vanilla, gold = ensure_models(cfg, log)
     from dataclasses import replace
     cfg = replace(cfg, evaluate=replace(cfg.evaluate, gold=str(gold)))   # every row's PrivLeak is against it
-    cache_dir = ensure_references(cfg, vanilla, log)
-    results = unlearning_sweep(cfg, vanilla, cache_dir, log, gate=True)
+    cache_dir = cfg.precompute.output
+    results, references = unlearning_sweep(cfg, vanilla, log, gate=True)
     gate = json.loads((vanilla / "gate.json").read_text())
-    paths = write_report(results, results.parent / "report", key_token_examples(cache_dir, vanilla),
+    paths = write_report(results, results.parent / "report", references["examples"],
                          acc_metric=cfg.evaluate.table_acc)
     log("\n" + Path(paths["markdown"]).read_text())
     from pipeline.evaluation.results import read_jsonl

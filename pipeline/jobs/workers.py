@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 # What a job of the demo or the study imports: loaded by the fork server, so no worker pays for them.
 PRELOAD = ("torch", "transformers", "peft", "numpy", "pandas", "pyarrow.parquet", "h5py", "PIL.Image",
@@ -87,48 +87,72 @@ def init_worker(main_pid: int | None = None) -> None:
 
 
 def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None, pin_single: bool = True,
-                 cost=None) -> list:
+                 cost=None, needs=None) -> list:
     """fn(*job) for every job over `workers` processes; results in job order.
 
     `each(index, result)` is called as each job finishes (completion order), e.g.
-    to log a line per run; if it raises, the jobs not yet started are cancelled. With one worker the jobs run here, in order; they
-    are pinned to one thread only when `pin_single` (the study wants the same
+    to log a line per run; if it raises, the jobs not yet started are cancelled. With one worker the jobs run
+    here, in order; they are pinned to one thread only when `pin_single` (the study wants the same
     numerics as its parallel runs; the demo keeps every core). `cost`, a rough
     estimate per job (a list parallel to `jobs`), hands the dearest jobs out
     first: a long job started last would leave the other workers idle while it
     ends (longest-processing-time-first keeps the wall time near total / workers).
+    `needs` (a list parallel to `jobs`: None or the index of another job) holds a
+    job back until that job has ended, e.g. the runs that read a cache another job
+    writes; the others go on meanwhile.
     """
     if not jobs:
         return []
+    needs = list(needs) if needs is not None else [None] * len(jobs)
+    if len(needs) != len(jobs):
+        raise ValueError(f"needs has {len(needs)} entries for {len(jobs)} jobs")
     t = time.time()
     out = [None] * len(jobs)
+    pending, done = submission_order(cost, len(jobs)), set()
+
+    def ready():
+        return next((i for i in pending if needs[i] is None or needs[i] in done), None)
+
+    def finished(n: int, i: int, result) -> None:
+        out[i] = result
+        done.add(i)
+        if each is not None:
+            each(i, result)
+        elif n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
+            log(f"{what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
+
     if workers == 1:
         if pin_single:
             init_worker()
-        for i, job in enumerate(jobs):
-            out[i] = fn(*job)
-            if each is not None:
-                each(i, out[i])
+        while (i := ready()) is not None:
+            pending.remove(i)
+            finished(len(done) + 1, i, fn(*jobs[i]))
     else:
         # The fork server, not a fork of this process: a forked torch with its thread pool already
         # started can deadlock.
         with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=init_worker,
                                  initargs=(os.getpid(),)) as pool:
-            order = submission_order(cost, len(jobs))
-            futures = {pool.submit(fn, *jobs[i]): i for i in order}
+            running = {}
             try:
-                for n, fut in enumerate(as_completed(futures), start=1):
-                    i = futures[fut]
-                    out[i] = fut.result()
-                    if each is not None:
-                        each(i, out[i])
-                    elif n % max(1, len(jobs) // 10) == 0 or n == len(jobs):
-                        log(f"{what}: {n}/{len(jobs)} ({time.time() - t:.0f}s)")
+                while True:
+                    # One job queued beyond the busy workers: a worker that ends takes the next at once,
+                    # without waiting for this process to wake up and choose it.
+                    while len(running) < workers + 1 and (i := ready()) is not None:
+                        pending.remove(i)
+                        running[pool.submit(fn, *jobs[i])] = i
+                    if not running:
+                        break
+                    ended, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in ended:
+                        i = running.pop(fut)
+                        finished(len(done) + 1, i, fut.result())
             except BaseException:
                 # A failed job, a refused result (each() raised) or Ctrl-C: the jobs not started are dropped
                 # instead of run to the end before the error is seen; the running ones end with their job.
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+    if pending:
+        raise ValueError(f"jobs {sorted(pending)} need jobs that never ran (needs: a cycle or a bad index)")
     log(f"{what}: {len(jobs)} done in {time.time() - t:.1f}s")
     return out
 

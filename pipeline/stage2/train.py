@@ -291,7 +291,8 @@ def save(run: Run, last_loss: float, seconds: float) -> dict:
     result = {"method": run.method, "steps": run.steps, "start_step": run.start, "seconds": round(seconds, 3),
               "sec_per_step": seconds / max(1, run.steps - run.start), "final_loss": last_loss,
               "output": str(out), "adapter": str(out / "adapter"), "log": str(out / "log.jsonl"),
-              "train_config": str(out / "train_config.json"), "adapter_digest": adapter_digest(run.model)}
+              "train_config": str(out / "train_config.json"), "adapter_digest": adapter_digest(run.model),
+              "cache_fingerprint": run.description.get("cache_fingerprint")}   # None: the method read no cache
     if run.rank == 0:
         if run.cfg.merge:
             result["merged"] = str(save_merged(run.model, run.processor, out / "merged"))
