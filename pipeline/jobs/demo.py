@@ -367,10 +367,8 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
         run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
         return str(results), time.time() - t
     out_dir = Path(cfg.train.output) / run["name"]
-    tcfg = run_train_config(cfg, run)
+    tcfg, extra = run_train_config(cfg, run)
     out = run_train(cfg, model_dir, tcfg, overwrite=True, log=lambda *_: None)
-    from pipeline.stage2.labels import train_method
-    extra = train_method(run["method"])[1]
     setting = {"lr": cfg.demo.lr, "steps": run["budget"], "batch_size": tcfg.batch_size, **extra}
     if tcfg.method == "viker":
         setting.update(lam=run["lam"], regulariser=tcfg.regulariser)
@@ -383,13 +381,14 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     return str(results), time.time() - t
 
 
-def run_train_config(cfg: Config, run: dict):
-    """The train section of one run of the sweep plan (viker+nll: viker with train.retain_term nll)."""
+def run_train_config(cfg: Config, run: dict) -> tuple:
+    """(train section, the settings its sweep key adds) of one run of the sweep plan
+    (viker+nll: viker with train.retain_term nll)."""
     from dataclasses import replace
     from pipeline.stage2.labels import train_method
     method, extra = train_method(run["method"])
     return replace(cfg.train, method=method, steps=run["budget"], lr=cfg.demo.lr, seed=run["seed"],
-                   lam=run["lam"], output=str(Path(cfg.train.output) / run["name"]), **extra)
+                   lam=run["lam"], output=str(Path(cfg.train.output) / run["name"]), **extra), extra
 
 
 def reads_references(cfg: Config, run: dict | str | None) -> bool:
@@ -397,7 +396,7 @@ def reads_references(cfg: Config, run: dict | str | None) -> bool:
     if not isinstance(run, dict):
         return False
     from pipeline.stage2.methods import get_method, loss_spec
-    tcfg = run_train_config(cfg, run)
+    tcfg = run_train_config(cfg, run)[0]
     p = cfg.precompute
     return get_method(tcfg.method).uses_cache(loss_spec(tcfg, tcfg.method, p.k, p.top_k, p.seed, p.span))
 
