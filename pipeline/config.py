@@ -192,6 +192,8 @@ class EvalConfig:
     max_profiles: int = setting(0, "evaluate at most this many profiles per set (0: all)", ge=0)
     likelihood_sets: list[SetName] = setting(doc="sets also scored by option likelihood (MC-LL, cloze-LL)",
                                              factory=lambda: ["forget", "test", "retain", "real"])
+    gen_sets: list[SetName] = setting(doc="sets the gen task runs on (open generation: ROUGE/BLEU/coherence); the "
+                                          "others skip it", factory=lambda: ["forget", "test", "retain", "real"])
     tasks: list[Literal["mc", "gen", "cloze", "fact"]] = setting(
         doc="generated-answer tasks (both protocols): mc (letter), gen (ROUGE/BLEU/coherence), cloze, fact",
         factory=lambda: ["mc", "gen", "cloze", "fact"], min_items=1)

@@ -69,9 +69,12 @@ def test_demo_end_to_end_with_two_workers(tmp_path):
                for r in rows[2:])
     assert [("relearn" in r["metrics"]) for r in rows] == [False, True, False, True, False, True]
     assert sum(line.startswith("[unlearn] GA") for line in logs) == 2
-    assert any("the gate and 6 runs on 2 worker(s): 7 done" in line for line in logs)
+    assert any("the gate with the vanilla row, stage one and 5 runs on 2 worker(s): 7 done" in line for line in logs)
     assert any("Vanilla model: attribute accuracy" in line for line in logs), "the gate's table"
-    assert out["gate"]["forget"]["n"] > 0
+    # One evaluation serves the gate and the Vanilla row: they cannot disagree.
+    for name, gate_name in demo.GATE_SETS.items():
+        assert out["gate"][gate_name]["n"] == rows[0]["n_items"][name]["fact"] > 0, name
+        assert out["gate"][gate_name]["acc"] == rows[0]["metrics"][name]["fact_acc"], name
     assert any(line.startswith("[gold] gold model (never trained on forget_10)") for line in logs)
     table = open(out["report"]["markdown"]).read()
     header = next(line for line in table.splitlines() if line.startswith("| Method |"))
@@ -158,3 +161,34 @@ def test_the_demo_process_itself_loads_no_model_library():
     assert lines[-1] == "LIGHT", out.stdout + out.stderr
     # GA reads no cache and starts beside stage one; NPO reads the own-answer scores, ViKeR the references
     assert lines[0] == "['npo', 'npo', 'viker', 'viker'] [False, False, False, False]"
+
+
+def test_the_gate_takes_the_rows_fact_checks_of_the_same_people_and_checks_the_rest(tmp_path, monkeypatch):
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}/mini"])
+    demo.ensure_benchmark(cfg, lambda *_: None)
+    loads, checked = [], []
+    monkeypatch.setattr("pipeline.models.modeling.load_model", lambda *a, **k: loads.append(a) or ("m", "p"))
+    monkeypatch.setattr("pipeline.evaluation.factcheck.fact_accuracy",
+                        lambda model, processor, profiles, held_out=False: checked.append(len(profiles)) or
+                        {"n": len(profiles), "acc": 0.25})
+    from pipeline.data.loaders import read_profiles
+    forget = len(read_profiles(cfg.data.root, cfg.data.forget_split, "mllmu"))
+    row = {"protocol": "viker",
+           "metrics": {"forget": {"fact_acc": 0.9, "fact_acc_image": 0.8, "fact_acc_text": 1.0},
+                       "retain": {"fact_acc": 0.7, "fact_acc_image": 0.6, "fact_acc_text": 0.8},
+                       "real": {"fact_acc": None}},
+           "n_items": {"forget": {"profiles": forget, "fact": 6 * forget}, "retain": {"profiles": 5, "fact": 30},
+                       "real": {"profiles": 12, "fact": 0}}}
+    known = demo.gate_sets_of_row(row)
+    assert set(known) == {"forget", "retain"}, "a set the row did not fact-check is not taken"
+    gate = demo.vanilla_gate(cfg, tmp_path, lambda *_: None, all_people=False, max_profiles=12, known=known)
+    assert gate["forget"] == {"n": 6 * forget, "acc": 0.9, "acc_image": 0.8, "acc_text": 1.0}
+    # retain: the row scored 5 people, the gate asks about 12; real, test and the strangers: not in the row.
+    assert gate["retain"]["acc"] == gate["real"]["acc"] == 0.25 and checked == [12, 12, 6, 12]
+    assert len(loads) == 1, "the model is loaded once, for the sets left"
+    loads.clear()
+    people = dict(zip(list(gate)[1:], checked))       # every set but forget, as the gate asked them
+    every = {"forget": known["forget"]} | {k: {**gate[k], "profiles": n} for k, n in people.items()}
+    assert demo.vanilla_gate(cfg, tmp_path, lambda *_: None, all_people=False, max_profiles=12, known=every) == gate
+    assert not loads, "nothing left to check: no model loaded"
+    assert demo.gate_sets_of_row({**row, "protocol": "official"}) == {}, "another protocol asks other questions"

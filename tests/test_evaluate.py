@@ -279,6 +279,20 @@ def test_tasks_left_out_cost_nothing_and_read_none(world, tmp_path):
         evaluate_with(ev.evaluate, model_dir, root, "forget_10", tasks="gen,essay", results_path=tmp_path / "r.jsonl", **FAST)
 
 
+def test_sets_outside_gen_sets_skip_open_generation_only(world, tmp_path):
+    root, model_dir = world
+    row = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="forget,test", likelihood_sets="forget",
+                        tasks="gen,fact", gen_sets="forget", results_path=tmp_path / "r.jsonl", mia="off", **FAST)
+    forget, test = row["metrics"]["forget"], row["metrics"]["test"]
+    assert forget["rougeL"] is not None and forget["coherence"] is not None
+    assert test["rougeL"] is None and test["bleu"] is None and test["coherence"] is None
+    assert test["fact_acc"] is not None and row["n_items"]["test"]["gen"] == 0 < row["n_items"]["test"]["fact"]
+    # A set whose only task is left out is still a row, every metric None.
+    alone = evaluate_with(ev.evaluate, model_dir, root, "forget_10", sets="test", likelihood_sets="forget",
+                          tasks="gen", gen_sets="forget", results_path=tmp_path / "r2.jsonl", mia="off", **FAST)
+    assert all(v is None for v in alone["metrics"]["test"].values())
+
+
 def test_membership_needs_never_trained_people(world, tmp_path):
     root, model_dir = world
     bare = tmp_path / "bare"

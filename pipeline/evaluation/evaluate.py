@@ -43,7 +43,9 @@ from .scoring import LL_METRIC_KEYS, likelihood_metrics
 
 SET_NAMES = ("forget", "test", "retain", "real")
 METRIC_KEYS = ("mc_acc", "mc_acc_image", "mc_acc_text", "rouge1", "rouge2", "rougeL", "bleu",
-               "cloze_acc", "fact_acc", "coherence") + LL_METRIC_KEYS   # *_ll_*: by likelihood (scoring.py)
+               "cloze_acc", "fact_acc", "fact_acc_image", "fact_acc_text", "coherence") + LL_METRIC_KEYS
+# *_ll_*: by likelihood (scoring.py); fact_acc_image / _text: the fact check on 'this person' questions (the
+# identity comes from the picture) and on questions that name the person (factcheck.question_kind).
 TASKS = ("mc", "gen", "cloze", "fact")    # generated-answer tasks (evaluate.tasks)
 # Room for "The answer is B" from a chatty model; the parser reads the letter.
 MC_NEW_TOKENS = 8
@@ -144,7 +146,7 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
         raise DataError(f"set '{set_name}' has no profiles")
     images = [_eval_image(p, use_other_images) for p in profiles]
     run = _Runner(model, processor, batch_size, set_name)
-    tasks = parse_tasks(tasks)
+    tasks = parse_tasks(tasks, allow_empty=True)     # empty: a set of gen alone outside evaluate.gen_sets
     none = lambda *keys: (dict.fromkeys(keys), [])
     mc, mc_rows = (_multiple_choice(run, profiles, images, few_shot, mc_new_tokens) if "mc" in tasks
                    else none("mc_acc", "mc_acc_image", "mc_acc_text"))
@@ -158,21 +160,22 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     gen, gen_rows = (_generation(run.set_name, gen_items, answers[:len(gen_items)], vocabulary, classifier)
                      if "gen" in tasks else none(*metrics.ROUGE_TYPES, "bleu", "coherence"))
     cloze, cloze_rows = _cloze(run, profiles, images, max_new_tokens) if "cloze" in tasks else (None, [])
-    fact = score_facts(facts, answers[len(gen_items):]) if "fact" in tasks else {"acc": float("nan")}
+    fact = score_facts(facts, answers[len(gen_items):]) if "fact" in tasks else {}
     fact_rows = [sample_row(set_name, "", "fact", e["question"], e["fact"], e["answer"],
                          {"correct": e["fact"].lower() in e["answer"].lower()})
                  for e in fact.get("examples", [])]
     # Likelihood metrics cost ~4 teacher-forced forwards per item: `likelihood=False` leaves them None.
     ll, ll_rows = (likelihood_metrics(model, processor, profiles, images, batch_size, set_name) if likelihood
                    else (dict.fromkeys(LL_METRIC_KEYS), []))
-    result = {**mc, **gen, "cloze_acc": cloze, "fact_acc": _finite(fact["acc"]), **ll}
+    result = {**mc, **gen, "cloze_acc": cloze, **ll,
+              **{f"fact_{key}": _finite(fact.get(key)) for key in ("acc", "acc_image", "acc_text")}}
     return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
 
 
-def parse_tasks(tasks) -> tuple[str, ...]:
+def parse_tasks(tasks, allow_empty: bool = False) -> tuple[str, ...]:
     names = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
     unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
+    if unknown or not (names or allow_empty):
         raise ValueError(f"unknown evaluation task(s) {unknown or list(names)}: choose from {', '.join(TASKS)}")
     return names
 
@@ -317,19 +320,21 @@ def evaluate(model: ModelConfig, data: DataConfig, settings: EvalConfig, *, adap
     results, samples, scored = {}, [], {}
     for name in tqdm(names, desc="evaluate"):
         profiles, other_images = chosen[name]
+        set_tasks = tasks if name in e.gen_sets else tuple(t for t in tasks if t != "gen")
         if e.max_profiles:      # a fixed subset (the first N) keeps quick sweeps comparable across runs
             profiles = profiles[:e.max_profiles]
         scored[name] = profiles
         if protocol == "official":
             results[name], rows = evaluate_profiles_official(
                 loaded, processor, profiles, other_images, shots, set_name=name, seed=e.seed,
-                test_images=e.test_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, tasks=tasks)
+                test_images=e.test_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                tasks=set_tasks)
         else:
             results[name], rows = evaluate_profiles(
                 loaded, processor, profiles, other_images, few_shot=e.few_shot, max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size, vocabulary=vocabulary, classifier=classifier, set_name=name,
                 likelihood=name in e.likelihood_sets,
-                tasks=tasks)
+                tasks=set_tasks)
         samples += rows
     to_gold = bool(e.gold and e.gold_distance)
     members = read_profiles(data_root, forget_split, benchmark) if nonmembers or to_gold or relearn is not None else []
@@ -507,15 +512,15 @@ def evaluate_profiles_official(model, processor, profiles: list[Profile], use_ot
     authors report Image_Textual and Pure_Text apart (protocol_mllmu.OFFICIAL_METRIC_KEYS).
     `tasks` (evaluate.tasks) is honoured: a task left out is not asked and its metrics stay None.
     """
-    tasks = parse_tasks(tasks)
+    tasks = parse_tasks(tasks, allow_empty=True)
     official, rows = evaluate_official(model, processor, profiles, set_name, shots, use_other_images=use_other_images,
                                        seed=seed, test_images=test_images, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, tasks=tasks)
     fact = (fact_accuracy(model, processor, profiles, held_out=use_other_images, batch_size=batch_size,
-                          desc=f"{set_name} fact") if "fact" in tasks else {"acc": float("nan")})
+                          desc=f"{set_name} fact") if "fact" in tasks else {})
     result = {key: None for key in METRIC_KEYS}
     result.update(official, mc_acc_image=official["mc_acc_image"], mc_acc_text=official["mc_acc_text"],
-                  fact_acc=_finite(fact["acc"]))
+                  **{f"fact_{key}": _finite(fact.get(key)) for key in ("acc", "acc_image", "acc_text")})
     return result, rows
 
 

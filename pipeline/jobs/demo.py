@@ -218,7 +218,7 @@ def ensure_gold(cfg: Config, log=print) -> Path:
 
 
 def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool = True,
-                 max_profiles: int = 0) -> dict:
+                 max_profiles: int = 0, known: dict | None = None) -> dict:
     """Attribute accuracy of the vanilla model on the evaluation sets; saved beside the model.
 
     Held-out pictures exist only in MLLMU-Bench's Test_Set (CLEAR has none), so
@@ -227,11 +227,13 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool
     gate's items and decides nothing, the gate reads forget and retain).
     `max_profiles` (the demo: evaluate.max_profiles) checks the first N people
     of each set but forget, the people the evaluation scores; 0: everyone.
+    `known` ({gate set: result}, gate_sets_of_row): sets already checked, e.g. by the
+    vanilla row's evaluation, which asks the same questions of the same people.
     """
     from pipeline.data.loaders import default_splits
     from pipeline.evaluation.factcheck import fact_accuracy
     from pipeline.models.modeling import load_model
-    model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+    known = known or {}
     d = cfg.data
     splits = default_splits(d.benchmark, d.forget_split)
     forget = read_profiles(d.root, d.forget_split, d.benchmark)
@@ -249,14 +251,39 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool
     holdout = _holdout_profiles(cfg)
     if holdout:   # never trained: what the model says of strangers (chance, or the most common value)
         sets["holdout (people never trained on)"] = (holdout, False)
-    results = {}
+    results, loaded = {}, []
     for name, (profiles, held_out) in sets.items():
         if max_profiles and name != "forget":
             profiles = profiles[:max_profiles]
-        results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
+        if name in known and known[name]["profiles"] == len(profiles):   # else the row scored other people
+            results[name] = {k: v for k, v in known[name].items() if k != "profiles"}
+            continue
+        if not loaded:
+            loaded[:] = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+        results[name] = fact_accuracy(*loaded, profiles, held_out=held_out)
     Path(model_dir, "gate.json").write_text(json.dumps(results, indent=1) + "\n")
     log(format_gate(results))
     return results
+
+
+# The gate's sets that an evaluation row scores too (evaluate's set name -> the gate's): the same people
+# (after evaluate.max_profiles), pictures and questions, asked by the same fact check.
+GATE_SETS = {"forget": "forget", "retain": "retain", "real": "real", "test": "test (held-out images, forget people)"}
+
+
+def gate_sets_of_row(row: dict) -> dict:
+    """{gate set: fact_accuracy's result and the people scored} from an evaluation row of our protocol (its fact
+    check by question kind); sets the row did not fact-check are left out (the gate checks them itself)."""
+    if row.get("protocol") != "viker":
+        return {}
+    out = {}
+    for name, gate_name in GATE_SETS.items():
+        m = row["metrics"].get(name) or {}
+        counts = row.get("n_items", {}).get(name) or {}
+        if counts.get("fact") and m.get("fact_acc") is not None:
+            out[gate_name] = {"n": counts["fact"], "profiles": counts["profiles"], "acc": m["fact_acc"],
+                              **{k: m[f"fact_{k}"] for k in ("acc_image", "acc_text") if m.get(f"fact_{k}") is not None}}
+    return out
 
 
 def _holdout_profiles(cfg: Config) -> list:
@@ -332,8 +359,10 @@ REFERENCES = "references"
 def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     """Train (unless `run` is None: the vanilla row, or "gold": the gold row) and evaluate one point.
 
-    `run` GATE: the vanilla gate's results (vanilla_gate) instead of a results file;
-    REFERENCES: stage one (ensure_references), its log lines and key-token examples.
+    `run` GATE: the vanilla row and the vanilla gate in one job, {"gate": vanilla_gate's results,
+    "results": the row's file}: the row's evaluation fact-checks the gate's sets (gate_sets_of_row), the
+    gate adds the people never trained on. REFERENCES: stage one (ensure_references), its log lines and
+    key-token examples.
 
     Rows go to the run's own file. The runs at demo.attack_budget, and the gold
     model (the attack's control), also get the relearning attack. A row records
@@ -345,8 +374,11 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     from .runs import run_evaluate, run_train
     t = time.time()
     if run == GATE:
-        gate = vanilla_gate(cfg, model_dir, lambda *_: None, all_people=False, max_profiles=cfg.evaluate.max_profiles)
-        return gate, time.time() - t
+        results = Path(cfg.train.output) / "vanilla.results.jsonl"
+        row = _vanilla_row(cfg, model_dir, results)
+        gate = vanilla_gate(cfg, model_dir, lambda *_: None, all_people=False, max_profiles=cfg.evaluate.max_profiles,
+                            known=gate_sets_of_row(row))
+        return {"gate": gate, "results": str(results)}, time.time() - t
     if run == REFERENCES:
         lines: list[str] = []
         cache = ensure_references(cfg, model_dir, lines.append)
@@ -362,9 +394,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
         return str(results), time.time() - t
     if run is None:
         results = Path(cfg.train.output) / "vanilla.results.jsonl"
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.unlink(missing_ok=True)
-        run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
+        _vanilla_row(cfg, model_dir, results)
         return str(results), time.time() - t
     out_dir = Path(cfg.train.output) / run["name"]
     tcfg, extra = run_train_config(cfg, run)
@@ -379,6 +409,13 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
                  results_path=results, train=tcfg,
                  **(attack if run["budget"] == cfg.demo.attack_budget else {}))
     return str(results), time.time() - t
+
+
+def _vanilla_row(cfg: Config, model_dir: str, results: Path) -> dict:
+    from .runs import run_evaluate
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.unlink(missing_ok=True)
+    return run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
 
 
 def run_train_config(cfg: Config, run: dict) -> tuple:
@@ -432,24 +469,25 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, log=print, gate: bool =
     (pipeline/jobs/workers.py says why that is faster than one process on 2 threads).
     Stage one (the reference cache at precompute.output) is the job the runs that
     read it wait for; the others start beside it.
-    `gate`: the vanilla gate is the first job; its table is logged when it ends,
-    and a failed gate raises GateError (the runs not started are cancelled).
+    `gate`: the vanilla gate is the first job, with the vanilla row (one evaluation serves both); its
+    table is logged when it ends, and a failed gate raises GateError (the runs not started are cancelled).
     Returns the results file and what stage one returned (its key-token examples).
     """
     from .workers import run_parallel
     results = Path(cfg.evaluate.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)             # the demo's table shows this sweep only
-    plan = [REFERENCES, None, "gold"] + sweep_plan(cfg)     # None: the vanilla row; "gold": the gold model's
-    if gate:
-        plan = [GATE] + plan
+    # None: the vanilla row (with the gate: its job); "gold": the gold model's row
+    plan = ([GATE] if gate else [None]) + [REFERENCES, "gold"] + sweep_plan(cfg)
     references = plan.index(REFERENCES)
 
     def each(i: int, done: tuple) -> None:
         run = plan[i]
         if run == GATE:
-            log(format_gate(done[0]))
-            check_gate(done[0], cfg.finetune.gate_min_acc, json.loads((Path(model_dir) / "vanilla.json").read_text()))
+            log(format_gate(done[0]["gate"]))
+            check_gate(done[0]["gate"], cfg.finetune.gate_min_acc,
+                       json.loads((Path(model_dir) / "vanilla.json").read_text()))
+            log(f"[evaluate] Vanilla (and its gate) in {done[1]:.1f}s")
         elif run == REFERENCES:
             for line in done[0]["lines"]:
                 log(line)
@@ -462,15 +500,16 @@ def unlearning_sweep(cfg: Config, model_dir: str | Path, log=print, gate: bool =
                 f"trained + evaluated in {done[1]:.1f}s")
 
     workers = max(1, min(cfg.demo.workers, len(plan)))
-    runs = len(plan) - gate - 1
+    runs = len(plan) - 1 - gate
     outs = run_parallel(workers, sweep_run, [(cfg, str(model_dir), run) for run in plan], log,
-                        f"[unlearn] {'the gate, ' if gate else ''}stage one and {runs} runs on {workers} worker(s)",
+                        f"[unlearn] {'the gate with the vanilla row, ' if gate else ''}stage one and {runs} runs on "
+                        f"{workers} worker(s)",
                         each=each, pin_single=False, cost=[run_cost(cfg, run) for run in plan],
                         needs=[references if reads_references(cfg, run) else None for run in plan])
     with open(results, "w") as f:              # plan order, whatever order the workers finished in
-        for run, (path, _) in zip(plan, outs):
-            if run not in (GATE, REFERENCES):
-                f.write(Path(path).read_text())
+        for run, (out, _) in zip(plan, outs):
+            if run != REFERENCES:
+                f.write(Path(out["results"] if run == GATE else out).read_text())
     return results, outs[references][0]
 
 
