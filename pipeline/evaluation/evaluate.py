@@ -167,8 +167,7 @@ def evaluate_profiles(model, processor, profiles: list[Profile], use_other_image
     # Likelihood metrics cost ~4 teacher-forced forwards per item: `likelihood=False` leaves them None.
     ll, ll_rows = (likelihood_metrics(model, processor, profiles, images, batch_size, set_name) if likelihood
                    else (dict.fromkeys(LL_METRIC_KEYS), []))
-    result = {**mc, **gen, "cloze_acc": cloze, **ll,
-              **{f"fact_{key}": _finite(fact.get(key)) for key in ("acc", "acc_image", "acc_text")}}
+    result = {**mc, **gen, "cloze_acc": cloze, **ll, **_fact_metrics(fact)}
     return {key: result[key] for key in METRIC_KEYS}, mc_rows + gen_rows + cloze_rows + fact_rows + ll_rows
 
 
@@ -259,6 +258,11 @@ def _cloze(run, profiles, images, max_new_tokens):
                     {"correct": metrics.cloze_correct(answer, g.ground_truth)}, g.kind)
             for (_, p, g), answer in zip(items, answers)]
     return mean(r["scores"]["correct"] for r in rows), rows
+
+
+def _fact_metrics(fact: dict) -> dict:
+    """fact_acc, fact_acc_image, fact_acc_text of factcheck's result ({}: the fact task was not run)."""
+    return {f"fact_{key}": _finite(fact.get(key)) for key in ("acc", "acc_image", "acc_text")}
 
 
 def _finite(value) -> float | None:
@@ -520,7 +524,7 @@ def evaluate_profiles_official(model, processor, profiles: list[Profile], use_ot
                           desc=f"{set_name} fact") if "fact" in tasks else {})
     result = {key: None for key in METRIC_KEYS}
     result.update(official, mc_acc_image=official["mc_acc_image"], mc_acc_text=official["mc_acc_text"],
-                  **{f"fact_{key}": _finite(fact.get(key)) for key in ("acc", "acc_image", "acc_text")})
+                  **_fact_metrics(fact))
     return result, rows
 
 

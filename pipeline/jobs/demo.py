@@ -251,16 +251,16 @@ def vanilla_gate(cfg: Config, model_dir: str | Path, log=print, all_people: bool
     holdout = _holdout_profiles(cfg)
     if holdout:   # never trained: what the model says of strangers (chance, or the most common value)
         sets["holdout (people never trained on)"] = (holdout, False)
-    results, loaded = {}, []
+    results, model, processor = {}, None, None
     for name, (profiles, held_out) in sets.items():
         if max_profiles and name != "forget":
             profiles = profiles[:max_profiles]
         if name in known and known[name]["profiles"] == len(profiles):   # else the row scored other people
             results[name] = {k: v for k, v in known[name].items() if k != "profiles"}
             continue
-        if not loaded:
-            loaded[:] = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
-        results[name] = fact_accuracy(*loaded, profiles, held_out=held_out)
+        if model is None:      # loaded for the first set left to check, and only then
+            model, processor = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+        results[name] = fact_accuracy(model, processor, profiles, held_out=held_out)
     Path(model_dir, "gate.json").write_text(json.dumps(results, indent=1) + "\n")
     log(format_gate(results))
     return results
@@ -374,8 +374,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     from .runs import run_evaluate, run_train
     t = time.time()
     if run == GATE:
-        results = Path(cfg.train.output) / "vanilla.results.jsonl"
-        row = _vanilla_row(cfg, model_dir, results)
+        row, results = _vanilla_row(cfg, model_dir)
         gate = vanilla_gate(cfg, model_dir, lambda *_: None, all_people=False, max_profiles=cfg.evaluate.max_profiles,
                             known=gate_sets_of_row(row))
         return {"gate": gate, "results": str(results)}, time.time() - t
@@ -393,9 +392,7 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
                      **(attack if cfg.demo.attack_budget else {}))
         return str(results), time.time() - t
     if run is None:
-        results = Path(cfg.train.output) / "vanilla.results.jsonl"
-        _vanilla_row(cfg, model_dir, results)
-        return str(results), time.time() - t
+        return str(_vanilla_row(cfg, model_dir)[1]), time.time() - t
     out_dir = Path(cfg.train.output) / run["name"]
     tcfg, extra = run_train_config(cfg, run)
     out = run_train(cfg, model_dir, tcfg, overwrite=True, log=lambda *_: None)
@@ -411,11 +408,13 @@ def sweep_run(cfg: Config, model_dir: str, run: dict | str | None) -> tuple:
     return str(results), time.time() - t
 
 
-def _vanilla_row(cfg: Config, model_dir: str, results: Path) -> dict:
+def _vanilla_row(cfg: Config, model_dir: str) -> tuple[dict, Path]:
+    """(the Vanilla row, its own results file) of the sweep."""
     from .runs import run_evaluate
+    results = Path(cfg.train.output) / "vanilla.results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)
-    return run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results)
+    return run_evaluate(cfg, model_dir=model_dir, method="Vanilla", results_path=results), results
 
 
 def run_train_config(cfg: Config, run: dict) -> tuple:
