@@ -1,10 +1,12 @@
 # The README's two commands: `make demo` and `make test`.
 # Both build .venv from nothing. torch is installed first and pinned: an
-# unpinned torch pulls a multi-GB CUDA build on a CPU machine. pip installs it
-# (pip reads the machine's configuration, e.g. a local wheel folder); the other
-# dependencies go in with uv, which resolves and installs them several times
-# faster than pip (benchmarks/newcomer.sh). Where uv cannot be installed, or
-# with `make demo UV=`, pip installs them as before.
+# unpinned torch pulls a multi-GB CUDA build on a CPU machine. uv creates
+# nothing: the venv is made without pip (ensurepip alone took 4.9 s of a 21.5 s
+# install), the system's pip puts uv into it, and uv installs torch and then the
+# dependencies, several times faster than pip (benchmarks/newcomer.sh). uv reads
+# no pip configuration, so the places pip is told to find wheels in (a machine's
+# local torch build) are handed to it. Where that fails, or with `make demo UV=`,
+# the venv gets pip and pip installs everything as before.
 # Python writes each module's bytecode at its first import here, whatever the shell says: the install skips
 # compiling the ~2000 files of torch (20 s of the 27 s its install took), and a process then compiles only
 # what it imports, once. With PYTHONDONTWRITEBYTECODE set, every process compiled them all again: import
@@ -17,18 +19,21 @@ TORCH  ?= torch==2.13.0
 UV     ?= uv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.viker-installed
+PIP_LINKS = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.find-links='\(.*\)'$$/\1/p")
+UV_PIP    = $(BIN)/uv pip install -q --python $(BIN)/python
 
 .PHONY: demo test setup clean-cache test-image-env test-floors
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile "$(TORCH)"
-	@if [ -n "$(UV)" ] && $(BIN)/pip install -q "$(UV)" && \
-	    $(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]"; then \
-	  echo "[setup] dependencies installed with uv"; \
+	@if [ -n "$(UV)" ] && $(PYTHON) -m venv --without-pip $(VENV) && \
+	    $(PYTHON) -m pip --python $(BIN)/python install -q "$(UV)" && \
+	    $(UV_PIP) $(addprefix --find-links ,$(sort $(PIP_LINKS))) "$(TORCH)" && \
+	    $(UV_PIP) -e ".[test]"; then \
+	  echo "[setup] torch and the dependencies installed with uv"; \
 	else \
-	  echo "[setup] dependencies with pip$(if $(UV), ($(UV) could not be installed or failed))"; \
-	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e ".[test]"; \
+	  echo "[setup] with pip$(if $(UV), ($(UV) could not be installed or failed))"; \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --no-compile "$(TORCH)" && \
+	    $(BIN)/pip install -q -e ".[test]"; \
 	fi
 	touch $(STAMP)
 
