@@ -98,6 +98,21 @@ def test_round_trip_preserves_every_field(tmp_path):
     assert [s.sample_id for s in forget_samples([back])] == ["p1/0"]
 
 
+def test_a_split_read_again_is_remembered_until_its_files_change(tmp_path):
+    write_split(tmp_path, "forget_10", [_profile()])
+    first = read_split(tmp_path, "forget_10")
+    again = read_split(tmp_path, "forget_10")
+    assert again == first and again is not first and again[0] is first[0], "the same profiles, a new list"
+    write_split(tmp_path, "forget_10", [_profile("p2"), _profile("p3")])     # rewritten: size and mtime change
+    assert [p.id for p in read_split(tmp_path, "forget_10")] == ["p2", "p3"]
+    # A read asked for its notes is read in full, so the notes come every time.
+    write_split(tmp_path, "forget_10", [_profile(answer="  ")])
+    for _ in range(2):
+        notes = []
+        read_split(tmp_path, "forget_10", notes=notes)
+        assert len(notes) == 1
+
+
 def test_missing_split_is_one_line(tmp_path):
     with pytest.raises(DataError, match="split 'forget_10' not found"):
         read_split(tmp_path, "forget_10")

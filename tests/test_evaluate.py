@@ -204,6 +204,16 @@ def test_vocabulary_holds_the_benchmarks_words(world):
     assert not metrics.is_coherent("Qorvath blenxu zintrapel", vocab)
 
 
+def test_vocabulary_follows_the_benchmark_files(tmp_path):
+    from pipeline.data.mllmu import write_split
+    person = lambda word: Profile(id="p1", image=b"not checked", question=f"Who is {word}?", answer=word)
+    write_split(tmp_path, "forget_10", [person("Qorvath")])
+    assert "qorvath" in ev.benchmark_vocabulary(tmp_path)
+    write_split(tmp_path, "forget_10", [person("Blenxuzin")])       # rewritten: read again, not remembered
+    vocab = ev.benchmark_vocabulary(tmp_path)
+    assert "blenxuzin" in vocab and "qorvath" not in vocab
+
+
 # ----------------------------------------------------------- end to end, tiny model
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, EvalConfig, ModelConfig, RelearnConfig
 from pipeline.data.loaders import check_benchmark, default_splits, read_profiles
-from pipeline.data.mllmu import SPLITS, DataError, read_split
+from pipeline.data.mllmu import SPLITS, DataError, files_signature, read_split, split_files
 from pipeline.data.records import Profile
 from pipeline.models.encoding import load_image
 from pipeline.models.generation import generate
@@ -105,15 +105,25 @@ def _retain_profiles(root, split: str, forget_ids: set, benchmark: str = "mllmu"
 
 
 def benchmark_vocabulary(data_root) -> set[str]:
-    """Lower-case words of every question, answer and option of the benchmark (model-free coherence)."""
-    words: set[str] = set()
-    for split in SPLITS:
-        if (Path(data_root) / split).is_dir():
+    """Lower-case words of every question, answer and option of the benchmark (model-free coherence).
+
+    Remembered per benchmark version for this process (every evaluation of a sweep needs it).
+    """
+    splits = [s for s in SPLITS if (Path(data_root) / s).is_dir()]
+    key = tuple(files_signature(split_files(data_root, s)) for s in splits)
+    if key not in _VOCABULARY:
+        words: set[str] = set()
+        for split in splits:
             for p in read_split(data_root, split, check_images=False):
                 for text in _profile_texts(p):
                     # The coherence score's own word pattern, so the two agree on what a word is.
                     words.update(metrics._WORD.findall(text.lower()))
-    return words
+        _VOCABULARY.clear()                  # one benchmark at a time is the common case: keep one
+        _VOCABULARY[key] = frozenset(words)
+    return set(_VOCABULARY[key])
+
+
+_VOCABULARY: dict = {}
 
 
 def _profile_texts(p: Profile):
