@@ -1,5 +1,7 @@
 """`viker demo`: the sweep's plan and its parallel workers keep the table's order and lose no row."""
 import json
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -89,10 +91,17 @@ def _start_method(_):
     return multiprocessing.get_start_method()
 
 
+# The scheduling tests fork this test process for their workers (tests/conftest.py: one torch thread, so no
+# thread pool to copy): the fork server would import the model libraries first, ~5 s per test process. The
+# server itself is tested below, once, behind the slow marker.
+FORK = multiprocessing.get_context("fork")
+
+
 def test_pool_workers_fork_their_own_children():
     """DataLoader workers inside a pool worker must fork, not spawn (a spawn re-imports torch per run); the
     dearest job is handed out first and the results still come back in job order."""
-    assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t", cost=[1, 2]) == ["fork", "fork"]
+    assert run_parallel(2, _start_method, [(0,), (1,)], lambda *_: None, "t", cost=[1, 2],
+                        context=FORK) == ["fork", "fork"]
 
 
 def _mark(folder, i):
@@ -109,7 +118,7 @@ def test_a_refused_result_cancels_the_jobs_not_yet_started(tmp_path):
             raise demo.GateError("refused")
     jobs = [(str(tmp_path), i) for i in range(12)]
     with pytest.raises(demo.GateError, match="refused"):
-        run_parallel(2, _mark, jobs, lambda *_: None, "t", each=each, cost=[float("inf")] + [1.0] * 11)
+        run_parallel(2, _mark, jobs, lambda *_: None, "t", each=each, cost=[float("inf")] + [1.0] * 11, context=FORK)
     ran = sorted(int(p.name) for p in tmp_path.iterdir())
     assert 0 in ran and len(ran) <= 5, ran
 
@@ -129,9 +138,10 @@ def test_a_job_that_needs_another_starts_after_it_and_the_rest_go_on(tmp_path, w
     needs = [None, 0, 0, None, None]
     jobs = [(str(tmp_path), i, w) for i, w in enumerate(needs)]
     # the waiting jobs are the dearest: without `needs` they would be handed out first
-    assert run_parallel(workers, _after, jobs, lambda *_: None, "t", cost=[1, 9, 9, 1, 1], needs=needs) == [0, 1, 2, 3, 4]
+    assert run_parallel(workers, _after, jobs, lambda *_: None, "t", cost=[1, 9, 9, 1, 1], needs=needs,
+                        context=FORK) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"jobs \[0, 1\] need jobs that never ran"):
-        run_parallel(workers, _after, jobs[:2], lambda *_: None, "t", needs=[1, 0])
+        run_parallel(workers, _after, jobs[:2], lambda *_: None, "t", needs=[1, 0], context=FORK)
 
 
 def _preloaded(_):
@@ -139,10 +149,26 @@ def _preloaded(_):
     return all(m in sys.modules for m in ("torch", "transformers", "peft", "pipeline.stage2.train"))
 
 
+@pytest.mark.slow       # ~5 s: the fork server imports the model libraries
 def test_pool_workers_start_with_the_libraries_already_imported():
     """Pool workers are forks of a server that imported the run's libraries once (jobs/workers.PRELOAD):
     no worker pays ~7 s of imports before its first job."""
     assert run_parallel(2, _preloaded, [(0,), (1,)], lambda *_: None, "t") == [True, True]
+
+
+def test_the_pool_asks_its_fork_server_to_preload_the_runs_libraries(monkeypatch):
+    """The fast check of the test above: the server is asked for PRELOAD, with the workers' environment
+    in place while it starts (it reads it when it imports), and this process's environment is left as it was."""
+    from multiprocessing import forkserver
+    from pipeline.jobs import workers
+    asked = {}
+    monkeypatch.setattr(forkserver, "set_forkserver_preload", lambda names: asked.update(preload=list(names)))
+    monkeypatch.setattr(forkserver, "ensure_running",
+                        lambda: asked.update(env={k: os.environ.get(k) for k in workers.WORKER_ENV}))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert workers.pool_context().get_start_method() == "forkserver"
+    assert {"torch", "transformers", "peft", "pipeline.stage2.train"} <= set(asked["preload"])
+    assert asked["env"] == workers.WORKER_ENV and "OMP_NUM_THREADS" not in os.environ
 
 
 def test_the_demo_process_itself_loads_no_model_library():

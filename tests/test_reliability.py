@@ -315,6 +315,7 @@ def test_die_with_ends_a_process_when_another_one_ends():
                 p.kill()
 
 
+@pytest.mark.slow     # ~5 s (a driver whose fork server imports the model libraries); fast check below
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the guard is Linux's prctl")
 def test_a_killed_job_pool_leaves_no_worker(tmp_path):
     proc, marker = start_driver(tmp_path, POOL)
@@ -323,6 +324,21 @@ def test_a_killed_job_pool_leaves_no_worker(tmp_path):
     assert len(children) >= 2, "two pool workers, each in its job"
     seconds = kill_and_time(proc, children)
     print(f"pool workers gone {seconds:.2f} s after the parent's SIGKILL")
+
+
+def _guards(_):
+    import threading
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("die-with-"))
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the guard waits on a Linux pidfd")
+def test_each_pool_worker_watches_the_command_that_started_the_pool():
+    """The fast check of the slow kill test above: every pool worker runs its jobs with the guard of
+    test_die_with_ends_a_process_when_another_one_ends armed on the process that called run_parallel."""
+    import multiprocessing
+    from pipeline.jobs.workers import run_parallel
+    out = run_parallel(2, _guards, [(0,), (1,)], lambda *_: None, "t", context=multiprocessing.get_context("fork"))
+    assert out == [[f"die-with-{os.getpid()}"]] * 2
 
 
 @pytest.mark.slow     # ~6 s (a precompute process); stage one starts no worker of its own

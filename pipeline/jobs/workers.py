@@ -87,7 +87,7 @@ def init_worker(main_pid: int | None = None) -> None:
 
 
 def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None, pin_single: bool = True,
-                 cost=None, needs=None) -> list:
+                 cost=None, needs=None, context=None) -> list:
     """fn(*job) for every job over `workers` processes; results in job order.
 
     `each(index, result)` is called as each job finishes (completion order), e.g.
@@ -99,7 +99,9 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
     ends (longest-processing-time-first keeps the wall time near total / workers).
     `needs` (a list parallel to `jobs`: None or the index of another job) holds a
     job back until that job has ended, e.g. the runs that read a cache another job
-    writes; the others go on meanwhile.
+    writes; the others go on meanwhile. `context`: the pool's multiprocessing context,
+    by default the fork server (pool_context); a caller whose process never started a
+    torch thread pool may fork itself instead (the tests of the scheduling do).
     """
     if not jobs:
         return []
@@ -130,7 +132,7 @@ def run_parallel(workers: int, fn, jobs: list[tuple], log, what: str, each=None,
     else:
         # The fork server, not a fork of this process: a forked torch with its thread pool already
         # started can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=init_worker,
+        with ProcessPoolExecutor(workers, mp_context=context or pool_context(), initializer=init_worker,
                                  initargs=(os.getpid(),)) as pool:
             running = {}
             try:
