@@ -218,3 +218,34 @@ def test_the_gate_takes_the_rows_fact_checks_of_the_same_people_and_checks_the_r
     assert demo.vanilla_gate(cfg, tmp_path, lambda *_: None, all_people=False, max_profiles=12, known=every) == gate
     assert not loads, "nothing left to check: no model loaded"
     assert demo.gate_sets_of_row({**row, "protocol": "official"}) == {}, "another protocol asks other questions"
+
+
+def test_a_fresh_environment_writes_the_data_libraries_bytecode_beside_the_fork_server(monkeypatch, tmp_path):
+    """compile_beside (started with the fork server) imports the torch-free libraries in a helper while the
+    server imports torch, only while their bytecode is missing and Python writes bytecode at all."""
+    import importlib.util
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+    from pipeline.jobs import workers
+    started = []
+
+    class Helper:
+        def __init__(self, args, **_):
+            started.append(args)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Helper)
+    written = tmp_path / "written.pyc"
+    written.write_bytes(b"")
+    cached = {"sympy": str(written), "pandas": str(written)}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(cached=cached[name]))
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert workers.compile_beside() is None and not started, "everything compiled already: no helper"
+    cached["pandas"] = str(tmp_path / "missing.pyc")
+    assert workers.compile_beside() is not None
+    assert started == [[sys.executable, "-c", "import " + ", ".join(workers.BESIDE)]]
+    assert set(workers.BESIDE) - {"sympy"} <= set(workers.PRELOAD) and "torch" not in workers.BESIDE
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    assert workers.compile_beside() is None and len(started) == 1, "no bytecode would be written"
