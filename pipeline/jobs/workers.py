@@ -23,9 +23,10 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-# What a job of the demo or the study imports: loaded by the fork server, so no worker pays for them.
+# What a job of the demo or the study imports: loaded by the fork server, so no worker pays for them
+# (pandas is the report's, in the command's own process: no job imports it).
 # Those that import no torch: a fresh environment's helper writes their bytecode (compile_beside).
-DATA_LIBRARIES = ("numpy", "pandas", "pyarrow.parquet", "h5py", "PIL.Image", "rouge_score.rouge_scorer", "sacrebleu")
+DATA_LIBRARIES = ("numpy", "pyarrow.parquet", "h5py", "PIL.Image", "rouge_score.rouge_scorer", "sacrebleu")
 PRELOAD = ("torch", "transformers", "peft", *DATA_LIBRARIES, "transformers.models.llava.modeling_llava",
            "transformers.models.clip", "pipeline.jobs.demo", "pipeline.jobs.runs", "pipeline.stage2.train",
            "pipeline.stage1.precompute", "pipeline.evaluation.evaluate", "pipeline.evaluation.relearn",
@@ -61,8 +62,8 @@ def warm_up() -> None:
     compile_beside()
 
 
-# The data libraries, and sympy, which torch's compiler stack imports through transformers.
-BESIDE = ("sympy", *DATA_LIBRARIES)
+# The data libraries, sympy (torch's compiler stack imports it through transformers) and the report's pandas.
+BESIDE = ("sympy", *DATA_LIBRARIES, "pandas")
 
 
 def compile_beside():
