@@ -57,6 +57,10 @@ def test_ids_and_pixels_equal_the_processors_own(world):
     assert families.family_of_model(model).name == family == families.family_of_processor(processor).name
     prompt, answer = prompts.train_text("Where was this person born?", "Lyon")
     ids, start = encode_pair(processor, prompt, answer)
+    # Made again from the per-processor memo: the same ids, in a list of its own. Every family's processor
+    # encodes this same text: a memo shared across processors would hand a later family the wrong ids.
+    again, _ = encode_pair(processor, prompt, answer)
+    assert again == ids and again is not ids
     image = _picture(0)
     ref = _processor_inputs(processor, families.render(processor, prompt + answer), image)
     assert ref["input_ids"][0].tolist() == ids
