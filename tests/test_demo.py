@@ -245,7 +245,7 @@ def test_a_fresh_environment_writes_the_data_libraries_bytecode_beside_the_fork_
     assert workers.compile_beside() is None and not started, "everything compiled already: no helper"
     cached["pandas"] = str(tmp_path / "missing.pyc")
     assert workers.compile_beside() is not None
-    assert started == [[sys.executable, "-c", "import " + ", ".join(workers.BESIDE)]]
+    assert started == [[sys.executable, "-m", "pipeline.jobs.workers"]]
     assert set(workers.BESIDE) - {"sympy", "pandas"} <= set(workers.PRELOAD) and "torch" not in workers.BESIDE
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     assert workers.compile_beside() is None and len(started) == 1, "no bytecode would be written"

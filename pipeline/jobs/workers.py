@@ -64,6 +64,12 @@ def warm_up() -> None:
 
 # The data libraries, sympy (torch's compiler stack imports it through transformers) and the report's pandas.
 BESIDE = ("sympy", *DATA_LIBRARIES, "pandas")
+# Before those, the folders of the modules the server reaches after torch itself (transformers' core and the
+# demo's model classes, peft, torch's compiler stack), compiled without being imported: the server, busy
+# with torch meanwhile, then finds them written. (package, folders: "" its own files, "*" all of it)
+AHEAD = (("transformers", ("", "utils", "generation", "integrations", "quantizers", "loss", "distributed",
+                           "models/auto", "models/llava", "models/clip", "models/llama")),
+         ("peft", ("*",)), ("torch", ("_dynamo",)))
 
 
 def compile_beside():
@@ -71,8 +77,8 @@ def compile_beside():
 
     The first import in a new venv also writes the bytecode of ~3000 modules: the fork server's imports
     took 13.6 s instead of 5.3 s (2-core Intel Xeon, 2026-12-06), on one core, while this process waited
-    with the other one idle. The helper writes BESIDE's bytecode there meanwhile (the server alone: 9.3 s
-    for the rest), then exits; the server finds it written. Once written (or where Python writes none),
+    with the other one idle. The helper (write_bytecode) writes AHEAD's and BESIDE's bytecode there
+    meanwhile, then exits; the server finds it written. Once written (or where Python writes none),
     nothing is started.
     """
     import importlib.util
@@ -86,7 +92,7 @@ def compile_beside():
         return None
     if not any(s is not None and s.cached and not os.path.exists(s.cached) for s in specs):
         return None
-    proc = subprocess.Popen([sys.executable, "-c", f"import {', '.join(BESIDE)}"], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.workers"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import threading
     threading.Thread(target=proc.wait, name="compile-beside", daemon=True).start()    # reaped when it ends
@@ -200,3 +206,28 @@ def submission_order(cost, n: int) -> list[int]:
     if len(cost) != n:
         raise ValueError(f"cost has {len(cost)} estimates for {n} jobs")
     return sorted(range(n), key=lambda i: -cost[i])
+
+
+def write_bytecode() -> None:
+    """The helper of compile_beside: AHEAD's folders compiled, then BESIDE imported (what is missing is skipped)."""
+    import compileall
+    import importlib
+    import importlib.util
+    for package, folders in AHEAD:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = spec.submodule_search_locations[0]
+        for folder in folders:
+            path = os.path.join(root, folder) if folder not in ("", "*") else root
+            if os.path.isdir(path):
+                compileall.compile_dir(path, maxlevels=0 if folder == "" else 10, quiet=2)
+    for name in BESIDE:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+if __name__ == "__main__":
+    write_bytecode()
