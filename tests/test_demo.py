@@ -249,3 +249,25 @@ def test_a_fresh_environment_writes_the_data_libraries_bytecode_beside_the_fork_
     assert set(workers.BESIDE) - {"sympy", "pandas"} <= set(workers.PRELOAD) and "torch" not in workers.BESIDE
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     assert workers.compile_beside() is None and len(started) == 1, "no bytecode would be written"
+
+
+def test_the_helper_compiles_the_named_folders_and_imports_the_rest(monkeypatch, tmp_path):
+    """write_bytecode: AHEAD's folders compiled without being imported ("" the package's own files only),
+    every other folder left alone, then BESIDE imported; a library that is missing is skipped."""
+    import sys
+    from pipeline.jobs import workers
+    pkg = tmp_path / "aheadpkg"
+    for folder in ("", "wanted", "other"):
+        (pkg / folder).mkdir(parents=True, exist_ok=True)
+        (pkg / folder / "__init__.py").write_text("")
+        (pkg / folder / "mod.py").write_text("VALUE = 1\n")
+    (tmp_path / "besidemod.py").write_text("VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(workers, "AHEAD", (("aheadpkg", ("", "wanted")), ("not_installed_anywhere", ("*",))))
+    monkeypatch.setattr(workers, "BESIDE", ("besidemod", "not_installed_either"))
+    workers.write_bytecode()
+    compiled = lambda folder: sorted(p.name.split(".")[0] for p in (pkg / folder / "__pycache__").glob("*.pyc"))
+    assert compiled("") == ["__init__", "mod"] and compiled("wanted") == ["__init__", "mod"]
+    assert not (pkg / "other" / "__pycache__").exists()
+    assert "aheadpkg.mod" not in sys.modules and "besidemod" in sys.modules
+    sys.modules.pop("besidemod", None)

@@ -73,7 +73,7 @@ AHEAD = (("transformers", ("", "utils", "generation", "integrations", "quantizer
 
 
 def compile_beside():
-    """In an environment whose libraries were never imported, import BESIDE in a helper process; its Popen or None.
+    """In an environment whose libraries were never imported, run write_bytecode in a helper; its Popen or None.
 
     The first import in a new venv also writes the bytecode of ~3000 modules: the fork server's imports
     took 13.6 s instead of 5.3 s (2-core Intel Xeon, 2026-12-06), on one core, while this process waited
@@ -84,6 +84,7 @@ def compile_beside():
     import importlib.util
     import subprocess
     import sys
+    import threading
     if sys.dont_write_bytecode:
         return None
     try:
@@ -94,9 +95,29 @@ def compile_beside():
         return None
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.workers"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import threading
     threading.Thread(target=proc.wait, name="compile-beside", daemon=True).start()    # reaped when it ends
     return proc
+
+
+def write_bytecode() -> None:
+    """The helper of compile_beside: AHEAD's folders compiled, then BESIDE imported (what is missing is skipped)."""
+    import compileall
+    import importlib
+    import importlib.util
+    for package, folders in AHEAD:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = spec.submodule_search_locations[0]
+        for folder in folders:
+            path = os.path.join(root, folder) if folder not in ("", "*") else root
+            if os.path.isdir(path):
+                compileall.compile_dir(path, maxlevels=0 if folder == "" else 10, quiet=2)
+    for name in BESIDE:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def init_worker(main_pid: int | None = None) -> None:
@@ -206,27 +227,6 @@ def submission_order(cost, n: int) -> list[int]:
     if len(cost) != n:
         raise ValueError(f"cost has {len(cost)} estimates for {n} jobs")
     return sorted(range(n), key=lambda i: -cost[i])
-
-
-def write_bytecode() -> None:
-    """The helper of compile_beside: AHEAD's folders compiled, then BESIDE imported (what is missing is skipped)."""
-    import compileall
-    import importlib
-    import importlib.util
-    for package, folders in AHEAD:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = spec.submodule_search_locations[0]
-        for folder in folders:
-            path = os.path.join(root, folder) if folder not in ("", "*") else root
-            if os.path.isdir(path):
-                compileall.compile_dir(path, maxlevels=0 if folder == "" else 10, quiet=2)
-    for name in BESIDE:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
 
 
 if __name__ == "__main__":
