@@ -1,8 +1,8 @@
 # The README's two commands: `make demo` and `make test`.
 # Both build .venv from nothing. torch is installed first and pinned: an
-# unpinned torch pulls a multi-GB CUDA build on a CPU machine. uv creates
-# nothing: the venv is made without pip (ensurepip alone took 4.9 s of a 21.5 s
-# install), the system's pip puts uv into it, and uv installs torch and then the
+# unpinned torch pulls a multi-GB CUDA build on a CPU machine. The venv is made
+# without pip (ensurepip alone took 4.9 s of a 21.5 s install), the system's
+# pip puts uv into it, and uv installs torch and then the
 # dependencies, several times faster than pip (benchmarks/newcomer.sh). uv reads
 # no pip configuration, so the places pip is told to find wheels in (a machine's
 # local torch build) are handed to it. Where that fails, or with `make demo UV=`,
