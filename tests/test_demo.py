@@ -104,6 +104,39 @@ def test_pool_workers_fork_their_own_children():
                         context=FORK) == ["fork", "fork"]
 
 
+def _frozen(_):
+    import gc
+    return gc.get_freeze_count() > 0
+
+
+def test_pool_workers_keep_what_they_were_forked_with_out_of_the_collectors_sight():
+    """init_worker freezes what the worker inherited (gc.freeze): a full collection then skips the imported
+    libraries' ~400 000 objects instead of walking them in every run."""
+    assert run_parallel(2, _frozen, [(0,), (1,)], lambda *_: None, "t", context=FORK) == [True, True]
+
+
+def test_the_report_libraries_are_imported_beside_once_the_bytecode_helper_has_ended(monkeypatch):
+    """import_beside waits for compile_beside's helper (the fork server then imports alone, a core idle),
+    imports the modules in order, and stops quietly at one that is missing (the report's own import says so)."""
+    import importlib
+    from pipeline.jobs import workers
+    seen = []
+
+    class Helper:
+        def wait(self):
+            seen.append("helper ended")
+
+    def fake_import(name):
+        seen.append(name)
+        if name == "missing":
+            raise ImportError(name)
+    monkeypatch.setattr(workers, "_HELPER", Helper())
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    workers.import_beside(("first", "missing", "never")).join(5)
+    assert seen == ["helper ended", "first", "missing"]
+    assert set(demo.REPORT_LIBRARIES) >= {"pipeline.jobs.report", "matplotlib.figure"}
+
+
 def _mark(folder, i):
     time.sleep(0.3 if i else 0.0)
     (Path(folder) / str(i)).write_text("ran")
@@ -177,6 +210,7 @@ def test_the_demo_process_itself_loads_no_model_library():
     import subprocess
     import sys
     code = ("import sys\nfrom pipeline.config import load_config\nfrom pipeline.jobs import demo, findings, report\n"
+            "from pipeline.jobs.workers import import_beside\nimport_beside(demo.REPORT_LIBRARIES).join()\n"
             "from pipeline.evaluation import results\ncfg = load_config('configs/demo.yaml')\n"
             "plan = demo.sweep_plan(cfg)\n"
             "print([r['method'] for r in plan if demo.reads_references(cfg, r)], "

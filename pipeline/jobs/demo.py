@@ -526,10 +526,16 @@ def key_token_examples(cache_dir: str, model_dir: str | Path, n: int = 4) -> lis
     return examples
 
 
+# What the report imports (the plots' matplotlib inside their functions): imported while the jobs run.
+REPORT_LIBRARIES = ("pipeline.jobs.report", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.cm",
+                    "matplotlib.colors", "matplotlib.patches")
+
+
 def run_demo(cfg: Config, log=print) -> dict:
     """The demo. With demo.workers > 1 this process imports no model library: the jobs run in the pool."""
-    from .report import write_report
     from pipeline.threads import thread_note
+    from .workers import import_beside
+    report_libraries = import_beside(REPORT_LIBRARIES)
     t0 = time.time()
     if cfg.demo.workers > 1:
         log(f"[threads] jobs in {cfg.demo.workers} worker processes of one torch thread each; {thread_note()}")
@@ -544,6 +550,8 @@ def run_demo(cfg: Config, log=print) -> dict:
     cache_dir = cfg.precompute.output
     results, references = unlearning_sweep(cfg, vanilla, log, gate=True)
     gate = json.loads((vanilla / "gate.json").read_text())
+    report_libraries.join()
+    from .report import write_report
     paths = write_report(results, results.parent / "report", references["examples"],
                          acc_metric=cfg.evaluate.table_acc)
     log("\n" + Path(paths["markdown"]).read_text())
