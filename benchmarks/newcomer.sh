@@ -39,8 +39,10 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
-# A newcomer's machine has no caches of ours: start both empty.
+# A newcomer's machine has no caches of ours: the installers' start empty, and so do the caches the demo's
+# libraries keep in the home folder (matplotlib's font list, built at its first import; Hugging Face's).
 export PIP_CACHE_DIR="$work/pip-cache" UV_CACHE_DIR="$work/uv-cache"
+export XDG_CACHE_HOME="$work/xdg-cache" MPLCONFIGDIR="$work/matplotlib"
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')
 echo "[newcomer] $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores ($cpu); commit $(git -C "$src" rev-parse --short HEAD)"
 git clone -q "$src" "$work/viker"
