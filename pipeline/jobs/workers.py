@@ -174,7 +174,7 @@ def init_worker(main_pid: int | None = None) -> None:
     from pipeline.models.modeling import prepare_libraries
     prepare_libraries()
     # What the server imported (~400 000 objects) is never garbage: out of the collector's sight, each full
-    # collection skips it. A demo run spent 0.2-0.5 s of its 4 s in collections, 0.03-0.05 s after this.
+    # collection skips it. A demo job spent 0.2-0.5 s of its ~4 s in collections, 0.03-0.05 s after this.
     import gc
     gc.freeze()
 
