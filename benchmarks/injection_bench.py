@@ -6,8 +6,12 @@ together, one thread each. This prints the steps per second of both ways and
 their ratio, with the machine it ran on.
 
     .venv/bin/python benchmarks/injection_bench.py [--steps 150]
+    .venv/bin/python benchmarks/injection_bench.py --steps 30 --side-by-side   # the workload yardstick
 
-Run it on a quiet machine: it measures CPU throughput.
+Run it on a quiet machine: it measures CPU throughput. `--side-by-side` measures the two one-thread
+runs alone: the yardstick benchmarks/newcomer.sh prints beside a slow-day time (issue 30's slow day
+trained 1.8-2.1 steps/s per process this way), since under a shared load a matmul rate and this
+workload's speed do not move together.
 """
 from __future__ import annotations
 
@@ -48,11 +52,20 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="only the two one-thread runs side by side (one line: steps/s per process)")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
     with tempfile.TemporaryDirectory() as out:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(1) as pool:   # builds the benchmark and base model once, and warms the disk cache
             pool.apply(_inject, (2, 5, out))
+        if args.side_by_side:
+            with ctx.Pool(2) as pool:
+                both = pool.starmap(_inject, [(1, args.steps, out), (1, args.steps, out)])
+            print(f"knowledge injection, two one-thread runs side by side: {args.steps / max(both):.2f} steps/s each")
+            return
         with ctx.Pool(1) as pool:
             alone = pool.apply(_inject, (2, args.steps, out))
         with ctx.Pool(2) as pool:

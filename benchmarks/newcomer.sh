@@ -6,22 +6,29 @@
 #   benchmarks/newcomer.sh --busy 2     # with two CPU-bound loops running beside it the whole time
 #   benchmarks/newcomer.sh --keep       # keep the clone (its demo.log, test.log) instead of deleting it
 #   benchmarks/newcomer.sh --no-test    # stop after the demo
+#   benchmarks/newcomer.sh --no-yardstick   # skip the workload yardstick after the demo
 #
 # Prints the wall time of the install, of the demo (with the parts the demo logs) and of the
-# tests, and the load average before and after. What it measures is what `make demo` does:
-# the install is timed as `make setup`, the step `make demo` runs first, and the demo straight
-# after it, as `make demo` runs it.
+# tests, and the load average before and after. Beside them, how fast the machine was: a matmul rate
+# (before the demo) and, after it, under the same load, the workload yardstick: knowledge injection
+# with two one-thread processes side by side (benchmarks/injection_bench.py --side-by-side; issue 30's
+# slow day: 1.8-2.1 steps/s each). It runs after the demo because its imports would write the bytecode
+# the demo's first imports write. Under a shared load the two rates do not move together.
+# What it measures is what `make demo` does: the install is timed as `make setup`, the step
+# `make demo` runs first, and the demo straight after it, as `make demo` runs it.
 set -euo pipefail
 
 busy=0
 keep=0
 run_tests=1
+yardstick=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --busy) busy="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
         --no-test) run_tests=0; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --no-yardstick) yardstick=0; shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "newcomer.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -68,6 +75,10 @@ demo_s=$(since "$t")
 echo "[newcomer] make demo after the install: ${demo_s} s wall; load $(loadavg)"
 grep -E "^\[(threads|finetune\] (stopped|vanilla)|precompute\] reference cache|unlearn\] .*runs on .*done|demo\] done)" demo.log \
     | sed 's/^/    /'
+
+if [ "$yardstick" = 1 ]; then
+    echo "[newcomer] workload yardstick, same load: $(.venv/bin/python benchmarks/injection_bench.py --steps 30 --side-by-side 2>/dev/null | tail -1)"
+fi
 
 if [ "$run_tests" = 1 ]; then
     t=$(now)
